@@ -1,0 +1,5 @@
+"""`python -m imagegen ...` (also what torchrun launches)."""
+
+from .cli import main
+
+raise SystemExit(main())

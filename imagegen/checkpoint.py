@@ -1,0 +1,296 @@
+"""All run-folder I/O: atomic writes, SHA-256 manifests, checkpoints and `load_run`.
+
+A run folder describes itself:
+
+    runs/00003-fashion-mnist-dcgan/
+      config.json            the resolved config (family, model, data, train) and the class names
+      model.safetensors      latest weights;  ema.safetensors: their exponential moving average
+      MANIFEST.json          SHA-256 of the weight files, checked on every load (config.json is
+                             checked by strict parsing instead, since --resume updates it)
+      checkpoints/step-0001000/{model,ema,optim}.safetensors, state.json, MANIFEST.json
+      log.jsonl  samples/  report.html
+
+Weights and optimizer tensors are safetensors; everything else is JSON. Nothing is ever unpickled:
+`load_weights` reads a foreign `.pt` file only with `torch.load(weights_only=True)`.
+A checkpoint is written into a temporary folder and renamed into place, so a crash never leaves a
+half-written checkpoint under its final name; a non-finite tensor is never written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from .config import from_dict
+from .errors import CheckpointError, ConfigError
+from .models import Family, family_class
+
+MANIFEST = "MANIFEST.json"
+CKPT_RE = re.compile(r"^step-(\d{7,})$")
+
+
+# --- atomic files ----------------------------------------------------------------------------------
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with tmp.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_manifest(folder: Path) -> dict[str, str]:
+    """Check every file listed in folder/MANIFEST.json against its SHA-256; CheckpointError names the file."""
+    mpath = folder / MANIFEST
+    try:
+        manifest = json.loads(mpath.read_text())
+        files = manifest["files"]
+    except FileNotFoundError:
+        raise CheckpointError(f"{mpath}: missing (no weights saved in {folder} yet?)") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{mpath}: unreadable manifest ({e})") from None
+    for name, digest in files.items():
+        p = folder / name
+        if not p.is_file():
+            raise CheckpointError(f"{p}: listed in the manifest but missing")
+        if sha256_file(p) != digest:
+            raise CheckpointError(f"{p}: SHA-256 does not match the manifest (file corrupted or modified)")
+    return files
+
+
+# --- tensors ----------------------------------------------------------------------------------------
+
+
+def check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
+    for name, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise CheckpointError(f"refusing to write {what}: tensor {name!r} holds NaN or Inf")
+
+
+def tensors_to_bytes(tensors: dict[str, torch.Tensor], what: str) -> bytes:
+    check_finite(tensors, what)
+    return st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+
+
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """A flat dict of tensors from `.safetensors`, or from a `.pt`/`.pth` state dict read with
+    `weights_only=True` (a pickle that carries code is refused and never runs)."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e})") from None
+    if path.suffix == ".safetensors":
+        try:
+            return st_load(data)
+        except (SafetensorError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from None
+    if path.suffix in (".pt", ".pth", ".bin"):
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # UnpicklingError for code payloads, RuntimeError for junk
+            raise CheckpointError(f"{path}: refused, not a plain tensor file ({type(e).__name__}: {str(e)[:200]})") from None
+        if not isinstance(obj, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items()):
+            raise CheckpointError(f"{path}: expected a flat dict of name -> tensor")
+        return obj
+    raise CheckpointError(f"{path}: unknown weight format {path.suffix!r} (use .safetensors)")
+
+
+def _optim_split(name: str, sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimizer state_dict as (tensors for safetensors, JSON skeleton that points at them)."""
+    tensors, state = {}, {}
+    for pid, entry in sd["state"].items():
+        out = {}
+        for k, v in entry.items():
+            if torch.is_tensor(v):
+                key = f"{name}.{pid}.{k}"
+                tensors[key] = v
+                out[k] = {"tensor": key}
+            else:
+                out[k] = v
+        state[str(pid)] = out
+    return tensors, {"state": state, "param_groups": sd["param_groups"]}
+
+
+def _optim_join(skeleton: dict, tensors: dict[str, torch.Tensor]) -> dict:
+    state = {}
+    for pid, entry in skeleton["state"].items():
+        state[int(pid)] = {k: tensors[v["tensor"]] if isinstance(v, dict) and "tensor" in v else v for k, v in entry.items()}
+    return {"state": state, "param_groups": skeleton["param_groups"]}
+
+
+# --- checkpoints ---------------------------------------------------------------------------------------
+
+
+def save_checkpoint(run_dir: Path, step: int, model: dict, ema: dict, optimizers: dict[str, dict],
+                    state: dict, keep: int) -> Path:
+    """Write checkpoints/step-NNNNNNN atomically, refresh the top-level weights, keep the last `keep`."""
+    ckpt_root = run_dir / "checkpoints"
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    optim_tensors, skeletons = {}, {}
+    for name, sd in optimizers.items():
+        t, skeletons[name] = _optim_split(name, sd)
+        optim_tensors.update(t)
+    blobs = {
+        "model.safetensors": tensors_to_bytes(model, "model weights"),
+        "ema.safetensors": tensors_to_bytes(ema, "EMA weights"),
+        "optim.safetensors": tensors_to_bytes(optim_tensors, "optimizer state"),
+        "state.json": (json.dumps({**state, "step": step, "optimizers": skeletons}, indent=1) + "\n").encode(),
+    }
+    final = ckpt_root / f"step-{step:07d}"
+    tmp = ckpt_root / f".tmp-step-{step:07d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    for fname, data in blobs.items():
+        with (tmp / fname).open("wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    manifest = {"files": {k: sha256_bytes(v) for k, v in blobs.items()}}
+    write_json_atomic(tmp / MANIFEST, manifest)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    # Top-level copies for load_run: weights first, then the manifest that vouches for them.
+    top = {k: blobs[k] for k in ("model.safetensors", "ema.safetensors")}
+    for fname, data in top.items():
+        write_bytes_atomic(run_dir / fname, data)
+    files = {k: sha256_bytes(v) for k, v in top.items()}
+    write_json_atomic(run_dir / MANIFEST, {"files": files, "step": step})
+    for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := CKPT_RE.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def load_checkpoint(ckpt_dir: Path) -> dict:
+    """{"model", "ema", "optimizers", "state"} from a checkpoint folder, verified against its manifest."""
+    verify_manifest(ckpt_dir)
+    try:
+        state = json.loads((ckpt_dir / "state.json").read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{ckpt_dir / 'state.json'}: unreadable ({e})") from None
+    optim_tensors = load_weights(ckpt_dir / "optim.safetensors")
+    return {
+        "model": load_weights(ckpt_dir / "model.safetensors"),
+        "ema": load_weights(ckpt_dir / "ema.safetensors"),
+        "optimizers": {name: _optim_join(sk, optim_tensors) for name, sk in state.pop("optimizers").items()},
+        "state": state,
+    }
+
+
+# --- run folders -----------------------------------------------------------------------------------------
+
+
+def slug(text: str) -> str:
+    """'folder:/data/My Cats' -> 'folder-My-Cats': safe for a folder name."""
+    kind, _, arg = text.partition(":")
+    text = f"{kind}-{Path(arg).name}" if arg else kind
+    return re.sub(r"[^A-Za-z0-9_.]+", "-", text).strip("-")[:40] or "data"
+
+
+def new_run_dir(out_root: Path, data_name: str, model_name: str) -> Path:
+    """runs/NNNNN-<data>-<model>, numbered one past the highest existing number."""
+    out_root = Path(out_root)
+    out_root.mkdir(parents=True, exist_ok=True)
+    numbers = [int(p.name[:5]) for p in out_root.iterdir() if p.is_dir() and p.name[:5].isdigit()]
+    n = max(numbers, default=-1) + 1
+    while True:
+        path = out_root / f"{n:05d}-{slug(data_name)}-{model_name}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            n += 1
+
+
+def read_config(run_dir: Path) -> dict:
+    path = Path(run_dir) / "config.json"
+    try:
+        cfg = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{run_dir}: not a run folder (no config.json)") from None
+    except ValueError as e:
+        raise CheckpointError(f"{path}: unreadable ({e})") from None
+    if not isinstance(cfg, dict) or "family" not in cfg or "model" not in cfg:
+        raise CheckpointError(f"{path}: missing 'family' or 'model'")
+    return cfg
+
+
+@dataclass
+class Run:
+    """A trained run rebuilt from its folder: the model (EMA weights by default) and what describes it."""
+    path: Path
+    config: dict              # the resolved config.json
+    model: Family
+    step: int
+
+    @property
+    def family(self) -> str:
+        return self.config["family"]
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.config.get("classes", []))
+
+
+def build_model(family: str, model_cfg: dict) -> Family:
+    cls = family_class(family)
+    try:
+        cfg = from_dict(cls.Config, model_cfg, "model")
+    except ConfigError as e:
+        raise CheckpointError(f"config.json: {e}") from None
+    return cls(cfg)
+
+
+def load_run(path: str | Path, *, weights: str = "ema", device: str | torch.device = "cpu") -> Run:
+    """Rebuild a run's model from its folder alone, after checking the files against the manifest."""
+    run_dir = Path(path)
+    if weights not in ("ema", "model"):
+        raise ValueError("weights must be 'ema' or 'model'")
+    cfg = read_config(run_dir)
+    verify_manifest(run_dir)
+    model = build_model(cfg["family"], cfg["model"])
+    try:
+        model.load_state_dict(load_weights(run_dir / f"{weights}.safetensors"))
+    except RuntimeError as e:
+        raise CheckpointError(f"{run_dir / f'{weights}.safetensors'}: does not fit the model in config.json ({e})") from None
+    model.to(device).eval().requires_grad_(False)
+    step = json.loads((run_dir / MANIFEST).read_text()).get("step", 0)
+    return Run(path=run_dir, config=cfg, model=model, step=int(step))

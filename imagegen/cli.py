@@ -1,0 +1,190 @@
+"""The `imagegen` command: argparse subcommands, each a few lines over the public API.
+
+Every error imagegen raises on purpose (a typed ImagegenError) is printed as one line naming the file,
+field or value, with exit status 2; a traceback means a bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import __version__
+from .checkpoint import load_run, read_config
+from .config import apply_overrides, load_toml
+from .data import DataConfig, describe, load_data
+from .errors import ConfigError, DataError, ImagegenError
+from .report import write_report
+from .sample import generate, grid, interpolate, parse_seeds, save_images
+from .train import resolve_config, train
+
+# Flags of `train` that map onto config keys; given explicitly, they override the config file.
+TRAIN_FLAGS = {"data": "data.source", "steps": "train.steps", "batch_size": "train.batch_size",
+               "seed": "train.seed", "device": "train.device"}
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a model into a new run folder, or --resume one")
+    p.add_argument("--data", help="fashion-mnist, mnist, kmnist, idx:DIR, folder:PATH or shapes")
+    p.add_argument("--model", help="model family (see `imagegen models`)")
+    p.add_argument("--steps", type=int, help="total training steps")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--out", default="runs", help="folder that holds the run folders (default: runs)")
+    p.add_argument("--config", help="TOML file of overrides ([model], [data], [train] tables)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one key, e.g. model.width=48")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue this run up to --steps")
+    p.add_argument("--strict", action="store_true", help="any bad data file is an error")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def cmd_train(a) -> int:
+    if a.resume:
+        changed = [f"--{k.replace('_', '-')}" for k in ("data", "model", "batch_size", "seed", "config")
+                   if getattr(a, k) is not None] + (["--set"] if a.set else [])
+        if changed:
+            raise ConfigError(f"--resume continues a run with its own config; {', '.join(changed)} cannot change it")
+        if a.steps is None:
+            raise ConfigError("--resume needs --steps N (the step to train up to)")
+        saved = read_config(a.resume)
+        tree = {k: saved.get(k, {}) for k in ("family", "model", "data", "train")}
+        tree["train"] = {**tree["train"], "steps": a.steps}
+        if a.device:
+            tree["train"]["device"] = a.device
+        cfg = resolve_config(tree)
+    else:
+        tree = load_toml(a.config) if a.config else {}
+        if a.model:
+            tree["family"] = a.model
+        flags = [f"{key}={json.dumps(getattr(a, name))}" for name, key in TRAIN_FLAGS.items() if getattr(a, name) is not None]
+        apply_overrides(tree, flags + (["data.strict=true"] if a.strict else []) + a.set)
+        cfg = resolve_config(tree)
+    if a.dry_run:
+        print(json.dumps(cfg.to_json(), indent=2))
+        print("# model.image_size and model.channels are filled in from the data when training starts")
+        return 0
+    run_dir = train(cfg, out=a.out, resume=a.resume, progress=not a.no_progress)
+    report = write_report(run_dir)
+    print(f"run folder: {run_dir}\nreport:     {report}")
+    return 0
+
+
+def cmd_demo(a) -> int:
+    source = "fashion-mnist"
+    try:
+        load_data(DataConfig(source=source))
+    except DataError as e:
+        print(f"Fashion-MNIST is neither installed nor downloadable ({e}).\n"
+              "Training on the built-in `shapes` dataset instead.", file=sys.stderr)
+        source = "shapes"
+    overrides = {"family": "dcgan", "data": {"source": source}}
+    if a.steps:
+        overrides["train"] = {"steps": a.steps}
+    run_dir = train(resolve_config(overrides), out=a.out, progress=not a.no_progress)
+    report = write_report(run_dir)
+    print(f"run folder: {run_dir}\nreport:     {report}\nsample grid: {sorted((run_dir / 'samples').glob('*.png'))[-1]}")
+    return 0
+
+
+def cmd_sample(a) -> int:
+    seeds = parse_seeds(a.seeds)
+    run = load_run(a.run_dir, weights=a.weights)
+    images = generate(run.model, seeds, batch_size=a.batch_size, **({"truncation": a.truncation} if a.truncation else {}))
+    paths = save_images(images, a.out, seeds)
+    if a.grid:
+        grid(images).save(a.grid)
+    print(f"wrote {len(paths)} images to {a.out}" + (f" and a grid to {a.grid}" if a.grid else ""))
+    return 0
+
+
+def cmd_interpolate(a) -> int:
+    seeds = parse_seeds(a.seeds)
+    if len(seeds) != 2:
+        raise ConfigError(f"--seeds needs exactly two seeds like 3,9, got {a.seeds!r}")
+    run = load_run(a.run_dir)
+    images = interpolate(run.model, seeds[0], seeds[1], a.frames)
+    grid(images, nrow=a.frames).save(a.out)
+    print(f"wrote a {a.frames}-frame strip to {a.out}")
+    return 0
+
+
+def cmd_data_info(a) -> int:
+    ds = load_data(DataConfig(source=a.data, split=a.split, strict=a.strict))
+    print(describe(ds))
+    return 0
+
+
+def cmd_report(a) -> int:
+    print(write_report(a.run_dir))
+    return 0
+
+
+def cmd_models(a) -> int:
+    from .models import REGISTRY
+    for name, cls in sorted(REGISTRY.items()):
+        print(f"{name:10s} {(cls.__module__.rsplit('.', 1)[-1])}.py")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="imagegen", description="Train, sample and inspect image-generative models.")
+    parser.add_argument("--version", action="version", version=f"imagegen {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+
+    p = sub.add_parser("demo", help="the main job: train the DCGAN on Fashion-MNIST (or shapes) and write the report")
+    p.add_argument("--steps", type=int, help="override the default number of steps")
+    p.add_argument("--out", default="runs")
+    p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("sample", help="one PNG per seed from a trained run")
+    p.add_argument("run_dir")
+    p.add_argument("--seeds", default="0-63", help="e.g. 0-63 or 3,9,12-14")
+    p.add_argument("--out", required=True, help="folder for seedNNNNNN.png files")
+    p.add_argument("--grid", help="also write all images as one grid PNG")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (speed only; pixels do not change)")
+    p.add_argument("--weights", choices=["ema", "model"], default="ema")
+    p.add_argument("--truncation", type=float, default=0.0, help="clamp latents to [-t, t] (0 = off)")
+
+    p = sub.add_parser("interpolate", help="a strip of images through latent space between two seeds")
+    p.add_argument("run_dir")
+    p.add_argument("--seeds", required=True, help="two seeds, e.g. 3,9")
+    p.add_argument("--frames", type=int, default=8)
+    p.add_argument("--out", required=True, help="PNG file")
+
+    p = sub.add_parser("data", help="inspect data sources")
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    q = dsub.add_parser("info", help="counts, shape, classes and where the files came from")
+    q.add_argument("data")
+    q.add_argument("--split", default="train", choices=["train", "test"])
+    q.add_argument("--strict", action="store_true", help="any bad file is an error")
+
+    p = sub.add_parser("report", help="rebuild a run's report.html")
+    p.add_argument("run_dir")
+
+    sub.add_parser("models", help="list the model families")
+    return parser
+
+
+COMMANDS = {"train": cmd_train, "demo": cmd_demo, "sample": cmd_sample, "interpolate": cmd_interpolate,
+            "data": cmd_data_info, "report": cmd_report, "models": cmd_models}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except ImagegenError as e:
+        print(f"imagegen: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("imagegen: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,90 @@
+"""The in-memory dataset every source produces, and its batching.
+
+Images are held as one uint8 tensor (N x C x H x W), so a batch is one index operation and one
+conversion to float in [-1, 1]: no per-item Python work, no DataLoader workers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class ImageDataset:
+    images: torch.Tensor            # N x C x H x W, uint8
+    labels: torch.Tensor            # N, int64; -1 where the source has no labels
+    classes: list[str]              # class names, index = label; empty when unlabelled
+    name: str                       # the --data spec that made it
+    source: str                     # where the files came from, for `data info` and the report
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, reason) of bad files
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.ndim != 4:
+            raise ValueError(f"images must be uint8 N x C x H x W, got {self.images.dtype} {tuple(self.images.shape)}")
+        if self.labels.shape != (self.images.shape[0],):
+            raise ValueError("labels must have one entry per image")
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def channels(self) -> int:
+        return self.images.shape[1]
+
+    @property
+    def size(self) -> int:
+        return self.images.shape[2]
+
+    @property
+    def labelled(self) -> bool:
+        return bool(self.classes)
+
+    def class_counts(self) -> list[int]:
+        if not self.labelled:
+            return []
+        return torch.bincount(self.labels, minlength=len(self.classes)).tolist()
+
+    def batch(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The items at `index` as {"image": float N x C x H x W in [-1, 1], "label": long N}."""
+        image = self.images[index].float().div_(127.5).sub_(1.0)
+        return {"image": image, "label": self.labels[index]}
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        return max(1, len(self) // batch_size)
+
+    def batch_at(self, step: int, batch_size: int, seed: int) -> dict[str, torch.Tensor]:
+        """The batch for training step `step` (0-based).
+
+        Each epoch is a fresh permutation drawn from a generator seeded by (seed, epoch), and the last
+        incomplete batch is dropped, so the batch depends only on (seed, step): resume is exact without
+        saving any sampler state.
+        """
+        spe = self.steps_per_epoch(batch_size)
+        epoch, pos = divmod(step, spe)
+        if batch_size > len(self):
+            # Tiny datasets: draw with replacement rather than refuse to train.
+            g = torch.Generator().manual_seed(_mix(seed, epoch))
+            return self.batch(torch.randint(len(self), (batch_size,), generator=g))
+        perm = self._permutation(seed, epoch)
+        return self.batch(perm[pos * batch_size:(pos + 1) * batch_size])
+
+    def _permutation(self, seed: int, epoch: int) -> torch.Tensor:
+        key = (seed, epoch)
+        cached = getattr(self, "_perm_cache", None)
+        if cached is None or cached[0] != key:
+            g = torch.Generator().manual_seed(_mix(seed, epoch))
+            cached = (key, torch.randperm(len(self), generator=g))
+            self._perm_cache = cached
+        return cached[1]
+
+
+def _mix(*values: int) -> int:
+    """Combine integers into one 63-bit seed (splitmix64-style), so nearby inputs give unrelated seeds."""
+    x = 0x9E3779B97F4A7C15
+    for v in values:
+        x = (x ^ (v & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        x = (x ^ (x >> 31)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+        x ^= x >> 29
+    return x & 0x7FFFFFFFFFFFFFFF

@@ -1,0 +1,147 @@
+"""Folders of images: PNG, JPEG and WebP only, labels from class subfolders when present.
+
+Every file is opened defensively. A corrupt, truncated, empty, wrongly named or oversized
+(decompression-bomb) file is reported with its reason and skipped; the caller decides whether that is
+fatal (`--strict`). A symlink whose target lies outside the folder is refused.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from ..errors import DataError, ImageFileError
+
+ALLOWED_FORMATS = {"PNG": {".png"}, "JPEG": {".jpg", ".jpeg"}, "WEBP": {".webp"}}
+ALLOWED_SUFFIXES = set().union(*ALLOWED_FORMATS.values())
+MAX_FILE_BYTES = 32 << 20     # a single training image over 32 MiB is refused unread
+MAX_PIXELS = 40_000_000       # ... as is one that claims over 40 Mpx (decompression bombs)
+
+
+def list_images(root: Path) -> tuple[list[tuple[Path, str | None]], list[tuple[str, str]], list[str]]:
+    """Walk `root`: ([(file, class name or None)], [(file, reason) skipped while listing], classes).
+
+    Classes are the immediate subfolders that contain images; files directly in `root` are unlabelled
+    unless there are no class folders at all.
+    """
+    root = root.resolve()
+    files: list[tuple[Path, str | None]] = []
+    skipped: list[tuple[str, str]] = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames.sort()
+        here = Path(dirpath)
+        for d in list(dirnames):
+            p = here / d
+            if p.is_symlink():
+                skipped.append((str(p), "symlinked folder refused"))
+                dirnames.remove(d)
+        for name in sorted(filenames):
+            p = here / name
+            rel = p.relative_to(root)
+            if p.is_symlink():
+                target = p.resolve()
+                if not target.is_relative_to(root):
+                    skipped.append((str(p), f"symlink escapes the folder (points to {target})"))
+                    continue
+            if p.suffix.lower() not in ALLOWED_SUFFIXES:
+                skipped.append((str(p), f"extension {p.suffix or '(none)'!r} is not one of {sorted(ALLOWED_SUFFIXES)}"))
+                continue
+            label = rel.parts[0] if len(rel.parts) > 1 else None
+            files.append((p, label))
+    classes = sorted({c for _, c in files if c is not None})
+    if classes and any(c is None for _, c in files):
+        # Loose files beside class folders have no class: report them rather than guess.
+        skipped += [(str(p), "not inside a class folder") for p, c in files if c is None]
+        files = [(p, c) for p, c in files if c is not None]
+    return files, skipped, classes
+
+
+def load_image(path: Path, size: int, channels: int) -> np.ndarray:
+    """Decode one image to uint8 H x W x C (resized to `size`, centre-cropped), or raise ImageFileError."""
+    try:
+        nbytes = path.stat().st_size
+    except OSError as e:
+        raise ImageFileError(f"{path}: cannot stat: {e}") from None
+    if nbytes == 0:
+        raise ImageFileError(f"{path}: file is empty")
+    if nbytes > MAX_FILE_BYTES:
+        raise ImageFileError(f"{path}: {nbytes} bytes is over the limit of {MAX_FILE_BYTES}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path, formats=list(ALLOWED_FORMATS)) as img:
+                if img.width * img.height > MAX_PIXELS:
+                    raise ImageFileError(f"{path}: {img.width}x{img.height} is over the limit of {MAX_PIXELS} pixels")
+                if path.suffix.lower() not in ALLOWED_FORMATS[img.format]:
+                    raise ImageFileError(f"{path}: holds a {img.format} image, which does not match its extension")
+                img.load()
+                img = ImageOps.exif_transpose(img)
+                if img.mode in ("RGBA", "LA", "P"):
+                    img = img.convert("RGBA")
+                    background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+                    img = Image.alpha_composite(background, img)
+                img = img.convert("L" if channels == 1 else "RGB")
+                img = ImageOps.fit(img, (size, size), Image.Resampling.BICUBIC)
+                arr = np.asarray(img, dtype=np.uint8)
+    except ImageFileError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageFileError(f"{path}: decompression bomb refused ({e})") from None
+    except Exception as e:  # PIL raises many types for corrupt data: UnidentifiedImageError, OSError, SyntaxError...
+        raise ImageFileError(f"{path}: cannot decode image: {e}") from None
+    return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def _guess_channels(files: list[tuple[Path, str | None]]) -> int:
+    """1 when the first readable images are all grayscale, else 3."""
+    seen = 0
+    for p, _ in files:
+        try:
+            with Image.open(p, formats=list(ALLOWED_FORMATS)) as img:
+                if img.mode not in ("L", "1", "I;16", "I", "LA"):
+                    return 3
+                seen += 1
+        except Exception:
+            continue
+        if seen >= 16:
+            break
+    return 1 if seen else 3
+
+
+def load_folder(root: str | Path, size: int, channels: int | None) -> tuple[torch.Tensor, torch.Tensor, list[str], list[tuple[str, str]]]:
+    """Load every good image under `root`: (uint8 N x C x H x W, labels, classes, skipped)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: not a folder")
+    files, skipped, classes = list_images(root)
+    if channels is None:
+        channels = _guess_channels(files)
+    class_index = {c: i for i, c in enumerate(classes)}
+
+    def work(item):
+        path, label = item
+        try:
+            return load_image(path, size, channels), label, None
+        except ImageFileError as e:
+            return None, label, (str(path), str(e).removeprefix(f"{path}: "))
+
+    # PIL releases the GIL while decoding, so threads overlap the decode of several files.
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
+        results = list(pool.map(work, files))
+    arrays, labels = [], []
+    for arr, label, bad in results:
+        if bad is not None:
+            skipped.append(bad)
+            continue
+        arrays.append(arr)
+        labels.append(class_index[label] if label is not None else -1)
+    if not arrays:
+        raise DataError(f"{root}: no readable images ({len(skipped)} skipped)")
+    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    return images, torch.tensor(labels, dtype=torch.long), classes, skipped

@@ -1,0 +1,220 @@
+"""Data sources by name: `--data fashion-mnist | mnist | kmnist | idx:DIR | folder:PATH | shapes`.
+
+Named IDX datasets are looked for in $IMAGEGEN_DATA/<name>, the user cache (~/.cache/imagegen/<name>)
+and /usr/share/datasets/<name> (Debian's dataset packages), in that order; failing that they are
+downloaded from their canonical source into the user cache, checked against a pinned SHA-256.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..config import check_positive
+from ..errors import ConfigError, DataError, DownloadError
+from . import folder as folder_source
+from . import idx as idx_source
+from . import shapes as shapes_source
+from .dataset import ImageDataset
+from .download import download
+
+
+@dataclass
+class DataConfig:
+    source: str = "shapes"        # the --data spec
+    split: str = "train"          # "train" or "test"
+    size: int = 0                 # image side in pixels; 0 = the source's own (28 for IDX, 32 for shapes, 64 for folders)
+    channels: int = 0             # 1 or 3; 0 = the source's own
+    limit: int = 0                # use only the first N images (0 = all); handy for quick runs
+    strict: bool = False          # any bad file is an error instead of a reported skip
+
+    def validate(self) -> None:
+        if self.split not in ("train", "test"):
+            raise ConfigError(f"data.split must be 'train' or 'test', got {self.split!r}")
+        if self.channels not in (0, 1, 3):
+            raise ConfigError(f"data.channels must be 0, 1 or 3, got {self.channels}")
+        check_positive(self, "size", "limit", allow_zero=True)
+
+
+@dataclass(frozen=True)
+class IDXDataset:
+    name: str
+    classes: tuple[str, ...]
+    mirrors: tuple[str, ...]
+    sha256: dict  # file name (.gz) -> SHA-256 of the file served by the mirrors
+
+
+# The SHA-256 values are those of the canonical .gz files as published by each dataset's authors.
+IDX_DATASETS = {
+    "fashion-mnist": IDXDataset(
+        "fashion-mnist",
+        ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
+        ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
+        {
+            "train-images-idx3-ubyte.gz": "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84",
+            "train-labels-idx1-ubyte.gz": "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845",
+            "t10k-images-idx3-ubyte.gz": "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073",
+            "t10k-labels-idx1-ubyte.gz": "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5",
+        },
+    ),
+    "mnist": IDXDataset(
+        "mnist",
+        tuple(str(i) for i in range(10)),
+        ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"),
+        {
+            "train-images-idx3-ubyte.gz": "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
+            "train-labels-idx1-ubyte.gz": "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
+            "t10k-images-idx3-ubyte.gz": "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
+            "t10k-labels-idx1-ubyte.gz": "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
+        },
+    ),
+    "kmnist": IDXDataset(
+        "kmnist",
+        ("o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"),
+        ("http://codh.rois.ac.jp/kmnist/dataset/kmnist/",),
+        {
+            "train-images-idx3-ubyte.gz": "51467d22d8cc72929e2a028a0428f2086b092bb31cfb79c69cc0a90ce135fde4",
+            "train-labels-idx1-ubyte.gz": "e38f9ebcd0f3ebcdec7fc8eabdcdaef93bb0df8ea12bee65224341c8183d8e17",
+            "t10k-images-idx3-ubyte.gz": "edd7a857845ad6bb1d0ba43fe7e794d164fe2dce499a1694695a792adfac43c5",
+            "t10k-labels-idx1-ubyte.gz": "20bb9a0ef54c7db3efc55a92eef5582c109615df22683c380526788f98e42a1c",
+        },
+    ),
+}
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "imagegen"
+
+
+def search_dirs(name: str) -> list[Path]:
+    dirs = []
+    if os.environ.get("IMAGEGEN_DATA"):
+        dirs.append(Path(os.environ["IMAGEGEN_DATA"]) / name)
+    dirs += [cache_dir() / name, Path("/usr/share/datasets") / name]
+    return dirs
+
+
+def locate_idx(spec: IDXDataset, split: str, *, allow_download: bool = True) -> tuple[Path, Path]:
+    """(images file, labels file) for a named IDX dataset, downloading into the cache if needed."""
+    stems = (idx_source.IMAGES_FILE[split], idx_source.LABELS_FILE[split])
+    for d in search_dirs(spec.name):
+        found = [idx_source.find_idx_file(d, s) for s in stems]
+        if all(found):
+            return found[0], found[1]
+    if not allow_download:
+        raise DataError(f"{spec.name}: not found in {', '.join(map(str, search_dirs(spec.name)))}")
+    target = cache_dir() / spec.name
+    paths = []
+    for stem in stems:
+        fname = stem + ".gz"
+        dest = target / fname
+        if not dest.exists():
+            errors = []
+            for mirror in spec.mirrors:
+                try:
+                    download(mirror + fname, dest, spec.sha256[fname])
+                    break
+                except DownloadError as e:
+                    errors.append(str(e))
+            else:
+                raise DataError(
+                    f"{spec.name}: not found in {', '.join(map(str, search_dirs(spec.name)))} and the download "
+                    f"failed: {'; '.join(errors)}"
+                )
+        paths.append(dest)
+    return paths[0], paths[1]
+
+
+def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize uint8 N x C x H x W to size x size (antialiased bilinear), only when needed."""
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    x = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return x.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _set_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
+    if channels == 0 or images.shape[1] == channels:
+        return images
+    if channels == 3:
+        return images.expand(-1, 3, -1, -1).contiguous()
+    # ITU-R 601 luma, as PIL's "L" conversion uses.
+    w = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+    return (images.float() * w).sum(1, keepdim=True).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def load_data(cfg: DataConfig | str) -> ImageDataset:
+    """Load a data source into memory. Bad files are reported in `.skipped` (or raise under strict)."""
+    if isinstance(cfg, str):
+        cfg = DataConfig(source=cfg)
+    spec = cfg.source
+    kind, _, arg = spec.partition(":")
+    skipped: list[tuple[str, str]] = []
+    if kind in IDX_DATASETS:
+        if arg:
+            raise ConfigError(f"--data {spec!r}: {kind} takes no argument")
+        ds_spec = IDX_DATASETS[kind]
+        img_path, lbl_path = locate_idx(ds_spec, cfg.split)
+        images, labels = idx_source.read_idx_pair(img_path, lbl_path, len(ds_spec.classes))
+        classes, source = list(ds_spec.classes), f"{img_path.parent}"
+    elif kind == "idx":
+        if not arg:
+            raise ConfigError("--data idx:DIR needs a directory")
+        d = Path(arg)
+        if not d.is_dir():
+            raise DataError(f"{d}: not a directory")
+        paths = [idx_source.find_idx_file(d, s) for s in (idx_source.IMAGES_FILE[cfg.split], idx_source.LABELS_FILE[cfg.split])]
+        if not paths[0]:
+            raise DataError(f"{d}: no {idx_source.IMAGES_FILE[cfg.split]}[.gz]")
+        if paths[1]:
+            images, labels = idx_source.read_idx_pair(paths[0], paths[1], None)
+            classes = [str(i) for i in range(int(labels.max()) + 1)]
+        else:
+            images = torch.from_numpy(idx_source.read_idx(paths[0], ndim=3).copy()).unsqueeze(1)
+            labels, classes = torch.full((images.shape[0],), -1, dtype=torch.long), []
+        source = str(d)
+    elif kind == "folder":
+        if not arg:
+            raise ConfigError("--data folder:PATH needs a path")
+        images, labels, classes, skipped = folder_source.load_folder(arg, cfg.size or 64, cfg.channels or None)
+        source = str(Path(arg))
+    elif kind == "shapes":
+        images, labels = shapes_source.make_shapes(cfg.split)
+        classes, source = list(shapes_source.CLASSES), "built-in procedural shapes"
+    else:
+        raise ConfigError(
+            f"--data {spec!r}: unknown source (use one of {', '.join(IDX_DATASETS)}, idx:DIR, folder:PATH, shapes)"
+        )
+    if skipped and cfg.strict:
+        details = "; ".join(f"{f}: {r}" for f, r in skipped[:10])
+        raise DataError(f"{spec}: {len(skipped)} bad file(s) under --strict: {details}")
+    if cfg.limit:
+        images, labels = images[: cfg.limit], labels[: cfg.limit]
+    if cfg.size:
+        images = _resize(images, cfg.size)
+    images = _set_channels(images, cfg.channels)
+    return ImageDataset(images=images.contiguous(), labels=labels, classes=classes, name=spec, source=source, skipped=skipped)
+
+
+def describe(ds: ImageDataset) -> str:
+    """The text `imagegen data info` prints."""
+    lines = [
+        f"data:     {ds.name}",
+        f"source:   {ds.source}",
+        f"images:   {len(ds)} x {ds.channels} x {ds.size} x {ds.size} (uint8 in memory, {ds.images.numel() / 2**20:.1f} MiB)",
+    ]
+    if ds.labelled:
+        counts = ds.class_counts()
+        lines.append(f"classes:  {len(ds.classes)}")
+        lines += [f"  {i:3d} {name:<16} {n}" for i, (name, n) in enumerate(zip(ds.classes, counts))]
+    else:
+        lines.append("classes:  none (unlabelled)")
+    if ds.skipped:
+        lines.append(f"skipped:  {len(ds.skipped)} bad file(s)")
+        lines += [f"  {f}: {r}" for f, r in ds.skipped]
+    return "\n".join(lines)

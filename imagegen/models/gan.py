@@ -1,0 +1,203 @@
+"""DCGAN: deep convolutional GAN.
+
+Implements Radford, Metz & Chintala, "Unsupervised Representation Learning with Deep Convolutional
+Generative Adversarial Networks" (ICLR 2016), with the losses most used since:
+- "ns":      the non-saturating loss of Goodfellow et al., "Generative Adversarial Nets" (NeurIPS 2014);
+- "hinge":   Lim & Ye, "Geometric GAN" (2017), as used by Miyato et al. (2018);
+- "wgan-gp": Gulrajani et al., "Improved Training of Wasserstein GANs" (NeurIPS 2017);
+and optional spectral normalisation of the discriminator (Miyato et al., "Spectral Normalization for
+Generative Adversarial Networks", ICLR 2018).
+
+Shapes: the generator maps z (N x z_dim) to N x C x S x S in [-1, 1] for S = base * 2^k with base 7
+(28, 56 px) or 4 (32, 64 px). Departures from the paper, for speed on a CPU: the last upsampling goes
+straight to C channels (no full-resolution hidden layer), one 3x3 conv sits at the lowest resolution in
+both networks, and the discriminator has no batch norm (which also keeps WGAN-GP's per-sample penalty valid).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.parametrizations import spectral_norm
+
+from ..config import check_positive
+from ..errors import ConfigError
+from .base import Family, Generators, per_item_normal, run_fixed_batch
+
+
+@dataclass
+class Config:
+    image_size: int = 28          # filled in from the data
+    channels: int = 1             # filled in from the data
+    z_dim: int = 128              # latent size
+    width: int = 32               # channels of the first discriminator layer; the generator mirrors it
+    loss: Literal["ns", "hinge", "wgan-gp"] = "ns"
+    spectral_norm: bool = False   # spectral norm on every discriminator layer
+    lr_g: float = 2e-4
+    lr_d: float = 2e-4
+    beta1: float = 0.5            # Adam betas; WGAN-GP usually wants (0.0, 0.9)
+    beta2: float = 0.999
+    n_critic: int = 1             # discriminator updates per generator update (5 is usual for WGAN-GP)
+    gp_weight: float = 10.0       # WGAN-GP gradient penalty weight
+
+    def validate(self) -> None:
+        check_positive(self, "image_size", "channels", "z_dim", "width", "lr_g", "lr_d", "n_critic")
+        check_positive(self, "gp_weight", allow_zero=True)
+        layout(self.image_size)
+
+
+def layout(size: int) -> tuple[int, int]:
+    """(base, upsamplings) with size = base * 2**upsamplings, base in {7, 4}; ConfigError otherwise."""
+    for base in (7, 4):
+        if size % base == 0:
+            k = math.log2(size // base)
+            if k >= 1 and k == int(k):
+                return base, int(k)
+    raise ConfigError(f"model.image_size {size} is not supported by dcgan (use 28, 32, 56, 64, 128...)")
+
+
+# --- networks -------------------------------------------------------------------------------------
+
+
+class Generator(nn.Module):
+    def __init__(self, cfg: Config) -> None:
+        super().__init__()
+        base, ups = layout(cfg.image_size)
+        c = cfg.width * 2 ** ups                      # channels at base x base, halved per upsampling
+        self.base, self.c0 = base, c
+        self.project = nn.Linear(cfg.z_dim, c * base * base, bias=False)
+        layers: list[nn.Module] = [
+            nn.BatchNorm2d(c), nn.ReLU(),
+            nn.Conv2d(c, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU(),
+        ]
+        for _ in range(ups - 1):
+            layers += [nn.ConvTranspose2d(c, c // 2, 4, 2, 1, bias=False), nn.BatchNorm2d(c // 2), nn.ReLU()]
+            c //= 2
+        layers += [nn.ConvTranspose2d(c, cfg.channels, 4, 2, 1), nn.Tanh()]
+        self.body = nn.Sequential(*layers)
+        for m in self.modules():  # DCGAN init: N(0, 0.02) weights, BN scale N(1, 0.02)
+            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.normal_(m.weight, 1.0, 0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:            # N x z_dim -> N x C x S x S
+        x = self.project(z).view(-1, self.c0, self.base, self.base)
+        return self.body(x)
+
+
+class Discriminator(nn.Module):
+    def __init__(self, cfg: Config) -> None:
+        super().__init__()
+        base, ups = layout(cfg.image_size)
+        sn = spectral_norm if cfg.spectral_norm else (lambda m: m)
+        layers: list[nn.Module] = []
+        c_in, c = cfg.channels, cfg.width
+        for _ in range(ups):                           # S -> base, doubling channels
+            layers += [sn(nn.Conv2d(c_in, c, 4, 2, 1)), nn.LeakyReLU(0.2)]
+            c_in, c = c, c * 2
+        layers += [sn(nn.Conv2d(c_in, c, 3, 1, 1)), nn.LeakyReLU(0.2), nn.Flatten()]
+        self.features = nn.Sequential(*layers)       # N x C x S x S -> N x (c * base * base)
+        self.head = sn(nn.Linear(c * base * base, 1))
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)) and not cfg.spectral_norm:
+                nn.init.normal_(m.weight, 0.0, 0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:            # N x C x S x S -> N logits
+        return self.head(self.features(x)).squeeze(1)
+
+
+# --- losses: functions of the logits -------------------------------------------------------------
+
+
+def d_loss(kind: str, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    if kind == "ns":
+        return F.softplus(-real).mean() + F.softplus(fake).mean()
+    if kind == "hinge":
+        return F.relu(1.0 - real).mean() + F.relu(1.0 + fake).mean()
+    return fake.mean() - real.mean()                     # wgan-gp critic (penalty added separately)
+
+
+def g_loss(kind: str, fake: torch.Tensor) -> torch.Tensor:
+    return F.softplus(-fake).mean() if kind == "ns" else -fake.mean()
+
+
+def gradient_penalty(D: nn.Module, real: torch.Tensor, fake: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Mean of (||grad_x D(x_hat)|| - 1)^2 at random points x_hat between real and fake images."""
+    eps = torch.rand((real.shape[0], 1, 1, 1), generator=gen, device=real.device)
+    x_hat = (eps * real + (1 - eps) * fake).requires_grad_(True)
+    (grad,) = torch.autograd.grad(D(x_hat).sum(), x_hat, create_graph=True)
+    return (grad.flatten(1).norm(dim=1) - 1).square().mean()
+
+
+# --- the family ------------------------------------------------------------------------------------
+
+
+class DCGAN(Family):
+    Config = Config
+    name = "dcgan"
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__(cfg)
+        self.G = Generator(cfg)
+        self.D = Discriminator(cfg)
+
+    def configure_optimizers(self, train_cfg) -> dict[str, torch.optim.Optimizer]:
+        betas = (self.cfg.beta1, self.cfg.beta2)
+        return {
+            "d": torch.optim.Adam(self.D.parameters(), lr=self.cfg.lr_d, betas=betas),
+            "g": torch.optim.Adam(self.G.parameters(), lr=self.cfg.lr_g, betas=betas),
+        }
+
+    def draw_noise(self, n: int, generator: Generators = None) -> torch.Tensor:
+        return per_item_normal(n, (self.cfg.z_dim,), generator, self.device)
+
+    def train_step(self, batch: dict[str, torch.Tensor], opt: dict, gen: torch.Generator) -> dict[str, float]:
+        real = batch["image"]
+        n, kind = real.shape[0], self.cfg.loss
+        # Discriminator: n_critic updates on the same real batch, each with fresh fakes.
+        for _ in range(self.cfg.n_critic):
+            with torch.no_grad():
+                fake = self.G(self.draw_noise(n, gen))
+            real_logits, fake_logits = self.D(real), self.D(fake)
+            loss_d = d_loss(kind, real_logits, fake_logits)
+            if kind == "wgan-gp":
+                loss_d = loss_d + self.cfg.gp_weight * gradient_penalty(self.D, real, fake, gen)
+            opt["d"].zero_grad(set_to_none=True)
+            loss_d.backward()
+            opt["d"].step()
+        # Generator: D's weights are frozen so backward computes only what G needs.
+        self.D.requires_grad_(False)
+        loss_g = g_loss(kind, self.D(self.G(self.draw_noise(n, gen))))
+        opt["g"].zero_grad(set_to_none=True)
+        loss_g.backward()
+        opt["g"].step()
+        self.D.requires_grad_(True)
+        values = torch.stack([loss_d.detach(), loss_g.detach(), real_logits.detach().mean(), fake_logits.detach().mean()])
+        return dict(zip(("loss_d", "loss_g", "d_real", "d_fake"), values.tolist()))
+
+    @torch.no_grad()
+    def sample(self, n: int, *, labels: torch.Tensor | None = None, generator: Generators = None,
+               noise: torch.Tensor | None = None, truncation: float = 0.0) -> torch.Tensor:
+        """n images in [-1, 1]. `noise` (n x z_dim) replaces the random draw; `truncation` > 0 clamps
+        the latent to [-truncation, truncation] (the truncation trick: less variety, more fidelity)."""
+        z = self.draw_noise(n, generator) if noise is None else noise.to(self.device)
+        if truncation > 0:
+            z = z.clamp(-truncation, truncation)
+        was_training = self.training
+        self.eval()
+        try:
+            return run_fixed_batch(self.G, z)
+        finally:
+            self.train(was_training)
+
+    @torch.no_grad()
+    def score(self, images: torch.Tensor) -> torch.Tensor:
+        """Discriminator logits for images (N x C x S x S in [-1, 1]): higher means 'looks real'."""
+        return run_fixed_batch(self.D, images.to(self.device))

@@ -1,0 +1,138 @@
+"""Per-seed sampling, image conversion at the edges, grids and latent interpolation.
+
+An image depends only on its seed and the weights: each seed gets its own torch.Generator, and the
+families run their networks at a fixed micro-batch (models/base.py), so the batch size a user picks
+changes speed, never pixels.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .errors import ConfigError
+from .models.base import Family
+
+MAX_SEED = 2**63 - 1
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'0-63' -> [0..63]; '3,9,12-14' -> [3, 9, 12, 13, 14]."""
+    seeds: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            if "-" in part[1:]:
+                lo, hi = part.split("-", 1) if not part.startswith("-") else (part, "")
+                a, b = int(lo), int(hi)
+                if b < a:
+                    raise ConfigError(f"--seeds {text!r}: range {part} runs backwards")
+                seeds.extend(range(a, b + 1))
+            else:
+                seeds.append(int(part))
+        except ValueError:
+            raise ConfigError(f"--seeds {text!r}: {part!r} is not a seed or a range like 0-63") from None
+    for s in seeds:
+        if not 0 <= s <= MAX_SEED:
+            raise ConfigError(f"--seeds: {s} is outside 0..{MAX_SEED}")
+    if not seeds:
+        raise ConfigError("--seeds: no seeds given")
+    return seeds
+
+
+def seed_generators(seeds: Iterable[int], device: torch.device | str = "cpu") -> list[torch.Generator]:
+    return [torch.Generator(device).manual_seed(int(s)) for s in seeds]
+
+
+def generate(model: Family, seeds: Sequence[int], *, labels: torch.Tensor | None = None,
+             batch_size: int = 64, **opts) -> torch.Tensor:
+    """One image per seed: len(seeds) x C x H x W in [-1, 1], on the CPU."""
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
+    # Noise is drawn on the CPU so that a seed gives the same image on every device.
+    out = []
+    for i in range(0, len(seeds), batch_size):
+        chunk = list(seeds[i:i + batch_size])
+        lab = None if labels is None else labels[i:i + batch_size]
+        out.append(model.sample(len(chunk), labels=lab, generator=seed_generators(chunk), **opts).cpu())
+    return torch.cat(out)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """N x C x H x W in [-1, 1] -> N x H x W x C uint8 (the only place floats become bytes)."""
+    x = images.detach().cpu().float().add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8)
+    return x.permute(0, 2, 3, 1).numpy()
+
+
+def to_pil(image_hwc: np.ndarray) -> Image.Image:
+    return Image.fromarray(image_hwc[:, :, 0] if image_hwc.shape[2] == 1 else image_hwc)
+
+
+def from_pil(img: Image.Image, channels: int, size: int | None = None) -> torch.Tensor:
+    """A PIL image -> 1 x C x H x W float in [-1, 1]."""
+    img = img.convert("L" if channels == 1 else "RGB")
+    if size is not None and img.size != (size, size):
+        img = img.resize((size, size), Image.Resampling.BICUBIC)
+    arr = np.asarray(img, dtype=np.uint8)
+    arr = arr[:, :, None] if arr.ndim == 2 else arr
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).unsqueeze(0).float().div(127.5).sub(1)
+
+
+def save_images(images: torch.Tensor, out_dir: str | Path, seeds: Sequence[int]) -> list[Path]:
+    """One PNG per seed: out_dir/seed000042.png."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for arr, s in zip(to_uint8(images), seeds):
+        p = out_dir / f"seed{s:06d}.png"
+        to_pil(arr).save(p)
+        paths.append(p)
+    return paths
+
+
+def grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2, scale: int = 1) -> Image.Image:
+    """Tile N images into one PIL image, nrow per row (default: as square as possible)."""
+    arr = to_uint8(images)
+    n, h, w, c = arr.shape
+    nrow = nrow or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / nrow)
+    canvas = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, dtype=np.uint8)
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        y, x = pad + r * (h + pad), pad + col * (w + pad)
+        canvas[y:y + h, x:x + w] = arr[i]
+    img = to_pil(canvas)
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
+    return img
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Spherical interpolation between latents a and b (1 x D each) at fractions t (T) -> T x D.
+
+    Gaussian latents live near a sphere; a straight line between two of them passes through
+    low-norm, atypical latents, so interpolation follows the great circle instead."""
+    an, bn = a / a.norm(dim=1, keepdim=True), b / b.norm(dim=1, keepdim=True)
+    omega = torch.acos((an * bn).sum(1).clamp(-1, 1))            # 1
+    so = torch.sin(omega)
+    t = t[:, None]
+    if so.abs().item() < 1e-6:
+        return (1 - t) * a + t * b
+    return torch.sin((1 - t) * omega) / so * a + torch.sin(t * omega) / so * b
+
+
+def interpolate(model: Family, seed_a: int, seed_b: int, frames: int) -> torch.Tensor:
+    """`frames` images along the latent path from seed_a's latent to seed_b's (both ends included)."""
+    if frames < 2:
+        raise ConfigError(f"--frames must be >= 2, got {frames}")
+    draw = getattr(model, "draw_noise", None)
+    if draw is None:
+        raise ConfigError(f"model family {model.name!r} has no latent space to interpolate")
+    za, zb = draw(1, seed_generators([seed_a])), draw(1, seed_generators([seed_b]))
+    z = slerp(za.flatten(1), zb.flatten(1), torch.linspace(0, 1, frames, device=za.device)).view(frames, *za.shape[1:])
+    return model.sample(frames, noise=z)

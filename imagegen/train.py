@@ -1,0 +1,267 @@
+"""The one training loop. It never names a model family: the family owns its updates (train_step);
+the loop owns seeding, device, the non-finite guard, EMA, progress, logs, sample grids, checkpoints
+and resume.
+
+Reproducibility: the batch for step s depends only on (seed, s) (data/dataset.py), and train_step gets
+a generator seeded from (seed, s). So 10 steps + resume to 20 equals 20 steps straight, bit for bit,
+without saving any RNG state.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from . import checkpoint as ckpt
+from .config import check_positive, from_dict, to_dict
+from .data import DataConfig, ImageDataset, load_data
+from .data.dataset import _mix
+from .errors import CheckpointError, ConfigError, TrainingError
+from .models import Family, family_class
+from .sample import generate, grid
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 2400             # total optimisation steps (a GAN step updates D then G)
+    batch_size: int = 128
+    seed: int = 0
+    device: str = "auto"          # auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps
+    channels_last: bool = True    # NHWC activations: faster convolutions on CPU (oneDNN) and tensor cores
+    threads: int = 0              # torch CPU threads; 0 = torch's default (all cores)
+    ema_decay: float = 0.999      # EMA of the weights; sampling uses the EMA weights by default
+    log_every: int = 25
+    sample_every: int = 400       # sample grid from fixed seeds every N steps (0 = only at the end)
+    grid_size: int = 64
+    checkpoint_every: int = 1000  # and always at the end of a run
+    keep_checkpoints: int = 3
+    max_bad_steps: int = 10       # stop after this many non-finite steps in a row
+
+    def validate(self) -> None:
+        check_positive(self, "steps", "batch_size", "log_every", "grid_size", "checkpoint_every",
+                       "keep_checkpoints", "max_bad_steps")
+        check_positive(self, "seed", "threads", "sample_every", allow_zero=True)
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
+
+
+@dataclass
+class RunConfig:
+    family: str
+    model: Any                      # the family's Config dataclass
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_json(self) -> dict:
+        return {"family": self.family, "model": to_dict(self.model), "data": to_dict(self.data),
+                "train": to_dict(self.train)}
+
+
+def resolve_config(tree: dict) -> RunConfig:
+    """A RunConfig from a nested dict of overrides: {"family": ..., "model": {...}, "data": {...}, "train": {...}}."""
+    tree = dict(tree)
+    family = tree.pop("family", None)
+    if not family:
+        raise ConfigError("no model family given (--model NAME)")
+    cls = family_class(family)
+    unknown = sorted(set(tree) - {"model", "data", "train"})
+    if unknown:
+        raise ConfigError(f"unknown config section {unknown[0]!r} (known: family, model, data, train)")
+    for section in ("model", "data", "train"):
+        if not isinstance(tree.get(section, {}), dict):
+            raise ConfigError(f"config section {section!r} must be a table")
+    return RunConfig(
+        family=family,
+        model=from_dict(cls.Config, tree.get("model"), "model"),
+        data=from_dict(DataConfig, tree.get("data"), "data"),
+        train=from_dict(TrainConfig, tree.get("train"), "train"),
+    )
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"train.device {name!r} is not a device name") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device {name!r}: CUDA is not available on this machine")
+    return dev
+
+
+def fit_model_to_data(cfg: RunConfig, ds: ImageDataset) -> RunConfig:
+    """The model's image size and channels come from the data, whatever the config said."""
+    updates = {k: v for k, v in (("image_size", ds.size), ("channels", ds.channels)) if hasattr(cfg.model, k)}
+    if hasattr(cfg.model, "num_classes"):
+        updates["num_classes"] = len(ds.classes)
+    model_cfg = replace(cfg.model, **updates)
+    model_cfg.validate()
+    return replace(cfg, model=model_cfg)
+
+
+class GuardedOptimizer:
+    """Passes calls through to an optimizer, but skips `step()` when any gradient is NaN or Inf,
+    so a bad batch can never write a non-finite value into the weights or the Adam moments."""
+
+    def __init__(self, opt: torch.optim.Optimizer) -> None:
+        self.opt = opt
+        self.skipped = 0
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.opt.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        grads = [p.grad for g in self.opt.param_groups for p in g["params"] if p.grad is not None]
+        if grads and not torch.isfinite(torch.nn.utils.get_total_norm(grads, norm_type=math.inf)):
+            self.skipped += 1
+            return
+        self.opt.step()
+
+    def __getattr__(self, name: str):
+        return getattr(self.opt, name)
+
+
+def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
+    return torch.Generator(device).manual_seed(_mix(seed, step))
+
+
+def train(cfg: RunConfig, *, out: str | Path = "runs", resume: str | Path | None = None,
+          progress: bool = True, dataset: ImageDataset | None = None) -> Path:
+    """Train `cfg` into a new run folder under `out` (or continue the run at `resume` up to
+    cfg.train.steps). Returns the run folder."""
+    tc = cfg.train
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    device = pick_device(tc.device)
+
+    # Data: held in memory; the model's size, channels and classes follow it.
+    ds = dataset if dataset is not None else load_data(cfg.data)
+    for path, reason in ds.skipped:
+        tqdm.write(f"skipped {path}: {reason}")
+    cfg = fit_model_to_data(cfg, ds)
+
+    # Model, built under the run seed without touching the global RNG, and its EMA copy.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(tc.seed)
+        model: Family = family_class(cfg.family)(cfg.model)
+    memory_format = torch.channels_last if tc.channels_last else torch.contiguous_format
+    model.to(device=device, memory_format=memory_format)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    opts = {k: GuardedOptimizer(o) for k, o in model.configure_optimizers(tc).items()}
+
+    # Run folder: a new one, or the one we resume (weights, EMA, optimizers and step restored).
+    start = 0
+    if resume is not None:
+        run_dir = Path(resume)
+        found = ckpt.list_checkpoints(run_dir)
+        if not found:
+            raise CheckpointError(f"{run_dir}: no checkpoint to resume from")
+        state = ckpt.load_checkpoint(found[-1])
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        for name, sd in state["optimizers"].items():
+            opts[name].opt.load_state_dict(sd)
+        start = int(state["state"]["step"])
+        if start >= tc.steps:
+            raise ConfigError(f"{run_dir} is already at step {start}; ask for more with --steps N > {start}")
+    else:
+        run_dir = ckpt.new_run_dir(Path(out), cfg.data.source, cfg.family)
+    (run_dir / "samples").mkdir(exist_ok=True)
+    ckpt.write_json_atomic(run_dir / "config.json", {**cfg.to_json(), "classes": ds.classes, "data_source": ds.source,
+                                                      "imagegen_version": _version()})
+
+    params, ema_params = list(model.parameters()), list(ema.parameters())
+    buffers, ema_buffers = list(model.buffers()), list(ema.buffers())
+    log_file = (run_dir / "log.jsonl").open("a")
+    bar = tqdm(total=tc.steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
+    window: dict[str, list[float]] = {}
+    window_time, window_images, bad_in_a_row, bad_total = 0.0, 0, 0, 0
+
+    def save(step: int) -> None:
+        ckpt.save_checkpoint(
+            run_dir, step, model.state_dict(), ema.state_dict(),
+            {k: o.opt.state_dict() for k, o in opts.items()},
+            {"bad_steps_total": bad_total}, keep=tc.keep_checkpoints,
+        )
+
+    def sample_grid(step: int) -> None:
+        images = generate(ema, list(range(tc.grid_size)))
+        grid(images, scale=2 if images.shape[-1] < 48 else 1).save(run_dir / "samples" / f"step-{step:07d}.png")
+
+    try:
+        model.train()
+        for step in range(start, tc.steps):
+            # One update: the family's own (possibly alternating) step on the batch for this step.
+            t0 = time.perf_counter()
+            batch = {k: v.to(device, non_blocking=True) for k, v in ds.batch_at(step, tc.batch_size, tc.seed).items()}
+            if tc.channels_last:
+                batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
+            saved_buffers = [b.clone() for b in buffers]
+            skipped_before = sum(o.skipped for o in opts.values())
+            losses = model.train_step(batch, opts, step_generator(tc.seed, step, device))
+
+            # Guard: a step with a non-finite loss or gradient changes nothing and is counted.
+            bad = sum(o.skipped for o in opts.values()) > skipped_before or not all(map(math.isfinite, losses.values()))
+            if bad:
+                for b, s in zip(buffers, saved_buffers):
+                    b.copy_(s)
+                bad_in_a_row += 1
+                bad_total += 1
+                if bad_in_a_row >= tc.max_bad_steps:
+                    raise TrainingError(
+                        f"stopped at step {step + 1}: {bad_in_a_row} steps in a row had a non-finite loss or "
+                        f"gradient (last losses {losses}); lower the learning rate or check the data"
+                    )
+            else:
+                bad_in_a_row = 0
+                # EMA with warm-up, so early samples are not dominated by the random initial weights.
+                decay = min(tc.ema_decay, (1 + step) / (10 + step))
+                with torch.no_grad():
+                    for e, p in zip(ema_params, params):
+                        e.lerp_(p, 1.0 - decay)
+                    for e, b in zip(ema_buffers, buffers):
+                        e.copy_(b)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            window_time += time.perf_counter() - t0
+            window_images += tc.batch_size
+            for k, v in losses.items():
+                window.setdefault(k, []).append(v)
+
+            # Logs, grids and checkpoints.
+            done = step + 1
+            bar.update(1)
+            if done % tc.log_every == 0 or done == tc.steps:
+                means = {k: sum(v) / len(v) for k, v in window.items()}
+                record = {"step": done, "images_per_s": window_images / max(window_time, 1e-9),
+                          "bad_steps": bad_total, **means}
+                log_file.write(json.dumps(record) + "\n")
+                log_file.flush()
+                bar.set_postfix({**{k: f"{v:.3f}" for k, v in means.items()}, "img/s": f"{record['images_per_s']:.0f}"})
+                window, window_time, window_images = {}, 0.0, 0
+            if (tc.sample_every and done % tc.sample_every == 0) or done == tc.steps:
+                sample_grid(done)
+            if done % tc.checkpoint_every == 0 or done == tc.steps:
+                save(done)
+    finally:
+        bar.close()
+        log_file.close()
+    return run_dir
+
+
+def _version() -> str:
+    from . import __version__
+    return __version__
