@@ -91,10 +91,14 @@ def from_dict(cls: type, data: dict | None, where: str = "") -> Any:
     for name, value in data.items():
         key = f"{where}.{name}" if where else name
         kwargs[name] = _check_value(value, hints[name], key)
-    obj = cls(**kwargs)
-    validate = getattr(obj, "validate", None)
-    if callable(validate):
-        validate()
+    return validate(cls(**kwargs))
+
+
+def validate(obj: Any) -> Any:
+    """Run the dataclass's own `validate()` range checks, where it has one; returns obj."""
+    check = getattr(obj, "validate", None)
+    if callable(check):
+        check()
     return obj
 
 

@@ -26,17 +26,15 @@ def parse_seeds(text: str) -> list[int]:
     seeds: list[int] = []
     for part in text.split(","):
         part = part.strip()
+        lo, dash, hi = part.partition("-") if not part.startswith("-") else (part, "", "")
         try:
-            if "-" in part[1:]:
-                lo, hi = part.split("-", 1) if not part.startswith("-") else (part, "")
-                a, b = int(lo), int(hi)
-                if b < a:
-                    raise ConfigError(f"--seeds {text!r}: range {part} runs backwards")
-                seeds.extend(range(a, b + 1))
-            else:
-                seeds.append(int(part))
+            a = int(lo)
+            b = int(hi) if dash else a
         except ValueError:
             raise ConfigError(f"--seeds {text!r}: {part!r} is not a seed or a range like 0-63") from None
+        if b < a:
+            raise ConfigError(f"--seeds {text!r}: range {part} runs backwards")
+        seeds.extend(range(a, b + 1))
     for s in seeds:
         if not 0 <= s <= MAX_SEED:
             raise ConfigError(f"--seeds: {s} is outside 0..{MAX_SEED}")

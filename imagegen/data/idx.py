@@ -74,8 +74,10 @@ def read_idx(path: str | Path, *, ndim: int | None = None, dtype_code: int | Non
         if path.suffix != ".gz":
             expected = 4 + 4 * nd + nbytes
             actual = path.stat().st_size
-            if actual != expected:
-                raise IDXError(f"{path}: size is {actual} bytes, but the header {dims} needs {expected}")
+            if actual < expected:
+                raise IDXError(f"{path}: file ends early: {actual} bytes, but the header {dims} needs {expected}")
+            if actual > expected:
+                raise IDXError(f"{path}: has {actual - expected} bytes after the data that the header {dims} announces")
         data = _read_exact(f, nbytes, path, "the data")
         extra = _read_exact_or_none(f, path)
         if extra:

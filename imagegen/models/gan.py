@@ -11,7 +11,8 @@ Generative Adversarial Networks", ICLR 2018).
 Shapes: the generator maps z (N x z_dim) to N x C x S x S in [-1, 1] for S = base * 2^k with base 7
 (28, 56 px) or 4 (32, 64 px). Departures from the paper, for speed on a CPU: the last upsampling goes
 straight to C channels (no full-resolution hidden layer), one 3x3 conv sits at the lowest resolution in
-both networks, and the discriminator has no batch norm (which also keeps WGAN-GP's per-sample penalty valid).
+both networks. The discriminator uses batch norm (not on its first layer, as in the paper) except with
+WGAN-GP, whose per-sample gradient penalty it would break, or with spectral norm, which replaces it.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class Config:
     width: int = 32               # channels of the first discriminator layer; the generator mirrors it
     loss: Literal["ns", "hinge", "wgan-gp"] = "ns"
     spectral_norm: bool = False   # spectral norm on every discriminator layer
+    d_norm: Literal["auto", "batch", "none"] = "auto"  # D's batch norm; auto = batch unless wgan-gp or spectral norm
     lr_g: float = 2e-4
     lr_d: float = 2e-4
     beta1: float = 0.5            # Adam betas; WGAN-GP usually wants (0.0, 0.9)
@@ -49,6 +51,14 @@ class Config:
         check_positive(self, "image_size", "channels", "z_dim", "width", "lr_g", "lr_d", "n_critic")
         check_positive(self, "gp_weight", allow_zero=True)
         layout(self.image_size)
+        if self.loss == "wgan-gp" and self.d_norm == "batch":
+            raise ConfigError("model.d_norm='batch' breaks WGAN-GP's per-sample gradient penalty; use 'none' or 'auto'")
+
+    @property
+    def d_batch_norm(self) -> bool:
+        if self.d_norm == "auto":
+            return self.loss != "wgan-gp" and not self.spectral_norm
+        return self.d_norm == "batch"
 
 
 def layout(size: int) -> tuple[int, int]:
@@ -97,17 +107,27 @@ class Discriminator(nn.Module):
         super().__init__()
         base, ups = layout(cfg.image_size)
         sn = spectral_norm if cfg.spectral_norm else (lambda m: m)
+        bn = cfg.d_batch_norm
+
+        def block(c_in: int, c_out: int, k: int, s: int, p: int, first: bool) -> list[nn.Module]:
+            norm = bn and not first
+            return [sn(nn.Conv2d(c_in, c_out, k, s, p, bias=not norm)),
+                    *([nn.BatchNorm2d(c_out)] if norm else []), nn.LeakyReLU(0.2)]
+
         layers: list[nn.Module] = []
         c_in, c = cfg.channels, cfg.width
-        for _ in range(ups):                           # S -> base, doubling channels
-            layers += [sn(nn.Conv2d(c_in, c, 4, 2, 1)), nn.LeakyReLU(0.2)]
+        for i in range(ups):                           # S -> base, doubling channels
+            layers += block(c_in, c, 4, 2, 1, first=i == 0)
             c_in, c = c, c * 2
-        layers += [sn(nn.Conv2d(c_in, c, 3, 1, 1)), nn.LeakyReLU(0.2), nn.Flatten()]
+        layers += [*block(c_in, c, 3, 1, 1, first=False), nn.Flatten()]
         self.features = nn.Sequential(*layers)       # N x C x S x S -> N x (c * base * base)
         self.head = sn(nn.Linear(c * base * base, 1))
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)) and not cfg.spectral_norm:
                 nn.init.normal_(m.weight, 0.0, 0.02)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.normal_(m.weight, 1.0, 0.02)
+                nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:            # N x C x S x S -> N logits
         return self.head(self.features(x)).squeeze(1)

@@ -1,0 +1,39 @@
+# The two commands a newcomer needs (see README.md):
+#   make demo   install everything, train the DCGAN on Fashion-MNIST, write the report
+#   make test   install everything, run the tests
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+
+.PHONY: install data demo test bench clean
+
+# torch is pinned and installed first: a bare `torch` requirement would pull several GB of CUDA wheels.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed data
+
+# Fashion-MNIST from Debian's package when we can (root on Debian); otherwise imagegen downloads it,
+# or `make demo` falls back to the built-in shapes dataset and says so.
+data:
+	@if [ -d /usr/share/datasets/fashion-mnist ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+		{ apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1; } || \
+		echo "note: could not install dataset-fashion-mnist; imagegen will try to download Fashion-MNIST"; \
+	fi
+
+demo: install
+	$(VENV)/bin/imagegen demo
+
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) benchmarks/train_speed.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

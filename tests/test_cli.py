@@ -1,0 +1,83 @@
+"""End-to-end: the `imagegen` command on `shapes`, as a user would run it, in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from imagegen.cli import main
+
+
+def run_cli(*args, cwd=None):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "imagegen", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
+
+
+def test_end_to_end_cli_on_shapes(tmp_path):
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text('[model]\nwidth = 8\nz_dim = 16\n[data]\nlimit = 512\n[train]\nlog_every = 5\nsample_every = 10\ngrid_size = 16\n')
+    r = run_cli("train", "--data", "shapes", "--model", "dcgan", "--steps", "12", "--batch-size", "16",
+                "--config", str(cfg), "--set", "train.checkpoint_every=6", "--out", str(tmp_path / "runs"), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    run_dir = tmp_path / "runs" / "00000-shapes-dcgan"
+    for name in ("config.json", "model.safetensors", "ema.safetensors", "MANIFEST.json", "log.jsonl", "report.html"):
+        assert (run_dir / name).is_file(), name
+    assert sorted(p.name for p in (run_dir / "samples").iterdir()) == ["step-0000010.png", "step-0000012.png"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-0000006", "step-0000012"]
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert saved["model"]["width"] == 8 and saved["model"]["image_size"] == 32 and saved["model"]["channels"] == 3
+    assert saved["train"]["checkpoint_every"] == 6 and saved["classes"][0] == "circle"
+    report = (run_dir / "report.html").read_text()
+    assert "data:image/png;base64" in report and "loss curves" in report
+
+    r = run_cli("train", "--resume", str(run_dir), "--steps", "16", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((run_dir / "MANIFEST.json").read_text())["step"] == 16
+
+    r = run_cli("sample", str(run_dir), "--seeds", "0-7", "--out", str(tmp_path / "imgs"), "--grid", str(tmp_path / "g.png"))
+    assert r.returncode == 0, r.stderr
+    assert len(list((tmp_path / "imgs").glob("seed*.png"))) == 8 and (tmp_path / "g.png").is_file()
+
+    r = run_cli("interpolate", str(run_dir), "--seeds", "3,9", "--frames", "6", "--out", str(tmp_path / "strip.png"))
+    assert r.returncode == 0, r.stderr
+
+    r = run_cli("report", str(run_dir))
+    assert r.returncode == 0 and "report.html" in r.stdout
+
+    r = run_cli("data", "info", "shapes")
+    assert r.returncode == 0 and "8000 x 3 x 32 x 32" in r.stdout and "circle" in r.stdout
+
+
+@pytest.mark.parametrize("args,words", [
+    (["train", "--data", "shapes", "--model", "dcgan", "--set", "model.widht=3"], "unknown config key model.widht"),
+    (["train", "--data", "shapes", "--model", "dcgan", "--set", "train.steps=-5"], "steps must be > 0"),
+    (["train", "--data", "nowhere", "--model", "dcgan", "--steps", "1"], "unknown source"),
+    (["train", "--data", "shapes", "--model", "gpt", "--steps", "1"], "unknown model"),
+    (["train", "--data", "shapes", "--model", "dcgan", "--config", "/nonexistent.toml"], "config file not found"),
+    (["train", "--resume", "/nonexistent-run", "--steps", "5"], "not a run folder"),
+    (["sample", "/nonexistent-run", "--out", "x"], "not a run folder"),
+    (["sample", "/nonexistent-run", "--seeds", "9-1", "--out", "x"], "runs backwards"),
+    (["data", "info", "idx:/nonexistent"], "not a directory"),
+])
+def test_bad_input_is_one_clear_line_not_a_traceback(args, words, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err
+
+
+def test_dry_run_prints_the_resolved_config(capsys):
+    assert main(["train", "--data", "shapes", "--model", "dcgan", "--set", "model.loss=hinge", "--dry-run"]) == 0
+    cfg = json.loads(capsys.readouterr().out.split("\n#")[0])
+    assert cfg["model"]["loss"] == "hinge" and cfg["data"]["source"] == "shapes" and cfg["train"]["steps"] > 0
+
+
+def test_resume_refuses_to_change_the_config(tiny_run, capsys):
+    assert main(["train", "--resume", str(tiny_run), "--steps", "30", "--set", "model.width=4"]) == 2
+    assert "cannot change" in capsys.readouterr().err
+    assert main(["train", "--resume", str(tiny_run), "--steps", "10"]) == 2
+    assert "already at step 20" in capsys.readouterr().err

@@ -1,0 +1,110 @@
+"""Folders of images: every good file loads, every bad one is reported with a reason, nothing crashes."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from imagegen.cli import main
+from imagegen.data import DataConfig, load_data
+from imagegen.errors import DataError
+
+
+def _png_bytes(rng, size=(20, 24), mode="RGB", fmt="PNG") -> bytes:
+    arr = rng.integers(0, 256, (size[1], size[0], 3 if mode == "RGB" else 1), dtype=np.uint8)
+    img = Image.fromarray(arr[:, :, 0] if mode == "L" else arr)
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def messy_folder(tmp_path):
+    """100 files in two class folders: 90 good (PNG, JPEG, WebP), 10 bad of every kind."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "imgs"
+    for c in ("cats", "dogs"):
+        (root / c).mkdir(parents=True)
+    fmts = [("PNG", ".png"), ("JPEG", ".jpg"), ("WEBP", ".webp")]
+    for i in range(90):
+        fmt, ext = fmts[i % 3]
+        (root / ("cats", "dogs")[i % 2] / f"good{i:03d}{ext}").write_bytes(_png_bytes(rng, fmt=fmt))
+    good_png = _png_bytes(rng)
+    bad = {
+        "cats/corrupt1.png": b"\x89PNG\r\n\x1a\n" + bytes(rng.integers(0, 256, 300, dtype=np.uint8)),
+        "cats/corrupt2.jpg": bytes(rng.integers(0, 256, 500, dtype=np.uint8)),
+        "cats/truncated1.png": good_png[: len(good_png) // 2],
+        "dogs/truncated2.jpg": _png_bytes(rng, size=(64, 64), fmt="JPEG")[:400],
+        "cats/empty1.png": b"",
+        "dogs/empty2.webp": b"",
+        "dogs/png_named_jpg.jpg": good_png,
+        "dogs/text_named_png.png": b"just some text, not an image\n",
+        "dogs/notes.txt": b"a stray file with a wrong extension\n",
+    }
+    for rel, data in bad.items():
+        (root / rel).write_bytes(data)
+    bomb = io.BytesIO()
+    Image.new("L", (7000, 7000)).save(bomb, format="PNG")  # 49 Mpx, a few KiB compressed
+    (root / "cats" / "bomb.png").write_bytes(bomb.getvalue())
+    return root
+
+
+def test_folder_loads_exactly_the_good_files(messy_folder):
+    ds = load_data(DataConfig(source=f"folder:{messy_folder}", size=16))
+    assert len(ds) == 90
+    assert len(ds.skipped) == 10
+    reasons = dict((os.path.basename(f), r) for f, r in ds.skipped)
+    assert set(reasons) == {"corrupt1.png", "corrupt2.jpg", "truncated1.png", "truncated2.jpg", "empty1.png",
+                            "empty2.webp", "png_named_jpg.jpg", "text_named_png.png", "notes.txt", "bomb.png"}
+    assert "empty" in reasons["empty1.png"]
+    assert "pixels" in reasons["bomb.png"]
+    assert "extension" in reasons["notes.txt"] and "extension" in reasons["png_named_jpg.jpg"]
+    assert ds.classes == ["cats", "dogs"]
+    assert ds.class_counts() == [45, 45]
+    assert ds.images.shape == (90, 3, 16, 16)
+
+
+def test_strict_turns_bad_files_into_an_error(messy_folder):
+    with pytest.raises(DataError, match="10 bad file"):
+        load_data(DataConfig(source=f"folder:{messy_folder}", size=16, strict=True))
+
+
+def test_cli_strict_exits_nonzero_and_reports(messy_folder, capsys):
+    assert main(["data", "info", f"folder:{messy_folder}"]) == 0
+    out = capsys.readouterr().out
+    assert "90 x 3 x 64 x 64" in out and "skipped:  10 bad file(s)" in out
+    assert main(["data", "info", f"folder:{messy_folder}", "--strict"]) == 2
+    assert "under --strict" in capsys.readouterr().err
+
+
+def test_symlink_escaping_the_folder_is_refused(tmp_path):
+    rng = np.random.default_rng(1)
+    outside = tmp_path / "secret.png"
+    outside.write_bytes(_png_bytes(rng))
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "ok.png").write_bytes(_png_bytes(rng))
+    (root / "inside_link.png").symlink_to(root / "ok.png")
+    (root / "escape.png").symlink_to(outside)
+    ds = load_data(DataConfig(source=f"folder:{root}", size=8))
+    assert len(ds) == 2
+    assert [(os.path.basename(f), "escapes" in r) for f, r in ds.skipped] == [("escape.png", True)]
+
+
+def test_grayscale_folder_is_loaded_as_one_channel(tmp_path):
+    rng = np.random.default_rng(2)
+    for i in range(3):
+        (tmp_path / f"g{i}.png").write_bytes(_png_bytes(rng, mode="L"))
+    ds = load_data(DataConfig(source=f"folder:{tmp_path}", size=12))
+    assert ds.images.shape == (3, 1, 12, 12) and not ds.labelled
+
+
+def test_empty_or_missing_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(DataError, match="no readable images"):
+        load_data(f"folder:{tmp_path}")
+    with pytest.raises(DataError, match="not a folder"):
+        load_data(f"folder:{tmp_path / 'nope'}")
