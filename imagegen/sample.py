@@ -19,6 +19,7 @@ from .errors import ConfigError
 from .models.base import Family
 
 MAX_SEED = 2**63 - 1
+MAX_SEEDS = 100_000  # images per command; more is almost surely a typo in a range
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -34,6 +35,8 @@ def parse_seeds(text: str) -> list[int]:
             raise ConfigError(f"--seeds {text!r}: {part!r} is not a seed or a range like 0-63") from None
         if b < a:
             raise ConfigError(f"--seeds {text!r}: range {part} runs backwards")
+        if b - a + 1 + len(seeds) > MAX_SEEDS:
+            raise ConfigError(f"--seeds {text!r}: more than {MAX_SEEDS} seeds in one command")
         seeds.extend(range(a, b + 1))
     for s in seeds:
         if not 0 <= s <= MAX_SEED:

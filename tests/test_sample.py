@@ -42,6 +42,6 @@ def test_interpolation_strip_ends_at_the_seeds(tiny_run, tmp_path):
 def test_parse_seeds():
     assert parse_seeds("0-3") == [0, 1, 2, 3]
     assert parse_seeds("3,9,12-13") == [3, 9, 12, 13]
-    for bad in ("", "a-b", "5-2", "-1", "1,,2"):
+    for bad in ("", "a-b", "5-2", "-1", "1,,2", "0-99999999999"):
         with pytest.raises(ConfigError):
             parse_seeds(bad)
