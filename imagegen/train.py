@@ -31,7 +31,7 @@ from .sample import generate, grid
 
 @dataclass
 class TrainConfig:
-    steps: int = 1800             # total optimisation steps (a GAN step updates D then G)
+    steps: int = 1600             # total optimisation steps (a GAN step updates D then G)
     batch_size: int = 64
     seed: int = 0
     device: str = "auto"          # auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps
