@@ -74,16 +74,6 @@ def to_pil(image_hwc: np.ndarray) -> Image.Image:
     return Image.fromarray(image_hwc[:, :, 0] if image_hwc.shape[2] == 1 else image_hwc)
 
 
-def from_pil(img: Image.Image, channels: int, size: int | None = None) -> torch.Tensor:
-    """A PIL image -> 1 x C x H x W float in [-1, 1]."""
-    img = img.convert("L" if channels == 1 else "RGB")
-    if size is not None and img.size != (size, size):
-        img = img.resize((size, size), Image.Resampling.BICUBIC)
-    arr = np.asarray(img, dtype=np.uint8)
-    arr = arr[:, :, None] if arr.ndim == 2 else arr
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).unsqueeze(0).float().div(127.5).sub(1)
-
-
 def save_images(images: torch.Tensor, out_dir: str | Path, seeds: Sequence[int]) -> list[Path]:
     """One PNG per seed: out_dir/seed000042.png."""
     out_dir = Path(out_dir)

@@ -161,7 +161,7 @@ def train(cfg: RunConfig, *, out: str | Path = "runs", resume: str | Path | None
     opts = {k: GuardedOptimizer(o) for k, o in model.configure_optimizers(tc).items()}
 
     # Run folder: a new one, or the one we resume (weights, EMA, optimizers and step restored).
-    start = 0
+    start, bad_total = 0, 0
     if resume is not None:
         run_dir = Path(resume)
         found = ckpt.list_checkpoints(run_dir)
@@ -173,6 +173,7 @@ def train(cfg: RunConfig, *, out: str | Path = "runs", resume: str | Path | None
         for name, sd in state["optimizers"].items():
             opts[name].opt.load_state_dict(sd)
         start = int(state["state"]["step"])
+        bad_total = int(state["state"].get("bad_steps_total", 0))
         if start >= tc.steps:
             raise ConfigError(f"{run_dir} is already at step {start}; ask for more with --steps N > {start}")
     else:
@@ -184,9 +185,9 @@ def train(cfg: RunConfig, *, out: str | Path = "runs", resume: str | Path | None
     params, ema_params = list(model.parameters()), list(ema.parameters())
     buffers, ema_buffers = list(model.buffers()), list(ema.buffers())
     log_file = (run_dir / "log.jsonl").open("a")
-    bar = tqdm(total=tc.steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=tc.steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True, mininterval=1.0)
     window: dict[str, list[float]] = {}
-    window_time, window_images, bad_in_a_row, bad_total = 0.0, 0, 0, 0
+    window_time, window_images, bad_in_a_row = 0.0, 0, 0
 
     def save(step: int) -> None:
         ckpt.save_checkpoint(
@@ -211,7 +212,8 @@ def train(cfg: RunConfig, *, out: str | Path = "runs", resume: str | Path | None
             skipped_before = sum(o.skipped for o in opts.values())
             losses = model.train_step(batch, opts, step_generator(tc.seed, step, device))
 
-            # Guard: a step with a non-finite loss or gradient changes nothing and is counted.
+            # Guard: the GuardedOptimizers already refused every update with a non-finite gradient; a step
+            # where that happened (or a loss is non-finite) is counted and its buffer updates rolled back.
             bad = sum(o.skipped for o in opts.values()) > skipped_before or not all(map(math.isfinite, losses.values()))
             if bad:
                 for b, s in zip(buffers, saved_buffers):

@@ -81,3 +81,21 @@ def test_resume_refuses_to_change_the_config(tiny_run, capsys):
     assert "cannot change" in capsys.readouterr().err
     assert main(["train", "--resume", str(tiny_run), "--steps", "10"]) == 2
     assert "already at step 20" in capsys.readouterr().err
+
+
+def test_demo_falls_back_to_shapes_when_fashion_mnist_is_missing(tmp_path, monkeypatch, capsys):
+    from imagegen import cli
+    from imagegen.errors import DataError
+
+    real_load = cli.load_data
+
+    def no_fashion(cfg):
+        if cfg.source == "fashion-mnist":
+            raise DataError("fashion-mnist: not found and the download failed")
+        return real_load(cfg)
+
+    monkeypatch.setattr(cli, "load_data", no_fashion)
+    assert main(["demo", "--steps", "2", "--out", str(tmp_path), "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert "neither installed nor downloadable" in captured.err and "shapes" in captured.err
+    assert (tmp_path / "00000-shapes-dcgan" / "report.html").is_file()

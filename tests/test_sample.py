@@ -29,6 +29,15 @@ def test_seed_alone_decides_the_image(tiny_run):
     assert not torch.equal(a[0], a[1])
 
 
+def test_truncation_pulls_images_towards_the_mean_latent(tiny_run):
+    model = imagegen.load_run(tiny_run).model
+    plain = imagegen.generate(model, [1, 2])
+    truncated = imagegen.generate(model, [1, 2], truncation=0.5)
+    centre = imagegen.generate(model, [1], truncation=1e-6)
+    assert not torch.equal(plain, truncated)
+    assert (truncated - centre).abs().mean() < (plain - centre).abs().mean()
+
+
 def test_interpolation_strip_ends_at_the_seeds(tiny_run, tmp_path):
     model = imagegen.load_run(tiny_run).model
     strip = imagegen.interpolate(model, 3, 9, 5)

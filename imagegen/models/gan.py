@@ -216,8 +216,3 @@ class DCGAN(Family):
             return run_fixed_batch(self.G, z)
         finally:
             self.train(was_training)
-
-    @torch.no_grad()
-    def score(self, images: torch.Tensor) -> torch.Tensor:
-        """Discriminator logits for images (N x C x S x S in [-1, 1]): higher means 'looks real'."""
-        return run_fixed_batch(self.D, images.to(self.device))
