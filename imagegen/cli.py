@@ -55,6 +55,8 @@ def cmd_train(a) -> int:
         tree["train"] = {**tree["train"], "steps": a.steps}
         if a.device:
             tree["train"]["device"] = a.device
+        if a.strict:
+            tree["data"] = {**tree["data"], "strict": True}
         cfg = resolve_config(tree)
     else:
         tree = load_toml(a.config) if a.config else {}

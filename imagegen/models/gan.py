@@ -74,6 +74,16 @@ def layout(size: int) -> tuple[int, int]:
 # --- networks -------------------------------------------------------------------------------------
 
 
+def dcgan_init(module: nn.Module, weights: bool = True) -> None:
+    """The paper's init: conv and linear weights N(0, 0.02); batch-norm scales N(1, 0.02), shifts 0."""
+    for m in module.modules():
+        if weights and isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.normal_(m.weight, 1.0, 0.02)
+            nn.init.zeros_(m.bias)
+
+
 class Generator(nn.Module):
     def __init__(self, cfg: Config) -> None:
         super().__init__()
@@ -90,12 +100,7 @@ class Generator(nn.Module):
             c //= 2
         layers += [nn.ConvTranspose2d(c, cfg.channels, 4, 2, 1), nn.Tanh()]
         self.body = nn.Sequential(*layers)
-        for m in self.modules():  # DCGAN init: N(0, 0.02) weights, BN scale N(1, 0.02)
-            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
-                nn.init.normal_(m.weight, 0.0, 0.02)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.normal_(m.weight, 1.0, 0.02)
-                nn.init.zeros_(m.bias)
+        dcgan_init(self)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:            # N x z_dim -> N x C x S x S
         x = self.project(z).view(-1, self.c0, self.base, self.base)
@@ -122,12 +127,7 @@ class Discriminator(nn.Module):
         layers += [*block(c_in, c, 3, 1, 1, first=False), nn.Flatten()]
         self.features = nn.Sequential(*layers)       # N x C x S x S -> N x (c * base * base)
         self.head = sn(nn.Linear(c * base * base, 1))
-        for m in self.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)) and not cfg.spectral_norm:
-                nn.init.normal_(m.weight, 0.0, 0.02)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.normal_(m.weight, 1.0, 0.02)
-                nn.init.zeros_(m.bias)
+        dcgan_init(self, weights=not cfg.spectral_norm)  # spectral norm rescales weights itself
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:            # N x C x S x S -> N logits
         return self.head(self.features(x)).squeeze(1)
