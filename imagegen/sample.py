@@ -35,14 +35,12 @@ def parse_seeds(text: str) -> list[int]:
             raise ConfigError(f"--seeds {text!r}: {part!r} is not a seed or a range like 0-63") from None
         if b < a:
             raise ConfigError(f"--seeds {text!r}: range {part} runs backwards")
+        for s in (a, b):  # a part is a contiguous range, so its ends bound every seed in it
+            if not 0 <= s <= MAX_SEED:
+                raise ConfigError(f"--seeds: {s} is outside 0..{MAX_SEED}")
         if b - a + 1 + len(seeds) > MAX_SEEDS:
             raise ConfigError(f"--seeds {text!r}: more than {MAX_SEEDS} seeds in one command")
         seeds.extend(range(a, b + 1))
-    for s in seeds:
-        if not 0 <= s <= MAX_SEED:
-            raise ConfigError(f"--seeds: {s} is outside 0..{MAX_SEED}")
-    if not seeds:
-        raise ConfigError("--seeds: no seeds given")
     return seeds
 
 
