@@ -291,6 +291,10 @@ def load_run(path: str | Path, *, weights: str = "ema", device: str | torch.devi
         model.load_state_dict(load_weights(run_dir / f"{weights}.safetensors"))
     except RuntimeError as e:
         raise CheckpointError(f"{run_dir / f'{weights}.safetensors'}: does not fit the model in config.json ({e})") from None
-    model.to(device).eval().requires_grad_(False)
+    # The memory format the run trained and drew its grids in: convolution kernels round differently in
+    # each, so this keeps `sample` bit-identical to the run's own grids.
+    channels_last = cfg.get("train", {}).get("channels_last", True)
+    model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    model.eval().requires_grad_(False)
     step = json.loads((run_dir / MANIFEST).read_text()).get("step", 0)
     return Run(path=run_dir, config=cfg, model=model, step=int(step))

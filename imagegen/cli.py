@@ -16,7 +16,9 @@ from .config import apply_overrides, load_toml
 from .data import DataConfig, describe, load_data
 from .errors import ConfigError, DataError, ImagegenError
 from .report import write_report
-from .sample import generate, grid, interpolate, parse_seeds, save_images
+from .models import REGISTRY
+from .sample import (SIDES, default_labels, extend_image, generate, grid, interpolate, interpolate_images,
+                     outpaint_canvas, parse_labels, parse_seeds, read_image, read_mask, save_images, to_pil, to_uint8)
 from .train import resolve_config, train
 
 # Flags of `train` that map onto config keys; given explicitly, they override the config file.
@@ -91,10 +93,41 @@ def cmd_demo(a) -> int:
     return 0
 
 
+# Sampling options of every family (`--steps`, `--guidance`, `--truncation`...), offered by `sample`,
+# `inpaint` and `outpaint`; a run accepts only its own family's.
+SAMPLE_OPTIONS: dict[str, tuple[type, str]] = {}
+for _cls in REGISTRY.values():
+    SAMPLE_OPTIONS.update(_cls.sample_options)
+
+
+def _add_sample_options(p, only: tuple[str, ...] | None = None) -> None:
+    for name, (tp, help_text) in SAMPLE_OPTIONS.items():
+        if only is None or name in only:
+            p.add_argument(f"--{name}", type=tp, help=help_text)
+
+
+def _sample_opts(a, model) -> dict:
+    given = {k: getattr(a, k) for k in SAMPLE_OPTIONS if getattr(a, k, None) is not None}
+    unknown = sorted(set(given) - set(model.sample_options))
+    if unknown:
+        have = ", ".join(f"--{k}" for k in model.sample_options) or "none"
+        raise ConfigError(f"--{unknown[0]} does not apply to a {model.name} model (its options: {have})")
+    return given
+
+
+def _labels(a, run, n: int, seeds: list[int]):
+    if a.labels is not None:
+        if not run.model.conditional:
+            raise ConfigError(f"--labels: this {run.family} model is not class-conditional")
+        return parse_labels(a.labels, run.classes, n)
+    return default_labels(run.model, seeds)
+
+
 def cmd_sample(a) -> int:
     seeds = parse_seeds(a.seeds)
     run = load_run(a.run_dir, weights=a.weights)
-    images = generate(run.model, seeds, batch_size=a.batch_size, **({"truncation": a.truncation} if a.truncation else {}))
+    labels = _labels(a, run, len(seeds), seeds)
+    images = generate(run.model, seeds, labels=labels, batch_size=a.batch_size, **_sample_opts(a, run.model))
     paths = save_images(images, a.out, seeds)
     if a.grid:
         grid(images).save(a.grid)
@@ -103,14 +136,48 @@ def cmd_sample(a) -> int:
 
 
 def cmd_interpolate(a) -> int:
-    seeds = parse_seeds(a.seeds)
-    if len(seeds) != 2:
-        raise ConfigError(f"--seeds needs exactly two seeds like 3,9, got {a.seeds!r}")
     run = load_run(a.run_dir)
-    images = interpolate(run.model, seeds[0], seeds[1], a.frames)
+    if a.images:
+        paths = a.images.split(",")
+        if len(paths) != 2 or a.seeds:
+            raise ConfigError("--images needs exactly two image files like a.png,b.png (and no --seeds)")
+        a_img, b_img = (read_image(p, run.model.cfg.channels) for p in paths)
+        size = run.model.cfg.image_size
+        for p, img in zip(paths, (a_img, b_img)):
+            if img.shape[-2:] != (size, size):
+                raise ConfigError(f"{p}: image is {img.shape[-1]}x{img.shape[-2]}, the model's size is {size}x{size}")
+        labels = _labels(a, run, 1, [0]) if run.model.conditional else None
+        images = interpolate_images(run.model, a_img, b_img, a.frames, labels)
+    else:
+        seeds = parse_seeds(a.seeds or "")
+        if len(seeds) != 2:
+            raise ConfigError(f"--seeds needs exactly two seeds like 3,9, got {a.seeds!r}")
+        labels = _labels(a, run, 1, seeds[:1]) if run.model.conditional else None
+        images = interpolate(run.model, seeds[0], seeds[1], a.frames, labels)
     grid(images, nrow=a.frames).save(a.out)
     print(f"wrote a {a.frames}-frame strip to {a.out}")
     return 0
+
+
+def _extend(a, make_canvas) -> int:
+    run = load_run(a.run_dir)
+    image = read_image(a.image, run.model.cfg.channels)
+    image, mask = make_canvas(image)
+    labels = _labels(a, run, 1, [a.seed])
+    out = extend_image(run.model, image, mask, a.seed, labels, **_sample_opts(a, run.model),
+                       **({"resample": a.resample} if a.resample is not None else {}))
+    to_pil(to_uint8(out)[0]).save(a.out)
+    print(f"wrote {a.out} ({out.shape[-1]}x{out.shape[-2]})")
+    return 0
+
+
+def cmd_inpaint(a) -> int:
+    return _extend(a, lambda img: (img, read_mask(a.mask, img.shape[-2], img.shape[-1])))
+
+
+def cmd_outpaint(a) -> int:
+    sides = [s.strip() for s in a.sides.split(",") if s.strip()]
+    return _extend(a, lambda img: outpaint_canvas(img, a.pad, sides))
 
 
 def cmd_data_info(a) -> int:
@@ -125,9 +192,9 @@ def cmd_report(a) -> int:
 
 
 def cmd_models(a) -> int:
-    from .models import REGISTRY
-    for name, cls in sorted(REGISTRY.items()):
-        print(f"{name:10s} {(cls.__module__.rsplit('.', 1)[-1])}.py")
+    for name, cls in REGISTRY.items():
+        opts = " ".join(f"--{k}" for k in cls.sample_options)
+        print(f"{name:8s} {(cls.__module__.rsplit('.', 1)[-1]) + '.py':12s} {'needs labels' if cls.needs_labels else '':13s}{opts}")
     return 0
 
 
@@ -149,13 +216,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", help="also write all images as one grid PNG")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (speed only; pixels do not change)")
     p.add_argument("--weights", choices=["ema", "model"], default="ema")
-    p.add_argument("--truncation", type=float, default=0.0, help="clamp latents to [-t, t] (0 = off)")
+    p.add_argument("--labels", help=LABELS_HELP)
+    _add_sample_options(p)
 
-    p = sub.add_parser("interpolate", help="a strip of images through latent space between two seeds")
+    p = sub.add_parser("interpolate", help="a strip of images through latent space between two seeds (or two images, VAEs)")
     p.add_argument("run_dir")
-    p.add_argument("--seeds", required=True, help="two seeds, e.g. 3,9")
+    p.add_argument("--seeds", help="two seeds, e.g. 3,9")
+    p.add_argument("--images", help="two image files, e.g. a.png,b.png (families with an encoder: vae, cvae)")
+    p.add_argument("--labels", help="the class of every frame (conditional families)")
     p.add_argument("--frames", type=int, default=8)
     p.add_argument("--out", required=True, help="PNG file")
+
+    for name, what in (("inpaint", "fill the white pixels of --mask in --image (diffusion)"),
+                       ("outpaint", "extend --image by --pad pixels on the chosen --sides (diffusion)")):
+        p = sub.add_parser(name, help=what)
+        p.add_argument("run_dir")
+        p.add_argument("--image", required=True, help="PNG/JPEG/WebP input (converted to the model's channels)")
+        if name == "inpaint":
+            p.add_argument("--mask", required=True, help="same size as --image: white = generate, black = keep")
+        else:
+            p.add_argument("--pad", type=int, default=8, help="pixels to add on each chosen side")
+            p.add_argument("--sides", default=",".join(SIDES), help="comma list of left, right, top, bottom")
+        p.add_argument("--out", required=True, help="PNG file")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--labels", help="the class to generate (conditional models)")
+        p.add_argument("--resample", type=int, help="RePaint resampling passes per step (default 5)")
+        _add_sample_options(p, only=("steps", "guidance"))
 
     p = sub.add_parser("data", help="inspect data sources")
     dsub = p.add_subparsers(dest="data_command", required=True)
@@ -171,7 +257,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+LABELS_HELP = ("class name or index for every seed, or a comma list with one per seed "
+               "(see `imagegen data info`); default: seed mod number of classes")
+
 COMMANDS = {"train": cmd_train, "demo": cmd_demo, "sample": cmd_sample, "interpolate": cmd_interpolate,
+            "inpaint": cmd_inpaint, "outpaint": cmd_outpaint,
             "data": cmd_data_info, "report": cmd_report, "models": cmd_models}
 
 

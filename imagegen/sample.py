@@ -15,11 +15,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .data.folder import load_image
 from .errors import ConfigError
 from .models.base import Family
 
 MAX_SEED = 2**63 - 1
 MAX_SEEDS = 100_000  # images per command; more is almost surely a typo in a range
+MAX_EXTEND_SIDE = 256  # inpaint / outpaint canvas side: the models are trained on small images
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -42,6 +44,40 @@ def parse_seeds(text: str) -> list[int]:
             raise ConfigError(f"--seeds {text!r}: more than {MAX_SEEDS} seeds in one command")
         seeds.extend(range(a, b + 1))
     return seeds
+
+
+def _norm_name(name: str) -> str:
+    return "".join(ch for ch in name.lower() if ch.isalnum())
+
+
+def parse_labels(text: str, classes: Sequence[str], n: int) -> torch.Tensor:
+    """'sneaker' or '7' (one class for all n images) or 'sneaker,bag,0' (one per image) -> n class indices.
+
+    Names match case-insensitively, ignoring spaces and punctuation ('ankle-boot' is 'Ankle boot')."""
+    if not classes:
+        raise ConfigError("--labels: this model is not class-conditional (its data had no classes)")
+    by_name = {_norm_name(c): i for i, c in enumerate(classes)}
+    out = []
+    for part in [p.strip() for p in text.split(",")]:
+        if part.lstrip("-").isdigit():
+            i = int(part)
+            if not 0 <= i < len(classes):
+                raise ConfigError(f"--labels: {i} is out of range (classes are 0..{len(classes) - 1})")
+        elif _norm_name(part) in by_name:
+            i = by_name[_norm_name(part)]
+        else:
+            raise ConfigError(f"--labels: unknown class {part!r} (classes: {', '.join(classes)})")
+        out.append(i)
+    if len(out) == 1:
+        out *= n
+    if len(out) != n:
+        raise ConfigError(f"--labels: {len(out)} labels for {n} seeds (give one, or one per seed)")
+    return torch.tensor(out, dtype=torch.long)
+
+
+def default_labels(model: Family, seeds: Sequence[int]) -> torch.Tensor | None:
+    """For a conditional model given no labels: class = seed mod number of classes (every class shows)."""
+    return torch.tensor([s % model.num_classes for s in seeds]) if model.conditional else None
 
 
 def seed_generators(seeds: Iterable[int], device: torch.device | str = "cpu") -> list[torch.Generator]:
@@ -115,8 +151,9 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return torch.sin((1 - t) * omega) / so * a + torch.sin(t * omega) / so * b
 
 
-def interpolate(model: Family, seed_a: int, seed_b: int, frames: int) -> torch.Tensor:
-    """`frames` images along the latent path from seed_a's latent to seed_b's (both ends included)."""
+def interpolate(model: Family, seed_a: int, seed_b: int, frames: int, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """`frames` images along the latent path from seed_a's latent to seed_b's (both ends included).
+    labels: one class for every frame of a conditional model (default: seed_a's default class)."""
     if frames < 2:
         raise ConfigError(f"--frames must be >= 2, got {frames}")
     draw = getattr(model, "draw_noise", None)
@@ -124,4 +161,69 @@ def interpolate(model: Family, seed_a: int, seed_b: int, frames: int) -> torch.T
         raise ConfigError(f"model family {model.name!r} has no latent space to interpolate")
     za, zb = draw(1, seed_generators([seed_a])), draw(1, seed_generators([seed_b]))
     z = slerp(za.flatten(1), zb.flatten(1), torch.linspace(0, 1, frames, device=za.device)).view(frames, *za.shape[1:])
-    return model.sample(frames, noise=z)
+    if model.conditional:
+        labels = (default_labels(model, [seed_a]) if labels is None else labels).reshape(1).expand(frames)
+    return model.sample(frames, noise=z, labels=labels)
+
+
+def interpolate_images(model: Family, image_a: torch.Tensor, image_b: torch.Tensor, frames: int,
+                       labels: torch.Tensor | None = None) -> torch.Tensor:
+    """`frames` decoded images along the straight line between the posterior means of two real images
+    (each 1 x C x H x W), for families with an encoder (VAEs). labels: 1 class for both, or None."""
+    if frames < 2:
+        raise ConfigError(f"--frames must be >= 2, got {frames}")
+    if not hasattr(model, "encode"):
+        raise ConfigError(f"model family {model.name!r} has no encoder: interpolate between seeds instead")
+    with torch.no_grad():
+        mu = model.encode(torch.cat([image_a, image_b]), None if labels is None else labels.expand(2))[0]
+        t = torch.linspace(0, 1, frames, device=mu.device)[:, None]
+        z = (1 - t) * mu[:1] + t * mu[1:]
+        return model.sample(frames, noise=z, temperature=1.0, labels=None if labels is None else labels.expand(frames))
+
+
+def read_image(path: str | Path, channels: int) -> torch.Tensor:
+    """One image file -> 1 x channels x H x W in [-1, 1] (converted to gray or RGB as the model needs)."""
+    arr = load_image(Path(path), None, channels)                         # H x W x C uint8
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
+
+
+def read_mask(path: str | Path, height: int, width: int) -> torch.Tensor:
+    """A mask image -> 1 x 1 x H x W of 0/1, where 1 (white, >= 128) marks pixels to generate."""
+    arr = load_image(Path(path), None, 1)
+    if arr.shape[:2] != (height, width):
+        raise ConfigError(f"{path}: mask is {arr.shape[1]}x{arr.shape[0]}, the image {width}x{height}; "
+                          "they must be the same size")
+    mask = torch.from_numpy(arr[:, :, 0] >= 128).float()[None, None]
+    if not mask.any():
+        raise ConfigError(f"{path}: the mask has no white pixels, so there is nothing to fill in")
+    return mask
+
+
+SIDES = ("left", "right", "top", "bottom")
+
+
+def outpaint_canvas(image: torch.Tensor, pad: int, sides: Sequence[str] = SIDES) -> tuple[torch.Tensor, torch.Tensor]:
+    """The image on a canvas extended by `pad` pixels on each chosen side, and the mask of the new pixels."""
+    if not 1 <= pad <= 256:
+        raise ConfigError(f"--pad must be in 1..256, got {pad}")
+    bad = [s for s in sides if s not in SIDES]
+    if bad or not sides:
+        raise ConfigError(f"--sides: {bad[0] if bad else 'nothing'!r} is not a side (choose from {', '.join(SIDES)})")
+    amounts = [pad if s in sides else 0 for s in SIDES]                   # F.pad order: left, right, top, bottom
+    canvas = torch.nn.functional.pad(image, amounts, value=-1.0)
+    mask = torch.nn.functional.pad(torch.zeros_like(image[:, :1]), amounts, value=1.0)
+    return canvas, mask
+
+
+def extend_image(model: Family, image: torch.Tensor, mask: torch.Tensor, seed: int,
+                 labels: torch.Tensor | None = None, **opts) -> torch.Tensor:
+    """Inpaint: pixels where mask == 1 generated, all others kept exactly. Needs a family with `inpaint`."""
+    if not hasattr(model, "inpaint"):
+        raise ConfigError(f"model family {model.name!r} cannot inpaint or outpaint (use a ddpm run)")
+    if image.shape[1] != model.cfg.channels:
+        raise ConfigError(f"the image has {image.shape[1]} channels, the model {model.cfg.channels}")
+    if max(image.shape[-2:]) > MAX_EXTEND_SIDE:
+        raise ConfigError(f"the canvas is {image.shape[-1]}x{image.shape[-2]}; the limit is {MAX_EXTEND_SIDE} px a side")
+    if not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"--seed: {seed} is outside 0..{MAX_SEED}")
+    return model.inpaint(image, mask, labels=labels, generator=seed_generators([seed]), **opts).cpu()

@@ -82,7 +82,7 @@ def resolve_config(tree: dict) -> RunConfig:
         family=family,
         model=from_dict(cls.Config, tree.get("model"), "model"),
         data=from_dict(DataConfig, tree.get("data"), "data"),
-        train=from_dict(TrainConfig, tree.get("train"), "train"),
+        train=from_dict(TrainConfig, {**cls.train_defaults, **tree.get("train", {})}, "train"),
     )
 
 
@@ -103,11 +103,8 @@ def pick_device(name: str) -> torch.device:
 
 
 def fit_model_to_data(cfg: RunConfig, ds: ImageDataset) -> RunConfig:
-    """The model's image size and channels come from the data, whatever the config said."""
-    updates = {k: v for k, v in (("image_size", ds.size), ("channels", ds.channels)) if hasattr(cfg.model, k)}
-    if hasattr(cfg.model, "num_classes"):
-        updates["num_classes"] = len(ds.classes)
-    return replace(cfg, model=validate(replace(cfg.model, **updates)))
+    """The model's image size, channels and classes come from the data, whatever the config said."""
+    return replace(cfg, model=validate(family_class(cfg.family).fit_config(cfg.model, ds)))
 
 
 class GuardedOptimizer:
@@ -177,6 +174,8 @@ def train(cfg: RunConfig, *, out: str | Path = "runs", resume: str | Path | None
         if start >= tc.steps:
             raise ConfigError(f"{run_dir} is already at step {start}; ask for more with --steps N > {start}")
     else:
+        model.prepare(ds)
+        ema.load_state_dict(model.state_dict())  # what prepare() computed (buffers) goes into the EMA copy too
         run_dir = ckpt.new_run_dir(Path(out), cfg.data.source, cfg.family)
     (run_dir / "samples").mkdir(exist_ok=True)
     ckpt.write_json_atomic(run_dir / "config.json", {**cfg.to_json(), "classes": ds.classes, "data_source": ds.source,
@@ -197,8 +196,12 @@ def train(cfg: RunConfig, *, out: str | Path = "runs", resume: str | Path | None
         )
 
     def sample_grid(step: int) -> None:
-        images = generate(ema, list(range(tc.grid_size)))
-        grid(images, scale=2 if images.shape[-1] < 48 else 1).save(run_dir / "samples" / f"step-{step:07d}.png")
+        # Conditional families: one class per column, so every class shows and rows compare seeds.
+        k = ema.num_classes
+        n = tc.grid_size if not k else k * math.ceil(tc.grid_size / k)
+        labels = torch.arange(n) % k if k else None
+        images = generate(ema, list(range(n)), labels=labels)
+        grid(images, nrow=k or None, scale=2 if images.shape[-1] < 48 else 1).save(run_dir / "samples" / f"step-{step:07d}.png")
 
     try:
         model.train()

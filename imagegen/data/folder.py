@@ -62,8 +62,10 @@ def list_images(root: Path) -> tuple[list[tuple[Path, str | None]], list[tuple[s
     return files, skipped, classes
 
 
-def load_image(path: Path, size: int, channels: int) -> np.ndarray:
-    """Decode one image to uint8 H x W x C (resized to `size`, centre-cropped), or raise ImageFileError."""
+def load_image(path: Path, size: int | None, channels: int) -> np.ndarray:
+    """Decode one image to uint8 H x W x C (resized to `size` and centre-cropped, unless size is None),
+    or raise ImageFileError."""
+    path = Path(path)
     try:
         nbytes = path.stat().st_size
     except OSError as e:
@@ -87,7 +89,8 @@ def load_image(path: Path, size: int, channels: int) -> np.ndarray:
                     background = Image.new("RGBA", img.size, (255, 255, 255, 255))
                     img = Image.alpha_composite(background, img)
                 img = img.convert("L" if channels == 1 else "RGB")
-                img = ImageOps.fit(img, (size, size), Image.Resampling.BICUBIC)
+                if size is not None:
+                    img = ImageOps.fit(img, (size, size), Image.Resampling.BICUBIC)
                 arr = np.asarray(img, dtype=np.uint8)
     except ImageFileError:
         raise

@@ -4,10 +4,19 @@ from __future__ import annotations
 
 from ..errors import ConfigError
 from .base import Family
+from .baseline import RandomPixels
+from .cgan import CGAN
+from .ddpm import DDPM
 from .gan import DCGAN
+from .vae import CVAE, VAE
 
 REGISTRY: dict[str, type[Family]] = {
+    RandomPixels.name: RandomPixels,
     DCGAN.name: DCGAN,
+    CGAN.name: CGAN,
+    VAE.name: VAE,
+    CVAE.name: CVAE,
+    DDPM.name: DDPM,
 }
 
 

@@ -7,6 +7,13 @@
 | `configure_optimizers(train_cfg)`       | {"g": ..., "d": ...}; the loop owns and checkpoints them      |
 | `train_step(batch, opt, gen)`           | forward, losses, backward, steps; returns {name: float}       |
 | `sample(n, *, labels, generator, ...)`  | n x C x H x W in [-1, 1]                                      |
+| `prepare(dataset)` (optional)           | one pass over the training data before step 0 (e.g. statistics) |
+| `train_defaults` (class attribute)      | the family's own TrainConfig defaults (steps, batch size...)  |
+| `sample_options` (class attribute)      | {name: (type, help)}: the keyword options `sample` accepts      |
+| `needs_labels` (class attribute)        | True when the family cannot train on unlabelled data          |
+
+A family is conditional when its config has `num_classes` > 0 (filled in from the data): `sample` then
+takes `labels` (a long tensor of n class indices).
 
 `gen` / `generator` are explicit torch.Generators: the loop hands `train_step` one seeded per step, so
 training is reproducible and resumable without saving RNG state. `sample` takes either one generator or a
@@ -15,10 +22,15 @@ list of n, one per image, so that an image depends only on its own seed.
 
 from __future__ import annotations
 
-from typing import Callable, ClassVar, Sequence
+import contextlib
+import dataclasses
+import itertools
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 from torch import nn
+
+from ..errors import ConfigError
 
 # Networks always run at this batch size when sampling (padding the last chunk), because CPU
 # convolution kernels pick different blockings, hence different float rounding, for different batch
@@ -33,15 +45,56 @@ class Family(nn.Module):
 
     Config: ClassVar[type]
     name: ClassVar[str]
-    conditional: ClassVar[bool] = False
+    needs_labels: ClassVar[bool] = False
+    train_defaults: ClassVar[dict[str, Any]] = {}
+    sample_options: ClassVar[dict[str, tuple[type, str]]] = {}
 
     def __init__(self, cfg) -> None:
         super().__init__()
         self.cfg = cfg
 
     @property
+    def num_classes(self) -> int:
+        return int(getattr(self.cfg, "num_classes", 0))
+
+    @property
+    def conditional(self) -> bool:
+        return self.num_classes > 0
+
+    @property
     def device(self) -> torch.device:
-        return next(self.parameters()).device
+        return next(itertools.chain(self.parameters(), self.buffers())).device
+
+    @classmethod
+    def fit_config(cls, cfg, dataset):
+        """The config with what the data decides filled in: image size, channels, number of classes.
+        Families with data-dependent defaults (e.g. DiffAugment below 10k images) extend this."""
+        updates: dict[str, Any] = {k: v for k, v in (("image_size", dataset.size), ("channels", dataset.channels))
+                                   if hasattr(cfg, k)}
+        if hasattr(cfg, "num_classes"):
+            if cls.needs_labels and not dataset.labelled:
+                raise ConfigError(f"model {cls.name!r} is class-conditional and needs labelled data; "
+                                  f"{dataset.name!r} has no classes (use class subfolders)")
+            updates["num_classes"] = len(dataset.classes)
+        return dataclasses.replace(cfg, **updates)
+
+    def prepare(self, dataset) -> None:
+        """Called once before the first training step of a new run (not on resume)."""
+
+    def check_labels(self, n: int, labels: torch.Tensor | None) -> torch.Tensor | None:
+        """The labels `sample` was given, checked: n class indices for a conditional family, else None."""
+        if labels is None:
+            if self.conditional:
+                raise ConfigError(f"{self.name} is class-conditional: sample() needs labels")
+            return None
+        if not self.conditional:
+            raise ConfigError(f"model {self.name!r} is not class-conditional: it takes no labels")
+        labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+        if labels.numel() != n:
+            raise ConfigError(f"got {labels.numel()} labels for {n} images")
+        if labels.numel() and not (0 <= int(labels.min()) and int(labels.max()) < self.num_classes):
+            raise ConfigError(f"label out of range: labels must be in 0..{self.num_classes - 1}")
+        return labels.to(self.device)
 
     def configure_optimizers(self, train_cfg) -> dict[str, torch.optim.Optimizer]:
         raise NotImplementedError
@@ -53,6 +106,17 @@ class Family(nn.Module):
         raise NotImplementedError
 
 
+@contextlib.contextmanager
+def eval_mode(module: nn.Module):
+    """Eval mode (batch norm uses its running statistics) for the duration, then the previous mode."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+
+
 def per_item_normal(n: int, shape: tuple[int, ...], generator: Generators, device: torch.device) -> torch.Tensor:
     """n x *shape standard normal noise. With a list of n generators, item i comes from generator i only."""
     if generator is None or isinstance(generator, torch.Generator):
@@ -62,13 +126,19 @@ def per_item_normal(n: int, shape: tuple[int, ...], generator: Generators, devic
     return torch.stack([torch.randn(shape, generator=g, device=g.device) for g in generator]).to(device)
 
 
-def run_fixed_batch(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, micro: int = SAMPLE_MICRO_BATCH) -> torch.Tensor:
-    """fn(x) computed in chunks of exactly `micro` rows (the last padded with zeros, then trimmed)."""
+def run_fixed_batch(fn: Callable[..., torch.Tensor], *xs: torch.Tensor | None, micro: int = SAMPLE_MICRO_BATCH) -> torch.Tensor:
+    """fn(*xs) computed in chunks of exactly `micro` rows (the last padded with zeros, then trimmed).
+    Every x has the same number of rows; None passes through unchanged."""
+    n = next(x for x in xs if x is not None).shape[0]
     outs = []
-    for i in range(0, x.shape[0], micro):
-        chunk = x[i:i + micro]
-        k = chunk.shape[0]
-        if k < micro:
-            chunk = torch.cat([chunk, chunk.new_zeros((micro - k, *chunk.shape[1:]))])
-        outs.append(fn(chunk)[:k])
+    for i in range(0, n, micro):
+        k = min(micro, n - i)
+        chunks = [None if x is None else _pad_rows(x[i:i + k], micro) for x in xs]
+        outs.append(fn(*chunks)[:k])
     return torch.cat(outs)
+
+
+def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    if x.shape[0] == rows:
+        return x
+    return torch.cat([x, x.new_zeros((rows - x.shape[0], *x.shape[1:]))])

@@ -5,8 +5,11 @@ Generative Adversarial Networks" (ICLR 2016), with the losses most used since:
 - "ns":      the non-saturating loss of Goodfellow et al., "Generative Adversarial Nets" (NeurIPS 2014);
 - "hinge":   Lim & Ye, "Geometric GAN" (2017), as used by Miyato et al. (2018);
 - "wgan-gp": Gulrajani et al., "Improved Training of Wasserstein GANs" (NeurIPS 2017);
-and optional spectral normalisation of the discriminator (Miyato et al., "Spectral Normalization for
-Generative Adversarial Networks", ICLR 2018).
+optional spectral normalisation of the discriminator (Miyato et al., "Spectral Normalization for
+Generative Adversarial Networks", ICLR 2018), and DiffAugment (Zhao et al., "Differentiable Augmentation
+for Data-Efficient GAN Training", NeurIPS 2020): the same random, differentiable colour / translation /
+cutout transforms applied to real and fake images whenever D sees them, so D cannot memorise a small
+training set. The class-conditional GAN (cgan.py) reuses these losses, options and the update step.
 
 Shapes: the generator maps z (N x z_dim) to N x C x S x S in [-1, 1] for S = base * 2^k with base 7
 (28, 56 px) or 4 (32, 64 px). Departures from the paper, for speed on a CPU: the last upsampling goes
@@ -18,8 +21,8 @@ WGAN-GP, whose per-sample gradient penalty it would break, or with spectral norm
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, replace
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +31,7 @@ from torch.nn.utils.parametrizations import spectral_norm
 
 from ..config import check_positive
 from ..errors import ConfigError
-from .base import Family, Generators, per_item_normal, run_fixed_batch
+from .base import Family, Generators, eval_mode, per_item_normal, run_fixed_batch
 
 
 @dataclass
@@ -46,11 +49,21 @@ class Config:
     beta2: float = 0.999
     n_critic: int = 1             # discriminator updates per generator update (5 is usual for WGAN-GP)
     gp_weight: float = 10.0       # WGAN-GP gradient penalty weight
+    diffaugment: Literal["auto", "on", "off"] = "auto"  # auto = on below DIFFAUGMENT_BELOW training images
+    augment_policy: str = "color,translation,cutout"
 
     def validate(self) -> None:
         check_positive(self, "image_size", "channels", "z_dim", "width", "lr_g", "lr_d", "n_critic")
         check_positive(self, "gp_weight", allow_zero=True)
         layout(self.image_size)
+        unknown = set(self.policy) - set(AUGMENTS)
+        if unknown:
+            raise ConfigError(f"model.augment_policy: unknown transform {sorted(unknown)[0]!r} "
+                              f"(known: {', '.join(AUGMENTS)})")
+
+    @property
+    def policy(self) -> list[str]:
+        return [p.strip() for p in self.augment_policy.split(",") if p.strip()]
         if self.loss == "wgan-gp" and self.d_norm == "batch":
             raise ConfigError("model.d_norm='batch' breaks WGAN-GP's per-sample gradient penalty; use 'none' or 'auto'")
 
@@ -71,6 +84,58 @@ def layout(size: int) -> tuple[int, int]:
     raise ConfigError(f"model.image_size {size} is not supported by dcgan (use 28, 32, 56, 64, 128...)")
 
 
+# --- DiffAugment: differentiable transforms, random per image, drawn from the step's generator ---------
+
+DIFFAUGMENT_BELOW = 10_000
+
+
+def _colour(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Brightness +-0.5, saturation x[0, 2], contrast x[0.5, 1.5] (images in [-1, 1])."""
+    n = x.shape[0]
+    u = torch.rand((3, n, 1, 1, 1), generator=gen, device=x.device)
+    x = x + (u[0] - 0.5)
+    mean = x.mean(dim=1, keepdim=True)
+    x = (x - mean) * (u[1] * 2) + mean
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    return (x - mean) * (u[2] + 0.5) + mean
+
+
+def _translation(x: torch.Tensor, gen: torch.Generator, ratio: float = 0.125) -> torch.Tensor:
+    """Shift each image by up to ratio * size pixels in x and y, filling with zeros (mid-grey)."""
+    n, _, h, w = x.shape
+    sh, sw = int(h * ratio + 0.5), int(w * ratio + 0.5)
+    dy = torch.randint(-sh, sh + 1, (n, 1, 1), generator=gen, device=x.device)
+    dx = torch.randint(-sw, sw + 1, (n, 1, 1), generator=gen, device=x.device)
+    ys = torch.arange(h, device=x.device).view(1, h, 1) + dy + sh       # N x H x 1 rows into the padded image
+    xs = torch.arange(w, device=x.device).view(1, 1, w) + dx + sw       # N x 1 x W columns
+    padded = F.pad(x, (sw, sw, sh, sh))
+    flat = (ys * (w + 2 * sw) + xs).flatten(1)                          # N x (H*W) indices
+    out = padded.flatten(2).gather(2, flat[:, None, :].expand(-1, x.shape[1], -1))
+    return out.view_as(x)
+
+
+def _cutout(x: torch.Tensor, gen: torch.Generator, ratio: float = 0.5) -> torch.Tensor:
+    """Zero one square of (ratio * size) pixels per image at a random position."""
+    n, _, h, w = x.shape
+    ch, cw = int(h * ratio + 0.5), int(w * ratio + 0.5)
+    cy = torch.randint(0, h + 1 - ch % 2, (n, 1, 1), generator=gen, device=x.device)
+    cx = torch.randint(0, w + 1 - cw % 2, (n, 1, 1), generator=gen, device=x.device)
+    ys = torch.arange(h, device=x.device).view(1, h, 1)
+    xs = torch.arange(w, device=x.device).view(1, 1, w)
+    top, left = cy - ch // 2, cx - cw // 2
+    keep = (ys < top) | (ys >= top + ch) | (xs < left) | (xs >= left + cw)          # N x H x W
+    return x * keep[:, None].to(x.dtype)
+
+
+AUGMENTS = {"color": _colour, "translation": _translation, "cutout": _cutout}
+
+
+def diff_augment(x: torch.Tensor, policy: list[str], gen: torch.Generator) -> torch.Tensor:
+    for name in policy:
+        x = AUGMENTS[name](x, gen)
+    return x
+
+
 # --- networks -------------------------------------------------------------------------------------
 
 
@@ -79,7 +144,7 @@ def dcgan_init(module: nn.Module, weights: bool = True) -> None:
     for m in module.modules():
         if weights and isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
             nn.init.normal_(m.weight, 0.0, 0.02)
-        elif isinstance(m, nn.BatchNorm2d):
+        elif isinstance(m, nn.BatchNorm2d) and m.affine:
             nn.init.normal_(m.weight, 1.0, 0.02)
             nn.init.zeros_(m.bias)
 
@@ -102,7 +167,7 @@ class Generator(nn.Module):
         self.body = nn.Sequential(*layers)
         dcgan_init(self)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:            # N x z_dim -> N x C x S x S
+    def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:  # N x z_dim -> N x C x S x S
         x = self.project(z).view(-1, self.c0, self.base, self.base)
         return self.body(x)
 
@@ -129,7 +194,7 @@ class Discriminator(nn.Module):
         self.head = sn(nn.Linear(c * base * base, 1))
         dcgan_init(self, weights=not cfg.spectral_norm)  # spectral norm rescales weights itself
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:            # N x C x S x S -> N logits
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:  # N x C x S x S -> N logits
         return self.head(self.features(x)).squeeze(1)
 
 
@@ -148,7 +213,7 @@ def g_loss(kind: str, fake: torch.Tensor) -> torch.Tensor:
     return F.softplus(-fake).mean() if kind == "ns" else -fake.mean()
 
 
-def gradient_penalty(D: nn.Module, real: torch.Tensor, fake: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+def gradient_penalty(D: Callable[[torch.Tensor], torch.Tensor], real: torch.Tensor, fake: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Mean of (||grad_x D(x_hat)|| - 1)^2 at random points x_hat between real and fake images."""
     eps = torch.rand((real.shape[0], 1, 1, 1), generator=gen, device=real.device)
     x_hat = (eps * real + (1 - eps) * fake).requires_grad_(True)
@@ -162,11 +227,31 @@ def gradient_penalty(D: nn.Module, real: torch.Tensor, fake: torch.Tensor, gen: 
 class DCGAN(Family):
     Config = Config
     name = "dcgan"
+    sample_options = {"truncation": (float, "clamp the latent to [-t, t] (0 = off): less variety, more fidelity")}
+
+    networks = (Generator, Discriminator)   # the conditional GAN swaps in its own
 
     def __init__(self, cfg: Config) -> None:
         super().__init__(cfg)
-        self.G = Generator(cfg)
-        self.D = Discriminator(cfg)
+        self.G = self.networks[0](cfg)
+        self.D = self.networks[1](cfg)
+
+    @classmethod
+    def fit_config(cls, cfg, dataset):
+        cfg = super().fit_config(cfg, dataset)
+        if cfg.diffaugment == "auto":
+            cfg = replace(cfg, diffaugment="on" if len(dataset) < DIFFAUGMENT_BELOW else "off")
+        return cfg
+
+    # Labels (None when unconditional) pass through to both networks; the DCGAN's ignore them.
+    def fake(self, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        return self.G(z, labels)
+
+    def critic(self, x: torch.Tensor, labels: torch.Tensor | None, gen: torch.Generator | None = None) -> torch.Tensor:
+        """D's logits (N), after DiffAugment when it is on and a generator is given (training)."""
+        if gen is not None and self.cfg.diffaugment == "on":
+            x = diff_augment(x, self.cfg.policy, gen)
+        return self.D(x, labels)
 
     def configure_optimizers(self, train_cfg) -> dict[str, torch.optim.Optimizer]:
         betas = (self.cfg.beta1, self.cfg.beta2)
@@ -180,21 +265,22 @@ class DCGAN(Family):
 
     def train_step(self, batch: dict[str, torch.Tensor], opt: dict, gen: torch.Generator) -> dict[str, float]:
         real = batch["image"]
+        y = batch["label"] if self.conditional else None   # fakes are drawn for the real batch's classes
         n, kind = real.shape[0], self.cfg.loss
         # Discriminator: n_critic updates on the same real batch, each with fresh fakes.
         for _ in range(self.cfg.n_critic):
             with torch.no_grad():
-                fake = self.G(self.draw_noise(n, gen))
-            real_logits, fake_logits = self.D(real), self.D(fake)
+                fake = self.fake(self.draw_noise(n, gen), y)
+            real_logits, fake_logits = self.critic(real, y, gen), self.critic(fake, y, gen)
             loss_d = d_loss(kind, real_logits, fake_logits)
             if kind == "wgan-gp":
-                loss_d = loss_d + self.cfg.gp_weight * gradient_penalty(self.D, real, fake, gen)
+                loss_d = loss_d + self.cfg.gp_weight * gradient_penalty(lambda x: self.critic(x, y), real, fake, gen)
             opt["d"].zero_grad(set_to_none=True)
             loss_d.backward()
             opt["d"].step()
         # Generator: D's weights are frozen so backward computes only what G needs.
         self.D.requires_grad_(False)
-        loss_g = g_loss(kind, self.D(self.G(self.draw_noise(n, gen))))
+        loss_g = g_loss(kind, self.critic(self.fake(self.draw_noise(n, gen), y), y, gen))
         opt["g"].zero_grad(set_to_none=True)
         loss_g.backward()
         opt["g"].step()
@@ -207,12 +293,11 @@ class DCGAN(Family):
                noise: torch.Tensor | None = None, truncation: float = 0.0) -> torch.Tensor:
         """n images in [-1, 1]. `noise` (n x z_dim) replaces the random draw; `truncation` > 0 clamps
         the latent to [-truncation, truncation] (the truncation trick: less variety, more fidelity)."""
+        labels = self.check_labels(n, labels)
+        if truncation < 0:
+            raise ConfigError(f"truncation must be >= 0, got {truncation}")
         z = self.draw_noise(n, generator) if noise is None else noise.to(self.device)
         if truncation > 0:
             z = z.clamp(-truncation, truncation)
-        was_training = self.training
-        self.eval()
-        try:
-            return run_fixed_batch(self.G, z)
-        finally:
-            self.train(was_training)
+        with eval_mode(self):
+            return run_fixed_batch(self.fake, z, labels)

@@ -1,0 +1,413 @@
+"""DDPM: denoising diffusion with a small U-Net, DDIM sampling, classifier-free guidance and inpainting.
+
+Implements
+- Ho, Jain & Abbeel, "Denoising Diffusion Probabilistic Models" (NeurIPS 2020): the forward process,
+  the U-Net denoiser with a sinusoidal time embedding, and ancestral sampling;
+- Nichol & Dhariwal, "Improved Denoising Diffusion Probabilistic Models" (ICML 2021): the cosine schedule;
+- Song, Meng & Ermon, "Denoising Diffusion Implicit Models" (ICLR 2021): DDIM with `eta`;
+- Salimans & Ho, "Progressive Distillation for Fast Sampling of Diffusion Models" (ICLR 2022): v-prediction;
+- Ho & Salimans, "Classifier-Free Diffusion Guidance" (2022): one network, conditional and unconditional
+  (a learned null class, used for `label_dropout` of the training labels), mixed at sampling time;
+- Hang et al., "Efficient Diffusion Training via Min-SNR Weighting Strategy" (ICCV 2023): loss weights
+  that converge faster, which matters in a CPU budget;
+- Lugmayr et al., "RePaint: Inpainting using Denoising Diffusion Probabilistic Models" (CVPR 2022): known
+  pixels re-noised to every step's level, with resampling (jump back one step and redo it) to harmonise;
+- Lin et al., "Common Diffusion Noise Schedules and Sample Steps are Flawed" (WACV 2024): "trailing"
+  timestep spacing, so that a few-step sampler starts from the last (pure-noise) timestep.
+
+Shapes: images x are N x C x H x W in [-1, 1]; timesteps t are N integers in [0, T). The U-Net is
+convolutional, so it also runs on canvases larger than the training size (outpainting), with H and W
+multiples of 2^(len(mults) - 1).
+
+The solvers (`ddim`, `ddpm_ancestral`, `repaint`) are pure functions of a `denoise(x, t) -> (x0, eps)`
+callable, the cumulative alpha table and the timesteps; randomness comes in through a `noise()` callable
+fed by per-image generators, so an image depends only on its seed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import check_positive
+from ..errors import ConfigError
+from .base import Family, Generators, eval_mode, per_item_normal, run_fixed_batch
+
+Denoise = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
+Noise = Callable[[], torch.Tensor]
+
+MAX_SAMPLE_STEPS = 1000
+
+
+@dataclass
+class Config:
+    image_size: int = 28          # filled in from the data
+    channels: int = 1             # filled in from the data
+    num_classes: int = 0          # filled in from the data; 0 = unconditional
+    width: int = 32               # channels at full resolution
+    mults: tuple[int, ...] = (1, 2, 2)   # channel multiplier per resolution (each after the first halves it)
+    attention: bool = True        # one self-attention block at the lowest resolution
+    timesteps: int = 1000         # T
+    schedule: Literal["cosine", "linear"] = "cosine"
+    prediction: Literal["eps", "v"] = "v"
+    weighting: Literal["min-snr", "uniform"] = "min-snr"
+    min_snr_gamma: float = 5.0
+    label_dropout: float = 0.1    # share of training labels replaced by the null class (for guidance)
+    lr: float = 1e-3
+    grad_clip: float = 1.0        # max global gradient norm (0 = off)
+    # Sampling defaults; each can be overridden per call (--steps, --guidance, --eta, --sampler).
+    sampler: Literal["ddim", "ddpm"] = "ddim"
+    sample_steps: int = 20
+    eta: float = 0.0
+    guidance: float = 1.5         # 1 = plain conditional; 0 = unconditional; > 1 = stronger class
+
+    def validate(self) -> None:
+        check_positive(self, "image_size", "channels", "width", "timesteps", "lr", "sample_steps", "min_snr_gamma")
+        check_positive(self, "num_classes", "grad_clip", "guidance", allow_zero=True)
+        if not self.mults or any(m < 1 for m in self.mults):
+            raise ConfigError(f"model.mults must be a non-empty list of positive integers, got {list(self.mults)}")
+        if self.image_size % 2 ** (len(self.mults) - 1):
+            raise ConfigError(f"model.image_size {self.image_size} is not a multiple of {2 ** (len(self.mults) - 1)} "
+                              f"(needed by {len(self.mults)} resolutions in model.mults)")
+        if not 0 <= self.label_dropout < 1:
+            raise ConfigError(f"model.label_dropout must be in [0, 1), got {self.label_dropout}")
+        check_sampling(self.sample_steps, self.eta, self.guidance, self.timesteps)
+
+
+def check_sampling(steps: int, eta: float, guidance: float, timesteps: int) -> None:
+    if not 1 <= steps <= min(timesteps, MAX_SAMPLE_STEPS):
+        raise ConfigError(f"steps must be in 1..{min(timesteps, MAX_SAMPLE_STEPS)}, got {steps}")
+    if not 0 <= eta <= 1:
+        raise ConfigError(f"eta must be in [0, 1], got {eta}")
+    if not 0 <= guidance <= 30:
+        raise ConfigError(f"guidance must be in [0, 30], got {guidance}")
+
+
+# --- the noise schedule ------------------------------------------------------------------------------
+
+
+def alphas_cumprod(kind: str, T: int) -> torch.Tensor:
+    """alpha_bar_t for t = 0..T-1 (float64): the share of signal variance left at step t."""
+    if kind == "linear":   # Ho et al.: betas from 1e-4 to 0.02 for T = 1000, rescaled for other T
+        betas = torch.linspace(1e-4 * 1000 / T, 0.02 * 1000 / T, T, dtype=torch.float64)
+    else:                  # Nichol & Dhariwal: alpha_bar(t) = cos^2((t/T + s) / (1 + s) * pi/2), s = 0.008
+        s = 0.008
+        f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + s) / (1 + s) * math.pi / 2) ** 2
+        betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)
+    return torch.cumprod(1 - betas, 0)
+
+
+def spaced_timesteps(T: int, steps: int) -> list[int]:
+    """`steps` timesteps from T-1 down, evenly spaced ("trailing": the first is always T-1)."""
+    return sorted({round(T - 1 - i * T / steps) for i in range(steps)} - {-1}, reverse=True)
+
+
+# --- solvers: pure functions ----------------------------------------------------------------------
+
+
+def ddim(denoise: Denoise, x: torch.Tensor, ab: torch.Tensor, ts: list[int], *, eta: float = 0.0,
+         noise: Noise | None = None) -> torch.Tensor:
+    """DDIM from x at ts[0] down to t = -1 (clean images). eta = 0: deterministic; eta = 1: as DDPM."""
+    for i, t in enumerate(ts):
+        a = float(ab[t])
+        a_prev = float(ab[ts[i + 1]]) if i + 1 < len(ts) else 1.0
+        x0, eps = denoise(x, t)
+        sigma = eta * math.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
+        x = math.sqrt(a_prev) * x0 + math.sqrt(max(1 - a_prev - sigma ** 2, 0.0)) * eps
+        if sigma > 0:
+            x = x + sigma * noise()
+    return x
+
+
+def ddpm_step(x: torch.Tensor, x0: torch.Tensor, a: float, a_prev: float, noise: Noise) -> torch.Tensor:
+    """One ancestral step: a draw from the posterior q(x_prev | x_t = x, x_0 = x0)."""
+    alpha = a / a_prev                                   # 1 - beta of this (possibly strided) step
+    mean = (math.sqrt(a_prev) * (1 - alpha) * x0 + math.sqrt(alpha) * (1 - a_prev) * x) / (1 - a)
+    if a_prev >= 1.0:
+        return mean
+    return mean + math.sqrt((1 - alpha) * (1 - a_prev) / (1 - a)) * noise()
+
+
+def ddpm_ancestral(denoise: Denoise, x: torch.Tensor, ab: torch.Tensor, ts: list[int], *, noise: Noise) -> torch.Tensor:
+    """Ancestral DDPM sampling over the timesteps ts (all T of them reproduces Ho et al. exactly)."""
+    for i, t in enumerate(ts):
+        a_prev = float(ab[ts[i + 1]]) if i + 1 < len(ts) else 1.0
+        x0, _ = denoise(x, t)
+        x = ddpm_step(x, x0, float(ab[t]), a_prev, noise)
+    return x
+
+
+def repaint(denoise: Denoise, x: torch.Tensor, ab: torch.Tensor, ts: list[int], *, known: torch.Tensor,
+            mask: torch.Tensor, resample: int, noise: Noise) -> torch.Tensor:
+    """RePaint: generate where mask == 0, keep `known` where mask == 1 (mask N x 1 x H x W, 0/1).
+
+    At each step the known region is the known image noised to that step's level and the unknown region
+    is an ancestral step; `resample` times per step the result is noised back one step and redone, so
+    the generated part can agree with the known part. The known pixels of the result are `known` itself.
+    """
+    for i, t in enumerate(ts):
+        a = float(ab[t])
+        a_prev = float(ab[ts[i + 1]]) if i + 1 < len(ts) else 1.0
+        for u in range(resample):
+            x0, _ = denoise(x, t)
+            unknown = ddpm_step(x, x0, a, a_prev, noise)
+            known_t = math.sqrt(a_prev) * known + (math.sqrt(1 - a_prev) * noise() if a_prev < 1 else 0)
+            x_prev = mask * known_t + (1 - mask) * unknown
+            if u + 1 < resample and a_prev < 1:
+                x = math.sqrt(a / a_prev) * x_prev + math.sqrt(1 - a / a_prev) * noise()   # back to step t
+        x = x_prev
+    return mask * known + (1 - mask) * x
+
+
+# --- the U-Net ----------------------------------------------------------------------------------------
+
+
+def _groups(c: int) -> int:
+    return math.gcd(c, 8)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of integer timesteps: N -> N x dim (the transformer's positional code)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10_000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice, with the embedding as a per-channel scale and shift in between."""
+
+    def __init__(self, c_in: int, c_out: int, emb_dim: int) -> None:
+        super().__init__()
+        self.norm1 = nn.GroupNorm(_groups(c_in), c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, 2 * c_out)
+        self.norm2 = nn.GroupNorm(_groups(c_out), c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        nn.init.zeros_(self.conv2.weight)               # each block starts as the identity
+        nn.init.zeros_(self.conv2.bias)
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:   # N x c_in x H x W, N x E
+        h = self.conv1(F.silu(self.norm1(x)))
+        scale, shift = self.emb(emb)[:, :, None, None].chunk(2, dim=1)
+        h = self.conv2(F.silu(self.norm2(h) * (1 + scale) + shift))
+        return self.skip(x) + h
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over the H*W positions, residual."""
+
+    def __init__(self, c: int, heads: int = 4) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.GroupNorm(_groups(c), c)
+        self.qkv = nn.Conv2d(c, 3 * c, 1)
+        self.out = nn.Conv2d(c, c, 1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(n, 3, self.heads, c // self.heads, h * w).transpose(-1, -2).unbind(1)
+        a = F.scaled_dot_product_attention(q, k, v)                            # N x heads x HW x c/heads
+        return x + self.out(a.transpose(-1, -2).reshape(n, c, h, w))
+
+
+class UNet(nn.Module):
+    def __init__(self, cfg: Config) -> None:
+        super().__init__()
+        w, emb = cfg.width, 4 * cfg.width
+        self.width = w
+        self.time = nn.Sequential(nn.Linear(w, emb), nn.SiLU(), nn.Linear(emb, emb))
+        # Class embedding with one extra row, the null class, for classifier-free guidance.
+        self.label = nn.Embedding(cfg.num_classes + 1, emb) if cfg.num_classes else None
+        self.inp = nn.Conv2d(cfg.channels, w, 3, padding=1)
+        chans = [w * m for m in cfg.mults]
+        self.down, self.downsample = nn.ModuleList(), nn.ModuleList()
+        c = w
+        for i, co in enumerate(chans):
+            self.down.append(ResBlock(c, co, emb))
+            c = co
+            if i + 1 < len(chans):
+                self.downsample.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
+        self.mid1 = ResBlock(c, c, emb)
+        self.attn = Attention(c) if cfg.attention else nn.Identity()
+        self.mid2 = ResBlock(c, c, emb)
+        self.up, self.upsample = nn.ModuleList(), nn.ModuleList()
+        for i in reversed(range(len(chans))):
+            self.up.append(ResBlock(c + chans[i], chans[i], emb))   # input: previous level + the skip
+            c = chans[i]
+            if i > 0:
+                self.upsample.append(nn.Conv2d(c, chans[i - 1], 3, padding=1))   # after a nearest 2x
+                c = chans[i - 1]
+        self.out = nn.Sequential(nn.GroupNorm(_groups(c), c), nn.SiLU(), nn.Conv2d(c, cfg.channels, 3, padding=1))
+        nn.init.zeros_(self.out[-1].weight)
+        nn.init.zeros_(self.out[-1].bias)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        """x N x C x H x W, t N timesteps, y N labels (num_classes = null) or None -> N x C x H x W."""
+        e = self.time(timestep_embedding(t, self.width))
+        if self.label is not None:
+            e = e + self.label(y)
+        h = self.inp(x)
+        skips = []
+        for i, block in enumerate(self.down):
+            h = block(h, e)
+            skips.append(h)
+            if i < len(self.downsample):
+                h = self.downsample[i](h)
+        h = self.mid2(self.attn(self.mid1(h, e)), e)
+        for i, block in enumerate(self.up):
+            h = block(torch.cat([h, skips.pop()], 1), e)
+            if i < len(self.upsample):
+                h = self.upsample[i](F.interpolate(h, scale_factor=2.0, mode="nearest"))
+        return self.out(h)
+
+
+# --- the family ------------------------------------------------------------------------------------
+
+
+class DDPM(Family):
+    Config = Config
+    name = "ddpm"
+    train_defaults = {"steps": 4000, "batch_size": 64, "ema_decay": 0.998, "sample_every": 1000}
+    sample_options = {
+        "steps": (int, "denoising steps (default: the model's sample_steps)"),
+        "guidance": (float, "classifier-free guidance scale: 0 unconditional, 1 conditional, >1 stronger"),
+        "eta": (float, "DDIM noise: 0 deterministic, 1 like DDPM"),
+        "sampler": (str, "ddim or ddpm (ancestral)"),
+    }
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__(cfg)
+        self.net = UNet(cfg)
+        self.register_buffer("ab", alphas_cumprod(cfg.schedule, cfg.timesteps).float(), persistent=False)
+
+    def configure_optimizers(self, train_cfg) -> dict[str, torch.optim.Optimizer]:
+        return {"net": torch.optim.Adam(self.net.parameters(), lr=self.cfg.lr)}
+
+    # --- training ------------------------------------------------------------------------------------
+
+    def train_step(self, batch: dict[str, torch.Tensor], opt: dict, gen: torch.Generator) -> dict[str, float]:
+        x0 = batch["image"]
+        n, dev = x0.shape[0], x0.device
+        t = torch.randint(0, self.cfg.timesteps, (n,), generator=gen, device=dev)
+        eps = torch.randn(x0.shape, generator=gen, device=dev)
+        y = None
+        if self.conditional:
+            drop = torch.rand(n, generator=gen, device=dev) < self.cfg.label_dropout
+            y = torch.where(drop, self.num_classes, batch["label"])
+        a = self.ab[t].view(n, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
+        target = eps if self.cfg.prediction == "eps" else a.sqrt() * eps - (1 - a).sqrt() * x0
+        per_image = (self.net(xt, t, y) - target).square().mean(dim=(1, 2, 3))      # N
+        snr = a.view(n) / (1 - a.view(n))
+        if self.cfg.weighting == "min-snr":   # min(SNR, gamma) / SNR as an x0 loss, rewritten for the target
+            w = snr.clamp(max=self.cfg.min_snr_gamma) / (snr if self.cfg.prediction == "eps" else snr + 1)
+        else:
+            w = torch.ones_like(snr)
+        loss = (w * per_image).mean()
+        opt["net"].zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.grad_clip)
+        opt["net"].step()
+        return {"loss": loss.item()}
+
+    # --- sampling ------------------------------------------------------------------------------------
+
+    def denoiser(self, labels: torch.Tensor | None, guidance: float) -> Denoise:
+        """denoise(x, t) -> (x0, eps), with x0 clipped to [-1, 1] and classifier-free guidance applied."""
+        n_cls = self.num_classes
+
+        def net(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+            return run_fixed_batch(lambda x_, t_, y_: self.net(x_, t_, y_), x, t, y)
+
+        def denoise(x: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+            n = x.shape[0]
+            tt = torch.full((n,), t, device=x.device, dtype=torch.long)
+            if labels is None or not n_cls:
+                null = torch.full((n,), n_cls, device=x.device, dtype=torch.long) if n_cls else None
+                out = net(x, tt, null)
+            elif guidance == 1.0:
+                out = net(x, tt, labels)
+            else:
+                null = torch.full_like(labels, n_cls)
+                both = net(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([labels, null]))
+                cond, uncond = both[:n], both[n:]
+                out = uncond + guidance * (cond - uncond)
+            a = float(self.ab[t])
+            if self.cfg.prediction == "eps":
+                x0 = (x - math.sqrt(1 - a) * out) / math.sqrt(a)
+            else:
+                x0 = math.sqrt(a) * x - math.sqrt(1 - a) * out
+            x0 = x0.clamp(-1, 1)
+            eps = (x - math.sqrt(a) * x0) / math.sqrt(1 - a)
+            return x0, eps
+
+        return denoise
+
+    def _setup(self, n: int, labels, generator: Generators, steps, guidance, eta, sampler):
+        labels = self.check_labels(n, labels) if labels is not None else None
+        steps = self.cfg.sample_steps if steps is None else int(steps)
+        guidance = self.cfg.guidance if guidance is None else float(guidance)
+        eta = self.cfg.eta if eta is None else float(eta)
+        sampler = self.cfg.sampler if sampler is None else sampler
+        if sampler not in ("ddim", "ddpm"):
+            raise ConfigError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
+        check_sampling(steps, eta, guidance, self.cfg.timesteps)
+        gens = generator if isinstance(generator, (list, tuple)) else None
+        return labels, spaced_timesteps(self.cfg.timesteps, steps), guidance, eta, sampler, gens
+
+    def _noise(self, n: int, shape: tuple[int, ...], generator: Generators) -> Noise:
+        return lambda: per_item_normal(n, shape, generator, self.device)
+
+    @torch.no_grad()
+    def sample(self, n: int, *, labels: torch.Tensor | None = None, generator: Generators = None,
+               steps: int | None = None, guidance: float | None = None, eta: float | None = None,
+               sampler: str | None = None) -> torch.Tensor:
+        """n images. labels None on a conditional model samples unconditionally (the null class)."""
+        labels, ts, guidance, eta, sampler, _ = self._setup(n, labels, generator, steps, guidance, eta, sampler)
+        shape = (self.cfg.channels, self.cfg.image_size, self.cfg.image_size)
+        noise = self._noise(n, shape, generator)
+        with eval_mode(self):
+            x = noise()
+            denoise = self.denoiser(labels, guidance)
+            if sampler == "ddim":
+                x = ddim(denoise, x, self.ab, ts, eta=eta, noise=noise)
+            else:
+                x = ddpm_ancestral(denoise, x, self.ab, ts, noise=noise)
+        return x.clamp(-1, 1)
+
+    @torch.no_grad()
+    def inpaint(self, image: torch.Tensor, mask: torch.Tensor, *, labels: torch.Tensor | None = None,
+                generator: Generators = None, steps: int | None = None, guidance: float | None = None,
+                resample: int = 5) -> torch.Tensor:
+        """Fill the pixels where mask == 1 (mask N x 1 x H x W) of images N x C x H x W; the others are
+        returned exactly as given. H and W may differ from the training size (the U-Net is convolutional)."""
+        n, c, h, w = image.shape
+        if c != self.cfg.channels:
+            raise ConfigError(f"image has {c} channels, the model {self.cfg.channels}")
+        if mask.shape != (n, 1, h, w):
+            raise ConfigError(f"mask is {tuple(mask.shape[-2:])}, the image {h}x{w}: they must be the same size")
+        if resample < 1:
+            raise ConfigError(f"resample must be >= 1, got {resample}")
+        labels, ts, guidance, _, _, _ = self._setup(n, labels, generator, steps, guidance, 0.0, "ddpm")
+        # Pad to a size the U-Net's downsamplings divide; the padding is generated, then cropped off.
+        m = 2 ** (len(self.cfg.mults) - 1)
+        ph, pw = -h % m, -w % m
+        known = F.pad(image.to(self.device), (0, pw, 0, ph))
+        keep = F.pad(1 - mask.to(self.device).float(), (0, pw, 0, ph))
+        noise = self._noise(n, (c, h + ph, w + pw), generator)
+        with eval_mode(self):
+            x = repaint(self.denoiser(labels, guidance), noise(), self.ab, ts, known=known, mask=keep,
+                        resample=resample, noise=noise)
+        x = x[:, :, :h, :w].clamp(-1, 1)
+        keep = keep[:, :, :h, :w]
+        return torch.where(keep.bool(), image.to(self.device), x)

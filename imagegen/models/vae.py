@@ -1,0 +1,185 @@
+"""VAE, beta-VAE and conditional VAE.
+
+Implements Kingma & Welling, "Auto-Encoding Variational Bayes" (ICLR 2014), with the KL weight `beta`
+of Higgins et al., "beta-VAE: Learning Basic Visual Concepts with a Constrained Variational Framework"
+(ICLR 2017), and the class-conditional form of Sohn, Lee & Yan, "Learning Structured Output
+Representation using Deep Conditional Generative Models" (NeurIPS 2015): encoder and decoder both see a
+learned class embedding.
+
+Loss per image, in nats: reconstruction -log p(x | z) + beta * KL(q(z | x) || N(0, I)), with
+- "bernoulli" likelihood: pixels rescaled to [0, 1] and scored by binary cross-entropy on logits
+  (the usual choice for MNIST-like grayscale data; samples are the decoder's mean, not binarised);
+- "gaussian" likelihood: fixed per-pixel standard deviation `sigma` in [-1, 1] units.
+
+Shapes: encoder N x C x S x S -> (mu, logvar) N x z_dim; decoder N x z_dim -> N x C x S x S in [-1, 1].
+The networks mirror the DCGAN's layout (gan.layout): stride-2 convs down to 7x7 or 4x4, one 3x3 conv
+there, and transposed convs back up.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import check_positive
+from ..errors import ConfigError
+from .base import Family, Generators, eval_mode, per_item_normal, run_fixed_batch
+from .gan import layout
+
+
+@dataclass
+class Config:
+    image_size: int = 28          # filled in from the data
+    channels: int = 1             # filled in from the data
+    z_dim: int = 32
+    width: int = 32               # channels of the first encoder layer, doubled per downsampling
+    beta: float = 1.0             # KL weight: 1 = the VAE, > 1 = beta-VAE (more disentangled, blurrier)
+    likelihood: Literal["bernoulli", "gaussian"] = "bernoulli"
+    sigma: float = 0.1            # gaussian likelihood's standard deviation, in [-1, 1] pixel units
+    lr: float = 1e-3
+
+    def validate(self) -> None:
+        check_positive(self, "image_size", "channels", "z_dim", "width", "beta", "sigma", "lr")
+        layout(self.image_size)
+
+
+@dataclass
+class CVAEConfig(Config):
+    num_classes: int = 10         # filled in from the data
+    class_dim: int = 16           # size of the learned class embedding
+
+    def validate(self) -> None:
+        super().validate()
+        check_positive(self, "num_classes", "class_dim")
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: Config, extra: int) -> None:
+        super().__init__()
+        base, ups = layout(cfg.image_size)
+        layers: list[nn.Module] = []
+        c_in, c = cfg.channels, cfg.width
+        for _ in range(ups):                                   # S -> base, doubling channels
+            layers += [nn.Conv2d(c_in, c, 4, 2, 1), nn.LeakyReLU(0.2)]
+            c_in, c = c, c * 2
+        layers += [nn.Conv2d(c_in, c_in, 3, 1, 1), nn.LeakyReLU(0.2), nn.Flatten()]
+        self.features = nn.Sequential(*layers)                 # N x C x S x S -> N x F
+        self.head = nn.Linear(c_in * base * base + extra, 2 * cfg.z_dim)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.features(x)
+        if cond is not None:
+            h = torch.cat([h, cond], 1)
+        mu, logvar = self.head(h).chunk(2, dim=1)
+        return mu, logvar.clamp(-12, 8)                        # keeps exp() finite early in training
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: Config, extra: int) -> None:
+        super().__init__()
+        base, ups = layout(cfg.image_size)
+        c = cfg.width * 2 ** (ups - 1)
+        self.base, self.c0 = base, c
+        self.project = nn.Sequential(nn.Linear(cfg.z_dim + extra, c * base * base), nn.LeakyReLU(0.2))
+        layers: list[nn.Module] = [nn.Conv2d(c, c, 3, 1, 1), nn.LeakyReLU(0.2)]
+        for _ in range(ups - 1):
+            layers += [nn.ConvTranspose2d(c, c // 2, 4, 2, 1), nn.LeakyReLU(0.2)]
+            c //= 2
+        layers += [nn.ConvTranspose2d(c, cfg.channels, 4, 2, 1)]
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:   # -> N x C x S x S logits/means
+        if cond is not None:
+            z = torch.cat([z, cond], 1)
+        return self.body(self.project(z).view(-1, self.c0, self.base, self.base))
+
+
+class VAE(Family):
+    Config = Config
+    name = "vae"
+    train_defaults = {"steps": 3000, "batch_size": 64}
+    sample_options = {"temperature": (float, "scale of the latent noise (1 = the prior; lower = cleaner, less varied)")}
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__(cfg)
+        extra = getattr(cfg, "class_dim", 0)
+        self.embed = nn.Embedding(cfg.num_classes, extra) if extra else None
+        self.encoder = Encoder(cfg, extra)
+        self.decoder = Decoder(cfg, extra)
+
+    def configure_optimizers(self, train_cfg) -> dict[str, torch.optim.Optimizer]:
+        return {"vae": torch.optim.Adam(self.parameters(), lr=self.cfg.lr)}
+
+    def _cond(self, labels: torch.Tensor | None) -> torch.Tensor | None:
+        return None if self.embed is None else self.embed(labels)
+
+    # --- the public pieces: encode, decode, reconstruct ---------------------------------------------
+
+    def encode(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images N x C x S x S in [-1, 1] -> posterior (mu, logvar), each N x z_dim."""
+        labels = self.check_labels(x.shape[0], labels)
+        return self.encoder(x.to(self.device), self._cond(labels))
+
+    def decode(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Latents N x z_dim -> the decoder's mean image N x C x S x S in [-1, 1]."""
+        labels = self.check_labels(z.shape[0], labels)
+        return self._mean(self.decoder(z.to(self.device), self._cond(labels)))
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Encode to the posterior mean and decode: N x C x S x S in [-1, 1]."""
+        labels = self.check_labels(x.shape[0], labels)
+        with eval_mode(self):
+            mu = run_fixed_batch(lambda x_, y_: self.encoder(x_, self._cond(y_))[0], x.to(self.device), labels)
+            return run_fixed_batch(lambda z_, y_: self._mean(self.decoder(z_, self._cond(y_))), mu, labels)
+
+    def _mean(self, out: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(out) * 2 - 1 if self.cfg.likelihood == "bernoulli" else out.clamp(-1, 1)
+
+    # --- training ------------------------------------------------------------------------------------
+
+    def train_step(self, batch: dict[str, torch.Tensor], opt: dict, gen: torch.Generator) -> dict[str, float]:
+        x = batch["image"]
+        cond = self._cond(batch["label"]) if self.conditional else None
+        mu, logvar = self.encoder(x, cond)
+        z = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=gen, device=mu.device)   # reparameterised
+        out = self.decoder(z, cond)
+        if self.cfg.likelihood == "bernoulli":
+            rec = F.binary_cross_entropy_with_logits(out, (x + 1) / 2, reduction="none")
+        else:
+            s = self.cfg.sigma
+            rec = 0.5 * ((out - x) / s).square() + math.log(s * math.sqrt(2 * math.pi))
+        rec = rec.flatten(1).sum(1).mean()                                          # nats per image
+        kl = 0.5 * (mu.square() + logvar.exp() - 1 - logvar).sum(1).mean()
+        loss = rec + self.cfg.beta * kl
+        opt["vae"].zero_grad(set_to_none=True)
+        loss.backward()
+        opt["vae"].step()
+        values = torch.stack([loss.detach(), rec.detach(), kl.detach()])
+        return dict(zip(("loss", "recon", "kl"), values.tolist()))
+
+    # --- sampling ------------------------------------------------------------------------------------
+
+    def draw_noise(self, n: int, generator: Generators = None) -> torch.Tensor:
+        return per_item_normal(n, (self.cfg.z_dim,), generator, self.device)
+
+    @torch.no_grad()
+    def sample(self, n: int, *, labels: torch.Tensor | None = None, generator: Generators = None,
+               noise: torch.Tensor | None = None, temperature: float = 1.0) -> torch.Tensor:
+        labels = self.check_labels(n, labels)
+        if not temperature > 0:
+            raise ConfigError(f"temperature must be > 0, got {temperature}")
+        z = (self.draw_noise(n, generator) if noise is None else noise.to(self.device)) * temperature
+        with eval_mode(self):
+            return run_fixed_batch(lambda z_, y_: self._mean(self.decoder(z_, self._cond(y_))), z, labels)
+
+
+class CVAE(VAE):
+    Config = CVAEConfig
+    name = "cvae"
+    needs_labels = True
