@@ -7,6 +7,8 @@ The public API:
     run_dir = imagegen.train(cfg)                            # a self-describing run folder
     run = imagegen.load_run(run_dir)                         # model rebuilt from the folder alone
     images = imagegen.generate(run.model, seeds=range(16))   # 16 x C x H x W in [-1, 1]
+    labels = imagegen.parse_labels("sneaker,bag", run.classes, 2)     # conditional families
+    filled = imagegen.extend_image(run.model, image, mask, seed=0)  # diffusion inpainting
 """
 
 __version__ = "0.1.0"
@@ -15,10 +17,11 @@ from .checkpoint import Run, build_model, load_run
 from .data import DataConfig, ImageDataset, describe, load_data
 from .models import REGISTRY
 from .report import write_report
-from .sample import generate, interpolate
+from .sample import extend_image, generate, interpolate, interpolate_images, outpaint_canvas, parse_labels
 from .train import RunConfig, TrainConfig, resolve_config, train
 
 __all__ = [
     "DataConfig", "ImageDataset", "REGISTRY", "Run", "RunConfig", "TrainConfig", "build_model", "describe",
-    "generate", "interpolate", "load_data", "load_run", "resolve_config", "train", "write_report",
+    "extend_image", "generate", "interpolate", "interpolate_images", "load_data", "load_run", "outpaint_canvas",
+    "parse_labels", "resolve_config", "train", "write_report",
 ]

@@ -146,13 +146,13 @@ def cmd_interpolate(a) -> int:
         for p, img in zip(paths, (a_img, b_img)):
             if img.shape[-2:] != (size, size):
                 raise ConfigError(f"{p}: image is {img.shape[-1]}x{img.shape[-2]}, the model's size is {size}x{size}")
-        labels = _labels(a, run, 1, [0]) if run.model.conditional else None
+        labels = _labels(a, run, 1, [0])
         images = interpolate_images(run.model, a_img, b_img, a.frames, labels)
     else:
         seeds = parse_seeds(a.seeds or "")
         if len(seeds) != 2:
             raise ConfigError(f"--seeds needs exactly two seeds like 3,9, got {a.seeds!r}")
-        labels = _labels(a, run, 1, seeds[:1]) if run.model.conditional else None
+        labels = _labels(a, run, 1, seeds[:1])
         images = interpolate(run.model, seeds[0], seeds[1], a.frames, labels)
     grid(images, nrow=a.frames).save(a.out)
     print(f"wrote a {a.frames}-frame strip to {a.out}")

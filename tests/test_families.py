@@ -148,3 +148,12 @@ def test_bad_labels_are_config_errors(family):
         model.sample(1, labels=torch.tensor([4]), generator=gens)
     with pytest.raises(ConfigError, match="2 labels for 1"):
         model.sample(1, labels=torch.tensor([0, 1]), generator=gens)
+
+
+def test_models_command_lists_every_family_with_its_options(capsys):
+    from imagegen.cli import main
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    for name in REGISTRY:
+        assert name in out
+    assert "--guidance" in out and "--truncation" in out and "needs labels" in out

@@ -143,6 +143,8 @@ def test_unknown_keys_and_bad_values_are_config_errors():
         imagegen.resolve_config({"family": "nope"})
     with pytest.raises(ConfigError, match="image_size 30"):
         imagegen.resolve_config({"family": "dcgan", "model": {"image_size": 30}})
+    with pytest.raises(ConfigError, match="per-sample gradient penalty"):
+        imagegen.resolve_config({"family": "dcgan", "model": {"loss": "wgan-gp", "d_norm": "batch"}})
 
 
 @pytest.mark.parametrize("size,channels", [(28, 1), (32, 3), (64, 3)])

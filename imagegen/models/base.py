@@ -7,9 +7,10 @@
 | `configure_optimizers(train_cfg)`       | {"g": ..., "d": ...}; the loop owns and checkpoints them      |
 | `train_step(batch, opt, gen)`           | forward, losses, backward, steps; returns {name: float}       |
 | `sample(n, *, labels, generator, ...)`  | n x C x H x W in [-1, 1]                                      |
-| `prepare(dataset)` (optional)           | one pass over the training data before step 0 (e.g. statistics) |
+| `fit_config(cfg, dataset)` (classmethod)| the config completed from the data (size, channels, classes)  |
+| `prepare(dataset)` (optional)           | one pass over the training data before step 0 (statistics)    |
 | `train_defaults` (class attribute)      | the family's own TrainConfig defaults (steps, batch size...)  |
-| `sample_options` (class attribute)      | {name: (type, help)}: the keyword options `sample` accepts      |
+| `sample_options` (class attribute)      | {name: (type, help)}: the keyword options `sample` accepts    |
 | `needs_labels` (class attribute)        | True when the family cannot train on unlabelled data          |
 
 A family is conditional when its config has `num_classes` > 0 (filled in from the data): `sample` then

@@ -65,12 +65,14 @@ class RandomPixels(Family):
         self.check_labels(n, labels)
         gens = generator if isinstance(generator, (list, tuple)) else [generator] * n
         shape = (self.cfg.channels, self.cfg.image_size, self.cfg.image_size)
-        probs = (self.counts + self.cfg.smoothing).cpu()                      # P x 256, unnormalised
+        counts = (self.counts + self.cfg.smoothing).double().cpu()           # P x 256, unnormalised
+        cdf = (counts.cumsum(1) / counts.sum(1, keepdim=True)).contiguous()  # P x 256, last column 1
         out = []
         for g in gens:   # one draw per image from its own generator, so images depend only on their seed
             if self.cfg.mode == "uniform":
                 v = torch.randint(0, 256, shape, generator=g)
-            else:
-                v = torch.multinomial(probs, 1, generator=g).view(shape)
+            else:            # inverse-CDF sampling: the first bin whose cumulative share exceeds u
+                u = torch.rand((cdf.shape[0], 1), generator=g, dtype=torch.float64)
+                v = torch.searchsorted(cdf, u, right=True).clamp(max=255).view(shape)
             out.append(v)
         return (torch.stack(out).float() / 127.5 - 1).to(self.device)

@@ -276,7 +276,7 @@ class UNet(nn.Module):
 class DDPM(Family):
     Config = Config
     name = "ddpm"
-    train_defaults = {"steps": 4000, "batch_size": 64, "ema_decay": 0.998, "sample_every": 1000}
+    train_defaults = {"steps": 3000, "batch_size": 32, "ema_decay": 0.998, "sample_every": 1000}
     sample_options = {
         "steps": (int, "denoising steps (default: the model's sample_steps)"),
         "guidance": (float, "classifier-free guidance scale: 0 unconditional, 1 conditional, >1 stronger"),
@@ -327,7 +327,7 @@ class DDPM(Family):
         n_cls = self.num_classes
 
         def net(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-            return run_fixed_batch(lambda x_, t_, y_: self.net(x_, t_, y_), x, t, y)
+            return run_fixed_batch(self.net, x, t, y)
 
         def denoise(x: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
             n = x.shape[0]
@@ -353,7 +353,8 @@ class DDPM(Family):
 
         return denoise
 
-    def _setup(self, n: int, labels, generator: Generators, steps, guidance, eta, sampler):
+    def _setup(self, n: int, labels, steps, guidance, eta, sampler):
+        """Checked sampling options, each defaulting to the config's."""
         labels = self.check_labels(n, labels) if labels is not None else None
         steps = self.cfg.sample_steps if steps is None else int(steps)
         guidance = self.cfg.guidance if guidance is None else float(guidance)
@@ -362,8 +363,7 @@ class DDPM(Family):
         if sampler not in ("ddim", "ddpm"):
             raise ConfigError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
         check_sampling(steps, eta, guidance, self.cfg.timesteps)
-        gens = generator if isinstance(generator, (list, tuple)) else None
-        return labels, spaced_timesteps(self.cfg.timesteps, steps), guidance, eta, sampler, gens
+        return labels, spaced_timesteps(self.cfg.timesteps, steps), guidance, eta, sampler
 
     def _noise(self, n: int, shape: tuple[int, ...], generator: Generators) -> Noise:
         return lambda: per_item_normal(n, shape, generator, self.device)
@@ -373,7 +373,7 @@ class DDPM(Family):
                steps: int | None = None, guidance: float | None = None, eta: float | None = None,
                sampler: str | None = None) -> torch.Tensor:
         """n images. labels None on a conditional model samples unconditionally (the null class)."""
-        labels, ts, guidance, eta, sampler, _ = self._setup(n, labels, generator, steps, guidance, eta, sampler)
+        labels, ts, guidance, eta, sampler = self._setup(n, labels, steps, guidance, eta, sampler)
         shape = (self.cfg.channels, self.cfg.image_size, self.cfg.image_size)
         noise = self._noise(n, shape, generator)
         with eval_mode(self):
@@ -398,7 +398,7 @@ class DDPM(Family):
             raise ConfigError(f"mask is {tuple(mask.shape[-2:])}, the image {h}x{w}: they must be the same size")
         if resample < 1:
             raise ConfigError(f"resample must be >= 1, got {resample}")
-        labels, ts, guidance, _, _, _ = self._setup(n, labels, generator, steps, guidance, 0.0, "ddpm")
+        labels, ts, guidance, _, _ = self._setup(n, labels, steps, guidance, 0.0, "ddpm")
         # Pad to a size the U-Net's downsamplings divide; the padding is generated, then cropped off.
         m = 2 ** (len(self.cfg.mults) - 1)
         ph, pw = -h % m, -w % m

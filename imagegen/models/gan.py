@@ -56,6 +56,8 @@ class Config:
         check_positive(self, "image_size", "channels", "z_dim", "width", "lr_g", "lr_d", "n_critic")
         check_positive(self, "gp_weight", allow_zero=True)
         layout(self.image_size)
+        if self.loss == "wgan-gp" and self.d_norm == "batch":
+            raise ConfigError("model.d_norm='batch' breaks WGAN-GP's per-sample gradient penalty; use 'none' or 'auto'")
         unknown = set(self.policy) - set(AUGMENTS)
         if unknown:
             raise ConfigError(f"model.augment_policy: unknown transform {sorted(unknown)[0]!r} "
@@ -64,8 +66,6 @@ class Config:
     @property
     def policy(self) -> list[str]:
         return [p.strip() for p in self.augment_policy.split(",") if p.strip()]
-        if self.loss == "wgan-gp" and self.d_norm == "batch":
-            raise ConfigError("model.d_norm='batch' breaks WGAN-GP's per-sample gradient penalty; use 'none' or 'auto'")
 
     @property
     def d_batch_norm(self) -> bool:

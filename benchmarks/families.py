@@ -1,0 +1,83 @@
+"""Speed of every model family with its default config, on the data it is tuned for.
+
+Prints one Markdown table row per family:
+  - training images/s: imagegen's own loop (batching, guard, EMA included) at the family's default batch
+    size, median of the logged windows after warm-up;
+  - sampling latency of one image (median of repeated `generate` calls, one seed, default options:
+    DDIM 20 steps with guidance 1.5 for ddpm);
+  - sampling throughput at batch 256 (images/s);
+  - for ddpm, the time for 16 samples with the default DDIM settings (the issue's 2 s target).
+
+    python benchmarks/families.py [--data fashion-mnist] [--steps 60] [--families dcgan,ddpm]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+
+import torch
+
+import imagegen
+from imagegen.models import REGISTRY
+
+
+def train_speed(family: str, ds, steps: int) -> tuple[float, int, imagegen.models.Family]:
+    cfg = imagegen.resolve_config({"family": family, "data": {"source": ds.name},
+                                   "train": {"steps": steps, "log_every": 10, "sample_every": 0,
+                                             "checkpoint_every": 10**6, "grid_size": 16}})
+    with tempfile.TemporaryDirectory() as out:
+        run_dir = imagegen.train(cfg, out=out, progress=False, dataset=ds)
+        records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+        model = imagegen.load_run(run_dir).model
+    speeds = [r["images_per_s"] for r in records[1:]] or [records[-1]["images_per_s"]]
+    return statistics.median(speeds), cfg.train.batch_size, model
+
+
+def timed(fn, reps: int) -> float:
+    fn()                                             # warm-up
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default="fashion-mnist")
+    ap.add_argument("--steps", type=int, default=60, help="training steps to time per family")
+    ap.add_argument("--families", default=",".join(REGISTRY))
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    try:
+        ds = imagegen.load_data(args.data)
+    except imagegen.errors.DataError as e:
+        print(f"# {args.data} unavailable ({e}); using shapes")
+        ds = imagegen.load_data("shapes")
+    print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+          f"data {ds.name} {ds.size}x{ds.size}x{ds.channels}")
+    print("| family | train batch | train images/s | sample 1 image (ms) | sample batch 256 (images/s) | 16 samples (s) |")
+    print("|---|---|---|---|---|---|")
+    for family in args.families.split(","):
+        steps = 1 if family == "random" else args.steps
+        ips, bs, model = train_speed(family, ds, steps)
+        k = model.num_classes
+
+        def labels(n):
+            return torch.arange(n) % k if k else None
+
+        one = timed(lambda: imagegen.generate(model, [0], labels=labels(1)), reps=5)
+        big = timed(lambda: imagegen.generate(model, list(range(256)), labels=labels(256), batch_size=256), reps=1)
+        sixteen = timed(lambda: imagegen.generate(model, list(range(16)), labels=labels(16), batch_size=16), reps=3)
+        train_txt = "one pass" if family == "random" else f"{ips:.0f}"
+        print(f"| {family} | {bs} | {train_txt} | {one * 1000:.1f} | {256 / big:.0f} | {sixteen:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

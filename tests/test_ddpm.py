@@ -1,0 +1,197 @@
+"""Diffusion: schedules, pure solvers, determinism, guidance, inpainting / outpainting, and bad requests."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import imagegen
+from imagegen.errors import ConfigError
+from imagegen.models.ddpm import alphas_cumprod, ddim, ddpm_ancestral, repaint, spaced_timesteps
+from imagegen.sample import extend_image, generate, outpaint_canvas
+
+from conftest import tiny_config
+
+TINY = {"width": 8, "mults": [1, 2], "sample_steps": 4}
+
+
+@pytest.fixture(scope="module")
+def ddpm_run(tmp_path_factory):
+    tree = tiny_config(4).to_json()
+    tree["family"], tree["model"] = "ddpm", TINY
+    return imagegen.train(imagegen.resolve_config(tree), out=tmp_path_factory.mktemp("ddpm"), progress=False)
+
+
+@pytest.fixture(scope="module")
+def model(ddpm_run):
+    return imagegen.load_run(ddpm_run).model
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "imagegen", *map(str, args)], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("kind", ["cosine", "linear"])
+def test_schedules_decrease_from_one_towards_zero(kind):
+    ab = alphas_cumprod(kind, 1000)
+    assert ab.shape == (1000,) and (ab[1:] < ab[:-1]).all()
+    assert 0.99 < ab[0] < 1 and ab[-1] < 0.01
+
+
+def test_spaced_timesteps_start_at_the_last_step():
+    assert spaced_timesteps(1000, 1) == [999]
+    ts = spaced_timesteps(1000, 20)
+    assert len(ts) == 20 and ts[0] == 999 and ts == sorted(ts, reverse=True) and ts[-1] >= 0
+    assert spaced_timesteps(10, 10) == list(range(9, -1, -1))
+
+
+def test_solvers_recover_the_image_with_a_perfect_denoiser():
+    """With denoise(x, t) returning the true x0 (and the implied eps), every solver lands on x0."""
+    ab = alphas_cumprod("cosine", 100)
+    x0 = torch.rand(2, 1, 4, 4) * 2 - 1
+    gen = torch.Generator().manual_seed(0)
+    x_T = torch.randn(x0.shape, generator=gen)
+
+    def denoise(x, t):
+        a = float(ab[t])
+        return x0, (x - math.sqrt(a) * x0) / math.sqrt(1 - a)
+
+    noise = lambda: torch.randn(x0.shape, generator=gen)   # noqa: E731
+    ts = spaced_timesteps(100, 10)
+    assert torch.allclose(ddim(denoise, x_T, ab, ts), x0, atol=1e-5)
+    assert torch.allclose(ddim(denoise, x_T, ab, ts, eta=1.0, noise=noise), x0, atol=1e-5)
+    assert torch.allclose(ddpm_ancestral(denoise, x_T, ab, ts, noise=noise), x0, atol=1e-5)
+    mask = torch.zeros(2, 1, 4, 4)
+    mask[:, :, :2] = 1
+    out = repaint(denoise, x_T, ab, ts, known=x0, mask=mask, resample=2, noise=noise)
+    assert torch.allclose(out, x0, atol=1e-5)
+
+
+def test_ddim_with_eta_zero_is_deterministic(model):
+    a = generate(model, [0, 1, 2], steps=5, eta=0.0)
+    b = generate(model, [0, 1, 2], steps=5, eta=0.0)
+    assert torch.equal(a, b)
+    # the noise only enters at the start: eta = 0 needs no per-step noise, eta = 1 does
+    c = generate(model, [0, 1, 2], steps=5, eta=1.0)
+    assert not torch.equal(a, c)
+    # and a seed's image does not depend on the batch it is drawn in, for both samplers and guidance
+    for opts in ({"eta": 0.0}, {"eta": 0.5}, {"sampler": "ddpm"}, {"guidance": 2.0}):
+        labels = torch.tensor([0, 1, 2, 3, 0])
+        whole = generate(model, [7, 8, 9, 10, 11], labels=labels, steps=3, **opts)
+        single = generate(model, [7, 8, 9, 10, 11], labels=labels, steps=3, batch_size=1, **opts)
+        assert torch.equal(whole, single), opts
+
+
+def test_guidance_and_unconditional_sampling(model):
+    labels = torch.tensor([1, 1])
+    g1 = generate(model, [0, 1], labels=labels, steps=3, guidance=1.0)
+    g3 = generate(model, [0, 1], labels=labels, steps=3, guidance=3.0)
+    assert not torch.equal(g1, g3)
+    uncond = model.sample(2, generator=[torch.Generator().manual_seed(s) for s in (0, 1)], steps=3)
+    assert uncond.shape == (2, 3, 32, 32)
+
+
+def test_inpainting_keeps_every_known_pixel_exactly(model):
+    image = torch.rand(1, 3, 32, 32) * 2 - 1
+    mask = torch.zeros(1, 1, 32, 32)
+    mask[:, :, 8:20, 4:30] = 1
+    out = extend_image(model, image, mask, seed=3, labels=torch.tensor([2]), steps=4, resample=2)
+    keep = mask.expand_as(image) == 0
+    assert torch.equal(out[keep], image[keep])
+    assert not torch.equal(out[~keep], image[~keep])
+    again = extend_image(model, image, mask, seed=3, labels=torch.tensor([2]), steps=4, resample=2)
+    assert torch.equal(out, again)
+
+
+def test_outpainting_extends_the_canvas_and_keeps_the_image(model):
+    image = torch.rand(1, 3, 32, 32) * 2 - 1
+    canvas, mask = outpaint_canvas(image, 6, ["left", "bottom"])
+    assert canvas.shape == (1, 3, 38, 38) and mask.shape == (1, 1, 38, 38)
+    out = extend_image(model, canvas, mask, seed=0, labels=torch.tensor([0]), steps=3, resample=1)
+    assert out.shape == (1, 3, 38, 38)
+    assert torch.equal(out[:, :, :32, 6:], image)       # the original sits top-right, untouched
+    with pytest.raises(ConfigError, match="not a side"):
+        outpaint_canvas(image, 4, ["up"])
+    with pytest.raises(ConfigError, match="--pad"):
+        outpaint_canvas(image, 0)
+
+
+def test_cli_inpaint_keeps_known_pixels_of_the_png(ddpm_run, tmp_path):
+    rng = np.random.default_rng(0)
+    src = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(src).save(tmp_path / "in.png")
+    mask = np.zeros((32, 32), np.uint8)
+    mask[10:22, 10:22] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    r = _cli("inpaint", ddpm_run, "--image", tmp_path / "in.png", "--mask", tmp_path / "mask.png",
+             "--out", tmp_path / "out.png", "--steps", 3, "--resample", 2, "--labels", "square")
+    assert r.returncode == 0, r.stderr
+    out = np.asarray(Image.open(tmp_path / "out.png"))
+    keep = mask == 0
+    assert np.array_equal(out[keep], src[keep])
+    assert not np.array_equal(out[~keep], src[~keep])
+
+    r = _cli("outpaint", ddpm_run, "--image", tmp_path / "in.png", "--pad", 4, "--sides", "left,right",
+             "--out", tmp_path / "wide.png", "--steps", 2, "--resample", 1)
+    assert r.returncode == 0, r.stderr
+    wide = np.asarray(Image.open(tmp_path / "wide.png"))
+    assert wide.shape == (32, 40, 3) and np.array_equal(wide[:, 4:36], src)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["sample", "{run}", "--seeds", "0-1", "--out", "{tmp}/s", "--steps", "0"], "steps must be in 1..1000"),
+    (["sample", "{run}", "--seeds", "0-1", "--out", "{tmp}/s", "--labels", "hexagon"], "unknown class 'hexagon'"),
+    (["sample", "{run}", "--seeds", "0-1", "--out", "{tmp}/s", "--labels", "7"], "7 is out of range"),
+    (["sample", "{run}", "--seeds", "0-2", "--out", "{tmp}/s", "--labels", "0,1"], "2 labels for 3 seeds"),
+    (["sample", "{run}", "--seeds", "0-1", "--out", "{tmp}/s", "--guidance", "-1"], "guidance must be in"),
+    (["sample", "{run}", "--seeds", "0-1", "--out", "{tmp}/s", "--eta", "2"], "eta must be in"),
+    (["sample", "{run}", "--seeds", "0-1", "--out", "{tmp}/s", "--sampler", "euler"], "sampler must be"),
+    (["sample", "{run}", "--seeds", "0-1", "--out", "{tmp}/s", "--truncation", "1"], "--truncation does not apply"),
+    (["inpaint", "{run}", "--image", "{tmp}/img.png", "--mask", "{tmp}/small.png", "--out", "{tmp}/o.png"],
+     "must be the same size"),
+    (["inpaint", "{run}", "--image", "{tmp}/img.png", "--mask", "{tmp}/black.png", "--out", "{tmp}/o.png"],
+     "no white pixels"),
+    (["inpaint", "{run}", "--image", "{tmp}/missing.png", "--mask", "{tmp}/small.png", "--out", "{tmp}/o.png"],
+     "missing.png"),
+    (["inpaint", "{run}", "--image", "{tmp}/img.png", "--mask", "{tmp}/mask.png", "--out", "{tmp}/o.png",
+      "--steps", "0"], "steps must be in"),
+    (["outpaint", "{run}", "--image", "{tmp}/img.png", "--pad", "0", "--out", "{tmp}/o.png"], "--pad must be"),
+])
+def test_bad_requests_are_one_line_errors(ddpm_run, tmp_path, args, message):
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "img.png")
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(tmp_path / "small.png")
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "black.png")
+    Image.fromarray(np.full((32, 32), 255, np.uint8)).save(tmp_path / "mask.png")
+    r = _cli(*[a.format(run=ddpm_run, tmp=tmp_path) for a in args])
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_families_without_inpainting_say_so(tiny_run, tmp_path):
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "img.png")
+    r = _cli("outpaint", tiny_run, "--image", tmp_path / "img.png", "--out", tmp_path / "o.png")
+    assert r.returncode == 2 and "cannot inpaint" in r.stderr
+
+
+def test_vae_encodes_decodes_and_interpolates_real_images(tmp_path):
+    tree = tiny_config(4).to_json()
+    tree["family"], tree["model"] = "vae", {"width": 8, "z_dim": 8}
+    run_dir = imagegen.train(imagegen.resolve_config(tree), out=tmp_path, progress=False)
+    vae = imagegen.load_run(run_dir).model
+    x = imagegen.load_data("shapes").batch(torch.arange(4))["image"]
+    mu, logvar = vae.encode(x)
+    assert mu.shape == logvar.shape == (4, 8)
+    assert vae.decode(mu).shape == vae.reconstruct(x).shape == (4, 3, 32, 32)
+    for i, img in enumerate(x[:2]):
+        Image.fromarray(((img.permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()).save(tmp_path / f"{i}.png")
+    r = _cli("interpolate", run_dir, "--images", f"{tmp_path / '0.png'},{tmp_path / '1.png'}", "--frames", 5,
+             "--out", tmp_path / "strip.png")
+    assert r.returncode == 0, r.stderr
+    assert Image.open(tmp_path / "strip.png").size == (5 * 34 + 2, 36)
