@@ -34,6 +34,7 @@ test: install
 
 bench: install
 	$(PY) benchmarks/train_speed.py
+	$(PY) benchmarks/families.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
