@@ -180,6 +180,27 @@ def cmd_outpaint(a) -> int:
     return _extend(a, lambda img: outpaint_canvas(img, a.pad, sides))
 
 
+def cmd_evaluate(a) -> int:
+    from .evaluate.run_eval import evaluate_run
+    out = evaluate_run(a.run_dir, n=a.n, data=a.data)
+    write_report(a.run_dir)
+    width = max(map(len, out["metrics"]))
+    for k, v in out["metrics"].items():
+        print(f"{k:{width}s}  {v:.4g}" if isinstance(v, float) else f"{k:{width}s}  {json.dumps(v)}")
+    p = out["protocol"]
+    print(f"# {p['generated']} generated (seeds {p['seeds']}) vs {p['real']} real ({p['data']} {p['real_split']}), "
+          f"evaluator {p['evaluator']}; written to {a.run_dir}/metrics.json")
+    return 0
+
+
+def cmd_evaluator(a) -> int:
+    from .evaluate.evaluator import EvaluatorConfig, train_evaluator
+    ev = train_evaluator(EvaluatorConfig(data=a.data, epochs=a.epochs))
+    print(f"evaluator {ev.name}: test accuracy {ev.info['test_accuracy']:.4f} on {ev.info['test_images']} images "
+          f"({ev.info['train_seconds']} s of training)")
+    return 0
+
+
 def cmd_data_info(a) -> int:
     ds = load_data(DataConfig(source=a.data, split=a.split, strict=a.strict))
     print(describe(ds))
@@ -250,6 +271,17 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--split", default="train", choices=["train", "test"])
     q.add_argument("--strict", action="store_true", help="any bad file is an error")
 
+    p = sub.add_parser("evaluate", help="metrics.json for a run: FD, KID, precision/recall... in the evaluator's features")
+    p.add_argument("run_dir")
+    p.add_argument("--n", type=int, default=10_000, help="images to generate (seeds 0..n-1)")
+    p.add_argument("--data", help="dataset whose test split and evaluator to use (default: the run's)")
+
+    p = sub.add_parser("evaluator", help="the per-dataset classifier whose features the metrics use")
+    esub = p.add_subparsers(dest="evaluator_command", required=True)
+    q = esub.add_parser("train", help="train (deterministically) and cache the evaluator of a dataset")
+    q.add_argument("--data", required=True)
+    q.add_argument("--epochs", type=int, default=2)
+
     p = sub.add_parser("report", help="rebuild a run's report.html")
     p.add_argument("run_dir")
 
@@ -261,7 +293,7 @@ LABELS_HELP = ("class name or index for every seed, or a comma list with one per
                "(see `imagegen data info`); default: seed mod number of classes")
 
 COMMANDS = {"train": cmd_train, "demo": cmd_demo, "sample": cmd_sample, "interpolate": cmd_interpolate,
-            "inpaint": cmd_inpaint, "outpaint": cmd_outpaint,
+            "inpaint": cmd_inpaint, "outpaint": cmd_outpaint, "evaluate": cmd_evaluate, "evaluator": cmd_evaluator,
             "data": cmd_data_info, "report": cmd_report, "models": cmd_models}
 
 

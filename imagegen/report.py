@@ -79,6 +79,18 @@ def write_report(run_dir: str | Path) -> Path:
     plot = loss_plot_png(records)
     if plot:
         parts.append("<h2>Losses</h2>" + _img_tag(plot, "loss curves"))
+    metrics_file = run_dir / "metrics.json"
+    if metrics_file.exists():
+        try:
+            ev = json.loads(metrics_file.read_text())
+            rows = [(k, v) for k, v in ev["metrics"].items()]
+            parts.append(f"<h2>Evaluation (step {ev.get('step', '?')})</h2>")
+            parts.append("<table>" + "".join(
+                f"<tr><th>{html.escape(k)}</th><td>{html.escape(f'{v:.4g}' if isinstance(v, float) else json.dumps(v))}</td></tr>"
+                for k, v in rows) + "</table>")
+            parts.append("<p>Protocol:</p><pre>" + html.escape(json.dumps(ev["protocol"], indent=2)) + "</pre>")
+        except (ValueError, KeyError) as e:
+            parts.append(f"<p>metrics.json is unreadable: {html.escape(str(e))}</p>")
     parts.append("<h2>Config</h2><pre>" + html.escape(json.dumps(cfg, indent=2)) + "</pre>")
     page = (
         "<!doctype html><html><head><meta charset='utf-8'><title>"

@@ -1,0 +1,193 @@
+"""The evaluator: a small CNN classifier imagegen trains itself, per dataset, whose features every metric uses.
+
+Standard FID needs ImageNet Inception weights, which cannot be fetched here and mean little on 28x28
+grayscale. So each dataset gets its own classifier, trained deterministically on the train split; its
+penultimate layer (global-average-pooled, `feature_dim` wide) is the feature space, its softmax the class
+probabilities. Metrics are named after it (`FD-<evaluator name>`), and the name carries the SHA-256 of
+its weights, so two numbers are comparable only when the names match.
+
+Cached under $IMAGEGEN_CACHE/evaluators/<data>/ (default ~/.cache/imagegen): weights.safetensors and
+evaluator.json (config, test accuracy, hash). Any feature extractor with `name`, `features(images)` and
+`probs(images)` can stand in for it (`FeatureExtractor`), e.g. an Inception backbone for whoever has the
+weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..checkpoint import write_json_atomic
+from ..config import check_positive, from_dict
+from ..data import DataConfig, load_data
+from ..errors import CheckpointError, ConfigError
+
+BATCH = 256  # images per forward pass when extracting features
+
+
+class FeatureExtractor(Protocol):
+    name: str
+
+    def features(self, images: torch.Tensor) -> torch.Tensor: ...   # N x C x H x W in [-1, 1] -> N x D
+
+    def probs(self, images: torch.Tensor) -> torch.Tensor: ...      # -> N x K class probabilities
+
+
+@dataclass
+class EvaluatorConfig:
+    data: str = "fashion-mnist"
+    epochs: int = 2
+    batch_size: int = 128
+    lr: float = 2e-3
+    width: int = 32               # channels of the first block, doubled per block; features are 4 * width
+    seed: int = 0
+    limit: int = 0                # train on the first N images only (tests); 0 = all
+
+    def validate(self) -> None:
+        check_positive(self, "epochs", "batch_size", "lr", "width")
+        check_positive(self, "seed", "limit", allow_zero=True)
+
+
+class EvalNet(nn.Module):
+    """conv-BN-ReLU blocks at full, 1/2 and 1/4 resolution, global average pool, linear classifier."""
+
+    def __init__(self, channels: int, num_classes: int, width: int) -> None:
+        super().__init__()
+        w = width
+
+        def block(c_in: int, c_out: int) -> list[nn.Module]:
+            return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+
+        self.body = nn.Sequential(
+            *block(channels, w), nn.MaxPool2d(2),
+            *block(w, 2 * w), *block(2 * w, 2 * w), nn.MaxPool2d(2),
+            *block(2 * w, 4 * w), *block(4 * w, 4 * w),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+        self.head = nn.Linear(4 * w, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:           # N x C x H x W -> N x 4w
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:            # -> N x classes logits
+        return self.head(self.features(x))
+
+
+class Evaluator:
+    """A trained EvalNet and what describes it: name (with weight hash), classes, test accuracy."""
+
+    def __init__(self, net: EvalNet, info: dict) -> None:
+        self.net = net.eval().requires_grad_(False)
+        self.info = info
+        self.name = info["name"]
+
+    @torch.no_grad()
+    def _run(self, images: torch.Tensor, head: bool) -> torch.Tensor:
+        size, channels = self.info["image_size"], self.info["channels"]
+        if images.shape[1:] != (channels, size, size):
+            raise ConfigError(f"evaluator {self.name} takes {channels}x{size}x{size} images, got "
+                              f"{'x'.join(map(str, images.shape[1:]))}")
+        out = []
+        for i in range(0, images.shape[0], BATCH):
+            x = images[i:i + BATCH].float()
+            out.append(self.net(x).softmax(1) if head else self.net.features(x))
+        return torch.cat(out).double()
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        return self._run(images, head=False)
+
+    def probs(self, images: torch.Tensor) -> torch.Tensor:
+        return self._run(images, head=True)
+
+
+def cache_dir(data: str) -> Path:
+    root = Path(os.environ.get("IMAGEGEN_CACHE") or Path.home() / ".cache" / "imagegen")
+    return root / "evaluators" / "".join(c if c.isalnum() or c in "-_." else "-" for c in data)
+
+
+def _accuracy(net: EvalNet, ds) -> float:
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(ds), BATCH):
+            b = ds.batch(torch.arange(i, min(i + BATCH, len(ds))))
+            correct += int((net(b["image"]).argmax(1) == b["label"]).sum())
+    return correct / len(ds)
+
+
+def train_evaluator(cfg: EvaluatorConfig, *, out: Path | None = None, log=print) -> Evaluator:
+    """Train the evaluator on cfg.data's train split (deterministic for a given seed and machine),
+    measure it on the test split, save it to the cache (or `out`) and return it."""
+    cfg.validate()
+    train_ds = load_data(DataConfig(source=cfg.data, split="train", limit=cfg.limit))
+    test_ds = load_data(DataConfig(source=cfg.data, split="test"))
+    if not train_ds.labelled:
+        raise ConfigError(f"the evaluator is a classifier: {cfg.data!r} has no classes")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        net = EvalNet(train_ds.channels, len(train_ds.classes), cfg.width)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    steps = cfg.epochs * train_ds.steps_per_epoch(cfg.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps)
+    t0 = time.perf_counter()
+    net.train()
+    for step in range(steps):
+        b = train_ds.batch_at(step, cfg.batch_size, cfg.seed)
+        loss = F.cross_entropy(net(b["image"]), b["label"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if log and (step + 1) % 200 == 0:
+            log(f"evaluator step {step + 1}/{steps}  loss {loss.item():.3f}")
+    net.eval()
+    accuracy = _accuracy(net, test_ds)
+
+    folder = Path(out) if out is not None else cache_dir(cfg.data)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / "weights.safetensors.partial"
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp))
+    digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
+    os.replace(tmp, folder / "weights.safetensors")
+    info = {"name": f"cnn{4 * cfg.width}-{train_ds.name}-{digest[:8]}", "sha256": digest, "config": asdict(cfg),
+            "classes": train_ds.classes, "image_size": train_ds.size, "channels": train_ds.channels,
+            "test_accuracy": accuracy, "test_images": len(test_ds), "train_images": len(train_ds),
+            "train_seconds": round(time.perf_counter() - t0, 1)}
+    write_json_atomic(folder / "evaluator.json", info)
+    return Evaluator(net, info)
+
+
+def load_evaluator(data: str, *, folder: Path | None = None) -> Evaluator:
+    """The cached evaluator of `data`, verified against its recorded SHA-256."""
+    folder = Path(folder) if folder is not None else cache_dir(data)
+    try:
+        info = json.loads((folder / "evaluator.json").read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"no evaluator for {data!r} in {folder}; run `imagegen evaluator train --data {data}`") from None
+    weights = folder / "weights.safetensors"
+    if hashlib.sha256(weights.read_bytes()).hexdigest() != info["sha256"]:
+        raise CheckpointError(f"{weights}: SHA-256 does not match evaluator.json (corrupt or replaced)")
+    cfg = from_dict(EvaluatorConfig, info["config"], "evaluator")
+    net = EvalNet(info["channels"], len(info["classes"]), cfg.width)
+    net.load_state_dict(load_file(str(weights)))
+    return Evaluator(net, info)
+
+
+def get_evaluator(data: str, *, log=print) -> Evaluator:
+    """The cached evaluator of `data`, trained first (default config) when there is none."""
+    try:
+        return load_evaluator(data)
+    except CheckpointError as e:
+        if "no evaluator" not in str(e):
+            raise
+        log(f"training the evaluator for {data} (once; cached in {cache_dir(data)})")
+        return train_evaluator(EvaluatorConfig(data=data), log=log)
