@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from . import __version__
 from .checkpoint import load_run, read_config
@@ -180,16 +181,64 @@ def cmd_outpaint(a) -> int:
     return _extend(a, lambda img: outpaint_canvas(img, a.pad, sides))
 
 
+def _print_metrics(metrics: dict) -> None:
+    width = max(map(len, metrics))
+    for k, v in metrics.items():
+        print(f"{k:{width}s}  {v:.4g}" if isinstance(v, float) else f"{k:{width}s}  {json.dumps(v)}")
+
+
 def cmd_evaluate(a) -> int:
+    if a.anchors:
+        from .evaluate.anchors import evaluate_anchors
+        if a.run_dir or not a.data:
+            raise ConfigError("--anchors takes --data DATA and no run folder")
+        out = evaluate_anchors(a.data, n=a.n, out_dir=a.out)
+        for name, m in out["anchors"].items():
+            print(f"== anchor {name}")
+            _print_metrics(m)
+        print(f"# written to {out['path']}")
+        return 0
+    if not a.run_dir:
+        raise ConfigError("evaluate needs a run folder (or --anchors --data DATA)")
     from .evaluate.run_eval import evaluate_run
     out = evaluate_run(a.run_dir, n=a.n, data=a.data)
+    if a.tstr:
+        from .checkpoint import write_json_atomic
+        from .evaluate.synth import train_on_synthetic
+        out["metrics"]["tstr"] = train_on_synthetic(a.run_dir, per_class=a.per_class)
+        write_json_atomic(Path(a.run_dir) / "metrics.json", out)
     write_report(a.run_dir)
-    width = max(map(len, out["metrics"]))
-    for k, v in out["metrics"].items():
-        print(f"{k:{width}s}  {v:.4g}" if isinstance(v, float) else f"{k:{width}s}  {json.dumps(v)}")
+    _print_metrics(out["metrics"])
     p = out["protocol"]
     print(f"# {p['generated']} generated (seeds {p['seeds']}) vs {p['real']} real ({p['data']} {p['real_split']}), "
           f"evaluator {p['evaluator']}; written to {a.run_dir}/metrics.json")
+    return 0
+
+
+def cmd_leaderboard(a) -> int:
+    from .evaluate.anchors import collect, leaderboard
+    markdown, page = leaderboard(collect(a.paths))
+    print(markdown)
+    if a.html:
+        Path(a.html).write_text(page)
+        print(f"# HTML written to {a.html}")
+    return 0
+
+
+def cmd_analyse(a) -> int:
+    from .evaluate.analyse import analyse_run
+    out = analyse_run(a.run_dir, a.out, n=a.n, keep=a.keep)
+    print(json.dumps({k: v for k, v in out.items() if k != "run"}, indent=2))
+    print(f"# gallery: {Path(a.out) / 'gallery.html'}" + (f"; kept images in {Path(a.out) / 'kept'}" if a.keep else ""))
+    return 0
+
+
+def cmd_synth(a) -> int:
+    from .evaluate.synth import synthetic_dataset, write_dataset
+    ds = synthetic_dataset(a.run_dir, a.per_class)
+    out = write_dataset(ds, a.out, a.format)
+    how = f"idx:{out}" if a.format == "idx" else f"folder:{out} --set data.size={ds.size}"
+    print(f"wrote {len(ds)} images in {len(ds.classes)} classes to {out}; read back with --data {how}")
     return 0
 
 
@@ -272,9 +321,29 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--strict", action="store_true", help="any bad file is an error")
 
     p = sub.add_parser("evaluate", help="metrics.json for a run: FD, KID, precision/recall... in the evaluator's features")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", nargs="?")
     p.add_argument("--n", type=int, default=10_000, help="images to generate (seeds 0..n-1)")
     p.add_argument("--data", help="dataset whose test split and evaluator to use (default: the run's)")
+    p.add_argument("--anchors", action="store_true", help="measure the anchors (floor, blur, noise, random) of --data")
+    p.add_argument("--out", default="runs", help="with --anchors: folder for anchors-<data>.json")
+    p.add_argument("--tstr", action="store_true", help="also train-on-synthetic, test-on-real (conditional runs)")
+    p.add_argument("--per-class", type=int, default=1000, help="with --tstr: synthetic images per class")
+
+    p = sub.add_parser("leaderboard", help="a table of evaluated runs and anchors (Markdown; --html FILE too)")
+    p.add_argument("paths", nargs="+", help="run folders, folders of runs, or anchors-*.json files")
+    p.add_argument("--html")
+
+    p = sub.add_parser("analyse", help="score every sample, write a ranked gallery, optionally keep the best")
+    p.add_argument("run_dir")
+    p.add_argument("--n", type=int, default=2000)
+    p.add_argument("--out", required=True, help="folder for analysis.json, gallery.html (and kept/)")
+    p.add_argument("--keep", type=float, help="share of samples to keep, by realism score, e.g. 0.5")
+
+    p = sub.add_parser("synth", help="a labelled synthetic dataset from a conditional run")
+    p.add_argument("run_dir")
+    p.add_argument("--per-class", type=int, default=1000)
+    p.add_argument("--out", required=True)
+    p.add_argument("--format", default="folder", choices=["folder", "idx"])
 
     p = sub.add_parser("evaluator", help="the per-dataset classifier whose features the metrics use")
     esub = p.add_subparsers(dest="evaluator_command", required=True)
@@ -294,6 +363,7 @@ LABELS_HELP = ("class name or index for every seed, or a comma list with one per
 
 COMMANDS = {"train": cmd_train, "demo": cmd_demo, "sample": cmd_sample, "interpolate": cmd_interpolate,
             "inpaint": cmd_inpaint, "outpaint": cmd_outpaint, "evaluate": cmd_evaluate, "evaluator": cmd_evaluator,
+            "leaderboard": cmd_leaderboard, "analyse": cmd_analyse, "synth": cmd_synth,
             "data": cmd_data_info, "report": cmd_report, "models": cmd_models}
 
 

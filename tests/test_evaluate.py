@@ -80,3 +80,69 @@ def test_vae_evaluation_reports_reconstruction_error(evaluator, tmp_path):
     run_dir = imagegen.train(imagegen.resolve_config(tree), out=tmp_path, progress=False)
     out = evaluate_run(run_dir, n=50, extractor=ev, log=None)
     assert 0 < out["metrics"]["reconstruction_mse"] < 4
+
+
+def _tiny_run(family, model, steps, out):
+    from conftest import tiny_config
+    tree = tiny_config(steps).to_json()
+    tree["family"], tree["model"] = family, model
+    tree["data"] = {"source": "shapes"}
+    return imagegen.train(imagegen.resolve_config(tree), out=out, progress=False)
+
+
+def test_analyse_keep_improves_fd_and_precision(evaluator, tmp_path, monkeypatch):
+    _, cache = evaluator
+    monkeypatch.setenv("IMAGEGEN_CACHE", str(cache))
+    from imagegen.evaluate.analyse import analyse_run
+    run_dir = _tiny_run("dcgan", {"width": 16, "z_dim": 32}, 600, tmp_path / "runs")
+    out = analyse_run(run_dir, tmp_path / "an", n=1000, keep=0.5, log=None)
+    before, after = out["filter"]["before"], out["filter"]["after"]
+    fd = next(k for k in before if k.startswith("FD-"))
+    assert after[fd] < before[fd] and after["precision"] > before["precision"]
+    kept = out["filter"]["kept"]   # half of each predicted class, rounded per class
+    assert len(list((tmp_path / "an" / "kept").glob("*.png"))) == kept and abs(kept - 500) <= 4
+    page = (tmp_path / "an" / "gallery.html").read_text()
+    assert "copy suspects" in page and page.count("<img") == 3 * 48
+    scores = json.loads((tmp_path / "an" / "analysis.json").read_text())["images"]
+    assert len(scores) == 1000 and {"realism", "confidence", "nearest_train_l2", "discriminator"} <= set(scores[0])
+
+
+def test_anchors_are_ordered_and_the_leaderboard_shows_their_protocol(evaluator, tmp_path, monkeypatch, capsys):
+    _, cache = evaluator
+    monkeypatch.setenv("IMAGEGEN_CACHE", str(cache))
+    from imagegen.cli import main
+    assert main(["evaluate", "--anchors", "--data", "shapes", "--n", "500", "--out", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "anchors-shapes.json").read_text())
+    fd = {name: next(v for k, v in m.items() if k.startswith("FD-")) for name, m in doc["anchors"].items()}
+    assert fd["floor"] < fd["blur"] and fd["floor"] < fd["noise"] and fd["floor"] < fd["random"]
+    capsys.readouterr()
+    assert main(["leaderboard", str(tmp_path / "anchors-shapes.json"), "--html", str(tmp_path / "lb.html")]) == 0
+    table = capsys.readouterr().out
+    assert "anchor: floor" in table and "500 vs 2000 shapes test" in table and "Evaluator: cnn32-shapes-" in table
+    assert table.index("anchor: floor") < table.index("anchor: noise")      # sorted by FD
+    assert "<table>" in (tmp_path / "lb.html").read_text()
+
+
+def test_synthetic_dataset_round_trip_and_tstr(evaluator, tmp_path, monkeypatch):
+    _, cache = evaluator
+    monkeypatch.setenv("IMAGEGEN_CACHE", str(cache))
+    from imagegen.errors import ConfigError
+    from imagegen.evaluate.synth import synthetic_dataset, train_on_synthetic, write_dataset
+    run_dir = _tiny_run("cgan", {"width": 8, "z_dim": 16}, 4, tmp_path / "runs")
+    ds = synthetic_dataset(run_dir, 3)
+    assert len(ds) == 12 and ds.classes == ["circle", "square", "triangle", "star"]
+    write_dataset(ds, tmp_path / "synth")
+    back = imagegen.load_data(imagegen.DataConfig(source=f"folder:{tmp_path / 'synth'}", size=32))
+    assert len(back) == 12 and back.class_counts() == [3, 3, 3, 3]
+    assert sorted(back.classes) == sorted(ds.classes)
+    with pytest.raises(ConfigError, match="grayscale"):
+        write_dataset(ds, tmp_path / "idx", "idx")
+    gray = imagegen.ImageDataset(images=ds.images[:, :1].contiguous(), labels=ds.labels, classes=ds.classes,
+                                 name="g", source="")
+    write_dataset(gray, tmp_path / "idx", "idx")
+    back = imagegen.load_data(f"idx:{tmp_path / 'idx'}")
+    assert torch.equal(back.images, gray.images) and back.classes == ds.classes
+    tstr = train_on_synthetic(run_dir, per_class=20, log=None)
+    assert 0 <= tstr["tstr_accuracy"] <= 1 and tstr["real_accuracy"] > 0.9 and tstr["synthetic_images"] == 80
+    with pytest.raises(ConfigError, match="not class-conditional"):
+        synthetic_dataset(_tiny_run("dcgan", {"width": 8, "z_dim": 16}, 2, tmp_path / "runs2"), 2)

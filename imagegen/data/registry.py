@@ -174,6 +174,12 @@ def load_data(cfg: DataConfig | str) -> ImageDataset:
         if paths[1]:
             images, labels = idx_source.read_idx_pair(paths[0], paths[1], None)
             classes = [str(i) for i in range(int(labels.max()) + 1)]
+            names_file = d / "classes.txt"   # optional class names, one per line (written by `imagegen synth`)
+            if names_file.is_file():
+                names = [line.strip() for line in names_file.read_text().splitlines() if line.strip()]
+                if len(names) < len(classes):
+                    raise DataError(f"{names_file}: {len(names)} names for {len(classes)} classes")
+                classes = names
         else:
             images = torch.from_numpy(idx_source.read_idx(paths[0], ndim=3).copy()).unsqueeze(1)
             labels, classes = torch.full((images.shape[0],), -1, dtype=torch.long), []

@@ -115,7 +115,31 @@ def cache_dir(data: str) -> Path:
     return root / "evaluators" / "".join(c if c.isalnum() or c in "-_." else "-" for c in data)
 
 
-def _accuracy(net: EvalNet, ds) -> float:
+def fit_classifier(train_ds, cfg: EvaluatorConfig, log=print) -> EvalNet:
+    """An EvalNet trained on a labelled dataset: Adam with a one-cycle schedule, batches from
+    (seed, step), so the same data, config and machine give the same weights."""
+    if not train_ds.labelled:
+        raise ConfigError(f"the evaluator is a classifier: {train_ds.name!r} has no classes")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        net = EvalNet(train_ds.channels, len(train_ds.classes), cfg.width)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    steps = cfg.epochs * train_ds.steps_per_epoch(cfg.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps)
+    net.train()
+    for step in range(steps):
+        b = train_ds.batch_at(step, cfg.batch_size, cfg.seed)
+        loss = F.cross_entropy(net(b["image"]), b["label"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if log and (step + 1) % 200 == 0:
+            log(f"classifier step {step + 1}/{steps}  loss {loss.item():.3f}")
+    return net.eval()
+
+
+def accuracy(net: EvalNet, ds) -> float:
     correct = 0
     with torch.no_grad():
         for i in range(0, len(ds), BATCH):
@@ -130,27 +154,9 @@ def train_evaluator(cfg: EvaluatorConfig, *, out: Path | None = None, log=print)
     cfg.validate()
     train_ds = load_data(DataConfig(source=cfg.data, split="train", limit=cfg.limit))
     test_ds = load_data(DataConfig(source=cfg.data, split="test"))
-    if not train_ds.labelled:
-        raise ConfigError(f"the evaluator is a classifier: {cfg.data!r} has no classes")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        net = EvalNet(train_ds.channels, len(train_ds.classes), cfg.width)
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-    steps = cfg.epochs * train_ds.steps_per_epoch(cfg.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps)
     t0 = time.perf_counter()
-    net.train()
-    for step in range(steps):
-        b = train_ds.batch_at(step, cfg.batch_size, cfg.seed)
-        loss = F.cross_entropy(net(b["image"]), b["label"])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if log and (step + 1) % 200 == 0:
-            log(f"evaluator step {step + 1}/{steps}  loss {loss.item():.3f}")
-    net.eval()
-    accuracy = _accuracy(net, test_ds)
+    net = fit_classifier(train_ds, cfg, log)
+    test_accuracy = accuracy(net, test_ds)
 
     folder = Path(out) if out is not None else cache_dir(cfg.data)
     folder.mkdir(parents=True, exist_ok=True)
@@ -160,7 +166,7 @@ def train_evaluator(cfg: EvaluatorConfig, *, out: Path | None = None, log=print)
     os.replace(tmp, folder / "weights.safetensors")
     info = {"name": f"cnn{4 * cfg.width}-{train_ds.name}-{digest[:8]}", "sha256": digest, "config": asdict(cfg),
             "classes": train_ds.classes, "image_size": train_ds.size, "channels": train_ds.channels,
-            "test_accuracy": accuracy, "test_images": len(test_ds), "train_images": len(train_ds),
+            "test_accuracy": test_accuracy, "test_images": len(test_ds), "train_images": len(train_ds),
             "train_seconds": round(time.perf_counter() - t0, 1)}
     write_json_atomic(folder / "evaluator.json", info)
     return Evaluator(net, info)

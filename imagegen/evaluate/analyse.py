@@ -1,0 +1,141 @@
+"""AI analysis of generated images: a score per image, a ranked gallery, filtering, memorisation checks.
+
+Per image:
+- `confidence`: the evaluator's top class probability (does it look like *some* class?);
+- `realism`: the realism score of Kynkäänniemi et al. (2019): max over real images i of r_i / ||f - f_i||,
+  with r_i the distance from real i to its k-th nearest real neighbour in evaluator features. Above 1
+  means inside some real image's neighbourhood. It is the ranking and filtering score;
+- `discriminator`: the GAN discriminator's logit, for GAN families;
+- `nearest_train_l2`: pixel distance (RMS, [-1, 1] units) to the closest training image, and its index:
+  very small values flag possible copies of the training set (memorisation).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import load_run, write_json_atomic
+from ..data import DataConfig, load_data
+from ..errors import ConfigError
+from ..sample import default_labels, generate, save_images, to_pil, to_uint8
+from .evaluator import get_evaluator
+from .metrics import CHUNK
+from .run_eval import MAX_N, compare
+
+REAL_REFERENCE = 10_000   # real training images that define the manifold for the realism score
+GALLERY = 48              # images per gallery section
+
+
+def realism_scores(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> torch.Tensor:
+    """N realism scores of fake features against real features (both N x D)."""
+    real, fake = real.float(), fake.float()
+    radii = torch.cat([torch.cdist(real[i:i + CHUNK], real).kthvalue(k + 1, dim=1).values
+                       for i in range(0, real.shape[0], CHUNK)])
+    # Kynkäänniemi et al. drop the real points with the largest radii (outliers) from the reference.
+    keep = radii <= radii.quantile(0.9)
+    real, radii = real[keep], radii[keep]
+    return torch.cat([(radii[None] / torch.cdist(fake[i:i + CHUNK], real).clamp(min=1e-12)).max(dim=1).values
+                      for i in range(0, fake.shape[0], CHUNK)])
+
+
+def nearest_train(fake: torch.Tensor, train: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(RMS pixel distance, index) of each fake image's nearest training image."""
+    f, t = fake.flatten(1).float(), train.flatten(1).float()
+    best_d = torch.full((f.shape[0],), float("inf"))
+    best_i = torch.zeros(f.shape[0], dtype=torch.long)
+    for j in range(0, t.shape[0], CHUNK):
+        d, i = torch.cdist(f, t[j:j + CHUNK]).min(dim=1)
+        better = d < best_d
+        best_d[better], best_i[better] = d[better], i[better] + j
+    return best_d / f.shape[1] ** 0.5, best_i
+
+
+def analyse_run(run_dir: str | Path, out_dir: str | Path, *, n: int = 2000, keep: float | None = None,
+                log=print) -> dict:
+    """Score n samples (seeds 0..n-1), write analysis.json and gallery.html to out_dir; with `keep`,
+    also write the best `keep` share to out_dir/kept/ and report metrics before and after filtering."""
+    if not 2 <= n <= MAX_N:
+        raise ConfigError(f"--n must be in 2..{MAX_N}, got {n}")
+    if keep is not None and not 0 < keep < 1:
+        raise ConfigError(f"--keep must be a share in (0, 1), got {keep}")
+    run = load_run(run_dir)
+    data = run.config.get("data", {}).get("source")
+    extractor = get_evaluator(data, log=log)
+    train = load_data(DataConfig(source=data, split="train"))
+    test = load_data(DataConfig(source=data, split="test"))
+    seeds = list(range(n))
+    labels = default_labels(run.model, seeds)
+    fake = generate(run.model, seeds, labels=labels)
+    ref = train.images[torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:REAL_REFERENCE]]
+    realism = realism_scores(extractor.features(ref.float() / 127.5 - 1), extractor.features(fake))
+    probs = extractor.probs(fake)
+    confidence, predicted = probs.max(dim=1)
+    dist, idx = nearest_train(fake, train.images.float() / 127.5 - 1)
+    scores = {"realism": realism, "confidence": confidence, "nearest_train_l2": dist}
+    if hasattr(run.model, "critic"):
+        with torch.no_grad():
+            scores["discriminator"] = torch.cat([run.model.critic(fake[i:i + 256], None if labels is None else labels[i:i + 256])
+                                                 for i in range(0, n, 256)]).float()
+    per_image = [{"seed": s, **{k: float(v[j]) for k, v in scores.items()}, "nearest_train_index": int(idx[j]),
+                  "predicted_class": train.classes[int(predicted[j])] if train.classes else int(predicted[j]),
+                  **({"label": train.classes[int(labels[j])]} if labels is not None else {})}
+                 for j, s in enumerate(seeds)]
+    order = torch.argsort(realism, descending=True)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = {"run": str(run.path), "family": run.family, "step": run.step, "n": n, "evaluator": extractor.name,
+              "score": "realism (Kynkäänniemi et al. 2019, k=3, 10k real training images)",
+              "summary": {k: {"mean": float(v.mean()), "min": float(v.min()), "max": float(v.max())} for k, v in scores.items()},
+              "possible_copies": int((dist < 0.05).sum())}
+    if keep is not None:
+        # Keep the best share within each class (the label asked for, or else the evaluator's prediction),
+        # so filtering raises quality without trading away the class balance.
+        groups = labels if labels is not None else predicted
+        kept = torch.cat([idx_c[torch.argsort(realism[idx_c], descending=True)][:max(1, int(round(keep * len(idx_c))))]
+                          for c in groups.unique() for idx_c in [(groups == c).nonzero().flatten()]])
+        kept = kept.sort().values
+        real = test.images.float() / 127.5 - 1
+        # "before" is an unfiltered set of the same size (seeds 0..k-1): FD is biased by sample count.
+        before, after = compare(extractor, real, fake[:len(kept)]), compare(extractor, real, fake[kept])
+        fd = f"FD-{extractor.name}"
+        result["filter"] = {"keep": keep, "kept": len(kept), "before": {k: before[k] for k in (fd, "precision", "recall")},
+                            "after": {k: after[k] for k in (fd, "precision", "recall")}}
+        save_images(fake[kept], out_dir / "kept", [seeds[int(j)] for j in kept])
+    write_json_atomic(out_dir / "analysis.json", {**result, "images": per_image})
+    _gallery(out_dir / "gallery.html", fake, per_image, order, torch.argsort(dist), result)
+    return result
+
+
+def _png_uri(image: torch.Tensor) -> str:
+    buf = io.BytesIO()
+    to_pil(to_uint8(image[None])[0]).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _gallery(path: Path, fake: torch.Tensor, per_image: list[dict], order: torch.Tensor,
+             by_distance: torch.Tensor, result: dict) -> None:
+    def section(title: str, idx: torch.Tensor) -> str:
+        cells = []
+        for j in idx[:GALLERY].tolist():
+            r = per_image[j]
+            tip = html.escape(", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()))
+            cells.append(f'<figure><img src="{_png_uri(fake[j])}" title="{tip}"><figcaption>seed {r["seed"]}<br>'
+                         f'{r["realism"]:.2f}</figcaption></figure>')
+        return f"<h2>{html.escape(title)}</h2><div class='g'>{''.join(cells)}</div>"
+
+    parts = [f"<h1>Analysis of {html.escape(Path(result['run']).name)}</h1>",
+             "<pre>" + html.escape(json.dumps(result, indent=2)) + "</pre>",
+             section("Best (highest realism score)", order),
+             section("Worst (lowest realism score)", order.flip(0)),
+             section("Nearest to a training image (copy suspects)", by_distance)]
+    page = ("<!doctype html><html><head><meta charset='utf-8'><title>imagegen analysis</title><style>"
+            "body{font-family:system-ui,sans-serif;margin:2em}.g{display:flex;flex-wrap:wrap;gap:6px}"
+            "figure{margin:0;text-align:center;font-size:11px}img{width:56px;image-rendering:pixelated}"
+            "</style></head><body>" + "".join(parts) + "</body></html>\n")
+    path.write_text(page)

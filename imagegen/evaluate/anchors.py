@@ -1,0 +1,151 @@
+"""Anchors that give a metric its scale, measured under the same protocol as the runs, and the leaderboard.
+
+- floor:  real training images (the best any model can do: two samples of the real distribution);
+- blur:   real training images blurred (Gaussian, sigma 1.5 px): right content, wrong detail;
+- noise:  Gaussian noise images: nothing right;
+- random: the `random` baseline (per-pixel histograms), the floor every model must beat.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..checkpoint import write_json_atomic
+from ..data import DataConfig, load_data
+from ..errors import ConfigError
+from ..models.baseline import RandomPixels
+from ..sample import generate
+from .evaluator import get_evaluator
+from .run_eval import MAX_N, compare
+
+ANCHORS = ("floor", "blur", "noise", "random")
+
+
+def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of N x C x H x W images, edges replicated."""
+    radius = max(1, math.ceil(3 * sigma))
+    x = torch.arange(-radius, radius + 1, dtype=images.dtype)
+    k = torch.exp(-x ** 2 / (2 * sigma ** 2))
+    k = k / k.sum()
+    c = images.shape[1]
+    out = F.pad(images, (radius, radius, radius, radius), mode="replicate")
+    out = F.conv2d(out, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    return F.conv2d(out, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+
+
+def anchor_images(name: str, train, n: int, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    real = train.images[torch.randperm(len(train), generator=gen)[:n]].float() / 127.5 - 1
+    if name == "floor":
+        return real
+    if name == "blur":
+        return gaussian_blur(real, 1.5)
+    if name == "noise":
+        return torch.randn(real.shape, generator=gen).clamp(-1, 1)
+    if name == "random":
+        model = RandomPixels(RandomPixels.Config(image_size=train.size, channels=train.channels))
+        model.prepare(train)
+        return generate(model, list(range(n)))
+    raise ConfigError(f"unknown anchor {name!r} (known: {', '.join(ANCHORS)})")
+
+
+def evaluate_anchors(data: str, *, n: int = 10_000, out_dir: str | Path = "runs", log=print) -> dict:
+    """anchors-<data>.json in out_dir: every anchor's metrics against the real test split."""
+    if not 2 <= n <= MAX_N:
+        raise ConfigError(f"--n must be in 2..{MAX_N}, got {n}")
+    extractor = get_evaluator(data, log=log)
+    train = load_data(DataConfig(source=data, split="train"))
+    test = load_data(DataConfig(source=data, split="test"))
+    n = min(n, len(train))
+    real = test.images.float() / 127.5 - 1
+    result = {"data": data, "protocol": {"generated": n, "real": len(test), "real_split": "test", "data": data,
+                                         "evaluator": extractor.name,
+                                         "evaluator_sha256": getattr(extractor, "info", {}).get("sha256"),
+                                         "anchor_images": "drawn from the train split (seed 0); blur sigma 1.5 px; "
+                                                          "noise N(0, 1) clipped to [-1, 1]"},
+              "anchors": {}}
+    for name in ANCHORS:
+        if log:
+            log(f"anchor {name}")
+        result["anchors"][name] = compare(extractor, real, anchor_images(name, train, n))
+    out = Path(out_dir) / f"anchors-{_slug(data)}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out, result)
+    result["path"] = str(out)
+    return result
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in text)
+
+
+# --- the leaderboard -------------------------------------------------------------------------------
+
+
+def collect(paths: list[str | Path]) -> list[dict]:
+    """Rows from run folders (metrics.json), anchor files, or folders holding either."""
+    rows: list[dict] = []
+    for p in map(Path, paths):
+        if not p.exists():
+            raise ConfigError(f"{p}: no such file or folder")
+        files = [p] if p.is_file() else ([p / "metrics.json"] if (p / "metrics.json").exists()
+                                         else sorted(p.glob("*/metrics.json")) + sorted(p.glob("anchors-*.json")))
+        for f in files:
+            try:
+                doc = json.loads(f.read_text())
+            except ValueError as e:
+                raise ConfigError(f"{f}: unreadable ({e})") from None
+            if "anchors" in doc:
+                for name, m in doc["anchors"].items():
+                    rows.append({"name": f"anchor: {name}", "kind": "anchor", "step": "", "metrics": m,
+                                 "protocol": doc["protocol"]})
+            elif "metrics" in doc:
+                rows.append({"name": Path(doc.get("run", f.parent)).name, "kind": doc.get("family", "?"),
+                             "step": doc.get("step", ""), "metrics": doc["metrics"], "protocol": doc["protocol"]})
+    if not rows:
+        raise ConfigError("no metrics.json or anchors-*.json found; run `imagegen evaluate` first")
+    return rows
+
+
+COLUMNS = [("FD", "FD-"), ("KID", "KID-"), ("precision", "precision"), ("recall", "recall"),
+           ("density", "density"), ("coverage", "coverage"), ("IS", "IS-")]
+
+
+def _value(metrics: dict, key: str) -> float | None:
+    if key.endswith("-"):
+        hits = [v for k, v in metrics.items() if k.startswith(key) and not k.endswith("-std")]
+        return hits[0] if hits else None
+    return metrics.get(key)
+
+
+def leaderboard(rows: list[dict]) -> tuple[str, str]:
+    """(Markdown, HTML) tables sorted by FD, each row with the protocol it was measured under."""
+    evaluators = {r["protocol"]["evaluator"] for r in rows}
+    rows = sorted(rows, key=lambda r: _value(r["metrics"], "FD-") if _value(r["metrics"], "FD-") is not None else math.inf)
+    head = ["entry", "family", "step"] + [c for c, _ in COLUMNS] + ["classes", "protocol"]
+    table = []
+    for r in rows:
+        m, p = r["metrics"], r["protocol"]
+        cc = m.get("class_coverage", {})
+        table.append([r["name"], r["kind"], str(r["step"])]
+                     + [f"{v:.4g}" if (v := _value(m, key)) is not None else "" for _, key in COLUMNS]
+                     + [f"{cc.get('classes_present', '')}/{cc.get('classes', '')}",
+                        f"{p['generated']} vs {p['real']} {p['data']} {p['real_split']}"])
+    md = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    md += ["| " + " | ".join(row) + " |" for row in table]
+    note = f"Evaluator: {', '.join(sorted(evaluators))}" + (
+        " (WARNING: different evaluators; numbers across them are not comparable)" if len(evaluators) > 1 else "")
+    markdown = "\n".join(md) + "\n\n" + note + "\n"
+    cells = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in table)
+    page = ("<!doctype html><html><head><meta charset='utf-8'><title>imagegen leaderboard</title><style>"
+            "body{font-family:system-ui,sans-serif;margin:2em}td,th{padding:2px 8px;text-align:right}"
+            "td:first-child{text-align:left}</style></head><body><h1>Leaderboard</h1><table><tr>"
+            + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>" + cells + "</table><p>"
+            + html.escape(note) + "</p></body></html>\n")
+    return markdown, page
