@@ -44,11 +44,12 @@ class TrainConfig:
     checkpoint_every: int = 1000  # and always at the end of a run
     keep_checkpoints: int = 3
     max_bad_steps: int = 10       # stop after this many non-finite steps in a row
+    time_limit: float = 0.0       # seconds of training after which the run ends early, saved (0 = none)
 
     def validate(self) -> None:
         check_positive(self, "steps", "batch_size", "log_every", "grid_size", "checkpoint_every",
                        "keep_checkpoints", "max_bad_steps")
-        check_positive(self, "seed", "threads", "sample_every", allow_zero=True)
+        check_positive(self, "seed", "threads", "sample_every", "time_limit", allow_zero=True)
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
 
@@ -203,6 +204,7 @@ def train(cfg: RunConfig, *, out: str | Path = "runs", resume: str | Path | None
         images = generate(ema, list(range(n)), labels=labels)
         grid(images, nrow=k or None, scale=2 if images.shape[-1] < 48 else 1).save(run_dir / "samples" / f"step-{step:07d}.png")
 
+    started = time.perf_counter()
     try:
         model.train()
         for step in range(start, tc.steps):
@@ -247,7 +249,9 @@ def train(cfg: RunConfig, *, out: str | Path = "runs", resume: str | Path | None
             # Logs, grids and checkpoints.
             done = step + 1
             bar.update(1)
-            if done % tc.log_every == 0 or done == tc.steps:
+            # A time budget ends the run at this step, with the log, grid and checkpoint of a normal end.
+            last = done == tc.steps or bool(tc.time_limit and time.perf_counter() - started >= tc.time_limit)
+            if done % tc.log_every == 0 or last:
                 means = {k: sum(v) / len(v) for k, v in window.items()}
                 record = {"step": done, "images_per_s": window_images / max(window_time, 1e-9),
                           "bad_steps": bad_total, **means}
@@ -255,10 +259,12 @@ def train(cfg: RunConfig, *, out: str | Path = "runs", resume: str | Path | None
                 log_file.flush()
                 bar.set_postfix({**{k: f"{v:.3f}" for k, v in means.items()}, "img/s": f"{record['images_per_s']:.0f}"})
                 window, window_time, window_images = {}, 0.0, 0
-            if (tc.sample_every and done % tc.sample_every == 0) or done == tc.steps:
+            if (tc.sample_every and done % tc.sample_every == 0) or last:
                 sample_grid(done)
-            if done % tc.checkpoint_every == 0 or done == tc.steps:
+            if done % tc.checkpoint_every == 0 or last:
                 save(done)
+            if last:
+                break
     finally:
         bar.close()
         log_file.close()
