@@ -9,12 +9,14 @@ The public API:
     images = imagegen.generate(run.model, seeds=range(16))   # 16 x C x H x W in [-1, 1]
     labels = imagegen.parse_labels("sneaker,bag", run.classes, 2)     # conditional families
     filled = imagegen.extend_image(run.model, image, mask, seed=0)  # diffusion inpainting
+    report = imagegen.evaluate_run(run_dir, n=10_000)                 # metrics.json, stamped with its protocol
 """
 
 __version__ = "0.1.0"
 
 from .checkpoint import Run, build_model, load_run
 from .data import DataConfig, ImageDataset, describe, load_data
+from .evaluate.run_eval import evaluate_run
 from .models import REGISTRY
 from .report import write_report
 from .sample import extend_image, generate, interpolate, interpolate_images, outpaint_canvas, parse_labels
@@ -22,6 +24,6 @@ from .train import RunConfig, TrainConfig, resolve_config, train
 
 __all__ = [
     "DataConfig", "ImageDataset", "REGISTRY", "Run", "RunConfig", "TrainConfig", "build_model", "describe",
-    "extend_image", "generate", "interpolate", "interpolate_images", "load_data", "load_run", "outpaint_canvas",
+    "evaluate_run", "extend_image", "generate", "interpolate", "interpolate_images", "load_data", "load_run", "outpaint_canvas",
     "parse_labels", "resolve_config", "train", "write_report",
 ]

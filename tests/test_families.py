@@ -157,3 +157,17 @@ def test_models_command_lists_every_family_with_its_options(capsys):
     for name in REGISTRY:
         assert name in out
     assert "--guidance" in out and "--truncation" in out and "needs labels" in out
+
+
+def test_discriminator_rejection_sampling_is_per_seed_and_prefers_what_d_likes(tiny_run):
+    model = imagegen.load_run(tiny_run).model
+    seeds = list(range(12))
+    drs = generate(model, seeds, drs=80)
+    assert torch.equal(drs, generate(model, seeds, drs=80))
+    assert torch.equal(drs[[2, 7]], generate(model, [2, 7], drs=80, batch_size=1))
+    plain = generate(model, seeds)
+    with torch.no_grad():
+        d_drs, d_plain = model.critic(drs, None).mean(), model.critic(plain, None).mean()
+    assert d_drs > d_plain
+    with pytest.raises(ConfigError, match="percentile"):
+        generate(model, seeds, drs=100)

@@ -227,7 +227,10 @@ def gradient_penalty(D: Callable[[torch.Tensor], torch.Tensor], real: torch.Tens
 class DCGAN(Family):
     Config = Config
     name = "dcgan"
-    sample_options = {"truncation": (float, "clamp the latent to [-t, t] (0 = off): less variety, more fidelity")}
+    sample_options = {
+        "truncation": (float, "clamp the latent to [-t, t] (0 = off): less variety, more fidelity"),
+        "drs": (float, "discriminator rejection sampling: gamma at this percentile of the burn-in scores, e.g. 80 (0 = off)"),
+    }
 
     networks = (Generator, Discriminator)   # the conditional GAN swaps in its own
 
@@ -290,14 +293,70 @@ class DCGAN(Family):
 
     @torch.no_grad()
     def sample(self, n: int, *, labels: torch.Tensor | None = None, generator: Generators = None,
-               noise: torch.Tensor | None = None, truncation: float = 0.0) -> torch.Tensor:
+               noise: torch.Tensor | None = None, truncation: float = 0.0, drs: float = 0.0) -> torch.Tensor:
         """n images in [-1, 1]. `noise` (n x z_dim) replaces the random draw; `truncation` > 0 clamps
-        the latent to [-truncation, truncation] (the truncation trick: less variety, more fidelity)."""
+        the latent to [-truncation, truncation] (the truncation trick: less variety, more fidelity);
+        `drs` > 0 turns on discriminator rejection sampling (see `rejection_sample`)."""
         labels = self.check_labels(n, labels)
         if truncation < 0:
             raise ConfigError(f"truncation must be >= 0, got {truncation}")
+        if not 0 <= drs < 100:
+            raise ConfigError(f"drs must be a percentile in [0, 100), got {drs}")
+        if drs:
+            if noise is not None:
+                raise ConfigError("drs draws its own candidates; it cannot take fixed noise")
+            return self.rejection_sample(n, labels, generator, drs, truncation)
         z = self.draw_noise(n, generator) if noise is None else noise.to(self.device)
         if truncation > 0:
             z = z.clamp(-truncation, truncation)
         with eval_mode(self):
             return run_fixed_batch(self.fake, z, labels)
+
+    DRS_BURN_IN = 1024      # candidates that set D's maximum and the acceptance threshold
+    DRS_ROUNDS = 50         # a seed still rejected after this many candidates keeps its last one
+
+    def rejection_sample(self, n: int, labels: torch.Tensor | None, generator: Generators, percentile: float,
+                         truncation: float = 0.0) -> torch.Tensor:
+        """Discriminator rejection sampling (Azadi et al., "Discriminator Rejection Sampling", ICLR 2019).
+
+        D's logit estimates log p_data(x) / p_g(x). A candidate is accepted with probability
+        sigmoid(F(x) - gamma), F(x) = D(x) - D_max - log(1 - exp(D(x) - D_max - eps)), where D_max and
+        gamma (the `percentile` of F) come from a fixed burn-in set. Each seed draws candidates and
+        acceptance coins from its own generator until one is accepted, so an image still depends only
+        on its seed."""
+        gens = list(generator) if isinstance(generator, (list, tuple)) else [generator] * n
+        k = self.num_classes
+        with eval_mode(self):
+            def score(z: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                if truncation > 0:
+                    z = z.clamp(-truncation, truncation)
+                x = run_fixed_batch(self.fake, z, y)
+                return x, run_fixed_batch(lambda x_, y_: self.critic(x_, y_)[:, None], x, y)[:, 0].double()
+
+            burn = torch.Generator().manual_seed(2**62)
+            yb = (torch.arange(self.DRS_BURN_IN, device=self.device) % k) if k else None
+            _, d_burn = score(self.draw_noise(self.DRS_BURN_IN, burn), yb)
+            d_max, eps = float(d_burn.max()), 1e-6
+
+            def f(d: torch.Tensor) -> torch.Tensor:
+                return d - d_max - torch.log1p(-torch.exp((d - d_max - eps).clamp(max=-eps)))
+
+            gamma = float(torch.quantile(f(d_burn), percentile / 100))
+            out: list[torch.Tensor | None] = [None] * n
+            pending = list(range(n))
+            for round_ in range(self.DRS_ROUNDS):
+                y = labels[pending] if labels is not None else None
+                x, d = score(self.draw_noise(len(pending), [gens[i] for i in pending]), y)
+                coins = torch.stack([torch.rand((), generator=gens[i], device=gens[i].device if gens[i] else "cpu")
+                                     for i in pending]).double().to(d.device)
+                accept = coins < torch.sigmoid(f(d) - gamma)
+                still = []
+                for j, i in enumerate(pending):
+                    if accept[j] or round_ + 1 == self.DRS_ROUNDS:
+                        out[i] = x[j]
+                    else:
+                        still.append(i)
+                pending = still
+                if not pending:
+                    break
+        return torch.stack(out)
