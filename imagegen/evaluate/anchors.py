@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint import write_json_atomic
+from ..checkpoint import slug, write_json_atomic
 from ..data import DataConfig, load_data
 from ..errors import ConfigError
 from ..models.baseline import RandomPixels
@@ -74,15 +74,11 @@ def evaluate_anchors(data: str, *, n: int = 10_000, out_dir: str | Path = "runs"
         if log:
             log(f"anchor {name}")
         result["anchors"][name] = compare(extractor, real, anchor_images(name, train, n))
-    out = Path(out_dir) / f"anchors-{_slug(data)}.json"
+    out = Path(out_dir) / f"anchors-{slug(data)}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out, result)
     result["path"] = str(out)
     return result
-
-
-def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "-" for c in text)
 
 
 # --- the leaderboard -------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..checkpoint import write_json_atomic
+from ..checkpoint import slug, write_json_atomic
 from ..config import check_positive, from_dict
 from ..data import DataConfig, load_data
 from ..errors import CheckpointError, ConfigError
@@ -112,7 +112,7 @@ class Evaluator:
 
 def cache_dir(data: str) -> Path:
     root = Path(os.environ.get("IMAGEGEN_CACHE") or Path.home() / ".cache" / "imagegen")
-    return root / "evaluators" / "".join(c if c.isalnum() or c in "-_." else "-" for c in data)
+    return root / "evaluators" / slug(data)
 
 
 def fit_classifier(train_ds, cfg: EvaluatorConfig, log=print) -> EvalNet:

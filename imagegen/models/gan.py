@@ -331,7 +331,7 @@ class DCGAN(Family):
                 if truncation > 0:
                     z = z.clamp(-truncation, truncation)
                 x = run_fixed_batch(self.fake, z, y)
-                return x, run_fixed_batch(lambda x_, y_: self.critic(x_, y_)[:, None], x, y)[:, 0].double()
+                return x, run_fixed_batch(self.critic, x, y).double()
 
             burn = torch.Generator().manual_seed(2**62)
             yb = (torch.arange(self.DRS_BURN_IN, device=self.device) % k) if k else None
