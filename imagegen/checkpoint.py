@@ -269,6 +269,11 @@ class Run:
     def classes(self) -> list[str]:
         return list(self.config.get("classes", []))
 
+    @property
+    def data_source(self) -> str | None:
+        """The `--data` spec the run trained on (e.g. "fashion-mnist")."""
+        return self.config.get("data", {}).get("source")
+
 
 def build_model(family: str, model_cfg: dict) -> Family:
     cls = family_class(family)

@@ -104,6 +104,11 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).numpy()
 
 
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 N x C x H x W -> float in [-1, 1]: the inverse of to_uint8's scaling, for data read at the edge."""
+    return images.float() / 127.5 - 1
+
+
 def to_pil(image_hwc: np.ndarray) -> Image.Image:
     return Image.fromarray(image_hwc[:, :, 0] if image_hwc.shape[2] == 1 else image_hwc)
 
@@ -184,7 +189,7 @@ def interpolate_images(model: Family, image_a: torch.Tensor, image_b: torch.Tens
 def read_image(path: str | Path, channels: int) -> torch.Tensor:
     """One image file -> 1 x channels x H x W in [-1, 1] (converted to gray or RGB as the model needs)."""
     arr = load_image(Path(path), None, channels)                         # H x W x C uint8
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
+    return to_float(torch.from_numpy(arr.copy()).permute(2, 0, 1)[None])
 
 
 def read_mask(path: str | Path, height: int, width: int) -> torch.Tensor:

@@ -23,7 +23,7 @@ import torch
 from ..checkpoint import load_run, write_json_atomic
 from ..data import DataConfig, load_data
 from ..errors import ConfigError
-from ..sample import default_labels, generate, save_images, to_pil, to_uint8
+from ..sample import default_labels, generate, save_images, to_float, to_pil, to_uint8
 from .evaluator import get_evaluator
 from .metrics import CHUNK
 from .run_eval import MAX_N, compare
@@ -65,18 +65,18 @@ def analyse_run(run_dir: str | Path, out_dir: str | Path, *, n: int = 2000, keep
     if keep is not None and not 0 < keep < 1:
         raise ConfigError(f"--keep must be a share in (0, 1), got {keep}")
     run = load_run(run_dir)
-    data = run.config.get("data", {}).get("source")
+    data = run.data_source
     extractor = get_evaluator(data, log=log)
     train = load_data(DataConfig(source=data, split="train"))
-    test = load_data(DataConfig(source=data, split="test"))
+    train_images = to_float(train.images)
     seeds = list(range(n))
     labels = default_labels(run.model, seeds)
     fake = generate(run.model, seeds, labels=labels)
-    ref = train.images[torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:REAL_REFERENCE]]
-    realism = realism_scores(extractor.features(ref.float() / 127.5 - 1), extractor.features(fake))
+    ref = train_images[torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:REAL_REFERENCE]]
+    realism = realism_scores(extractor.features(ref), extractor.features(fake))
     probs = extractor.probs(fake)
     confidence, predicted = probs.max(dim=1)
-    dist, idx = nearest_train(fake, train.images.float() / 127.5 - 1)
+    dist, idx = nearest_train(fake, train_images)
     scores = {"realism": realism, "confidence": confidence, "nearest_train_l2": dist}
     if hasattr(run.model, "critic"):
         with torch.no_grad():
@@ -100,7 +100,7 @@ def analyse_run(run_dir: str | Path, out_dir: str | Path, *, n: int = 2000, keep
         kept = torch.cat([idx_c[torch.argsort(realism[idx_c], descending=True)][:max(1, int(round(keep * len(idx_c))))]
                           for c in groups.unique() for idx_c in [(groups == c).nonzero().flatten()]])
         kept = kept.sort().values
-        real = test.images.float() / 127.5 - 1
+        real = to_float(load_data(DataConfig(source=data, split="test")).images)
         # "before" is an unfiltered set of the same size (seeds 0..k-1): FD is biased by sample count.
         before, after = compare(extractor, real, fake[:len(kept)]), compare(extractor, real, fake[kept])
         fd = f"FD-{extractor.name}"

@@ -20,7 +20,7 @@ from ..checkpoint import slug, write_json_atomic
 from ..data import DataConfig, load_data
 from ..errors import ConfigError
 from ..models.baseline import RandomPixels
-from ..sample import generate
+from ..sample import generate, to_float
 from .evaluator import get_evaluator
 from .run_eval import MAX_N, compare
 
@@ -41,7 +41,7 @@ def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
 
 def anchor_images(name: str, train, n: int, seed: int = 0) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
-    real = train.images[torch.randperm(len(train), generator=gen)[:n]].float() / 127.5 - 1
+    real = to_float(train.images[torch.randperm(len(train), generator=gen)[:n]])
     if name == "floor":
         return real
     if name == "blur":
@@ -63,7 +63,7 @@ def evaluate_anchors(data: str, *, n: int = 10_000, out_dir: str | Path = "runs"
     train = load_data(DataConfig(source=data, split="train"))
     test = load_data(DataConfig(source=data, split="test"))
     n = min(n, len(train))
-    real = test.images.float() / 127.5 - 1
+    real = to_float(test.images)
     result = {"data": data, "protocol": {"generated": n, "real": len(test), "real_split": "test", "data": data,
                                          "evaluator": extractor.name,
                                          "evaluator_sha256": getattr(extractor, "info", {}).get("sha256"),

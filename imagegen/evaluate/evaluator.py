@@ -190,10 +190,8 @@ def load_evaluator(data: str, *, folder: Path | None = None) -> Evaluator:
 
 def get_evaluator(data: str, *, log=print) -> Evaluator:
     """The cached evaluator of `data`, trained first (default config) when there is none."""
-    try:
+    if (cache_dir(data) / "evaluator.json").exists():
         return load_evaluator(data)
-    except CheckpointError as e:
-        if "no evaluator" not in str(e):
-            raise
+    if log:
         log(f"training the evaluator for {data} (once; cached in {cache_dir(data)})")
-        return train_evaluator(EvaluatorConfig(data=data), log=log)
+    return train_evaluator(EvaluatorConfig(data=data), log=log)

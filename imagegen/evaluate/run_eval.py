@@ -11,7 +11,7 @@ import torch
 from ..checkpoint import load_run, write_json_atomic
 from ..data import DataConfig, load_data
 from ..errors import ConfigError
-from ..sample import default_labels, generate
+from ..sample import default_labels, generate, to_float
 from . import metrics as M
 from .evaluator import FeatureExtractor, get_evaluator
 
@@ -38,7 +38,7 @@ def evaluate_run(run_dir: str | Path, *, n: int = 10_000, data: str | None = Non
     if not 2 <= n <= MAX_N:
         raise ConfigError(f"--n must be in 2..{MAX_N}, got {n}")
     run = load_run(run_dir)
-    data = data or run.config.get("data", {}).get("source")
+    data = data or run.data_source
     if not data:
         raise ConfigError(f"{run_dir}: config.json names no data source; pass --data")
     extractor = extractor or get_evaluator(data, log=log)
@@ -47,7 +47,7 @@ def evaluate_run(run_dir: str | Path, *, n: int = 10_000, data: str | None = Non
     seeds = list(range(n))
     fake = generate(run.model, seeds, labels=default_labels(run.model, seeds), batch_size=batch_size)
     sample_seconds = time.perf_counter() - t0
-    real_images = real.images.float() / 127.5 - 1
+    real_images = to_float(real.images)
     result = compare(extractor, real_images, fake)
     if hasattr(run.model, "reconstruct"):   # VAEs: how well the test images come back through the latent
         labels = real.labels if run.model.conditional else None

@@ -17,7 +17,7 @@ import torch
 from ..checkpoint import load_run
 from ..data import DataConfig, ImageDataset, load_data
 from ..errors import ConfigError
-from ..sample import generate, save_images, to_uint8
+from ..sample import generate, save_images, to_float, to_uint8
 from .evaluator import EvaluatorConfig, accuracy, fit_classifier, get_evaluator
 
 MAX_PER_CLASS = 20_000
@@ -60,7 +60,7 @@ def write_dataset(ds: ImageDataset, out_dir: str | Path, fmt: str = "folder") ->
         for c, name in enumerate(ds.classes):
             folder = out / "".join(ch if ch.isalnum() or ch in " -_." else "-" for ch in name)
             sel = (ds.labels == c).nonzero().flatten()
-            save_images(ds.images[sel].float() / 127.5 - 1, folder, sel.tolist())
+            save_images(to_float(ds.images[sel]), folder, sel.tolist())
     else:
         raise ConfigError(f"--format must be folder or idx, got {fmt!r}")
     return out
@@ -69,7 +69,7 @@ def write_dataset(ds: ImageDataset, out_dir: str | Path, fmt: str = "folder") ->
 def train_on_synthetic(run_dir: str | Path, *, per_class: int = 1000, log=print) -> dict:
     """TSTR accuracy of a conditional run next to the real-data accuracy of the same classifier recipe."""
     run = load_run(run_dir)
-    data = run.config.get("data", {}).get("source")
+    data = run.data_source
     evaluator = get_evaluator(data, log=log)
     cfg = EvaluatorConfig(**{**evaluator.info["config"], "limit": 0})
     synth = synthetic_dataset(run_dir, per_class, seed_offset=10**6)   # seeds apart from evaluate's 0..n-1
