@@ -11,6 +11,8 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 from . import __version__
 from .checkpoint import load_run, read_config
 from .config import apply_overrides, load_toml
@@ -19,7 +21,8 @@ from .errors import ConfigError, DataError, ImagegenError
 from .report import write_report
 from .models import REGISTRY
 from .sample import (SIDES, default_labels, extend_image, generate, grid, interpolate, interpolate_images,
-                     outpaint_canvas, parse_labels, parse_seeds, read_image, read_mask, save_images, to_pil, to_uint8)
+                     outpaint_canvas, parse_labels, parse_seeds, read_image, read_images, read_mask, save_images,
+                     save_named, to_pil, to_uint8)
 from .train import resolve_config, train
 
 # Flags of `train` that map onto config keys; given explicitly, they override the config file.
@@ -29,7 +32,8 @@ TRAIN_FLAGS = {"data": "data.source", "steps": "train.steps", "batch_size": "tra
 
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a model into a new run folder, or --resume one")
-    p.add_argument("--data", help="fashion-mnist, mnist, kmnist, idx:DIR, folder:PATH or shapes")
+    p.add_argument("--data", help="fashion-mnist, mnist, kmnist, idx:DIR, folder:PATH, shapes; "
+                   "for cyclegan pair:DIR or pair:SOURCE:CLASS_A,CLASS_B")
     p.add_argument("--model", help="model family (see `imagegen models`)")
     p.add_argument("--steps", type=int, help="total training steps")
     p.add_argument("--batch-size", type=int)
@@ -181,6 +185,28 @@ def cmd_outpaint(a) -> int:
     return _extend(a, lambda img: outpaint_canvas(img, a.pad, sides))
 
 
+def cmd_translate(a) -> int:
+    run = load_run(a.run_dir)
+    if not run.model.translates:
+        raise ConfigError(f"{a.run_dir} is a {run.family} model, which draws images from seeds: use `imagegen sample`")
+    cfg = run.model.cfg
+    names, images, skipped, converted = read_images(a.input, cfg.image_size, cfg.channels)
+    for f, reason in skipped:
+        print(f"skipped {f}: {reason}", file=sys.stderr)
+    if converted:
+        print(f"note: {len(converted)} image(s) converted to {cfg.channels} channel(s), e.g. {converted[0]}", file=sys.stderr)
+    translated, reconstructed = run.model.cycle(images, a.direction)
+    save_named(translated, a.out, names)
+    if a.grid:
+        k = min(len(names), a.grid_images)
+        grid(torch.cat([images[:k], translated[:k].cpu(), reconstructed[:k].cpu()]), nrow=k,
+             scale=2 if cfg.image_size < 48 else 1).save(a.grid)
+    src, dst = (cfg.domain_a, cfg.domain_b) if a.direction == "a2b" else (cfg.domain_b, cfg.domain_a)
+    print(f"translated {len(names)} image(s) {src} -> {dst} into {a.out}"
+          + (f"; grid (input / translated / reconstructed) in {a.grid}" if a.grid else ""))
+    return 0
+
+
 def _print_metrics(metrics: dict) -> None:
     width = max(map(len, metrics))
     for k, v in metrics.items():
@@ -210,6 +236,10 @@ def cmd_evaluate(a) -> int:
     write_report(a.run_dir)
     _print_metrics(out["metrics"])
     p = out["protocol"]
+    if "translated" in p:
+        print(f"# translated {p['translated']} test images of {', '.join(p['domains'])}, judged by {p['evaluator']}; "
+              f"written to {a.run_dir}/metrics.json")
+        return 0
     print(f"# {p['generated']} generated (seeds {p['seeds']}) vs {p['real']} real ({p['data']} {p['real_split']}), "
           f"evaluator {p['evaluator']}; written to {a.run_dir}/metrics.json")
     return 0
@@ -264,7 +294,9 @@ def cmd_report(a) -> int:
 def cmd_models(a) -> int:
     for name, cls in REGISTRY.items():
         opts = " ".join(f"--{k}" for k in cls.sample_options)
-        print(f"{name:8s} {(cls.__module__.rsplit('.', 1)[-1]) + '.py':12s} {'needs labels' if cls.needs_labels else '':13s}{opts}")
+        needs = "needs labels" if cls.needs_labels else "needs pair:" if cls.translates else ""
+        opts = "(imagegen translate)" if cls.translates else opts
+        print(f"{name:8s} {(cls.__module__.rsplit('.', 1)[-1]) + '.py':12s} {needs:13s}{opts}")
     return 0
 
 
@@ -312,6 +344,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--labels", help="the class to generate (conditional models)")
         p.add_argument("--resample", type=int, help="RePaint resampling passes per step (default 5)")
         _add_sample_options(p, only=("steps", "guidance"))
+
+    p = sub.add_parser("translate", help="translate images to the other domain with a cyclegan run")
+    p.add_argument("run_dir")
+    p.add_argument("--direction", default="a2b", choices=["a2b", "b2a"], help="a2b (default) or b2a")
+    p.add_argument("--input", required=True, help="one image, or a folder of images (searched recursively)")
+    p.add_argument("--out", required=True, help="folder for the translated images (same file names)")
+    p.add_argument("--grid", help="also write a PNG with rows input / translated / reconstructed")
+    p.add_argument("--grid-images", type=int, default=16, help="images in the --grid (default 16)")
 
     p = sub.add_parser("data", help="inspect data sources")
     dsub = p.add_subparsers(dest="data_command", required=True)
@@ -362,7 +402,7 @@ LABELS_HELP = ("class name or index for every seed, or a comma list with one per
                "(see `imagegen data info`); default: seed mod number of classes")
 
 COMMANDS = {"train": cmd_train, "demo": cmd_demo, "sample": cmd_sample, "interpolate": cmd_interpolate,
-            "inpaint": cmd_inpaint, "outpaint": cmd_outpaint, "evaluate": cmd_evaluate, "evaluator": cmd_evaluator,
+            "inpaint": cmd_inpaint, "outpaint": cmd_outpaint, "translate": cmd_translate, "evaluate": cmd_evaluate, "evaluator": cmd_evaluator,
             "leaderboard": cmd_leaderboard, "analyse": cmd_analyse, "synth": cmd_synth,
             "data": cmd_data_info, "report": cmd_report, "models": cmd_models}
 

@@ -15,8 +15,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .data.folder import load_image
-from .errors import ConfigError
+from .data.dataset import norm_name
+from .data.folder import list_images, load_image
+from .errors import ConfigError, DataError, ImageFileError
 from .models.base import Family
 
 MAX_SEED = 2**63 - 1
@@ -46,25 +47,21 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-def _norm_name(name: str) -> str:
-    return "".join(ch for ch in name.lower() if ch.isalnum())
-
-
 def parse_labels(text: str, classes: Sequence[str], n: int) -> torch.Tensor:
     """'sneaker' or '7' (one class for all n images) or 'sneaker,bag,0' (one per image) -> n class indices.
 
     Names match case-insensitively, ignoring spaces and punctuation ('ankle-boot' is 'Ankle boot')."""
     if not classes:
         raise ConfigError("--labels: this model is not class-conditional (its data had no classes)")
-    by_name = {_norm_name(c): i for i, c in enumerate(classes)}
+    by_name = {norm_name(c): i for i, c in enumerate(classes)}
     out = []
     for part in [p.strip() for p in text.split(",")]:
         if part.lstrip("-").isdigit():
             i = int(part)
             if not 0 <= i < len(classes):
                 raise ConfigError(f"--labels: {i} is out of range (classes are 0..{len(classes) - 1})")
-        elif _norm_name(part) in by_name:
-            i = by_name[_norm_name(part)]
+        elif norm_name(part) in by_name:
+            i = by_name[norm_name(part)]
         else:
             raise ConfigError(f"--labels: unknown class {part!r} (classes: {', '.join(classes)})")
         out.append(i)
@@ -232,3 +229,39 @@ def extend_image(model: Family, image: torch.Tensor, mask: torch.Tensor, seed: i
     if not 0 <= seed <= MAX_SEED:
         raise ConfigError(f"--seed: {seed} is outside 0..{MAX_SEED}")
     return model.inpaint(image, mask, labels=labels, generator=seed_generators([seed]), **opts).cpu()
+
+
+def read_images(path: str | Path, size: int, channels: int) -> tuple[list[Path], torch.Tensor, list[tuple[str, str]], list[str]]:
+    """The images to translate: one file, or every image under a folder (recursively), each resized and
+    centre-cropped to size x size with `channels` channels. Returns (paths relative to the input, so
+    outputs keep their names; N x C x size x size in [-1, 1]; skipped (file, reason); converted files).
+    A bad file in a folder is skipped and reported; a bad single file is an error."""
+    root = Path(path)
+    converted: list[str] = []
+    if root.is_file():
+        arr = load_image(root, size, channels, converted)                  # H x W x C uint8
+        return [Path(root.name)], to_float(torch.from_numpy(arr.copy()).permute(2, 0, 1)[None]), [], converted
+    if not root.is_dir():
+        raise DataError(f"{root}: no such file or folder")
+    files, skipped, _ = list_images(root, classes=False)
+    names, arrays = [], []
+    for f, _ in files:
+        try:
+            arrays.append(load_image(f, size, channels, converted))
+            names.append(f.relative_to(root.resolve()))
+        except ImageFileError as e:
+            skipped.append((str(f), str(e).removeprefix(f"{f}: ")))
+    if not arrays:
+        raise DataError(f"{root}: no readable images ({len(skipped)} skipped)")
+    return names, to_float(torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)), skipped, converted
+
+
+def save_named(images: torch.Tensor, out_dir: str | Path, names: Sequence[Path]) -> list[Path]:
+    """Write image i to out_dir / names[i] (subfolders created; the format follows the extension)."""
+    paths = []
+    for arr, name in zip(to_uint8(images), names):
+        p = Path(out_dir) / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        to_pil(arr).save(p)
+        paths.append(p)
+    return paths

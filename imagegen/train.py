@@ -26,7 +26,7 @@ from .data import DataConfig, ImageDataset, load_data
 from .data.dataset import _mix
 from .errors import CheckpointError, ConfigError, TrainingError
 from .models import Family, family_class
-from .sample import generate, grid
+from .sample import grid
 
 
 @dataclass
@@ -147,6 +147,8 @@ def train(cfg: RunConfig, *, out: str | Path = "runs", resume: str | Path | None
     ds = dataset if dataset is not None else load_data(cfg.data)
     for path, reason in ds.skipped:
         tqdm.write(f"skipped {path}: {reason}")
+    for note in ds.notes:
+        tqdm.write(f"note: {note}")
     cfg = fit_model_to_data(cfg, ds)
 
     # Model, built under the run seed without touching the global RNG, and its EMA copy.
@@ -197,12 +199,8 @@ def train(cfg: RunConfig, *, out: str | Path = "runs", resume: str | Path | None
         )
 
     def sample_grid(step: int) -> None:
-        # Conditional families: one class per column, so every class shows and rows compare seeds.
-        k = ema.num_classes
-        n = tc.grid_size if not k else k * math.ceil(tc.grid_size / k)
-        labels = torch.arange(n) % k if k else None
-        images = generate(ema, list(range(n)), labels=labels)
-        grid(images, nrow=k or None, scale=2 if images.shape[-1] < 48 else 1).save(run_dir / "samples" / f"step-{step:07d}.png")
+        images, per_row = ema.preview(ds, tc.grid_size)
+        grid(images, nrow=per_row, scale=2 if images.shape[-1] < 48 else 1).save(run_dir / "samples" / f"step-{step:07d}.png")
 
     started = time.perf_counter()
     try:
@@ -212,7 +210,7 @@ def train(cfg: RunConfig, *, out: str | Path = "runs", resume: str | Path | None
             t0 = time.perf_counter()
             batch = {k: v.to(device, non_blocking=True) for k, v in ds.batch_at(step, tc.batch_size, tc.seed).items()}
             if tc.channels_last:
-                batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
+                batch = {k: v.contiguous(memory_format=torch.channels_last) if v.ndim == 4 else v for k, v in batch.items()}
             saved_buffers = [b.clone() for b in buffers]
             skipped_before = sum(o.skipped for o in opts.values())
             losses = model.train_step(batch, opts, step_generator(tc.seed, step, device))

@@ -19,6 +19,7 @@ class ImageDataset:
     name: str                       # the --data spec that made it
     source: str                     # where the files came from, for `data info` and the report
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, reason) of bad files
+    notes: list[str] = field(default_factory=list)                # what loading changed (e.g. channel conversions)
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.ndim != 4:
@@ -88,3 +89,8 @@ def _mix(*values: int) -> int:
         x = (x ^ (x >> 31)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
         x ^= x >> 29
     return x & 0x7FFFFFFFFFFFFFFF
+
+
+def norm_name(name: str) -> str:
+    """A class or domain name for matching: lower case, letters and digits only ('Ankle boot' = 'ankle-boot')."""
+    return "".join(ch for ch in name.lower() if ch.isalnum())

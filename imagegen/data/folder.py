@@ -24,11 +24,12 @@ MAX_FILE_BYTES = 32 << 20     # a single training image over 32 MiB is refused u
 MAX_PIXELS = 40_000_000       # ... as is one that claims over 40 Mpx (decompression bombs)
 
 
-def list_images(root: Path) -> tuple[list[tuple[Path, str | None]], list[tuple[str, str]], list[str]]:
+def list_images(root: Path, *, classes: bool = True) -> tuple[list[tuple[Path, str | None]], list[tuple[str, str]], list[str]]:
     """Walk `root`: ([(file, class name or None)], [(file, reason) skipped while listing], classes).
 
     Classes are the immediate subfolders that contain images; files directly in `root` are unlabelled
-    unless there are no class folders at all.
+    unless there are no class folders at all. With classes=False subfolders are just folders: every
+    image is listed, unlabelled.
     """
     root = root.resolve()
     files: list[tuple[Path, str | None]] = []
@@ -52,19 +53,23 @@ def list_images(root: Path) -> tuple[list[tuple[Path, str | None]], list[tuple[s
             if p.suffix.lower() not in ALLOWED_SUFFIXES:
                 skipped.append((str(p), f"extension {p.suffix or '(none)'!r} is not one of {sorted(ALLOWED_SUFFIXES)}"))
                 continue
-            label = rel.parts[0] if len(rel.parts) > 1 else None
+            label = rel.parts[0] if len(rel.parts) > 1 and classes else None
             files.append((p, label))
-    classes = sorted({c for _, c in files if c is not None})
-    if classes and any(c is None for _, c in files):
+    names = sorted({c for _, c in files if c is not None})
+    if names and any(c is None for _, c in files):
         # Loose files beside class folders have no class: report them rather than guess.
         skipped += [(str(p), "not inside a class folder") for p, c in files if c is None]
         files = [(p, c) for p, c in files if c is not None]
-    return files, skipped, classes
+    return files, skipped, names
 
 
-def load_image(path: Path, size: int | None, channels: int) -> np.ndarray:
+GRAY_MODES = ("L", "1", "I;16", "I", "LA")
+
+
+def load_image(path: Path, size: int | None, channels: int, converted: list[str] | None = None) -> np.ndarray:
     """Decode one image to uint8 H x W x C (resized to `size` and centre-cropped, unless size is None),
-    or raise ImageFileError."""
+    or raise ImageFileError. When the file has another channel count than `channels`, it is converted
+    and its path appended to `converted` (if given), so the caller can say so."""
     path = Path(path)
     try:
         nbytes = path.stat().st_size
@@ -84,6 +89,8 @@ def load_image(path: Path, size: int | None, channels: int) -> np.ndarray:
                     raise ImageFileError(f"{path}: holds a {img.format} image, which does not match its extension")
                 img.load()
                 img = ImageOps.exif_transpose(img)
+                if converted is not None and (img.mode in GRAY_MODES) != (channels == 1):
+                    converted.append(str(path))
                 if img.mode in ("RGBA", "LA", "P"):
                     img = img.convert("RGBA")
                     background = Image.new("RGBA", img.size, (255, 255, 255, 255))
@@ -107,7 +114,7 @@ def _guess_channels(files: list[tuple[Path, str | None]]) -> int:
     for p, _ in files:
         try:
             with Image.open(p, formats=list(ALLOWED_FORMATS)) as img:
-                if img.mode not in ("L", "1", "I;16", "I", "LA"):
+                if img.mode not in GRAY_MODES:
                     return 3
                 seen += 1
         except Exception:
@@ -117,20 +124,24 @@ def _guess_channels(files: list[tuple[Path, str | None]]) -> int:
     return 1 if seen else 3
 
 
-def load_folder(root: str | Path, size: int, channels: int | None) -> tuple[torch.Tensor, torch.Tensor, list[str], list[tuple[str, str]]]:
-    """Load every good image under `root`: (uint8 N x C x H x W, labels, classes, skipped)."""
+def load_folder(root: str | Path, size: int, channels: int | None, *, classes: bool = True
+                ) -> tuple[torch.Tensor, torch.Tensor, list[str], list[tuple[str, str]], list[str]]:
+    """Load every good image under `root`: (uint8 N x C x H x W, labels, classes, skipped, converted),
+    where `converted` lists the files whose channel count was changed to `channels` (by default that of
+    the first images: 1 when they are all grayscale, else 3). classes=False: no class subfolders."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: not a folder")
-    files, skipped, classes = list_images(root)
+    files, skipped, classes = list_images(root, classes=classes)
     if channels is None:
         channels = _guess_channels(files)
     class_index = {c: i for i, c in enumerate(classes)}
+    converted: list[str] = []
 
     def work(item):
         path, label = item
         try:
-            return load_image(path, size, channels), label, None
+            return load_image(path, size, channels, converted), label, None
         except ImageFileError as e:
             return None, label, (str(path), str(e).removeprefix(f"{path}: "))
 
@@ -147,4 +158,4 @@ def load_folder(root: str | Path, size: int, channels: int | None) -> tuple[torc
     if not arrays:
         raise DataError(f"{root}: no readable images ({len(skipped)} skipped)")
     images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-    return images, torch.tensor(labels, dtype=torch.long), classes, skipped
+    return images, torch.tensor(labels, dtype=torch.long), classes, skipped, sorted(converted)

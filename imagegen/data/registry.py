@@ -1,4 +1,5 @@
-"""Data sources by name: `--data fashion-mnist | mnist | kmnist | idx:DIR | folder:PATH | shapes`.
+"""Data sources by name: `--data fashion-mnist | mnist | kmnist | idx:DIR | folder:PATH | shapes`, and for
+translation models two domains: `pair:DIR | pair:SOURCE:CLASS_A,CLASS_B` (data/paired.py).
 
 Named IDX datasets are looked for in $IMAGEGEN_DATA/<name>, the user cache (~/.cache/imagegen/<name>)
 and /usr/share/datasets/<name> (Debian's dataset packages), in that order; failing that they are
@@ -8,7 +9,7 @@ downloaded from their canonical source into the user cache, checked against a pi
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -18,8 +19,10 @@ from ..config import check_positive
 from ..errors import ConfigError, DataError, DownloadError
 from . import folder as folder_source
 from . import idx as idx_source
+from . import paired
 from . import shapes as shapes_source
 from .dataset import ImageDataset
+from .paired import PairedDataset
 from .download import download
 
 
@@ -148,13 +151,17 @@ def _set_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
     return (images.float() * w).sum(1, keepdim=True).round_().clamp_(0, 255).to(torch.uint8)
 
 
-def load_data(cfg: DataConfig | str) -> ImageDataset:
-    """Load a data source into memory. Bad files are reported in `.skipped` (or raise under strict)."""
+def load_data(cfg: DataConfig | str) -> ImageDataset | PairedDataset:
+    """Load a data source into memory. Bad files are reported in `.skipped` (or raise under strict).
+    `pair:` sources give a PairedDataset of two unpaired domains (data/paired.py)."""
     if isinstance(cfg, str):
         cfg = DataConfig(source=cfg)
     spec = cfg.source
     kind, _, arg = spec.partition(":")
     skipped: list[tuple[str, str]] = []
+    notes: list[str] = []
+    if kind == "pair":
+        return _load_pair(cfg, arg)
     if kind in IDX_DATASETS:
         if arg:
             raise ConfigError(f"--data {spec!r}: {kind} takes no argument")
@@ -187,14 +194,18 @@ def load_data(cfg: DataConfig | str) -> ImageDataset:
     elif kind == "folder":
         if not arg:
             raise ConfigError("--data folder:PATH needs a path")
-        images, labels, classes, skipped = folder_source.load_folder(arg, cfg.size or 64, cfg.channels or None)
+        images, labels, classes, skipped, converted = folder_source.load_folder(arg, cfg.size or 64, cfg.channels or None)
         source = str(Path(arg))
+        if converted:
+            notes.append(f"{arg}: {len(converted)} image(s) with another channel count converted to "
+                         f"{images.shape[1]} channel(s), e.g. {converted[0]}")
     elif kind == "shapes":
         images, labels = shapes_source.make_shapes(cfg.split)
         classes, source = list(shapes_source.CLASSES), "built-in procedural shapes"
     else:
         raise ConfigError(
-            f"--data {spec!r}: unknown source (use one of {', '.join(IDX_DATASETS)}, idx:DIR, folder:PATH, shapes)"
+            f"--data {spec!r}: unknown source (use one of {', '.join(IDX_DATASETS)}, idx:DIR, folder:PATH, shapes, "
+            f"pair:DIR, pair:SOURCE:CLASS_A,CLASS_B)"
         )
     if skipped and cfg.strict:
         details = "; ".join(f"{f}: {r}" for f, r in skipped[:10])
@@ -204,11 +215,37 @@ def load_data(cfg: DataConfig | str) -> ImageDataset:
     if cfg.size:
         images = _resize(images, cfg.size)
     images = _set_channels(images, cfg.channels)
-    return ImageDataset(images=images.contiguous(), labels=labels, classes=classes, name=spec, source=source, skipped=skipped)
+    return ImageDataset(images=images.contiguous(), labels=labels, classes=classes, name=spec, source=source,
+                        skipped=skipped, notes=notes)
 
 
-def describe(ds: ImageDataset) -> str:
+def _load_pair(cfg: DataConfig, arg: str) -> PairedDataset:
+    """`pair:DIR` or `pair:SOURCE:CLASS_A,CLASS_B` (see data/paired.py)."""
+    spec = cfg.source
+    if not arg:
+        raise ConfigError("--data pair: needs a folder (pair:DIR) or a source and two classes (pair:fashion-mnist:sneaker,ankle-boot)")
+    parts = paired.split_spec(arg, set(IDX_DATASETS) | {"shapes", "idx", "folder"})
+    if parts:
+        base = load_data(replace(cfg, source=parts[0], limit=0))
+        ds = paired.from_classes(spec, base, parts[1], cfg.limit)
+    else:
+        ds = paired.from_folders(spec, arg, cfg.split, cfg.size or 64, cfg.channels, cfg.limit)
+        if cfg.strict and ds.skipped:
+            details = "; ".join(f"{f}: {r}" for f, r in ds.skipped[:10])
+            raise DataError(f"{spec}: {len(ds.skipped)} bad file(s) under --strict: {details}")
+    return ds
+
+
+def describe(ds: ImageDataset | PairedDataset) -> str:
     """The text `imagegen data info` prints."""
+    if isinstance(ds, PairedDataset):
+        head = [f"data:     {ds.name}", f"source:   {ds.source}", "domains:  2 (unpaired)"]
+        body = [f"  {tag} {name:<16} {len(d)} x {d.channels} x {d.size} x {d.size}"
+                for tag, name, d in (("A", ds.domains[0], ds.a), ("B", ds.domains[1], ds.b))]
+        tail = [f"note:     {n}" for n in ds.notes]
+        if ds.skipped:
+            tail += [f"skipped:  {len(ds.skipped)} bad file(s)"] + [f"  {f}: {r}" for f, r in ds.skipped]
+        return "\n".join(head + body + tail)
     lines = [
         f"data:     {ds.name}",
         f"source:   {ds.source}",
@@ -220,6 +257,7 @@ def describe(ds: ImageDataset) -> str:
         lines += [f"  {i:3d} {name:<16} {n}" for i, (name, n) in enumerate(zip(ds.classes, counts))]
     else:
         lines.append("classes:  none (unlabelled)")
+    lines += [f"note:     {n}" for n in ds.notes]
     if ds.skipped:
         lines.append(f"skipped:  {len(ds.skipped)} bad file(s)")
         lines += [f"  {f}: {r}" for f, r in ds.skipped]

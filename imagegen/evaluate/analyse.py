@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import load_run, write_json_atomic
-from ..data import DataConfig, load_data
+from ..data import load_data
 from ..errors import ConfigError
 from ..sample import default_labels, generate, save_images, to_float, to_pil, to_uint8
-from .evaluator import get_evaluator
+from .evaluator import run_data, run_evaluator
 from .metrics import CHUNK
 from .run_eval import MAX_N, compare
 
@@ -65,9 +65,8 @@ def analyse_run(run_dir: str | Path, out_dir: str | Path, *, n: int = 2000, keep
     if keep is not None and not 0 < keep < 1:
         raise ConfigError(f"--keep must be a share in (0, 1), got {keep}")
     run = load_run(run_dir)
-    data = run.data_source
-    extractor = get_evaluator(data, log=log)
-    train = load_data(DataConfig(source=data, split="train"))
+    extractor = run_evaluator(run, log=log)
+    train = load_data(run_data(run, split="train"))
     train_images = to_float(train.images)
     seeds = list(range(n))
     labels = default_labels(run.model, seeds)
@@ -100,7 +99,7 @@ def analyse_run(run_dir: str | Path, out_dir: str | Path, *, n: int = 2000, keep
         kept = torch.cat([idx_c[torch.argsort(realism[idx_c], descending=True)][:max(1, int(round(keep * len(idx_c))))]
                           for c in groups.unique() for idx_c in [(groups == c).nonzero().flatten()]])
         kept = kept.sort().values
-        real = to_float(load_data(DataConfig(source=data, split="test")).images)
+        real = to_float(load_data(run_data(run)).images)
         # "before" is an unfiltered set of the same size (seeds 0..k-1): FD is biased by sample count.
         before, after = compare(extractor, real, fake[:len(kept)]), compare(extractor, real, fake[kept])
         fd = f"FD-{extractor.name}"

@@ -52,10 +52,12 @@ class EvaluatorConfig:
     width: int = 32               # channels of the first block, doubled per block; features are 4 * width
     seed: int = 0
     limit: int = 0                # train on the first N images only (tests); 0 = all
+    size: int = 0                 # image side the evaluator works at; 0 = the data's own (as data.size)
+    channels: int = 0             # 1 or 3; 0 = the data's own (as data.channels)
 
     def validate(self) -> None:
         check_positive(self, "epochs", "batch_size", "lr", "width")
-        check_positive(self, "seed", "limit", allow_zero=True)
+        check_positive(self, "seed", "limit", "size", "channels", allow_zero=True)
 
 
 class EvalNet(nn.Module):
@@ -110,9 +112,14 @@ class Evaluator:
         return self._run(images, head=True)
 
 
-def cache_dir(data: str) -> Path:
+def cache_dir(data: str, size: int = 0, channels: int = 0) -> Path:
+    """One folder per (data, size, channels). Specs with a path also carry a hash of the spec, so two
+    folders with the same name never share an evaluator."""
     root = Path(os.environ.get("IMAGEGEN_CACHE") or Path.home() / ".cache" / "imagegen")
-    return root / "evaluators" / slug(data)
+    name = slug(data) + (f"-{size}px" if size else "") + (f"-{channels}ch" if channels else "")
+    if "/" in data:
+        name += "-" + hashlib.sha256(data.encode()).hexdigest()[:8]
+    return root / "evaluators" / name
 
 
 def fit_classifier(train_ds, cfg: EvaluatorConfig, log=print) -> EvalNet:
@@ -152,19 +159,21 @@ def train_evaluator(cfg: EvaluatorConfig, *, out: Path | None = None, log=print)
     """Train the evaluator on cfg.data's train split (deterministic for a given seed and machine),
     measure it on the test split, save it to the cache (or `out`) and return it."""
     cfg.validate()
-    train_ds = load_data(DataConfig(source=cfg.data, split="train", limit=cfg.limit))
-    test_ds = load_data(DataConfig(source=cfg.data, split="test"))
+    # A pair of domains (pair:DIR) gives a two-class domain classifier: label 0 = A, 1 = B.
+    train_ds, test_ds = (_labelled(load_data(DataConfig(source=cfg.data, split=split, limit=limit, size=cfg.size,
+                                                        channels=cfg.channels)))
+                         for split, limit in (("train", cfg.limit), ("test", 0)))
     t0 = time.perf_counter()
     net = fit_classifier(train_ds, cfg, log)
     test_accuracy = accuracy(net, test_ds)
 
-    folder = Path(out) if out is not None else cache_dir(cfg.data)
+    folder = Path(out) if out is not None else cache_dir(cfg.data, cfg.size, cfg.channels)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / "weights.safetensors.partial"
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp))
     digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
     os.replace(tmp, folder / "weights.safetensors")
-    info = {"name": f"cnn{4 * cfg.width}-{train_ds.name}-{digest[:8]}", "sha256": digest, "config": asdict(cfg),
+    info = {"name": f"cnn{4 * cfg.width}-{slug(train_ds.name)}-{digest[:8]}", "sha256": digest, "config": asdict(cfg),
             "classes": train_ds.classes, "image_size": train_ds.size, "channels": train_ds.channels,
             "test_accuracy": test_accuracy, "test_images": len(test_ds), "train_images": len(train_ds),
             "train_seconds": round(time.perf_counter() - t0, 1)}
@@ -172,9 +181,13 @@ def train_evaluator(cfg: EvaluatorConfig, *, out: Path | None = None, log=print)
     return Evaluator(net, info)
 
 
-def load_evaluator(data: str, *, folder: Path | None = None) -> Evaluator:
+def _labelled(ds):
+    return ds.labelled_view() if hasattr(ds, "labelled_view") else ds
+
+
+def load_evaluator(data: str, *, folder: Path | None = None, size: int = 0, channels: int = 0) -> Evaluator:
     """The cached evaluator of `data`, verified against its recorded SHA-256."""
-    folder = Path(folder) if folder is not None else cache_dir(data)
+    folder = Path(folder) if folder is not None else cache_dir(data, size, channels)
     try:
         info = json.loads((folder / "evaluator.json").read_text())
     except FileNotFoundError:
@@ -188,10 +201,29 @@ def load_evaluator(data: str, *, folder: Path | None = None) -> Evaluator:
     return Evaluator(net, info)
 
 
-def get_evaluator(data: str, *, log=print) -> Evaluator:
-    """The cached evaluator of `data`, trained first (default config) when there is none."""
-    if (cache_dir(data) / "evaluator.json").exists():
-        return load_evaluator(data)
+def get_evaluator(data: str, *, size: int = 0, channels: int = 0, log=print) -> Evaluator:
+    """The cached evaluator of `data` (at `size` and `channels`, 0 = the data's own), trained first
+    (default config) when there is none."""
+    folder = cache_dir(data, size, channels)
+    if (folder / "evaluator.json").exists():
+        return load_evaluator(data, size=size, channels=channels)
     if log:
-        log(f"training the evaluator for {data} (once; cached in {cache_dir(data)})")
-    return train_evaluator(EvaluatorConfig(data=data), log=log)
+        log(f"training the evaluator for {data} (once; cached in {folder})")
+    return train_evaluator(EvaluatorConfig(data=data, size=size, channels=channels), log=log)
+
+
+def run_data(run, data: str | None = None, split: str = "test") -> DataConfig:
+    """The DataConfig to measure a run against: its own source at its own size and channels, or `data`
+    (at that source's own size and channels)."""
+    own = data is None or data == run.data_source
+    if own and not run.data_source:
+        raise ConfigError(f"{run.path}: config.json names no data source; pass --data")
+    saved = run.config.get("data", {}) if own else {}
+    return DataConfig(source=run.data_source if own else data, split=split,
+                      size=int(saved.get("size", 0)), channels=int(saved.get("channels", 0)))
+
+
+def run_evaluator(run, data: str | None = None, log=print) -> Evaluator:
+    """The evaluator that matches run_data(run, data)."""
+    d = run_data(run, data)
+    return get_evaluator(d.source, size=d.size, channels=d.channels, log=log)

@@ -9,11 +9,12 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import load_run, write_json_atomic
-from ..data import DataConfig, load_data
+from ..data import load_data
 from ..errors import ConfigError
 from ..sample import default_labels, generate, to_float
 from . import metrics as M
-from .evaluator import FeatureExtractor, get_evaluator
+from .evaluator import FeatureExtractor, run_data, run_evaluator
+from .translation import evaluate_translation
 
 MAX_N = 100_000
 
@@ -38,11 +39,12 @@ def evaluate_run(run_dir: str | Path, *, n: int = 10_000, data: str | None = Non
     if not 2 <= n <= MAX_N:
         raise ConfigError(f"--n must be in 2..{MAX_N}, got {n}")
     run = load_run(run_dir)
-    data = data or run.data_source
-    if not data:
-        raise ConfigError(f"{run_dir}: config.json names no data source; pass --data")
-    extractor = extractor or get_evaluator(data, log=log)
-    real = load_data(DataConfig(source=data, split="test"))
+    if run.model.translates:   # translation runs have their own measures
+        return evaluate_translation(run_dir, n=n, data=data, log=log)
+    real_cfg = run_data(run, data)
+    data = real_cfg.source
+    extractor = extractor or run_evaluator(run, data, log=log)
+    real = load_data(real_cfg)
     t0 = time.perf_counter()
     seeds = list(range(n))
     fake = generate(run.model, seeds, labels=default_labels(run.model, seeds), batch_size=batch_size)

@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import load_run
-from ..data import DataConfig, ImageDataset, load_data
+from ..data import ImageDataset, load_data
 from ..errors import ConfigError
 from ..sample import generate, save_images, to_float, to_uint8
-from .evaluator import EvaluatorConfig, accuracy, fit_classifier, get_evaluator
+from .evaluator import EvaluatorConfig, accuracy, fit_classifier, run_data, run_evaluator
 
 MAX_PER_CLASS = 20_000
 
@@ -69,12 +69,11 @@ def write_dataset(ds: ImageDataset, out_dir: str | Path, fmt: str = "folder") ->
 def train_on_synthetic(run_dir: str | Path, *, per_class: int = 1000, log=print) -> dict:
     """TSTR accuracy of a conditional run next to the real-data accuracy of the same classifier recipe."""
     run = load_run(run_dir)
-    data = run.data_source
-    evaluator = get_evaluator(data, log=log)
+    evaluator = run_evaluator(run, log=log)
     cfg = EvaluatorConfig(**{**evaluator.info["config"], "limit": 0})
     synth = synthetic_dataset(run_dir, per_class, seed_offset=10**6)   # seeds apart from evaluate's 0..n-1
     net = fit_classifier(synth, cfg, log=None)
-    test = load_data(DataConfig(source=data, split="test"))
+    test = load_data(run_data(run))
     return {"tstr_accuracy": accuracy(net, test), "real_accuracy": evaluator.info["test_accuracy"],
             "synthetic_images": len(synth), "per_class": per_class, "classifier": f"{evaluator.name} recipe",
             "real_test_images": len(test)}

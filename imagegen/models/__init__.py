@@ -6,6 +6,7 @@ from ..errors import ConfigError
 from .base import Family
 from .baseline import RandomPixels
 from .cgan import CGAN
+from .cyclegan import CycleGAN
 from .ddpm import DDPM
 from .gan import DCGAN
 from .vae import CVAE, VAE
@@ -17,6 +18,7 @@ REGISTRY: dict[str, type[Family]] = {
     VAE.name: VAE,
     CVAE.name: CVAE,
     DDPM.name: DDPM,
+    CycleGAN.name: CycleGAN,
 }
 
 

@@ -12,6 +12,8 @@
 | `train_defaults` (class attribute)      | the family's own TrainConfig defaults (steps, batch size...)  |
 | `sample_options` (class attribute)      | {name: (type, help)}: the keyword options `sample` accepts    |
 | `needs_labels` (class attribute)        | True when the family cannot train on unlabelled data          |
+| `translates` (class attribute)          | True for translation families (images in, not noise in)       |
+| `preview(dataset, n)`                   | (images, per row) for the training grids; default: n seeds    |
 
 A family is conditional when its config has `num_classes` > 0 (filled in from the data): `sample` then
 takes `labels` (a long tensor of n class indices).
@@ -26,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import math
 from typing import Any, Callable, ClassVar, Sequence
 
 import torch
@@ -47,6 +50,7 @@ class Family(nn.Module):
     Config: ClassVar[type]
     name: ClassVar[str]
     needs_labels: ClassVar[bool] = False
+    translates: ClassVar[bool] = False
     train_defaults: ClassVar[dict[str, Any]] = {}
     sample_options: ClassVar[dict[str, tuple[type, str]]] = {}
 
@@ -70,6 +74,9 @@ class Family(nn.Module):
     def fit_config(cls, cfg, dataset):
         """The config with what the data decides filled in: image size, channels, number of classes.
         Families with data-dependent defaults (e.g. DiffAugment below 10k images) extend this."""
+        if getattr(dataset, "domains", None) is not None and not cls.translates:
+            raise ConfigError(f"{dataset.name!r} is a pair of domains, which only translation models (cyclegan) "
+                              f"train on; model {cls.name!r} needs one set of images")
         updates: dict[str, Any] = {k: v for k, v in (("image_size", dataset.size), ("channels", dataset.channels))
                                    if hasattr(cfg, k)}
         if hasattr(cfg, "num_classes"):
@@ -96,6 +103,14 @@ class Family(nn.Module):
         if labels.numel() and not (0 <= int(labels.min()) and int(labels.max()) < self.num_classes):
             raise ConfigError(f"label out of range: labels must be in 0..{self.num_classes - 1}")
         return labels.to(self.device)
+
+    def preview(self, dataset, n: int) -> tuple[torch.Tensor, int | None]:
+        """The images of the training grids and how many per row: seeds 0..n-1, and for a conditional
+        family one class per column (n rounded up to a multiple of the classes)."""
+        from ..sample import generate   # sample.py imports this module
+        k = self.num_classes
+        n = n if not k else k * math.ceil(n / k)
+        return generate(self, list(range(n)), labels=torch.arange(n) % k if k else None), k or None
 
     def configure_optimizers(self, train_cfg) -> dict[str, torch.optim.Optimizer]:
         raise NotImplementedError
