@@ -7,6 +7,9 @@ Prints one Markdown table row per family:
     DDIM 20 steps with guidance 1.5 for ddpm);
   - sampling throughput at batch 256 (images/s);
   - for ddpm, the time for 16 samples with the default DDIM settings (the issue's 2 s target).
+For cyclegan (a translation family) the data is two classes of the dataset (sneaker -> ankle boot on
+Fashion-MNIST), training speed is in image pairs (one A and one B image) per second, and the sampling
+columns time `translate` on real test images instead of `generate`.
 
     python benchmarks/families.py [--data fashion-mnist] [--steps 60] [--families dcgan,ddpm]
 """
@@ -24,6 +27,9 @@ import torch
 
 import imagegen
 from imagegen.models import REGISTRY
+
+
+PAIRS = {"fashion-mnist": "pair:fashion-mnist:sneaker,ankle-boot", "mnist": "pair:mnist:3,8"}
 
 
 def train_speed(family: str, ds, steps: int) -> tuple[float, int, imagegen.models.Family]:
@@ -66,6 +72,16 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for family in args.families.split(","):
         steps = 1 if family == "random" else args.steps
+        if REGISTRY[family].translates:
+            pair = imagegen.load_data(PAIRS.get(ds.name, "pair:shapes:circle,square"))
+            ips, bs, model = train_speed(family, pair, steps)
+            x = imagegen.load_data(imagegen.DataConfig(source=pair.name, split="test")).a.batch(torch.arange(256))["image"]
+            one = timed(lambda: model.translate(x[:1]), reps=5)
+            big = timed(lambda: model.translate(x), reps=1)
+            sixteen = timed(lambda: model.translate(x[:16]), reps=3)
+            print(f"| {family} ({pair.name}, translate) | {bs} pairs | {ips:.0f} pairs | {one * 1000:.1f} | {256 / big:.0f} "
+                  f"| {sixteen:.2f} |", flush=True)
+            continue
         ips, bs, model = train_speed(family, ds, steps)
         k = model.num_classes
 

@@ -14,6 +14,7 @@ import statistics
 from pathlib import Path
 
 from .checkpoint import read_config, write_bytes_atomic
+from .models import family_class
 
 
 def read_log(run_dir: Path) -> list[dict]:
@@ -68,13 +69,15 @@ def write_report(run_dir: str | Path) -> Path:
         ("family", cfg["family"]),
         ("data", f"{cfg.get('data', {}).get('source', '?')} ({cfg.get('data_source', '')})"),
         ("steps", last.get("step", 0)),
-        ("throughput", f"{statistics.median(speeds):.0f} images/s (median over {len(speeds)} log windows)" if speeds else "n/a"),
+        ("throughput", f"{statistics.median(speeds):.0f} {'pairs' if family_class(cfg['family']).translates else 'images'}/s (median over {len(speeds)} log windows)" if speeds else "n/a"),
         ("non-finite steps skipped", last.get("bad_steps", 0)),
     ]
     parts.append("<table>" + "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts) + "</table>")
     if grids:
         newest = grids[-1]
-        parts.append(f"<h2>Samples at {html.escape(newest.stem)} (EMA weights, seeds 0..)</h2>")
+        what = ("rows: input, translated, translated back; domain A, then B" if family_class(cfg["family"]).translates
+                else "seeds 0..")
+        parts.append(f"<h2>Samples at {html.escape(newest.stem)} (EMA weights; {what})</h2>")
         parts.append(_img_tag(newest.read_bytes(), f"sample grid {newest.stem}", "image-rendering: pixelated; max-width: 100%"))
     plot = loss_plot_png(records)
     if plot:
