@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: install data demo test bench clean
+.PHONY: install data browser demo test bench clean
 
 # torch is pinned and installed first: a bare `torch` requirement would pull several GB of CUDA wheels.
 $(VENV)/.installed: pyproject.toml
@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
-install: $(VENV)/.installed data
+install: $(VENV)/.installed data browser
 
 # Fashion-MNIST from Debian's package when we can (root on Debian); otherwise imagegen downloads it,
 # or `make demo` falls back to the built-in shapes dataset and says so.
@@ -24,6 +24,15 @@ data:
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
 		{ apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1; } || \
 		echo "note: could not install dataset-fashion-mnist; imagegen will try to download Fashion-MNIST"; \
+	fi
+
+# Debian's chromium for the browser test (Playwright drives it; it never downloads a browser of its own).
+browser:
+	@if command -v chromium >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 || \
+		{ apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1; } || \
+		echo "note: could not install chromium; the browser test needs /usr/bin/chromium"; \
 	fi
 
 demo: install

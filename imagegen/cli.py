@@ -21,7 +21,7 @@ from .errors import ConfigError, DataError, ImagegenError
 from .report import write_report
 from .models import REGISTRY
 from .sample import (SIDES, default_labels, extend_image, generate, grid, interpolate, interpolate_images,
-                     outpaint_canvas, parse_labels, parse_seeds, read_image, read_images, read_mask, save_images,
+                     outpaint_canvas, parse_floats, parse_labels, parse_seeds, read_image, read_images, read_mask, save_images,
                      save_named, to_pil, to_uint8)
 from .train import resolve_config, train
 
@@ -132,7 +132,8 @@ def cmd_sample(a) -> int:
     seeds = parse_seeds(a.seeds)
     run = load_run(a.run_dir, weights=a.weights)
     labels = _labels(a, run, len(seeds), seeds)
-    images = generate(run.model, seeds, labels=labels, batch_size=a.batch_size, **_sample_opts(a, run.model))
+    images = generate(run.model, seeds, labels=labels, batch_size=a.batch_size,
+                      latent=parse_floats(a.latent) if a.latent else None, **_sample_opts(a, run.model))
     paths = save_images(images, a.out, seeds)
     if a.grid:
         grid(images).save(a.grid)
@@ -291,6 +292,12 @@ def cmd_report(a) -> int:
     return 0
 
 
+def cmd_serve(a) -> int:
+    from .serve import serve
+    serve(a.runs_dir, host=a.host, port=a.port)
+    return 0
+
+
 def cmd_models(a) -> int:
     for name, cls in REGISTRY.items():
         opts = " ".join(f"--{k}" for k in cls.sample_options)
@@ -319,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (speed only; pixels do not change)")
     p.add_argument("--weights", choices=["ema", "model"], default="ema")
     p.add_argument("--labels", help=LABELS_HELP)
+    p.add_argument("--latent", help="shift the first latent dimensions of every seed, e.g. 0.5,-1 (GANs, VAEs)")
     _add_sample_options(p)
 
     p = sub.add_parser("interpolate", help="a strip of images through latent space between two seeds (or two images, VAEs)")
@@ -394,6 +402,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="rebuild a run's report.html")
     p.add_argument("run_dir")
 
+    p = sub.add_parser("serve", help="the web page and HTTP API over every run folder under RUNS_DIR")
+    p.add_argument("runs_dir")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+
     sub.add_parser("models", help="list the model families")
     return parser
 
@@ -404,7 +417,7 @@ LABELS_HELP = ("class name or index for every seed, or a comma list with one per
 COMMANDS = {"train": cmd_train, "demo": cmd_demo, "sample": cmd_sample, "interpolate": cmd_interpolate,
             "inpaint": cmd_inpaint, "outpaint": cmd_outpaint, "translate": cmd_translate, "evaluate": cmd_evaluate, "evaluator": cmd_evaluator,
             "leaderboard": cmd_leaderboard, "analyse": cmd_analyse, "synth": cmd_synth,
-            "data": cmd_data_info, "report": cmd_report, "models": cmd_models}
+            "data": cmd_data_info, "report": cmd_report, "models": cmd_models, "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

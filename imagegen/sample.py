@@ -81,17 +81,52 @@ def seed_generators(seeds: Iterable[int], device: torch.device | str = "cpu") ->
     return [torch.Generator(device).manual_seed(int(s)) for s in seeds]
 
 
+MAX_LATENT_SHIFT = 10.0
+
+
+def check_latent(model: Family, latent: Sequence[float] | None) -> list[float] | None:
+    """A latent shift: at most z_dim finite values in [-MAX_LATENT_SHIFT, MAX_LATENT_SHIFT], for the
+    families whose images come from one latent vector (GANs, VAEs)."""
+    if latent is None or len(latent) == 0:
+        return None
+    if not hasattr(model, "draw_noise"):
+        raise ConfigError(f"--latent does not apply to a {model.name} model (it has no single latent vector)")
+    z_dim = model.cfg.z_dim
+    if len(latent) > z_dim:
+        raise ConfigError(f"--latent: {len(latent)} values for a {z_dim}-dimensional latent")
+    if not all(math.isfinite(v) and abs(v) <= MAX_LATENT_SHIFT for v in latent):
+        raise ConfigError(f"--latent: values must be finite and within +-{MAX_LATENT_SHIFT:g}")
+    return [float(v) for v in latent]
+
+
+def parse_floats(text: str) -> list[float]:
+    """'0.5,-1' -> [0.5, -1.0] (ConfigError naming the bad value otherwise)."""
+    try:
+        return [float(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise ConfigError(f"--latent: expected numbers like 0.5,-1, got {text!r}") from None
+
+
 def generate(model: Family, seeds: Sequence[int], *, labels: torch.Tensor | None = None,
-             batch_size: int = 64, **opts) -> torch.Tensor:
-    """One image per seed: len(seeds) x C x H x W in [-1, 1], on the CPU."""
+             batch_size: int = 64, latent: Sequence[float] | None = None, **opts) -> torch.Tensor:
+    """One image per seed: len(seeds) x C x H x W in [-1, 1], on the CPU. `latent` shifts the first
+    dimensions of each seed's latent vector (the web page's sliders), for GANs and VAEs."""
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
+    latent = check_latent(model, latent)
+    if latent and opts.get("drs"):
+        raise ConfigError("--latent and --drs cannot be combined (rejection sampling draws its own latents)")
     # Noise is drawn on the CPU so that a seed gives the same image on every device.
     out = []
     for i in range(0, len(seeds), batch_size):
         chunk = list(seeds[i:i + batch_size])
         lab = None if labels is None else labels[i:i + batch_size]
-        out.append(model.sample(len(chunk), labels=lab, generator=seed_generators(chunk), **opts).cpu())
+        gens = seed_generators(chunk)
+        if latent:
+            noise = model.draw_noise(len(chunk), gens)                     # chunk x z_dim, per seed
+            noise[:, :len(latent)] += torch.tensor(latent, device=noise.device)
+            opts = {**opts, "noise": noise}
+        out.append(model.sample(len(chunk), labels=lab, generator=gens, **opts).cpu())
     return torch.cat(out)
 
 

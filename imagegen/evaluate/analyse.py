@@ -24,7 +24,7 @@ from ..checkpoint import load_run, write_json_atomic
 from ..data import load_data
 from ..errors import ConfigError
 from ..sample import default_labels, generate, save_images, to_float, to_pil, to_uint8
-from .evaluator import run_data, run_evaluator
+from .evaluator import cache_dir, load_evaluator, run_data, run_evaluator
 from .metrics import CHUNK
 from .run_eval import MAX_N, compare
 
@@ -138,3 +138,34 @@ def _gallery(path: Path, fake: torch.Tensor, per_image: list[dict], order: torch
             "figure{margin:0;text-align:center;font-size:11px}img{width:56px;image-rendering:pixelated}"
             "</style></head><body>" + "".join(parts) + "</body></html>\n")
     path.write_text(page)
+
+
+_EVALUATORS: dict[Path, object] = {}
+
+
+def score_images(run, seeds: list[int], labels: torch.Tensor | None = None) -> dict:
+    """Per-image scores of a run's images for `seeds`, cheap enough for the web API: the discriminator's
+    logit (GAN families), and where the run's dataset has a cached evaluator, its predicted class and
+    confidence. (`analyse_run` adds the realism and nearest-training-image scores, which need the data.)"""
+    images = generate(run.model, seeds, labels=labels)
+    per = [{"seed": s} for s in seeds]
+    notes = []
+    if hasattr(run.model, "critic"):
+        with torch.no_grad():
+            d = run.model.critic(images.to(run.model.device), None if labels is None else labels.to(run.model.device))
+        for p, v in zip(per, d.float().cpu().tolist()):
+            p["discriminator"] = v
+    data = run_data(run)
+    folder = cache_dir(data.source, data.size, data.channels)
+    evaluator = None
+    if (folder / "evaluator.json").exists():
+        if folder not in _EVALUATORS:
+            _EVALUATORS[folder] = load_evaluator(data.source, size=data.size, channels=data.channels)
+        evaluator = _EVALUATORS[folder]
+        confidence, predicted = evaluator.probs(images).max(dim=1)
+        for p, c, k in zip(per, confidence.tolist(), predicted.tolist()):
+            p["confidence"], p["predicted_class"] = c, evaluator.info["classes"][k]
+    else:
+        notes.append(f"no cached evaluator for {data.source}: `imagegen evaluator train --data {data.source}` "
+                     "adds the predicted class and confidence")
+    return {"evaluator": evaluator.name if evaluator else None, "images": per, "notes": notes}

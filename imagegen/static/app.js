@@ -1,0 +1,254 @@
+// The imagegen page: plain JS over the HTTP API (GET /api/models, POST /api/generate, /api/interpolate,
+// /api/inpaint, /api/translate). Every control change re-requests the image; no page reloads.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const MAX_SEED = 2 ** 53 - 1;          // what a JS number holds exactly (the API takes up to 2^63 - 1)
+const SLIDERS = 4;                     // latent dimensions offered as sliders
+const OPTION_RANGES = {                // slider ranges for the families' sampling options
+  guidance: { min: 0, max: 5, step: 0.1, value: 1.5 },
+  steps: { min: 1, max: 100, step: 1, value: 20 },
+  truncation: { min: 0, max: 3, step: 0.1, value: 0 },
+  temperature: { min: 0.1, max: 2, step: 0.05, value: 1 },
+  eta: { min: 0, max: 1, step: 0.05, value: 0 },
+};
+
+let models = [];
+let current = null;                    // the selected model's description
+let lastBlob = null;                   // the PNG on screen, for download and inpainting
+let pending = null;                    // debounce timer
+let requestId = 0;                     // only the newest answer is shown
+
+function showError(message) {
+  const box = $("error");
+  box.textContent = message;
+  box.hidden = false;
+}
+
+function clearError() {
+  $("error").hidden = true;
+  $("error").textContent = "";
+}
+
+async function explain(response) {
+  try {
+    const body = await response.json();
+    return `${response.status}: ${typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail)}`;
+  } catch (e) {
+    return `${response.status}: ${response.statusText}`;
+  }
+}
+
+async function post(url, body, isForm) {
+  const response = await fetch(url, isForm ? { method: "POST", body } : {
+    method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
+  });
+  if (!response.ok) throw new Error(await explain(response));
+  return response;
+}
+
+function seedValue() {
+  // Whole numbers go to the server, which checks the range (and says so); anything else stops here.
+  const text = $("seed").value.trim();
+  if (!/^-?\d+$/.test(text) || Math.abs(Number(text)) > MAX_SEED) {
+    throw new Error(`seed must be a whole number from 0 to ${MAX_SEED}, got "${text}"`);
+  }
+  return Number(text);
+}
+
+function request() {
+  const body = { model: current.name, seed: seedValue(), n: 1 };
+  if (current.classes.length) body.label = $("label").value;
+  for (const name of Object.keys(current.options)) {
+    const el = $(`opt-${name}`);
+    if (el) body[name] = name === "steps" ? parseInt(el.value, 10) : parseFloat(el.value);
+  }
+  const latent = [];
+  for (let i = 0; i < Math.min(SLIDERS, current.latent_dims); i++) latent.push(parseFloat($(`z-${i}`).value));
+  if (latent.some((v) => v !== 0)) body.latent = latent;
+  return body;
+}
+
+async function generateNow() {
+  if (!current || current.translates) return;
+  const id = ++requestId;
+  try {
+    const body = request();
+    const response = await post("/api/generate", body);
+    const blob = await response.blob();
+    if (id !== requestId) return;
+    lastBlob = blob;
+    const url = URL.createObjectURL(blob);
+    $("image").src = url;
+    $("download").href = url;
+    $("command").textContent = response.headers.get("X-Imagegen-Command") || "";
+    clearError();
+    drawPaintBackground();
+  } catch (e) {
+    if (id === requestId) showError(e.message);
+  }
+}
+
+function scheduleGenerate() {
+  clearTimeout(pending);
+  pending = setTimeout(generateNow, 120);
+}
+
+function slider(id, label, range, onInput) {
+  const wrap = document.createElement("label");
+  const input = Object.assign(document.createElement("input"), { type: "range", id, ...range });
+  input.setAttribute("aria-label", label);
+  const out = document.createElement("output");
+  out.textContent = range.value;
+  input.addEventListener("input", () => { out.textContent = input.value; onInput(); });
+  wrap.append(label, input, out);
+  return wrap;
+}
+
+function selectModel(name) {
+  current = models.find((m) => m.name === name);
+  $("model-info").textContent = `${current.family}, step ${current.step}, ${current.image_size}px` +
+    (current.data ? `, ${current.data}` : "");
+  const classRow = $("class-row");
+  classRow.hidden = current.classes.length === 0;
+  $("label").replaceChildren(...current.classes.map((c) => new Option(c, c)));
+  const options = $("options");
+  options.replaceChildren();
+  for (const name of Object.keys(current.options)) {
+    if (OPTION_RANGES[name]) options.append(slider(`opt-${name}`, name, OPTION_RANGES[name], scheduleGenerate));
+  }
+  const sliders = $("sliders");
+  sliders.replaceChildren();
+  for (let i = 0; i < Math.min(SLIDERS, current.latent_dims); i++) {
+    sliders.append(slider(`z-${i}`, `latent ${i}`, { min: -3, max: 3, step: 0.1, value: 0 }, scheduleGenerate));
+  }
+  $("generate-panel").hidden = current.translates;
+  $("interpolate-panel").hidden = current.translates || current.latent_dims === 0;
+  $("inpaint-panel").hidden = current.translates || !("steps" in current.options);
+  $("translate-panel").hidden = !current.translates;
+  if (current.translates) {
+    const [a, b] = current.domains;
+    $("direction").replaceChildren(new Option(`${a} to ${b}`, "a2b"), new Option(`${b} to ${a}`, "b2a"));
+  }
+  clearError();
+  scheduleGenerate();
+}
+
+// --- interpolation ---------------------------------------------------------------------------------
+async function interpolateNow() {
+  try {
+    const body = { model: current.name, seed_a: seedValue(), seed_b: Number($("seed-b").value),
+                   frames: Number($("frames").value) };
+    if (current.classes.length) body.label = $("label").value;
+    const blob = await (await post("/api/interpolate", body)).blob();
+    $("strip").src = URL.createObjectURL(blob);
+    $("strip").hidden = false;
+    clearError();
+  } catch (e) { showError(e.message); }
+}
+
+// --- inpainting: paint a mask over the current image ---------------------------------------------------
+const paint = $("paint");
+const ctx = paint.getContext("2d");
+let mask = null;                        // a canvas at the model's resolution: white = regenerate
+let painting = false;
+
+function newMask() {
+  const size = current ? current.image_size : 28;
+  mask = Object.assign(document.createElement("canvas"), { width: size, height: size });
+  const m = mask.getContext("2d");
+  m.fillStyle = "black";
+  m.fillRect(0, 0, size, size);
+}
+
+function drawPaintBackground() {
+  if (!lastBlob) return;
+  if (!mask || mask.width !== current.image_size) newMask();
+  const img = new Image();
+  img.onload = () => {
+    ctx.imageSmoothingEnabled = false;
+    ctx.drawImage(img, 0, 0, paint.width, paint.height);
+    ctx.globalAlpha = 0.5;
+    ctx.drawImage(mask, 0, 0, paint.width, paint.height);
+    ctx.globalAlpha = 1;
+  };
+  img.src = URL.createObjectURL(lastBlob);
+}
+
+function brush(event) {
+  if (!painting || !mask) return;
+  const rect = paint.getBoundingClientRect();
+  const x = Math.floor((event.clientX - rect.left) / rect.width * mask.width);
+  const y = Math.floor((event.clientY - rect.top) / rect.height * mask.height);
+  const m = mask.getContext("2d");
+  m.fillStyle = "white";
+  m.fillRect(x - 1, y - 1, 3, 3);
+  drawPaintBackground();
+}
+
+paint.addEventListener("mousedown", (e) => { painting = true; brush(e); });
+paint.addEventListener("mousemove", brush);
+window.addEventListener("mouseup", () => { painting = false; });
+
+async function inpaintNow() {
+  try {
+    if (!lastBlob) throw new Error("generate an image first");
+    const maskBlob = await new Promise((resolve) => mask.toBlob(resolve, "image/png"));
+    const form = new FormData();
+    form.append("model", current.name);
+    form.append("seed", String(seedValue()));
+    if (current.classes.length) form.append("label", $("label").value);
+    form.append("image", lastBlob, "image.png");
+    form.append("mask", maskBlob, "mask.png");
+    const blob = await (await post("/api/inpaint", form, true)).blob();
+    $("inpainted").src = URL.createObjectURL(blob);
+    $("inpainted").hidden = false;
+    clearError();
+  } catch (e) { showError(e.message); }
+}
+
+// --- translation ---------------------------------------------------------------------------------------
+async function translateNow() {
+  try {
+    const file = $("upload").files[0];
+    if (!file) throw new Error("choose an image to translate");
+    const form = new FormData();
+    form.append("model", current.name);
+    form.append("direction", $("direction").value);
+    form.append("image", file, file.name);
+    const blob = await (await post("/api/translate", form, true)).blob();
+    $("translated").src = URL.createObjectURL(blob);
+    $("translated").hidden = false;
+    clearError();
+  } catch (e) { showError(e.message); }
+}
+
+async function start() {
+  try {
+    const response = await fetch("/api/models");
+    if (!response.ok) throw new Error(await explain(response));
+    models = await response.json();
+  } catch (e) {
+    showError(`cannot list the models: ${e.message}`);
+    return;
+  }
+  if (!models.length) {
+    showError("no trained runs in the served folder: train one with `imagegen train`");
+    return;
+  }
+  $("model").replaceChildren(...models.map((m) => new Option(`${m.name} (${m.family})`, m.name)));
+  $("model").addEventListener("change", () => { newMask(); selectModel($("model").value); });
+  for (const id of ["seed", "label"]) $(id).addEventListener("input", scheduleGenerate);
+  $("random-seed").addEventListener("click", () => {
+    $("seed").value = String(Math.floor(Math.random() * 1e9));
+    scheduleGenerate();
+  });
+  $("interpolate").addEventListener("click", interpolateNow);
+  $("clear-mask").addEventListener("click", () => { newMask(); drawPaintBackground(); });
+  $("inpaint").addEventListener("click", inpaintNow);
+  $("translate").addEventListener("click", translateNow);
+  selectModel(models[0].name);
+  newMask();
+}
+
+start();

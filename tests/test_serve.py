@@ -1,0 +1,343 @@
+"""`imagegen serve`: every route and limit through FastAPI's TestClient, micro-batching, schemathesis on
+/openapi.json, path traversal against a live server, and the page in Debian's Chromium via Playwright."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import io
+import socket
+import threading
+import time
+import warnings
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import imagegen
+from imagegen import serve as S
+from imagegen.cli import main
+from imagegen.serve import create_app
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from fastapi.testclient import TestClient
+
+from test_cyclegan import cg_config
+from test_families import family_config
+
+DCGAN, CGAN, DDPM, CYCLE = "00000-shapes-dcgan", "00001-shapes-cgan", "00002-shapes-ddpm", "00003-pair-shapes-circle-square-cyclegan"
+
+
+@pytest.fixture(scope="module")
+def runs_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("served")
+    for family in ("dcgan", "cgan", "ddpm"):
+        imagegen.train(family_config(family, 4), out=root, progress=False)
+    imagegen.train(cg_config(2), out=root, progress=False)
+    # A sibling folder whose name extends a run's name: never served.
+    (root / f"{DCGAN}-evil").mkdir()
+    (root / f"{DCGAN}-evil" / "secret.png").write_bytes(b"SECRET-SIBLING")
+    return root
+
+
+@pytest.fixture(scope="module")
+def client(runs_dir, tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("IMAGEGEN_CACHE", str(tmp_path_factory.mktemp("no-evaluators")))
+        with TestClient(create_app(runs_dir, log=None), raise_server_exceptions=False) as c:
+            yield c
+
+
+def png(response) -> np.ndarray:
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "image/png"
+    return np.asarray(Image.open(io.BytesIO(response.content)))
+
+
+def png_upload(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def bomb_png(side: int) -> bytes:
+    """A valid grayscale PNG header claiming side x side pixels, with a tiny compressed body."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+    ihdr = side.to_bytes(4, "big") * 2 + bytes([8, 0, 0, 0, 0])
+    raw = zlib.compress(b"\x00" * (side + 1) * 64)             # a few rows; the header is what matters
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", raw) + chunk(b"IEND", b"")
+
+
+def test_models_health_docs(client):
+    models = {m["name"]: m for m in client.get("/api/models").json()}
+    assert set(models) == {DCGAN, CGAN, DDPM, CYCLE}
+    assert models[DCGAN]["family"] == "dcgan" and models[DCGAN]["classes"] == [] and models[DCGAN]["latent_dims"] == 16
+    assert models[CGAN]["classes"] == ["circle", "square", "triangle", "star"]
+    assert set(models[DDPM]["options"]) == {"steps", "guidance", "eta", "sampler"}
+    assert models[CYCLE]["translates"] and models[CYCLE]["domains"] == ["circle", "square"]
+    assert client.get("/health").json()["status"] == "ok"
+    assert client.get("/docs").status_code == 200
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/api/models", "/api/generate", "/api/interpolate", "/api/translate", "/api/inpaint", "/api/analyse", "/health"} <= set(paths)
+    assert "<select id=\"model\"" in client.get("/").text and client.get("/static/app.js").status_code == 200
+
+
+def test_generate_is_per_seed_and_reproducible(client, runs_dir, tmp_path):
+    one = client.post("/api/generate", json={"model": DCGAN, "seed": 7})
+    assert png(one).shape == (32, 32, 3)
+    assert client.post("/api/generate", json={"model": DCGAN, "seed": 7}).content == one.content
+    grid = png(client.post("/api/generate", json={"model": DCGAN, "seed": 6, "n": 4}))
+    assert grid.shape == (2 * 34 + 2, 2 * 34 + 2, 3)
+    assert np.array_equal(grid[2:34, 36:68], png(one))            # seed 7 is the grid's second image
+    # "Reproduce this": the command in the header draws the same pixels.
+    command = one.headers["x-imagegen-command"].split()
+    assert command[:5] == ["imagegen", "sample", str(runs_dir / DCGAN), "--seeds", "7"]
+    out = tmp_path / "s"
+    assert main(command[1:command.index("--out")] + ["--out", str(out)]) == 0
+    assert np.array_equal(np.asarray(Image.open(out / "seed000007.png")), png(one))
+    # Options, labels and latent sliders pass through, and the command carries them.
+    r = client.post("/api/generate", json={"model": CGAN, "seed": 2, "label": "Star", "latent": [1.5, -0.5], "truncation": 1})
+    png(r)
+    assert "--labels Star --latent 1.5,-0.5 --truncation 1" in r.headers["x-imagegen-command"]
+    out2 = tmp_path / "s2"
+    cmd = r.headers["x-imagegen-command"].split()
+    assert main(cmd[1:cmd.index("--out")] + ["--out", str(out2)]) == 0
+    assert np.array_equal(np.asarray(Image.open(out2 / "seed000002.png")), png(r))
+    png(client.post("/api/generate", json={"model": DDPM, "seed": 1, "steps": 2, "guidance": 2, "label": "circle"}))
+
+
+@pytest.mark.parametrize("body,status,fragment", [
+    ({"model": DCGAN, "n": 0}, 422, "n: Input should be greater than or equal to 1"),
+    ({"model": DCGAN, "n": S.MAX_IMAGES + 1}, 422, "n: Input should be less than or equal to 64"),
+    ({"model": DCGAN, "seed": -1}, 422, "seed"),
+    ({"model": DCGAN, "seed": 2**63}, 422, "seed"),
+    ({"model": DCGAN, "seed": 10**40}, 422, "seed"),
+    ({"model": DCGAN, "seed": 2**63 - 2, "n": 4}, 400, "largest seed"),
+    ({"model": DCGAN, "seed": "seven"}, 422, "seed"),
+    ({"model": "nope"}, 404, "unknown model 'nope'"),
+    ({"model": CGAN, "label": "hexagon"}, 400, "unknown class 'hexagon'"),
+    ({"model": CGAN, "label": "9"}, 400, "out of range"),
+    ({"model": DCGAN, "label": "circle"}, 400, "not class-conditional"),
+    ({"model": DCGAN, "steps": 5}, 400, "steps does not apply to a dcgan model"),
+    ({"model": DDPM, "steps": S.MAX_STEPS + 1}, 422, "steps"),
+    ({"model": DDPM, "steps": 100, "n": 17}, 400, "image-steps"),
+    ({"model": DDPM, "latent": [1.0]}, 400, "latent does not apply"),
+    ({"model": DCGAN, "latent": [0.0] * (S.MAX_LATENT_DIMS + 1)}, 422, "latent"),
+    ({"model": DCGAN, "latent": [11.0]}, 400, "within"),
+    ({"model": DCGAN, "colour": "red"}, 422, "colour"),
+    ({"model": CYCLE}, 400, "/api/translate"),
+    ({}, 422, "model"),
+])
+def test_bad_generate_requests_are_4xx_with_a_message(client, body, status, fragment):
+    r = client.post("/api/generate", json=body)
+    assert r.status_code == status and fragment in r.json()["detail"], r.text
+
+
+def test_malformed_bodies_are_4xx(client):
+    assert client.post("/api/generate", content=b"{not json", headers={"content-type": "application/json"}).status_code == 422
+    assert client.post("/api/generate", content=b"[]", headers={"content-type": "application/json"}).status_code == 422
+    assert client.get("/api/generate").status_code == 405
+
+
+def test_interpolate_translate_inpaint_analyse(client, runs_dir):
+    strip = png(client.post("/api/interpolate", json={"model": DCGAN, "seed_a": 1, "seed_b": 2, "frames": 4}))
+    assert strip.shape == (34 + 2, 4 * 34 + 2, 3)
+    assert client.post("/api/interpolate", json={"model": DCGAN, "frames": 1}).status_code == 422
+    assert client.post("/api/interpolate", json={"model": DCGAN, "frames": S.MAX_FRAMES + 1}).status_code == 422
+    assert "no latent space" in client.post("/api/interpolate", json={"model": DDPM}).json()["detail"]
+
+    photo = np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    files = {"image": ("x.png", png_upload(photo), "image/png")}
+    out = png(client.post("/api/translate", data={"model": CYCLE, "direction": "b2a"}, files=files))
+    assert out.shape == (32, 32, 3)
+    model = imagegen.load_run(runs_dir / CYCLE).model
+    x = torch.from_numpy(np.array(Image.fromarray(photo).resize((32, 32), Image.Resampling.BICUBIC))).permute(2, 0, 1)[None]
+    assert np.array_equal(out, imagegen.sample.to_uint8(model.translate(x.float() / 127.5 - 1, "b2a"))[0])
+    assert client.post("/api/translate", data={"model": DCGAN}, files=files).status_code == 400
+    assert client.post("/api/translate", data={"model": CYCLE, "direction": "up"}, files=files).status_code == 422
+    assert client.post("/api/translate", data={"model": CYCLE}).status_code == 422           # no file
+    too_big = {"image": ("big.png", b"\x89PNG" + b"\0" * S.MAX_UPLOAD_BYTES, "image/png")}
+    r = client.post("/api/translate", data={"model": CYCLE}, files=too_big)
+    assert r.status_code == 413 and "upload limit" in r.json()["detail"]
+    r = client.post("/api/translate", data={"model": CYCLE}, files={"image": ("big.png", bomb_png(5000), "image/png")})
+    assert r.status_code == 413 and "5000x5000 is over the limit" in r.json()["detail"]
+    r = client.post("/api/translate", data={"model": CYCLE}, files={"image": ("bomb.png", bomb_png(20000), "image/png")})
+    assert r.status_code == 413 and "decompression bomb" in r.json()["detail"]
+    r = client.post("/api/translate", data={"model": CYCLE}, files={"image": ("x.png", b"garbage", "image/png")})
+    assert r.status_code == 400 and "not a readable" in r.json()["detail"]
+    r = client.post("/api/translate", data={"model": CYCLE}, files={"image": ("x.png", b"", "image/png")})
+    assert r.status_code == 400 and "empty" in r.json()["detail"]
+
+    image = np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    mask = np.zeros((32, 32), np.uint8)
+    mask[:, 16:] = 255
+    files = {"image": ("i.png", png_upload(image), "image/png"), "mask": ("m.png", png_upload(mask), "image/png")}
+    filled = png(client.post("/api/inpaint", data={"model": DDPM, "seed": "3", "steps": "2", "label": "square"}, files=files))
+    assert np.array_equal(filled[:, :16], image[:, :16])                      # known pixels kept exactly
+    assert client.post("/api/inpaint", data={"model": DCGAN}, files=files).status_code == 400
+    small = {**files, "mask": ("m.png", png_upload(mask[:16]), "image/png")}
+    assert "must match" in client.post("/api/inpaint", data={"model": DDPM}, files=small).json()["detail"]
+    black = {**files, "mask": ("m.png", png_upload(mask * 0), "image/png")}
+    assert "no white pixels" in client.post("/api/inpaint", data={"model": DDPM}, files=black).json()["detail"]
+    assert client.post("/api/inpaint", data={"model": DDPM, "seed": "-1"}, files=files).status_code == 422
+
+    scores = client.post("/api/analyse", json={"model": DCGAN, "seed": 3, "n": 2}).json()
+    assert [s["seed"] for s in scores["images"]] == [3, 4] and all("discriminator" in s for s in scores["images"])
+    assert scores["evaluator"] is None and "imagegen evaluator train" in scores["notes"][0]
+    assert client.post("/api/analyse", json={"model": CYCLE}).status_code == 400
+
+
+def test_overload_is_503_with_retry_after(client):
+    worker = client.app.state.worker
+    worker.pending = S.MAX_PENDING
+    try:
+        r = client.post("/api/generate", json={"model": DCGAN})
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert client.get("/health").status_code == 200                       # health is never queued
+    finally:
+        worker.pending = 0
+    assert client.post("/api/generate", json={"model": DCGAN}).status_code == 200
+
+
+def test_concurrent_requests_are_micro_batched_without_changing_pixels(runs_dir):
+    import httpx
+    app = create_app(runs_dir, log=None)
+    calls = []
+    original = S.generate
+
+    def counting(*args, **kwargs):
+        calls.append(len(args[1]))
+        return original(*args, **kwargs)
+
+    async def burst():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            return await asyncio.gather(*[c.post("/api/generate", json={"model": DCGAN, "seed": s}) for s in range(12)])
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(S, "generate", counting)
+        answers = asyncio.run(burst())
+    assert all(a.status_code == 200 for a in answers)
+    assert sum(calls) == 12 and len(calls) < 12                                # gathered into fewer calls
+    with TestClient(app) as c:
+        for s, a in enumerate(answers):
+            assert c.post("/api/generate", json={"model": DCGAN, "seed": s}).content == a.content
+
+
+# --- schemathesis ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def api_schema(runs_dir):
+    import schemathesis
+    return schemathesis.openapi.from_asgi("/openapi.json", create_app(runs_dir, log=None))
+
+
+def _schemathesis_test():
+    import schemathesis
+    from hypothesis import HealthCheck, settings
+    from schemathesis.checks import not_a_server_error
+
+    schema = schemathesis.pytest.from_fixture("api_schema")
+
+    @schema.parametrize()
+    @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+    def test_schemathesis_finds_no_server_error(case):
+        case.call_and_validate(checks=[not_a_server_error])
+
+    return test_schemathesis_finds_no_server_error
+
+
+test_schemathesis_finds_no_server_error = _schemathesis_test()
+
+
+# --- a live server: raw paths (no client normalisation) and the browser ------------------------------
+
+@pytest.fixture(scope="module")
+def live(runs_dir):
+    import uvicorn
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(runs_dir, log=None), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        assert time.time() < deadline, "server did not start"
+        time.sleep(0.05)
+    yield port
+    server.should_exit = True
+    thread.join(10)
+
+
+TRAVERSALS = [
+    "../serve.py",                                   # ../
+    "..%2fserve.py",                                 # ..%2f
+    "%2e%2e/serve.py",                               # %2e%2e/
+    "..%2f..%2f..%2f..%2f..%2f..%2f..%2fetc/passwd",   # deep ..%2f
+    f"../{DCGAN}-evil/secret.png",                   # sibling-prefix path
+    "/etc/passwd",                                   # absolute path
+    "....//....//....//etc/passwd",                  # ....//
+]
+
+
+def raw_get(port: int, path: str) -> tuple[int, bytes]:
+    """GET with the path sent exactly as written (http.client does not normalise dot segments)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("GET", path)
+    r = conn.getresponse()
+    body = r.read()
+    conn.close()
+    return r.status, body
+
+
+@pytest.mark.parametrize("payload", TRAVERSALS)
+def test_path_traversal_gets_404_and_no_content(live, payload):
+    for prefix in ("/static/", f"/files/{DCGAN}/", "/files/"):
+        path = prefix + payload
+        status, body = raw_get(live, path)
+        assert status == 404, (path, status)
+        assert b"root:" not in body and b"SECRET" not in body and b"def create_app" not in body, path
+
+
+def test_run_files_are_served_and_nothing_else(live):
+    status, body = raw_get(live, f"/files/{DCGAN}/samples/step-0000004.png")
+    assert status == 200 and body.startswith(b"\x89PNG")
+    assert raw_get(live, f"/files/{DCGAN}-evil/secret.png")[0] == 404        # a sibling folder, not a run
+    assert raw_get(live, f"/files/{DCGAN}/checkpoints")[0] == 404             # folders are not listed
+    assert raw_get(live, f"/files/{DCGAN}/model.safetensors")[0] == 404       # only PNG, HTML and JSON
+
+
+def test_browser_generates_reproducibly_and_shows_errors(live):
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
+        page = browser.new_page()
+        page.goto(f"http://127.0.0.1:{live}/")
+        page.wait_for_function("document.querySelectorAll('#model option').length === 4")
+        page.select_option("#model", DCGAN)
+
+        def image_for(seed: int) -> list[int]:
+            page.fill("#seed", str(seed))
+            page.wait_for_function(f"document.getElementById('command').textContent.includes('--seeds {seed} ')"
+                                   " && document.getElementById('image').complete")
+            assert page.evaluate("document.getElementById('image').naturalWidth") == 32   # the PNG decoded
+            return page.evaluate("async () => Array.from(new Uint8Array(await (await fetch("
+                                 "document.getElementById('image').src)).arrayBuffer()))")
+
+        first = image_for(11)
+        other = image_for(12)
+        again = image_for(11)
+        assert first == again and first != other
+        assert page.is_hidden("#error")
+        page.fill("#seed", "-5")                                               # refused by the server (422)
+        page.wait_for_selector("#error", state="visible")
+        assert "seed" in page.inner_text("#error") and "422" in page.inner_text("#error")
+        page.fill("#seed", "1.5")                                              # refused by the page
+        page.wait_for_function("document.getElementById('error').textContent.includes('whole number')")
+        browser.close()
