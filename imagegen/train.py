@@ -5,6 +5,10 @@ and resume.
 Reproducibility: the batch for step s depends only on (seed, s) (data/dataset.py), and train_step gets
 a generator seeded from (seed, s). So 10 steps + resume to 20 equals 20 steps straight, bit for bit,
 without saving any RNG state.
+
+Scale: launched by torchrun, every process runs this loop on its shard of each batch, with gradients
+averaged over processes in the optimizer step (distributed.py). train.precision picks autocast (bf16,
+or fp16 with a gradient scaler on CUDA); train.channels_last the memory format.
 """
 
 from __future__ import annotations
@@ -15,12 +19,13 @@ import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
+from . import distributed
 from .config import check_positive, from_dict, to_dict, validate
 from .data import DataConfig, ImageDataset, load_data
 from .data.dataset import _mix
@@ -45,6 +50,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     max_bad_steps: int = 10       # stop after this many non-finite steps in a row
     time_limit: float = 0.0       # seconds of training after which the run ends early, saved (0 = none)
+    precision: str = "auto"       # auto (bf16 on CUDA GPUs that have it, else fp32), fp32, bf16, fp16 (CUDA)
 
     def validate(self) -> None:
         check_positive(self, "steps", "batch_size", "log_every", "grid_size", "checkpoint_every",
@@ -52,6 +58,8 @@ class TrainConfig:
         check_positive(self, "seed", "threads", "sample_every", "time_limit", allow_zero=True)
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ConfigError(f"train.precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
 
 
 @dataclass
@@ -109,22 +117,37 @@ def fit_model_to_data(cfg: RunConfig, ds: ImageDataset) -> RunConfig:
 
 
 class GuardedOptimizer:
-    """Passes calls through to an optimizer, but skips `step()` when any gradient is NaN or Inf,
-    so a bad batch can never write a non-finite value into the weights or the Adam moments."""
+    """Passes calls through to an optimizer; its `step()` first averages the gradients over the ranks
+    of a distributed run, unscales them under fp16's gradient scaler, and skips the update when any
+    gradient is NaN or Inf, so a bad batch can never write a non-finite value into the weights or the
+    Adam moments. (Under fp16, an overflow is the scaler's normal way to find its scale: it is counted
+    in `overflows`, not as a bad step.)"""
 
-    def __init__(self, opt: torch.optim.Optimizer) -> None:
+    def __init__(self, opt: torch.optim.Optimizer, dist: distributed.Dist | None = None,
+                 scaler: torch.amp.GradScaler | None = None) -> None:
         self.opt = opt
+        self.dist = dist
+        self.scaler = scaler
         self.skipped = 0
+        self.overflows = 0
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.opt.zero_grad(set_to_none=set_to_none)
 
     def step(self) -> None:
         grads = [p.grad for g in self.opt.param_groups for p in g["params"] if p.grad is not None]
-        if grads and not torch.isfinite(torch.nn.utils.get_total_norm(grads, norm_type=math.inf)):
+        distributed.average_gradients(grads, self.dist)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.opt)
+        finite = not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads, norm_type=math.inf)))
+        if finite:
+            self.opt.step()
+        elif self.scaler is not None:
+            self.overflows += 1
+        else:
             self.skipped += 1
-            return
-        self.opt.step()
+        if self.scaler is not None:
+            self.scaler.update()          # one update per optimizer step: halves the scale after an overflow
 
     def __getattr__(self, name: str):
         return getattr(self.opt, name)
@@ -134,21 +157,57 @@ def step_generator(seed: int, step: int, device: torch.device) -> torch.Generato
     return torch.Generator(device).manual_seed(_mix(seed, step))
 
 
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for train.precision on this device; None = fp32 (no autocast)."""
+    if precision == "auto":
+        # bf16 where the hardware runs it natively (recent CUDA GPUs); fp32 on CPUs, where bf16 autocast
+        # helps only on chips with AMX/AVX512-BF16 (ask for it with --precision bf16).
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError("train.precision 'fp16' needs a CUDA device; use 'bf16' on CPUs")
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
 def train(cfg: RunConfig, *, out: str | Path = "runs", resume: str | Path | None = None,
-          progress: bool = True, dataset: ImageDataset | None = None) -> Path:
+          progress: bool = True, dataset: ImageDataset | None = None,
+          on_end: Callable[[Family, Family], None] | None = None) -> Path:
     """Train `cfg` into a new run folder under `out` (or continue the run at `resume` up to
-    cfg.train.steps). Returns the run folder."""
+    cfg.train.steps). Returns the run folder.
+
+    Launched by torchrun, every rank runs this same function (see distributed.py): rank 0 alone writes
+    files and shows progress. `on_end(model, ema)` is called on every rank after the last step."""
     tc = cfg.train
     if tc.threads:
         torch.set_num_threads(tc.threads)
     device = pick_device(tc.device)
+    _, world, local_rank = distributed.from_env()
+    if world > 1 and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)          # one GPU per process
+        torch.cuda.set_device(device)
+    amp_dtype = autocast_dtype(tc.precision, device)
+    d = distributed.setup(device)
+    main = d is None or d.main
+    try:
+        return _train(cfg, d, main, device, amp_dtype, out=out, resume=resume, progress=progress and main,
+                      dataset=dataset, on_end=on_end)
+    finally:
+        distributed.teardown(d)
+
+
+def _train(cfg: RunConfig, d: distributed.Dist | None, main: bool, device: torch.device, amp_dtype: torch.dtype | None,
+           *, out, resume, progress: bool, dataset, on_end) -> Path:
+    tc = cfg.train
+    if d is not None and tc.batch_size % d.world:
+        raise ConfigError(f"train.batch_size {tc.batch_size} is the global batch: it must divide evenly over "
+                          f"{d.world} processes")
 
     # Data: held in memory; the model's size, channels and classes follow it.
     ds = dataset if dataset is not None else load_data(cfg.data)
-    for path, reason in ds.skipped:
-        tqdm.write(f"skipped {path}: {reason}")
-    for note in ds.notes:
-        tqdm.write(f"note: {note}")
+    if main:
+        for path, reason in ds.skipped:
+            tqdm.write(f"skipped {path}: {reason}")
+        for note in ds.notes:
+            tqdm.write(f"note: {note}")
     cfg = fit_model_to_data(cfg, ds)
 
     # Model, built under the run seed without touching the global RNG, and its EMA copy.
@@ -158,9 +217,11 @@ def train(cfg: RunConfig, *, out: str | Path = "runs", resume: str | Path | None
     memory_format = torch.channels_last if tc.channels_last else torch.contiguous_format
     model.to(device=device, memory_format=memory_format)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    opts = {k: GuardedOptimizer(o) for k, o in model.configure_optimizers(tc).items()}
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    model.grad_scaler = scaler
+    opts = {k: GuardedOptimizer(o, d, scaler) for k, o in model.configure_optimizers(tc).items()}
 
-    # Run folder: a new one, or the one we resume (weights, EMA, optimizers and step restored).
+    # Run folder: a new one (made by rank 0), or the one we resume (weights, EMA, optimizers and step restored).
     start, bad_total = 0, 0
     if resume is not None:
         run_dir = Path(resume)
@@ -179,17 +240,22 @@ def train(cfg: RunConfig, *, out: str | Path = "runs", resume: str | Path | None
     else:
         model.prepare(ds)
         ema.load_state_dict(model.state_dict())  # what prepare() computed (buffers) goes into the EMA copy too
-        run_dir = ckpt.new_run_dir(Path(out), cfg.data.source, cfg.family)
-    (run_dir / "samples").mkdir(exist_ok=True)
-    ckpt.write_json_atomic(run_dir / "config.json", {**cfg.to_json(), "classes": ds.classes, "data_source": ds.source,
-                                                      "imagegen_version": _version()})
+        run_dir = ckpt.new_run_dir(Path(out), cfg.data.source, cfg.family) if main else None
+        run_dir = Path(distributed.broadcast_text(str(run_dir), d, device))
+    if main:
+        (run_dir / "samples").mkdir(exist_ok=True)
+        ckpt.write_json_atomic(run_dir / "config.json", {**cfg.to_json(), "classes": ds.classes, "data_source": ds.source,
+                                                          "imagegen_version": _version(),
+                                                          **({"world_size": d.world} if d else {})})
 
     params, ema_params = list(model.parameters()), list(ema.parameters())
     buffers, ema_buffers = list(model.buffers()), list(ema.buffers())
-    log_file = (run_dir / "log.jsonl").open("a")
+    log_file = (run_dir / "log.jsonl").open("a") if main else None
     bar = tqdm(total=tc.steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True, mininterval=1.0)
     window: dict[str, list[float]] = {}
     window_time, window_images, bad_in_a_row = 0.0, 0, 0
+    # Each rank draws its own noise: generators seeded by (run seed, rank, step) in a distributed run.
+    noise_seed = tc.seed if d is None else _mix(tc.seed, 0xD15, d.rank)
 
     def save(step: int) -> None:
         ckpt.save_checkpoint(
@@ -206,17 +272,21 @@ def train(cfg: RunConfig, *, out: str | Path = "runs", resume: str | Path | None
     try:
         model.train()
         for step in range(start, tc.steps):
-            # One update: the family's own (possibly alternating) step on the batch for this step.
+            # One update: the family's own (possibly alternating) step on this rank's share of the batch.
             t0 = time.perf_counter()
-            batch = {k: v.to(device, non_blocking=True) for k, v in ds.batch_at(step, tc.batch_size, tc.seed).items()}
+            batch = distributed.shard(ds.batch_at(step, tc.batch_size, tc.seed), d)
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             if tc.channels_last:
                 batch = {k: v.contiguous(memory_format=torch.channels_last) if v.ndim == 4 else v for k, v in batch.items()}
             saved_buffers = [b.clone() for b in buffers]
             skipped_before = sum(o.skipped for o in opts.values())
-            losses = model.train_step(batch, opts, step_generator(tc.seed, step, device))
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                losses = model.train_step(batch, opts, step_generator(noise_seed, step, device))
+            losses = distributed.average_values(losses, d, device)
 
             # Guard: the GuardedOptimizers already refused every update with a non-finite gradient; a step
             # where that happened (or a loss is non-finite) is counted and its buffer updates rolled back.
+            # Gradients and losses are averaged over ranks, so every rank reaches the same verdict.
             bad = sum(o.skipped for o in opts.values()) > skipped_before or not all(map(math.isfinite, losses.values()))
             if bad:
                 for b, s in zip(buffers, saved_buffers):
@@ -230,6 +300,7 @@ def train(cfg: RunConfig, *, out: str | Path = "runs", resume: str | Path | None
                     )
             else:
                 bad_in_a_row = 0
+                distributed.broadcast_buffers(buffers, d)      # rank 0's batch-norm statistics, as DDP does
                 # EMA with warm-up, so early samples are not dominated by the random initial weights.
                 decay = min(tc.ema_decay, (1 + step) / (10 + step))
                 with torch.no_grad():
@@ -244,28 +315,42 @@ def train(cfg: RunConfig, *, out: str | Path = "runs", resume: str | Path | None
             for k, v in losses.items():
                 window.setdefault(k, []).append(v)
 
-            # Logs, grids and checkpoints.
+            # Logs, grids and checkpoints (rank 0).
             done = step + 1
             bar.update(1)
-            # A time budget ends the run at this step, with the log, grid and checkpoint of a normal end.
-            last = done == tc.steps or bool(tc.time_limit and time.perf_counter() - started >= tc.time_limit)
-            if done % tc.log_every == 0 or last:
+            # A time budget ends the run at this step, with the log, grid and checkpoint of a normal end
+            # (in a distributed run, when any rank's clock says so: ranks must stop at the same step).
+            over = bool(tc.time_limit and time.perf_counter() - started >= tc.time_limit)
+            if d is not None and tc.time_limit:
+                over = distributed.average_values({"over": float(over)}, d, device)["over"] > 0
+            last = done == tc.steps or over
+            if main and (done % tc.log_every == 0 or last):
                 means = {k: sum(v) / len(v) for k, v in window.items()}
                 record = {"step": done, "images_per_s": window_images / max(window_time, 1e-9),
                           "bad_steps": bad_total, **means}
+                if scaler is not None:
+                    record["fp16_scale"] = scaler.get_scale()
                 log_file.write(json.dumps(record) + "\n")
                 log_file.flush()
                 bar.set_postfix({**{k: f"{v:.3f}" for k, v in means.items()}, "img/s": f"{record['images_per_s']:.0f}"})
+            if done % tc.log_every == 0 or last:
                 window, window_time, window_images = {}, 0.0, 0
-            if (tc.sample_every and done % tc.sample_every == 0) or last:
+            if main and ((tc.sample_every and done % tc.sample_every == 0) or last):
                 sample_grid(done)
             if done % tc.checkpoint_every == 0 or last:
-                save(done)
+                # Every rank must hold the same weights; a mismatch is a bug worth stopping for.
+                if not distributed.same_everywhere(params + buffers, d):
+                    raise TrainingError(f"step {done}: the ranks' weights differ (they should be bit-identical)")
+                if main:
+                    save(done)
             if last:
                 break
+        if on_end is not None:
+            on_end(model, ema)
     finally:
         bar.close()
-        log_file.close()
+        if log_file is not None:
+            log_file.close()
     return run_dir
 
 

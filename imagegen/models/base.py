@@ -5,7 +5,7 @@
 | `Config` dataclass (class attribute)    | every constructor hyper-parameter, JSON-serialisable          |
 | `__init__(cfg)`                         | builds networks only: no data, no device moves, no files      |
 | `configure_optimizers(train_cfg)`       | {"g": ..., "d": ...}; the loop owns and checkpoints them      |
-| `train_step(batch, opt, gen)`           | forward, losses, backward, steps; returns {name: float}       |
+| `train_step(batch, opt, gen)`           | forward, losses, self.backward(loss), steps; {name: float}    |
 | `sample(n, *, labels, generator, ...)`  | n x C x H x W in [-1, 1]                                      |
 | `fit_config(cfg, dataset)` (classmethod)| the config completed from the data (size, channels, classes)  |
 | `prepare(dataset)` (optional)           | one pass over the training data before step 0 (statistics)    |
@@ -111,6 +111,14 @@ class Family(nn.Module):
         k = self.num_classes
         n = n if not k else k * math.ceil(n / k)
         return generate(self, list(range(n)), labels=torch.arange(n) % k if k else None), k or None
+
+    grad_scaler = None   # set by the training loop under fp16 (torch.amp.GradScaler)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """loss.backward(), outside autocast, and scaled when the loop trains in fp16 (the optimizer's
+        step unscales). Families call this instead of loss.backward()."""
+        with torch.autocast(loss.device.type, enabled=False):
+            (loss if self.grad_scaler is None else self.grad_scaler.scale(loss)).backward()
 
     def configure_optimizers(self, train_cfg) -> dict[str, torch.optim.Optimizer]:
         raise NotImplementedError

@@ -228,7 +228,7 @@ class CycleGAN(Family):
             identity = (self.g_ab(b) - b).abs().mean() + (self.g_ba(a) - a).abs().mean()
             loss_g = loss_g + c.identity_weight * identity
         opt["g"].zero_grad(set_to_none=True)
-        loss_g.backward()
+        self.backward(loss_g)
         opt["g"].step()
         self.d_a.requires_grad_(True)
         self.d_b.requires_grad_(True)
@@ -240,7 +240,7 @@ class CycleGAN(Family):
         loss_d_b = 0.5 * ((self.d_b(b) - 1).square().mean() + self.d_b(pooled_b).square().mean())
         loss_d_a = 0.5 * ((self.d_a(a) - 1).square().mean() + self.d_a(pooled_a).square().mean())
         opt["d"].zero_grad(set_to_none=True)
-        (loss_d_a + loss_d_b).backward()
+        self.backward(loss_d_a + loss_d_b)
         opt["d"].step()
         self.steps_done += 1
         return {"loss_g_adv": adv.item(), "loss_cycle": cycle.item(), "loss_identity": identity.item(),

@@ -314,7 +314,7 @@ class DDPM(Family):
             w = torch.ones_like(snr)
         loss = (w * per_image).mean()
         opt["net"].zero_grad(set_to_none=True)
-        loss.backward()
+        self.backward(loss)
         if self.cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.grad_clip)
         opt["net"].step()

@@ -279,13 +279,13 @@ class DCGAN(Family):
             if kind == "wgan-gp":
                 loss_d = loss_d + self.cfg.gp_weight * gradient_penalty(lambda x: self.critic(x, y), real, fake, gen)
             opt["d"].zero_grad(set_to_none=True)
-            loss_d.backward()
+            self.backward(loss_d)
             opt["d"].step()
         # Generator: D's weights are frozen so backward computes only what G needs.
         self.D.requires_grad_(False)
         loss_g = g_loss(kind, self.critic(self.fake(self.draw_noise(n, gen), y), y, gen))
         opt["g"].zero_grad(set_to_none=True)
-        loss_g.backward()
+        self.backward(loss_g)
         opt["g"].step()
         self.D.requires_grad_(True)
         values = torch.stack([loss_d.detach(), loss_g.detach(), real_logits.detach().mean(), fake_logits.detach().mean()])

@@ -158,7 +158,7 @@ class VAE(Family):
         kl = 0.5 * (mu.square() + logvar.exp() - 1 - logvar).sum(1).mean()
         loss = rec + self.cfg.beta * kl
         opt["vae"].zero_grad(set_to_none=True)
-        loss.backward()
+        self.backward(loss)
         opt["vae"].step()
         values = torch.stack([loss.detach(), rec.detach(), kl.detach()])
         return dict(zip(("loss", "recon", "kl"), values.tolist()))

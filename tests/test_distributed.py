@@ -1,0 +1,163 @@
+"""Multi-process training on CPU with gloo: ranks stay bit-identical, 2 x B/2 equals 1 x B, a dead rank
+ends the run, resume is exact, torchrun works, and mixed precision is chosen and checked."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import imagegen
+from imagegen.checkpoint import list_checkpoints, load_checkpoint
+from imagegen.errors import ConfigError
+from imagegen.train import autocast_dtype
+
+from test_train import _assert_same_optim, _assert_same_tensors
+
+WORKER = str(Path(__file__).parent / "ddp_worker.py")
+TINY_DCGAN = {"family": "dcgan", "model": {"width": 8, "z_dim": 16}, "data": {"source": "shapes", "limit": 256},
+              "train": {"batch_size": 16, "log_every": 1, "sample_every": 0, "grid_size": 4, "checkpoint_every": 10}}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_env(rank: int, world: int, port: int) -> dict:
+    # One thread per process: two processes share the 2 CI cores.
+    return {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+
+
+def launch(world: int, tree: dict, out: Path, *, resume=None, dump=None, timeout: int = 180) -> list[str]:
+    """Run ddp_worker.py as `world` ranks; every rank must exit 0. Returns their stdout."""
+    port = free_port()
+    arg = json.dumps({"tree": tree, "out": str(out), "resume": str(resume) if resume else None,
+                      "dump": str(dump) if dump else None})
+    procs = [subprocess.Popen([sys.executable, WORKER, arg], env=rank_env(r, world, port), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in range(world)]
+    outs = [p.communicate(timeout=timeout) for p in procs]
+    for p, (o, e) in zip(procs, outs):
+        assert p.returncode == 0, e[-3000:]
+    return [o.strip() for o, _ in outs]
+
+
+def with_train(tree: dict, **train) -> dict:
+    return {**tree, "train": {**tree["train"], **train}}
+
+
+def test_two_ranks_stay_bit_identical_and_only_rank_0_writes(tmp_path):
+    dump = tmp_path / "dump"
+    dump.mkdir()
+    outs = launch(2, with_train(TINY_DCGAN, steps=20), tmp_path / "runs", dump=dump)
+    assert outs[0] == outs[1]                                        # both ranks name the same run folder
+    assert len(list((tmp_path / "runs").iterdir())) == 1
+    a, b = load_file(str(dump / "rank0.safetensors")), load_file(str(dump / "rank1.safetensors"))
+    _assert_same_tensors(a, b, "rank 0 vs rank 1")                   # parameters and buffers, bit for bit
+    run = Path(outs[0])
+    assert json.loads((run / "config.json").read_text())["world_size"] == 2
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 21))         # one log, written once per step
+    # The weights rank 0 saved are the ones both ranks ended with.
+    _assert_same_tensors(load_checkpoint(list_checkpoints(run)[-1])["model"], a, "checkpoint vs rank 0")
+
+
+def test_gradients_of_two_ranks_at_half_batch_match_one_process(tmp_path):
+    tree = {"family": "lin", "data": {"source": "shapes", "limit": 256},
+            "train": {"batch_size": 16, "steps": 3, "log_every": 1, "sample_every": 0, "grid_size": 4,
+                      "checkpoint_every": 10, "ema_decay": 0.0}}
+    for world in (1, 2):
+        (tmp_path / f"dump{world}").mkdir()
+        launch(world, tree, tmp_path / f"runs{world}", dump=tmp_path / f"dump{world}")
+    one, two = load_file(str(tmp_path / "dump1" / "rank0.safetensors")), load_file(str(tmp_path / "dump2" / "rank0.safetensors"))
+    assert one["last_grad"].abs().max() > 1e-3                       # a real gradient, not zeros
+    assert torch.allclose(one["last_grad"], two["last_grad"], rtol=0, atol=1e-6)
+    for k in ("conv.weight", "conv.bias"):
+        assert torch.allclose(one[k], two[k], rtol=0, atol=1e-6), k
+
+
+def test_a_dead_rank_makes_the_other_exit_non_zero_quickly(tmp_path):
+    port = free_port()
+    args = ["-m", "imagegen", "train", "--data", "shapes", "--model", "dcgan", "--steps", "100000",
+            "--batch-size", "16", "--set", "model.width=8", "--set", "data.limit=256", "--set", "train.log_every=1",
+            "--set", "train.sample_every=0", "--set", "train.checkpoint_every=100000", "--out", str(tmp_path), "--no-progress"]
+    procs = [subprocess.Popen([sys.executable, *args], env=rank_env(r, 2, port), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in range(2)]
+    try:
+        deadline = time.time() + 120
+        while not any(p.stat().st_size > 0 for p in tmp_path.glob("*/log.jsonl")):   # training has started
+            assert time.time() < deadline and procs[0].poll() is None, "training did not start"
+            time.sleep(0.2)
+        procs[1].send_signal(signal.SIGKILL)
+        killed = time.time()
+        _, err = procs[0].communicate(timeout=90)
+        assert procs[0].returncode not in (0, None)
+        assert time.time() - killed < 90
+        assert "another rank has died" in err, err[-2000:]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+
+
+def test_a_distributed_run_resumes_exactly(tmp_path):
+    straight = Path(launch(2, with_train(TINY_DCGAN, steps=6, checkpoint_every=3), tmp_path / "a")[0])
+    half = Path(launch(2, with_train(TINY_DCGAN, steps=3, checkpoint_every=3), tmp_path / "b")[0])
+    resumed = Path(launch(2, with_train(TINY_DCGAN, steps=6, checkpoint_every=3), tmp_path / "b", resume=half)[0])
+    assert resumed == half
+    a, b = load_checkpoint(list_checkpoints(straight)[-1]), load_checkpoint(list_checkpoints(resumed)[-1])
+    assert a["state"]["step"] == b["state"]["step"] == 6
+    _assert_same_tensors(a["model"], b["model"], "model")
+    _assert_same_tensors(a["ema"], b["ema"], "ema")
+    _assert_same_optim(a["optimizers"], b["optimizers"])
+
+
+def test_torchrun_launches_the_cli(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "-m", "imagegen", "train", "--data", "shapes", "--model", "vae", "--steps", "4",
+                        "--batch-size", "8", "--set", "model.width=8", "--set", "data.limit=128",
+                        "--out", str(tmp_path), "--no-progress"],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    runs = list(tmp_path.iterdir())
+    assert len(runs) == 1 and imagegen.load_run(runs[0]).step == 4
+
+
+def test_precision_choices(tmp_path):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert autocast_dtype("auto", cpu) is None and autocast_dtype("fp32", cpu) is None
+    assert autocast_dtype("bf16", cpu) == torch.bfloat16
+    with pytest.raises(ConfigError, match="fp16.*CUDA"):
+        autocast_dtype("fp16", cpu)
+    assert autocast_dtype("fp16", cuda) == torch.float16
+    with pytest.raises(ConfigError, match="precision"):
+        imagegen.resolve_config(with_train(TINY_DCGAN, precision="fp8"))
+    # bf16 autocast on the CPU trains, with finite losses, through the same loop.
+    run = imagegen.train(imagegen.resolve_config(with_train(TINY_DCGAN, steps=3, precision="bf16")), out=tmp_path, progress=False)
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert records[-1]["bad_steps"] == 0 and all(torch.isfinite(torch.tensor(r["loss_d"])) for r in records)
+
+
+def test_global_batch_must_divide_over_ranks(tmp_path):
+    port = free_port()
+    r = subprocess.run([sys.executable, "-m", "imagegen", "train", "--data", "shapes", "--model", "dcgan", "--steps", "1",
+                        "--batch-size", "15", "--out", str(tmp_path)], env=rank_env(0, 1, port), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr                                # one process: any batch size
+    procs = [subprocess.Popen([sys.executable, "-m", "imagegen", "train", "--data", "shapes", "--model", "dcgan",
+                               "--steps", "1", "--batch-size", "15", "--out", str(tmp_path / "x")],
+                              env=rank_env(k, 2, port), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for k in range(2)]
+    errs = [p.communicate(timeout=120)[1] for p in procs]
+    assert all(p.returncode == 2 for p in procs)
+    assert "must divide evenly over 2 processes" in errs[0]
