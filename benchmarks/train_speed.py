@@ -9,7 +9,13 @@ Prints, from one run:
      networks fed by a DataLoader whose Dataset resizes each item with PIL and normalises it;
 and the two ratios the targets are stated in (>= 0.70 of matmul peak; >= 5x the classic recipe).
 
+With --precision (bf16, fp16 on CUDA, or auto), it prints instead a table of every family's training
+speed through imagegen's loop at its default batch, in fp32 and in that precision, on --device (auto:
+the GPU when there is one, named in the header): images/s and the achieved TFLOP/s (FLOPs of one
+training step counted by torch.utils.flop_counter, times steps/s).
+
     python benchmarks/train_speed.py [--steps 150] [--classic-steps 12] [--data fashion-mnist]
+    python benchmarks/train_speed.py --precision bf16 [--device auto] [--families dcgan,ddpm] [--steps 40]
 """
 
 from __future__ import annotations
@@ -28,7 +34,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import imagegen
-from imagegen.train import GuardedOptimizer, fit_model_to_data, step_generator
+from imagegen.models import REGISTRY
+from imagegen.train import GuardedOptimizer, autocast_dtype, fit_model_to_data, pick_device, step_generator
 
 
 def matmul_gflops(n: int, reps: int = 10) -> float:
@@ -144,13 +151,59 @@ def classic_speed(data: str, steps: int, batch_size: int, workers: int = 2) -> f
     return batch_size / statistics.median(times[2:])  # skip worker start-up and warm-up
 
 
+PAIRS = {"fashion-mnist": "pair:fashion-mnist:sneaker,ankle-boot", "mnist": "pair:mnist:3,8"}
+
+
+def family_speed(family: str, data, precision: str, device: str, steps: int) -> dict:
+    """images/s (median of log windows after warm-up) and FLOPs of one training step, at `precision`."""
+    cfg = imagegen.resolve_config({"family": family, "data": {"source": data.name},
+                                   "train": {"steps": steps, "log_every": 5, "sample_every": 0, "grid_size": 4,
+                                             "checkpoint_every": 10**6, "precision": precision, "device": device}})
+    with tempfile.TemporaryDirectory() as out:
+        run_dir = imagegen.train(cfg, out=out, progress=False, dataset=data)
+        records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    ips = statistics.median([r["images_per_s"] for r in records[2:]] or [records[-1]["images_per_s"]])
+    dev = pick_device(device)
+    cfg = fit_model_to_data(cfg, data)
+    model = imagegen.build_model(family, imagegen.config.to_dict(cfg.model)).to(dev, memory_format=torch.channels_last)
+    opts = {k: GuardedOptimizer(o) for k, o in model.configure_optimizers(cfg.train).items()}
+    batch = {k: v.to(dev) for k, v in data.batch_at(0, cfg.train.batch_size, 0).items()}
+    with FlopCounterMode(display=False) as counter:
+        model.train_step(batch, opts, step_generator(0, 0, dev))
+    return {"images_per_s": ips, "batch": cfg.train.batch_size, "flops": counter.get_total_flops()}
+
+
+def precision_table(a) -> None:
+    dev = pick_device(a.device)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or platform.machine())
+    print(f"# {dev.type}: {name}; torch {torch.__version__}; {torch.get_num_threads()} CPU threads; "
+          f"{a.steps} steps per measurement; precision {a.precision} -> {autocast_dtype(a.precision, dev)}")
+    print(f"| family | batch | fp32 images/s | fp32 TFLOP/s | {a.precision} images/s | {a.precision} TFLOP/s | speed-up |")
+    print("|---|---|---|---|---|---|---|")
+    plain = imagegen.load_data(a.data)
+    for family in a.families.split(","):
+        data = imagegen.load_data(PAIRS.get(a.data, "pair:shapes:circle,square")) if REGISTRY[family].translates else plain
+        r32 = family_speed(family, data, "fp32", a.device, a.steps)
+        rlo = family_speed(family, data, a.precision, a.device, a.steps)
+        t32, tlo = (r["flops"] * r["images_per_s"] / r["batch"] / 1e12 for r in (r32, rlo))
+        print(f"| {family} | {r32['batch']} | {r32['images_per_s']:.0f} | {t32:.3f} | {rlo['images_per_s']:.0f} | "
+              f"{tlo:.3f} | {rlo['images_per_s'] / r32['images_per_s']:.2f}x |", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="fashion-mnist")
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--classic-steps", type=int, default=12)
     p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--precision", choices=["auto", "bf16", "fp16"], help="print the per-family fp32 vs PRECISION table")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--families", default=",".join(f for f in REGISTRY if f != "random"))
     a = p.parse_args()
+    if a.precision:
+        if a.steps == 150:
+            a.steps = 40
+        return precision_table(a)
 
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
