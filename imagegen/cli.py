@@ -297,7 +297,7 @@ def cmd_report(a) -> int:
 
 def cmd_serve(a) -> int:
     from .serve import serve
-    serve(a.runs_dir, host=a.host, port=a.port)
+    serve(a.runs_dir, host=a.host, port=a.port, threads=a.threads)
     return 0
 
 
@@ -409,6 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs_dir")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--threads", type=int, default=0, help="torch threads for the models (default: all cores but one)")
 
     sub.add_parser("models", help="list the model families")
     return parser

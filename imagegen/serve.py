@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -51,6 +52,7 @@ MAX_UPLOAD_BYTES = 2 << 20      # one uploaded file
 MAX_UPLOAD_PIXELS = 1 << 20     # width x height of one uploaded image (decompression bombs stop here)
 MAX_PENDING = 32                # requests admitted at once (queued or running); more get 503
 MAX_BATCH = 64                  # images per micro-batched call
+BATCH_WAIT_S = 0.001            # a batch waits this long for requests on their way (8 clients: p50 16 ms, not 20)
 DEADLINE_S = 30.0               # a request not answered by then gets 503 (its work is dropped if not started)
 RETRY_AFTER_S = 1
 RUN_SEARCH_DEPTH = 3            # run folders are found up to this deep under RUNS_DIR
@@ -207,6 +209,8 @@ class Worker:
     async def _drain_queue(self, key: Any, work: Callable[[list], list], loop) -> None:
         while self.queues.get(key):
             queue = self.queues[key]
+            if len(queue) < MAX_BATCH:
+                await asyncio.sleep(BATCH_WAIT_S)   # let the clients just answered send their next requests
             jobs, size = [], 0
             while queue and (not jobs or size + queue[0][0].size <= MAX_BATCH):
                 job = queue.pop(0)
@@ -500,8 +504,11 @@ def _plain(errors: list) -> list:
     return out
 
 
-def serve(runs_dir: str | Path, host: str = "127.0.0.1", port: int = 8000) -> None:
+def serve(runs_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, threads: int = 0) -> None:
     import uvicorn
+    # torch's threads for the model work; by default all cores but one, which stays free for the event
+    # loop (HTTP parsing, validation, PNG encoding), so a request never waits for a core to parse it.
+    torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) - 1))
     app = create_app(runs_dir)
     print(f"serving {len(app.state.runs)} run(s) from {runs_dir} at http://{host}:{port}/ (API docs at /docs)")
     uvicorn.run(app, host=host, port=port, log_level="warning")
