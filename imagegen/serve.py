@@ -168,6 +168,7 @@ class Worker:
         self.pending = 0
         self.queues: dict[Any, list] = {}
         self.draining: set = set()              # keys whose drain task is running
+        self.tasks: set = set()
 
     def admit(self) -> None:
         if self.pending >= MAX_PENDING:
@@ -192,7 +193,9 @@ class Worker:
             self.queues.setdefault(key, []).append((item, future))
             if key not in self.draining:
                 self.draining.add(key)
-                loop.create_task(self._drain(key, work))
+                task = loop.create_task(self._drain(key, work))
+                self.tasks.add(task)                    # asyncio keeps only weak references to tasks
+                task.add_done_callback(self.tasks.discard)
             return await asyncio.wait_for(future, DEADLINE_S)
         finally:
             self.pending -= 1
