@@ -20,8 +20,8 @@ from .data import DataConfig, describe, load_data
 from .errors import ConfigError, DataError, ImagegenError
 from .report import write_report
 from .models import REGISTRY
-from .sample import (SIDES, default_labels, extend_image, generate, grid, interpolate, interpolate_images,
-                     outpaint_canvas, parse_floats, parse_labels, parse_seeds, read_image, read_images, read_mask, save_images,
+from .sample import (SIDES, check_options, extend_image, generate, grid, interpolate, interpolate_images,
+                     outpaint_canvas, parse_floats, parse_seeds, resolve_labels, read_image, read_images, read_mask, save_images,
                      save_named, to_pil, to_uint8)
 from .train import resolve_config, train
 
@@ -115,26 +115,17 @@ def _add_sample_options(p, only: tuple[str, ...] | None = None) -> None:
 
 
 def _sample_opts(a, model) -> dict:
-    given = {k: getattr(a, k) for k in SAMPLE_OPTIONS if getattr(a, k, None) is not None}
-    unknown = sorted(set(given) - set(model.sample_options))
-    if unknown:
-        have = ", ".join(f"--{k}" for k in model.sample_options) or "none"
-        raise ConfigError(f"--{unknown[0]} does not apply to a {model.name} model (its options: {have})")
-    return given
+    return check_options(model, {k: getattr(a, k) for k in SAMPLE_OPTIONS if getattr(a, k, None) is not None})
 
 
-def _labels(a, run, n: int, seeds: list[int]):
-    if a.labels is not None:
-        if not run.model.conditional:
-            raise ConfigError(f"--labels: this {run.family} model is not class-conditional")
-        return parse_labels(a.labels, run.classes, n)
-    return default_labels(run.model, seeds)
+def _labels(a, run, seeds: list[int]):
+    return resolve_labels(run.model, run.classes, a.labels, seeds)
 
 
 def cmd_sample(a) -> int:
     seeds = parse_seeds(a.seeds)
     run = load_run(a.run_dir, weights=a.weights)
-    labels = _labels(a, run, len(seeds), seeds)
+    labels = _labels(a, run, seeds)
     images = generate(run.model, seeds, labels=labels, batch_size=a.batch_size,
                       latent=parse_floats(a.latent) if a.latent else None, **_sample_opts(a, run.model))
     paths = save_images(images, a.out, seeds)
@@ -155,13 +146,13 @@ def cmd_interpolate(a) -> int:
         for p, img in zip(paths, (a_img, b_img)):
             if img.shape[-2:] != (size, size):
                 raise ConfigError(f"{p}: image is {img.shape[-1]}x{img.shape[-2]}, the model's size is {size}x{size}")
-        labels = _labels(a, run, 1, [0])
+        labels = _labels(a, run, [0])
         images = interpolate_images(run.model, a_img, b_img, a.frames, labels)
     else:
         seeds = parse_seeds(a.seeds or "")
         if len(seeds) != 2:
             raise ConfigError(f"--seeds needs exactly two seeds like 3,9, got {a.seeds!r}")
-        labels = _labels(a, run, 1, seeds[:1])
+        labels = _labels(a, run, seeds[:1])
         images = interpolate(run.model, seeds[0], seeds[1], a.frames, labels)
     grid(images, nrow=a.frames).save(a.out)
     print(f"wrote a {a.frames}-frame strip to {a.out}")
@@ -172,7 +163,7 @@ def _extend(a, make_canvas) -> int:
     run = load_run(a.run_dir)
     image = read_image(a.image, run.model.cfg.channels)
     image, mask = make_canvas(image)
-    labels = _labels(a, run, 1, [a.seed])
+    labels = _labels(a, run, [a.seed])
     out = extend_image(run.model, image, mask, a.seed, labels, **_sample_opts(a, run.model),
                        **({"resample": a.resample} if a.resample is not None else {}))
     to_pil(to_uint8(out)[0]).save(a.out)

@@ -72,6 +72,25 @@ def parse_labels(text: str, classes: Sequence[str], n: int) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.long)
 
 
+def resolve_labels(model: Family, classes: Sequence[str], text: str | None, seeds: Sequence[int],
+                   what: str = "--labels") -> torch.Tensor | None:
+    """The labels for `seeds`: parsed from `text` (parse_labels), or the defaults when it is None."""
+    if text is None:
+        return default_labels(model, seeds)
+    if not model.conditional:
+        raise ConfigError(f"{what}: this {model.name} model is not class-conditional")
+    return parse_labels(text, classes, len(seeds))
+
+
+def check_options(model: Family, given: dict, prefix: str = "--") -> dict:
+    """`given` sampling options, refused (naming the first) when the model's family does not have them."""
+    unknown = sorted(set(given) - set(model.sample_options))
+    if unknown:
+        have = ", ".join(f"{prefix}{k}" for k in model.sample_options) or "none"
+        raise ConfigError(f"{prefix}{unknown[0]} does not apply to a {model.name} model (its options: {have})")
+    return given
+
+
 def default_labels(model: Family, seeds: Sequence[int]) -> torch.Tensor | None:
     """For a conditional model given no labels: class = seed mod number of classes (every class shows)."""
     return torch.tensor([s % model.num_classes for s in seeds]) if model.conditional else None

@@ -37,8 +37,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .checkpoint import Run, load_run
 from .errors import ImagegenError
-from .sample import (MAX_LATENT_SHIFT, MAX_SEED, default_labels, extend_image, generate, grid, interpolate,
-                     parse_labels, to_float, to_pil, to_uint8)
+from .sample import (MAX_LATENT_SHIFT, MAX_SEED, check_latent, check_options, extend_image, generate, grid,
+                     interpolate, resolve_labels, to_float, to_pil, to_uint8)
 
 STATIC = Path(__file__).parent / "static"
 
@@ -350,18 +350,15 @@ def create_app(runs_dir: str | Path, *, log=print) -> FastAPI:
         return runs[name]
 
     def labels_for(served: Served, label: str | None, seeds: list[int]) -> torch.Tensor | None:
-        if label is None or label == "":
-            return default_labels(served.model, seeds)
-        if not served.model.conditional:
-            raise bad_request(f"model {served.name!r} is not class-conditional: it takes no label")
-        return parse_labels(label, served.run.classes, len(seeds))
+        return resolve_labels(served.model, served.run.classes, label or None, seeds, what="label")
 
     def family_options(served: Served, given: dict) -> dict:
-        unknown = sorted(k for k in given if k not in served.model.sample_options)
-        if unknown:
-            have = ", ".join(served.model.sample_options) or "none"
-            raise bad_request(f"{unknown[0]} does not apply to a {served.run.family} model (its options: {have})")
-        return given
+        return check_options(served.model, given, prefix="")
+
+    def seed_range(seed: int, n: int) -> list[int]:
+        if seed + n - 1 > MAX_SEED:
+            raise bad_request(f"seed + n - 1 is over the largest seed {MAX_SEED}")
+        return list(range(seed, seed + n))
 
     def check_diffusion_work(served: Served, n: int, opts: dict) -> None:
         if "steps" in served.model.sample_options:
@@ -389,15 +386,11 @@ def create_app(runs_dir: str | Path, *, log=print) -> FastAPI:
         """Images for seeds seed .. seed + n - 1. The header X-Imagegen-Command holds the matching
         `imagegen sample` command."""
         served = generator_of(get(req.model))
-        if req.seed + req.n - 1 > MAX_SEED:
-            raise bad_request(f"seed + n - 1 is over the largest seed {MAX_SEED}")
-        seeds = list(range(req.seed, req.seed + req.n))
+        seeds = seed_range(req.seed, req.n)
         opts = family_options(served, {k: getattr(req, k) for k in OPTION_FIELDS if getattr(req, k) is not None})
         check_diffusion_work(served, req.n, opts)
         labels = labels_for(served, req.label, seeds)
-        latent = [float(v) for v in req.latent]
-        if latent and not hasattr(served.model, "draw_noise"):
-            raise bad_request(f"latent does not apply to a {served.run.family} model")
+        latent = check_latent(served.model, req.latent) or []
         model = served.model
 
         def work(items: list[GenItem]) -> list[torch.Tensor]:
@@ -460,9 +453,7 @@ def create_app(runs_dir: str | Path, *, log=print) -> FastAPI:
         evaluator's class and confidence when the run's dataset has a cached evaluator."""
         from .evaluate.analyse import score_images
         served = generator_of(get(req.model))
-        if req.seed + req.n - 1 > MAX_SEED:
-            raise bad_request(f"seed + n - 1 is over the largest seed {MAX_SEED}")
-        seeds = list(range(req.seed, req.seed + req.n))
+        seeds = seed_range(req.seed, req.n)
         labels = labels_for(served, req.label, seeds)
         check_diffusion_work(served, req.n, {})
         return await worker.call(lambda: score_images(served.run, seeds, labels))
