@@ -39,6 +39,17 @@ async function explain(response) {
   }
 }
 
+// Build a request (throwing on an invalid control), send it, and show the PNG answer in image `imgId`;
+// any error goes to the error box instead.
+async function showAnswer(imgId, url, build, isForm) {
+  try {
+    const blob = await (await post(url, build(), isForm)).blob();
+    $(imgId).src = URL.createObjectURL(blob);
+    $(imgId).hidden = false;
+    clearError();
+  } catch (e) { showError(e.message); }
+}
+
 async function post(url, body, isForm) {
   const response = await fetch(url, isForm ? { method: "POST", body } : {
     method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
@@ -135,16 +146,13 @@ function selectModel(name) {
 }
 
 // --- interpolation ---------------------------------------------------------------------------------
-async function interpolateNow() {
-  try {
+function interpolateNow() {
+  return showAnswer("strip", "/api/interpolate", () => {
     const body = { model: current.name, seed_a: seedValue(), seed_b: Number($("seed-b").value),
                    frames: Number($("frames").value) };
     if (current.classes.length) body.label = $("label").value;
-    const blob = await (await post("/api/interpolate", body)).blob();
-    $("strip").src = URL.createObjectURL(blob);
-    $("strip").hidden = false;
-    clearError();
-  } catch (e) { showError(e.message); }
+    return body;
+  });
 }
 
 // --- inpainting: paint a mask over the current image ---------------------------------------------------
@@ -191,36 +199,30 @@ paint.addEventListener("mousemove", brush);
 window.addEventListener("mouseup", () => { painting = false; });
 
 async function inpaintNow() {
-  try {
-    if (!lastBlob) throw new Error("generate an image first");
-    const maskBlob = await new Promise((resolve) => mask.toBlob(resolve, "image/png"));
+  if (!lastBlob) return showError("generate an image first");
+  const maskBlob = await new Promise((resolve) => mask.toBlob(resolve, "image/png"));
+  return showAnswer("inpainted", "/api/inpaint", () => {
     const form = new FormData();
     form.append("model", current.name);
     form.append("seed", String(seedValue()));
     if (current.classes.length) form.append("label", $("label").value);
     form.append("image", lastBlob, "image.png");
     form.append("mask", maskBlob, "mask.png");
-    const blob = await (await post("/api/inpaint", form, true)).blob();
-    $("inpainted").src = URL.createObjectURL(blob);
-    $("inpainted").hidden = false;
-    clearError();
-  } catch (e) { showError(e.message); }
+    return form;
+  }, true);
 }
 
 // --- translation ---------------------------------------------------------------------------------------
-async function translateNow() {
-  try {
+function translateNow() {
+  return showAnswer("translated", "/api/translate", () => {
     const file = $("upload").files[0];
     if (!file) throw new Error("choose an image to translate");
     const form = new FormData();
     form.append("model", current.name);
     form.append("direction", $("direction").value);
     form.append("image", file, file.name);
-    const blob = await (await post("/api/translate", form, true)).blob();
-    $("translated").src = URL.createObjectURL(blob);
-    $("translated").hidden = false;
-    clearError();
-  } catch (e) { showError(e.message); }
+    return form;
+  }, true);
 }
 
 async function start() {
