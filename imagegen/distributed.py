@@ -94,17 +94,26 @@ def _collective(what: str, fn, d: Dist):
                             f"({str(e).splitlines()[0][:200]})") from None
 
 
+def _through_flat(tensors: list[torch.Tensor], op) -> None:
+    """op(flat) on one flat copy of the tensors (one collective instead of many), then copied back."""
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    op(flat)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
 def average_gradients(grads: list[torch.Tensor], d: Dist | None) -> None:
     """Replace each gradient by its mean over ranks, in one flat all-reduce (in place)."""
     if d is None or not grads:
         return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    _collective("gradient all-reduce", lambda: dist.all_reduce(flat), d)
-    flat /= d.world
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
+
+    def mean(flat: torch.Tensor) -> None:
+        _collective("gradient all-reduce", lambda: dist.all_reduce(flat), d)
+        flat /= d.world
+
+    _through_flat(grads, mean)
 
 
 def broadcast_buffers(buffers: list[torch.Tensor], d: Dist | None) -> None:
@@ -113,12 +122,7 @@ def broadcast_buffers(buffers: list[torch.Tensor], d: Dist | None) -> None:
         return
     floats = [b for b in buffers if b.is_floating_point()]
     if floats:
-        flat = torch.cat([b.reshape(-1) for b in floats])
-        _collective("buffer broadcast", lambda: dist.broadcast(flat, 0), d)
-        offset = 0
-        for b in floats:
-            b.copy_(flat[offset:offset + b.numel()].view_as(b))
-            offset += b.numel()
+        _through_flat(floats, lambda flat: _collective("buffer broadcast", lambda: dist.broadcast(flat, 0), d))
     for b in buffers:
         if not b.is_floating_point():
             _collective("buffer broadcast", lambda: dist.broadcast(b, 0), d)

@@ -207,9 +207,7 @@ def load_data(cfg: DataConfig | str) -> ImageDataset | PairedDataset:
             f"--data {spec!r}: unknown source (use one of {', '.join(IDX_DATASETS)}, idx:DIR, folder:PATH, shapes, "
             f"pair:DIR, pair:SOURCE:CLASS_A,CLASS_B)"
         )
-    if skipped and cfg.strict:
-        details = "; ".join(f"{f}: {r}" for f, r in skipped[:10])
-        raise DataError(f"{spec}: {len(skipped)} bad file(s) under --strict: {details}")
+    _refuse_if_strict(spec, skipped, cfg.strict)
     if cfg.limit:
         images, labels = images[: cfg.limit], labels[: cfg.limit]
     if cfg.size:
@@ -230,10 +228,15 @@ def _load_pair(cfg: DataConfig, arg: str) -> PairedDataset:
         ds = paired.from_classes(spec, base, parts[1], cfg.limit)
     else:
         ds = paired.from_folders(spec, arg, cfg.split, cfg.size or 64, cfg.channels, cfg.limit)
-        if cfg.strict and ds.skipped:
-            details = "; ".join(f"{f}: {r}" for f, r in ds.skipped[:10])
-            raise DataError(f"{spec}: {len(ds.skipped)} bad file(s) under --strict: {details}")
+        _refuse_if_strict(spec, ds.skipped, cfg.strict)
     return ds
+
+
+def _refuse_if_strict(spec: str, skipped: list[tuple[str, str]], strict: bool) -> None:
+    """Under --strict, any bad file is an error that names the first ten."""
+    if skipped and strict:
+        details = "; ".join(f"{f}: {r}" for f, r in skipped[:10])
+        raise DataError(f"{spec}: {len(skipped)} bad file(s) under --strict: {details}")
 
 
 def describe(ds: ImageDataset | PairedDataset) -> str:

@@ -40,7 +40,7 @@ def evaluate_run(run_dir: str | Path, *, n: int = 10_000, data: str | None = Non
         raise ConfigError(f"--n must be in 2..{MAX_N}, got {n}")
     run = load_run(run_dir)
     if run.model.translates:   # translation runs have their own measures
-        return evaluate_translation(run_dir, n=n, data=data, log=log)
+        return evaluate_translation(run, n=n, data=data, log=log)
     real_cfg = run_data(run, data)
     data = real_cfg.source
     extractor = extractor or run_evaluator(run, data, log=log)

@@ -12,14 +12,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ..checkpoint import load_run, write_json_atomic
+from ..checkpoint import Run, write_json_atomic
 from ..data import load_data
 from ..errors import ConfigError
 from ..sample import to_float
 from . import metrics as M
 from .evaluator import get_evaluator, run_data
-
-MAX_N = 100_000
 
 
 def domain_judge(test, data_cfg, log=print):
@@ -31,11 +29,9 @@ def domain_judge(test, data_cfg, log=print):
     return get_evaluator(data_cfg.source, size=size, channels=channels, log=log), (0, 1)
 
 
-def evaluate_translation(run_dir: str | Path, *, n: int = 10_000, data: str | None = None, log=print) -> dict:
-    """metrics.json for a translation run: up to n test images of each domain translated both ways."""
-    if not 2 <= n <= MAX_N:
-        raise ConfigError(f"--n must be in 2..{MAX_N}, got {n}")
-    run = load_run(run_dir)
+def evaluate_translation(run: Run, *, n: int = 10_000, data: str | None = None, log=print) -> dict:
+    """metrics.json for a loaded translation run: up to n test images of each domain translated both
+    ways (evaluate_run loads the run, checks n and calls this)."""
     model = run.model
     data_cfg = run_data(run, data)
     data = data_cfg.source
