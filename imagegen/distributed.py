@@ -66,6 +66,13 @@ def setup(device: torch.device) -> Dist | None:
     if not dist.is_available():
         raise ConfigError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
     backend = "nccl" if device.type == "cuda" else "gloo"
+    # torch.distributed.nn binds `group=group.WORLD` as a default argument when it is first imported,
+    # and torch.optim imports it (through torch._dynamo) when the first optimizer is built. Imported
+    # after init_process_group, it would hold the group for good: destroy_process_group could not free
+    # it, gloo's worker threads would outlive teardown, and one still releasing a collective's tensors
+    # during interpreter shutdown aborts the process ("terminate called without an active exception").
+    # Imported here, while there is no group yet, it holds None.
+    import torch.distributed.nn  # noqa: F401
     try:
         dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=TIMEOUT_S),
                                 **({"device_id": device} if device.type == "cuda" else {}))

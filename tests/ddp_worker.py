@@ -69,7 +69,26 @@ def main() -> None:
             save_file(tensors, os.path.join(args["dump"], f"rank{os.environ.get('RANK', '0')}.safetensors"))
 
     run_dir = imagegen.train(cfg, out=args["out"], resume=args.get("resume"), progress=False, on_end=dump)
+    # train() must really free the process group: threads left running can abort the interpreter at exit.
+    left = group_threads()
+    if left:
+        sys.exit(f"process group threads still running after train(): {left}")
     print(run_dir)
+
+
+def group_threads() -> list[str]:
+    """Names of this process's gloo threads (Linux: /proc/self/task/*/comm); [] where /proc is absent."""
+    tasks = "/proc/self/task"
+    if not os.path.isdir(tasks):
+        return []
+    names = []
+    for t in os.listdir(tasks):
+        try:
+            with open(os.path.join(tasks, t, "comm")) as f:
+                names.append(f.read().strip())
+        except OSError:           # the thread ended while we listed it
+            pass
+    return [n for n in names if "gloo" in n]
 
 
 if __name__ == "__main__":
