@@ -43,8 +43,12 @@ class Config:
     loss: Literal["ns", "hinge", "wgan-gp"] = "ns"
     spectral_norm: bool = False   # spectral norm on every discriminator layer
     d_norm: Literal["auto", "batch", "none"] = "auto"  # D's batch norm; auto = batch unless wgan-gp or spectral norm
-    lr_g: float = 2e-4
-    lr_d: float = 2e-4
+    # Adam at 8e-4 (four times the paper's 2e-4) with batch 32 (train_defaults): under a fixed CPU time
+    # budget, more and larger steps win, and the EMA copy used for sampling smooths the noisier weights.
+    # Measured on Fashion-MNIST, 3 minutes on 2 cores, FD-cnn128 at n=2000: 11.3 (2e-4, batch 64),
+    # 7.0 (batch 32), 6.6 (4e-4), 4.5 (both), 3.3 (8e-4, batch 32). WGAN-GP usually wants 1e-4.
+    lr_g: float = 8e-4
+    lr_d: float = 8e-4
     beta1: float = 0.5            # Adam betas; WGAN-GP usually wants (0.0, 0.9)
     beta2: float = 0.999
     n_critic: int = 1             # discriminator updates per generator update (5 is usual for WGAN-GP)
@@ -233,6 +237,7 @@ class DCGAN(Family):
     }
 
     networks = (Generator, Discriminator)   # the conditional GAN swaps in its own
+    train_defaults = {"steps": 3200, "batch_size": 32}   # about 3 minutes on 2 CPU cores (see Config.lr_g)
 
     def __init__(self, cfg: Config) -> None:
         super().__init__(cfg)
