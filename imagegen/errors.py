@@ -22,6 +22,10 @@ class ImageFileError(DataError):
     """An image file that cannot be used (corrupt, truncated, empty, wrong format, too large)."""
 
 
+class ImageTooLargeError(ImageFileError):
+    """An image over the pixel limit, or a decompression bomb: refused before it is decoded."""
+
+
 class DownloadError(DataError):
     """A download that failed or was truncated; nothing is left at the final path."""
 

@@ -239,19 +239,28 @@ def interpolate_images(model: Family, image_a: torch.Tensor, image_b: torch.Tens
 
 def read_image(path: str | Path, channels: int) -> torch.Tensor:
     """One image file -> 1 x channels x H x W in [-1, 1] (converted to gray or RGB as the model needs)."""
-    arr = load_image(Path(path), None, channels)                         # H x W x C uint8
-    return to_float(torch.from_numpy(arr.copy()).permute(2, 0, 1)[None])
+    return hwc_to_float(load_image(Path(path), None, channels))
+
+
+def hwc_to_float(arr: np.ndarray) -> torch.Tensor:
+    """One decoded image, H x W x C uint8 -> 1 x C x H x W float in [-1, 1]."""
+    return to_float(torch.tensor(arr).permute(2, 0, 1)[None])           # a copy: PIL's arrays are read-only
 
 
 def read_mask(path: str | Path, height: int, width: int) -> torch.Tensor:
     """A mask image -> 1 x 1 x H x W of 0/1, where 1 (white, >= 128) marks pixels to generate."""
-    arr = load_image(Path(path), None, 1)
+    return to_mask(load_image(Path(path), None, 1), str(path), height, width)
+
+
+def to_mask(arr: np.ndarray, name: str, height: int, width: int) -> torch.Tensor:
+    """A decoded grayscale mask (H x W x 1 uint8) -> 1 x 1 x H x W of 0/1, white (>= 128) = generate;
+    refused unless it matches the image's size and marks at least one pixel."""
     if arr.shape[:2] != (height, width):
-        raise ConfigError(f"{path}: mask is {arr.shape[1]}x{arr.shape[0]}, the image {width}x{height}; "
+        raise ConfigError(f"{name}: mask is {arr.shape[1]}x{arr.shape[0]}, the image {width}x{height}; "
                           "they must be the same size")
     mask = torch.from_numpy(arr[:, :, 0] >= 128).float()[None, None]
     if not mask.any():
-        raise ConfigError(f"{path}: the mask has no white pixels, so there is nothing to fill in")
+        raise ConfigError(f"{name}: the mask has no white pixels, so there is nothing to fill in")
     return mask
 
 
@@ -293,8 +302,7 @@ def read_images(path: str | Path, size: int, channels: int) -> tuple[list[Path],
     root = Path(path)
     converted: list[str] = []
     if root.is_file():
-        arr = load_image(root, size, channels, converted)                  # H x W x C uint8
-        return [Path(root.name)], to_float(torch.from_numpy(arr.copy()).permute(2, 0, 1)[None]), [], converted
+        return [Path(root.name)], hwc_to_float(load_image(root, size, channels, converted)), [], converted
     if not root.is_dir():
         raise DataError(f"{root}: no such file or folder")
     files, skipped, _ = list_images(root, classes=False)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import io
 import os
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,13 +31,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
-from PIL import Image, ImageOps
 from pydantic import BaseModel, ConfigDict, Field
 
 from .checkpoint import Run, load_run
-from .errors import ImagegenError
+from .data.folder import decode_image
+from .errors import ImagegenError, ImageTooLargeError
 from .sample import (MAX_LATENT_SHIFT, MAX_SEED, check_latent, check_options, extend_image, generate, grid,
-                     interpolate, resolve_labels, to_float, to_pil, to_uint8)
+                     hwc_to_float, interpolate, resolve_labels, to_mask, to_pil, to_uint8)
 
 STATIC = Path(__file__).parent / "static"
 
@@ -271,28 +270,14 @@ async def read_upload(upload: UploadFile, what: str) -> bytes:
     return data
 
 
-def decode_image(data: bytes, what: str, channels: int, size: int | None = None) -> torch.Tensor:
-    """An uploaded PNG/JPEG/WebP -> 1 x channels x H x W in [-1, 1] (fitted to size x size if given).
-    The pixel count is checked from the header, before anything is decoded."""
+def decode_upload(data: bytes, what: str, channels: int, size: int | None = None) -> np.ndarray:
+    """An uploaded PNG/JPEG/WebP -> H x W x channels uint8 (fitted to size x size if given), decoded
+    exactly as `imagegen` decodes the same file on disk. Too many pixels (checked from the header,
+    before decoding) or a decompression bomb is 413; anything unreadable is an ImageFileError (400)."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data), formats=["PNG", "JPEG", "WEBP"]) as img:
-                if img.width * img.height > MAX_UPLOAD_PIXELS:
-                    raise bad_request(f"{what}: {img.width}x{img.height} is over the limit of {MAX_UPLOAD_PIXELS} pixels", 413)
-                img.load()
-                img = img.convert("L" if channels == 1 else "RGB")
-                if size is not None:
-                    img = ImageOps.fit(img, (size, size), Image.Resampling.BICUBIC)
-                arr = torch.from_numpy(np.array(img, dtype=np.uint8))
-    except HTTPException:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise bad_request(f"{what}: decompression bomb refused", 413) from None
-    except Exception as e:  # PIL raises many types for corrupt data
-        raise bad_request(f"{what}: not a readable PNG, JPEG or WebP image ({type(e).__name__})") from None
-    arr = arr[:, :, None] if arr.ndim == 2 else arr
-    return to_float(arr.permute(2, 0, 1)[None])
+        return decode_image(io.BytesIO(data), what, size, channels, max_pixels=MAX_UPLOAD_PIXELS)
+    except ImageTooLargeError as e:
+        raise bad_request(str(e), 413) from None
 
 
 def sample_command(served: Served, seeds: list[int], label: str | None, opts: dict, latent: list[float]) -> str:
@@ -420,7 +405,7 @@ def create_app(runs_dir: str | Path, *, log=print) -> FastAPI:
         if not served.model.translates:
             raise bad_request(f"model {model!r} is a {served.run.family} model, not a translation model")
         cfg = served.model.cfg
-        x = decode_image(await read_upload(image, "image"), "image", cfg.channels, cfg.image_size)
+        x = hwc_to_float(decode_upload(await read_upload(image, "image"), "image", cfg.channels, cfg.image_size))
         out = await worker.call(lambda: served.model.translate(x, direction))
         return png_response(out)
 
@@ -434,13 +419,9 @@ def create_app(runs_dir: str | Path, *, log=print) -> FastAPI:
         served = generator_of(get(model))
         if not hasattr(served.model, "inpaint"):
             raise bad_request(f"inpainting needs a diffusion model; {model!r} is a {served.run.family} model")
-        x = decode_image(await read_upload(image, "image"), "image", served.model.cfg.channels)
-        m = decode_image(await read_upload(mask, "mask"), "mask", 1)
-        if m.shape[-2:] != x.shape[-2:]:
-            raise bad_request(f"mask is {m.shape[-1]}x{m.shape[-2]}, the image {x.shape[-1]}x{x.shape[-2]}; they must match")
-        mask01 = (m > 0).float()                       # white (>= 128 of 255) = generate
-        if not mask01.any():
-            raise bad_request("mask: no white pixels, so there is nothing to fill in")
+        x = hwc_to_float(decode_upload(await read_upload(image, "image"), "image", served.model.cfg.channels))
+        # White (>= 128 of 255) = generate; a mask of another size or with no white pixel is a 400.
+        mask01 = to_mask(decode_upload(await read_upload(mask, "mask"), "mask", 1), "mask", *x.shape[-2:])
         opts = family_options(served, {k: v for k, v in (("steps", steps), ("guidance", guidance)) if v is not None})
         check_diffusion_work(served, 5, opts)          # RePaint runs about 5 passes per step
         labels = labels_for(served, label, [seed])

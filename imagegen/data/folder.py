@@ -11,12 +11,13 @@ import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from ..errors import DataError, ImageFileError
+from ..errors import DataError, ImageFileError, ImageTooLargeError
 
 ALLOWED_FORMATS = {"PNG": {".png"}, "JPEG": {".jpg", ".jpeg"}, "WEBP": {".webp"}}
 ALLOWED_SUFFIXES = set().union(*ALLOWED_FORMATS.values())
@@ -79,18 +80,30 @@ def load_image(path: Path, size: int | None, channels: int, converted: list[str]
         raise ImageFileError(f"{path}: file is empty")
     if nbytes > MAX_FILE_BYTES:
         raise ImageFileError(f"{path}: {nbytes} bytes is over the limit of {MAX_FILE_BYTES}")
+    return decode_image(path, str(path), size, channels, converted, suffix=path.suffix.lower())
+
+
+def decode_image(source: Path | BinaryIO, name: str, size: int | None, channels: int,
+                 converted: list[str] | None = None, *, max_pixels: int = MAX_PIXELS,
+                 suffix: str | None = None) -> np.ndarray:
+    """Decode a PNG, JPEG or WebP (a path or a binary file object, e.g. an upload's bytes) to uint8
+    H x W x C; `name` is what errors call it. The one decoder behind files, CLI inputs and the web API,
+    so one image gives the same pixels everywhere: EXIF orientation applied, transparency composited on
+    white, converted to `channels`, then fitted to size x size (if given). The pixel count is checked
+    from the header before anything is decoded (ImageTooLargeError); `suffix`, if given, must match the
+    format found inside."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path, formats=list(ALLOWED_FORMATS)) as img:
-                if img.width * img.height > MAX_PIXELS:
-                    raise ImageFileError(f"{path}: {img.width}x{img.height} is over the limit of {MAX_PIXELS} pixels")
-                if path.suffix.lower() not in ALLOWED_FORMATS[img.format]:
-                    raise ImageFileError(f"{path}: holds a {img.format} image, which does not match its extension")
+            with Image.open(source, formats=list(ALLOWED_FORMATS)) as img:
+                if img.width * img.height > max_pixels:
+                    raise ImageTooLargeError(f"{name}: {img.width}x{img.height} is over the limit of {max_pixels} pixels")
+                if suffix is not None and suffix not in ALLOWED_FORMATS[img.format]:
+                    raise ImageFileError(f"{name}: holds a {img.format} image, which does not match its extension")
                 img.load()
                 img = ImageOps.exif_transpose(img)
                 if converted is not None and (img.mode in GRAY_MODES) != (channels == 1):
-                    converted.append(str(path))
+                    converted.append(name)
                 if img.mode in ("RGBA", "LA", "P"):
                     img = img.convert("RGBA")
                     background = Image.new("RGBA", img.size, (255, 255, 255, 255))
@@ -102,9 +115,9 @@ def load_image(path: Path, size: int | None, channels: int, converted: list[str]
     except ImageFileError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageFileError(f"{path}: decompression bomb refused ({e})") from None
+        raise ImageTooLargeError(f"{name}: decompression bomb refused ({e})") from None
     except Exception as e:  # PIL raises many types for corrupt data: UnidentifiedImageError, OSError, SyntaxError...
-        raise ImageFileError(f"{path}: cannot decode image: {e}") from None
+        raise ImageFileError(f"{name}: cannot decode image: {e}") from None
     return arr[:, :, None] if arr.ndim == 2 else arr
 
 
