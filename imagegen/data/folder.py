@@ -15,7 +15,7 @@ from typing import BinaryIO
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import DataError, ImageFileError, ImageTooLargeError
 
@@ -116,6 +116,8 @@ def decode_image(source: Path | BinaryIO, name: str, size: int | None, channels:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageTooLargeError(f"{name}: decompression bomb refused ({e})") from None
+    except UnidentifiedImageError:   # its message names the source, which for an upload is an object's repr
+        raise ImageFileError(f"{name}: cannot decode image: not a PNG, JPEG or WebP image") from None
     except Exception as e:  # PIL raises many types for corrupt data: UnidentifiedImageError, OSError, SyntaxError...
         raise ImageFileError(f"{name}: cannot decode image: {e}") from None
     return arr[:, :, None] if arr.ndim == 2 else arr
