@@ -331,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", type=int, default=8)
     p.add_argument("--out", required=True, help="PNG file")
 
-    for name, what in (("inpaint", "fill the white pixels of --mask in --image (diffusion)"),
+    for name, what in (("inpaint", "fill the white pixels of --mask in --image (diffusion, VAE)"),
                        ("outpaint", "extend --image by --pad pixels on the chosen --sides (diffusion)")):
         p = sub.add_parser(name, help=what)
         p.add_argument("run_dir")

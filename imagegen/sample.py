@@ -7,6 +7,7 @@ changes speed, never pixels.
 
 from __future__ import annotations
 
+import inspect
 import math
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -284,7 +285,10 @@ def extend_image(model: Family, image: torch.Tensor, mask: torch.Tensor, seed: i
                  labels: torch.Tensor | None = None, **opts) -> torch.Tensor:
     """Inpaint: pixels where mask == 1 generated, all others kept exactly. Needs a family with `inpaint`."""
     if not hasattr(model, "inpaint"):
-        raise ConfigError(f"model family {model.name!r} cannot inpaint or outpaint (use a ddpm run)")
+        raise ConfigError(f"model family {model.name!r} cannot inpaint or outpaint (use a ddpm run, or a vae or cvae run to inpaint)")
+    unknown = sorted(set(opts) - set(inspect.signature(model.inpaint).parameters))
+    if unknown:   # e.g. RePaint's `resample` asked of a VAE
+        raise ConfigError(f"{model.name} inpainting has no option {', '.join(unknown)}")
     if image.shape[1] != model.cfg.channels:
         raise ConfigError(f"the image has {image.shape[1]} channels, the model {model.cfg.channels}")
     if max(image.shape[-2:]) > MAX_EXTEND_SIDE:

@@ -106,6 +106,7 @@ class ModelInfo(BaseModel):
     classes: list[str]
     conditional: bool
     translates: bool
+    inpaints: bool
     image_size: int
     channels: int
     step: int
@@ -133,7 +134,8 @@ class Served:
         m, cfg = self.run.model, self.run.model.cfg
         return ModelInfo(
             name=self.name, family=self.run.family, classes=self.run.classes if m.conditional else [],
-            conditional=m.conditional, translates=m.translates, image_size=cfg.image_size, channels=cfg.channels,
+            conditional=m.conditional, translates=m.translates, inpaints=hasattr(m, "inpaint"),
+            image_size=cfg.image_size, channels=cfg.channels,
             step=self.run.step, data=self.run.data_source,
             options={k: h for k, (_, h) in m.sample_options.items() if k in OPTION_FIELDS},
             latent_dims=int(getattr(cfg, "z_dim", 0)) if hasattr(m, "draw_noise") else 0,
@@ -415,10 +417,10 @@ def create_app(runs_dir: str | Path, *, log=print) -> FastAPI:
                             steps: int | None = Form(None, ge=1, le=MAX_STEPS),
                             guidance: float | None = Form(None, ge=0, le=20),
                             image: UploadFile = File(...), mask: UploadFile = File(...)) -> Response:
-        """Fill the white pixels of `mask` in `image` (diffusion models); known pixels are kept exactly."""
+        """Fill the white pixels of `mask` in `image` (diffusion and VAE models); known pixels are kept exactly."""
         served = generator_of(get(model))
         if not hasattr(served.model, "inpaint"):
-            raise bad_request(f"inpainting needs a diffusion model; {model!r} is a {served.run.family} model")
+            raise bad_request(f"inpainting needs a diffusion or VAE model; {model!r} is a {served.run.family} model")
         x = hwc_to_float(decode_upload(await read_upload(image, "image"), "image", served.model.cfg.channels))
         # White (>= 128 of 255) = generate; a mask of another size or with no white pixel is a 400.
         mask01 = to_mask(decode_upload(await read_upload(mask, "mask"), "mask", 1), "mask", *x.shape[-2:])

@@ -14,7 +14,8 @@ from PIL import Image
 import imagegen
 from imagegen.errors import ConfigError
 from imagegen.models.ddpm import alphas_cumprod, ddim, ddpm_ancestral, repaint, spaced_timesteps
-from imagegen.sample import extend_image, generate, outpaint_canvas
+from imagegen.data import DataConfig
+from imagegen.sample import extend_image, generate, outpaint_canvas, seed_generators
 
 from conftest import tiny_config
 
@@ -195,3 +196,43 @@ def test_vae_encodes_decodes_and_interpolates_real_images(tmp_path):
              "--out", tmp_path / "strip.png")
     assert r.returncode == 0, r.stderr
     assert Image.open(tmp_path / "strip.png").size == (5 * 34 + 2, 36)
+
+
+@pytest.mark.parametrize("family", ["vae", "cvae"])
+def test_vae_inpainting_keeps_known_pixels_is_per_seed_and_fills_the_hole(tmp_path, family):
+    tree = tiny_config(300).to_json()
+    tree["family"], tree["model"] = family, {"width": 8, "z_dim": 8}
+    vae = imagegen.load_run(imagegen.train(imagegen.resolve_config(tree), out=tmp_path, progress=False)).model
+    data = imagegen.load_data(DataConfig(source="shapes", split="test"))
+    n = 64
+    x, y = data.images[:n].float() / 127.5 - 1, data.labels[:n]
+    labels = y if vae.conditional else None
+    mask = torch.zeros(n, 1, 32, 32)
+    mask[..., 16:] = 1                                                    # right half unknown
+    out = vae.inpaint(x, mask, labels=labels, generator=seed_generators(list(range(n))))
+    assert torch.equal(out[..., :16], x[..., :16])                        # known pixels kept exactly
+    # Per seed: an image inpainted in a batch equals the same image inpainted alone, seed for seed.
+    batch = vae.inpaint(x[:3], mask[:3], labels=None if labels is None else labels[:3],
+                        generator=seed_generators([5, 6, 7]))
+    alone = vae.inpaint(x[1:2], mask[1:2], labels=None if labels is None else labels[1:2], generator=seed_generators([6]))
+    assert torch.equal(batch[1:2], alone)
+    # The fill follows the known half: given each image's own left half it lands nearer the true right
+    # half than when given another image's left half (measured 0.35 vs 0.43 for vae, 0.29 vs 0.39 cvae).
+    other = vae.inpaint(x.roll(1, 0), mask, labels=labels, generator=seed_generators(list(range(n))))
+    own_error, other_error = ((f - x)[..., 16:].abs().mean() for f in (out, other))
+    assert own_error < 0.9 * other_error, (own_error, other_error)
+
+
+def test_vae_inpainting_refuses_what_it_cannot_do(tmp_path):
+    tree = tiny_config(2).to_json()
+    tree["family"], tree["model"] = "vae", {"width": 8, "z_dim": 8}
+    run_dir = imagegen.train(imagegen.resolve_config(tree), out=tmp_path, progress=False)
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "img.png")
+    Image.fromarray(np.full((32, 32), 255, np.uint8)).save(tmp_path / "mask.png")
+    r = _cli("inpaint", run_dir, "--image", tmp_path / "img.png", "--mask", tmp_path / "mask.png", "--out", tmp_path / "o.png")
+    assert r.returncode == 0, r.stderr
+    r = _cli("inpaint", run_dir, "--image", tmp_path / "img.png", "--mask", tmp_path / "mask.png", "--out", tmp_path / "o.png",
+             "--resample", 3)
+    assert r.returncode == 2 and "has no option resample" in r.stderr
+    r = _cli("outpaint", run_dir, "--image", tmp_path / "img.png", "--out", tmp_path / "o.png")
+    assert r.returncode == 2 and "inpaints 32x32 images" in r.stderr and "Traceback" not in r.stderr

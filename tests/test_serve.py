@@ -30,6 +30,7 @@ from test_cyclegan import cg_config
 from test_families import family_config
 
 DCGAN, CGAN, DDPM, CYCLE = "00000-shapes-dcgan", "00001-shapes-cgan", "00002-shapes-ddpm", "00003-pair-shapes-circle-square-cyclegan"
+VAE = "00004-shapes-vae"
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +39,7 @@ def runs_dir(tmp_path_factory):
     for family in ("dcgan", "cgan", "ddpm"):
         imagegen.train(family_config(family, 4), out=root, progress=False)
     imagegen.train(cg_config(2), out=root, progress=False)
+    imagegen.train(family_config("vae", 4), out=root, progress=False)
     # A sibling folder whose name extends a run's name: never served.
     (root / f"{DCGAN}-evil").mkdir()
     (root / f"{DCGAN}-evil" / "secret.png").write_bytes(b"SECRET-SIBLING")
@@ -75,7 +77,8 @@ def bomb_png(side: int) -> bytes:
 
 def test_models_health_docs(client):
     models = {m["name"]: m for m in client.get("/api/models").json()}
-    assert set(models) == {DCGAN, CGAN, DDPM, CYCLE}
+    assert set(models) == {DCGAN, CGAN, DDPM, CYCLE, VAE}
+    assert {m for m in models if models[m]["inpaints"]} == {DDPM, VAE}
     assert models[DCGAN]["family"] == "dcgan" and models[DCGAN]["classes"] == [] and models[DCGAN]["latent_dims"] == 16
     assert models[CGAN]["classes"] == ["circle", "square", "triangle", "star"]
     assert set(models[DDPM]["options"]) == {"steps", "guidance", "eta", "sampler"}
@@ -180,6 +183,9 @@ def test_interpolate_translate_inpaint_analyse(client, runs_dir):
     filled = png(client.post("/api/inpaint", data={"model": DDPM, "seed": "3", "steps": "2", "label": "square"}, files=files))
     assert np.array_equal(filled[:, :16], image[:, :16])                      # known pixels kept exactly
     assert client.post("/api/inpaint", data={"model": DCGAN}, files=files).status_code == 400
+    filled = png(client.post("/api/inpaint", data={"model": VAE, "seed": "3"}, files=files))    # VAE: Rezende et al.'s chain
+    assert np.array_equal(filled[:, :16], image[:, :16]) and not np.array_equal(filled, image)
+    assert "does not apply" in client.post("/api/inpaint", data={"model": VAE, "steps": "2"}, files=files).json()["detail"]
     small = {**files, "mask": ("m.png", png_upload(mask[:16]), "image/png")}
     assert "must be the same size" in client.post("/api/inpaint", data={"model": DDPM}, files=small).json()["detail"]
     black = {**files, "mask": ("m.png", png_upload(mask * 0), "image/png")}
@@ -340,7 +346,7 @@ def test_browser_generates_reproducibly_and_shows_errors(live):
         browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
         page = browser.new_page()
         page.goto(f"http://127.0.0.1:{live}/")
-        page.wait_for_function("document.querySelectorAll('#model option').length === 4")
+        page.wait_for_function("document.querySelectorAll('#model option').length === 5")
         page.select_option("#model", DCGAN)
 
         def image_for(seed: int) -> list[int]:
@@ -361,4 +367,7 @@ def test_browser_generates_reproducibly_and_shows_errors(live):
         assert "seed" in page.inner_text("#error") and "422" in page.inner_text("#error")
         page.fill("#seed", "1.5")                                              # refused by the page
         page.wait_for_function("document.getElementById('error').textContent.includes('whole number')")
+        assert page.is_hidden("#inpaint-panel")                               # a GAN cannot inpaint...
+        page.select_option("#model", VAE)
+        page.wait_for_selector("#inpaint-panel", state="visible")             # ... a VAE can
         browser.close()

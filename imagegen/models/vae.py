@@ -11,6 +11,11 @@ Loss per image, in nats: reconstruction -log p(x | z) + beta * KL(q(z | x) || N(
   (the usual choice for MNIST-like grayscale data; samples are the decoder's mean, not binarised);
 - "gaussian" likelihood: fixed per-pixel standard deviation `sigma` in [-1, 1] units.
 
+Inpainting (`inpaint`) imputes missing pixels with the Markov chain of Rezende, Mohamed & Wierstra,
+"Stochastic Backpropagation and Approximate Inference in Deep Generative Models" (ICML 2014), sec. 5.3:
+encode the image with the current guess in the holes, draw z from the posterior, decode, put the decoded
+pixels back into the holes only, and repeat.
+
 Shapes: encoder N x C x S x S -> (mu, logvar) N x z_dim; decoder N x z_dim -> N x C x S x S in [-1, 1].
 The networks mirror the DCGAN's layout (gan.layout): stride-2 convs down to 7x7 or 4x4, one 3x3 conv
 there, and transposed convs back up.
@@ -177,6 +182,46 @@ class VAE(Family):
         z = (self.draw_noise(n, generator) if noise is None else noise.to(self.device)) * temperature
         with eval_mode(self):
             return run_fixed_batch(lambda z_, y_: self._mean(self.decoder(z_, self._cond(y_))), z, labels)
+
+
+    @torch.no_grad()
+    def inpaint(self, image: torch.Tensor, mask: torch.Tensor, *, labels: torch.Tensor | None = None,
+                generator: Generators = None, iterations: int = 50) -> torch.Tensor:
+        """Fill the pixels where mask == 1 (mask N x 1 x S x S) of images N x C x S x S in [-1, 1]; the
+        others are returned exactly as given. The holes start as the decoding of a prior draw (so the
+        seed matters), then `iterations` rounds of encode -> posterior draw -> decode refine them; the
+        result is decoded from the last posterior mean. Each image's noise comes from its own generator."""
+        n, c, h, w = image.shape
+        s = self.cfg.image_size
+        if c != self.cfg.channels:
+            raise ConfigError(f"image has {c} channels, the model {self.cfg.channels}")
+        if (h, w) != (s, s):
+            raise ConfigError(f"this vae inpaints {s}x{s} images (its training size), got {w}x{h}; "
+                              "outpainting to a larger canvas needs a ddpm run")
+        if mask.shape != (n, 1, h, w):
+            raise ConfigError(f"mask is {tuple(mask.shape[-2:])}, the image {h}x{w}: they must be the same size")
+        if iterations < 1:
+            raise ConfigError(f"iterations must be >= 1, got {iterations}")
+        labels = self.check_labels(n, labels)
+        known = image.to(self.device, torch.float32)
+        hole = mask.to(self.device).bool().expand_as(known)                    # N x C x S x S
+
+        # Fixed micro-batches keep every image independent of the others in the batch.
+        def encode(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:      # -> (mu, logvar), N x z_dim
+            out = run_fixed_batch(lambda x_, y_: torch.cat(self.encoder(x_, self._cond(y_)), 1), x, labels)
+            return out.chunk(2, dim=1)
+
+        def decode(z: torch.Tensor) -> torch.Tensor:
+            return run_fixed_batch(lambda z_, y_: self._mean(self.decoder(z_, self._cond(y_))), z, labels)
+
+        with eval_mode(self):
+            x = torch.where(hole, decode(self.draw_noise(n, generator)), known)
+            for _ in range(iterations):
+                mu, logvar = encode(x)
+                z = mu + torch.exp(0.5 * logvar) * self.draw_noise(n, generator)
+                x = torch.where(hole, decode(z), known)
+            mu, _ = encode(x)
+            return torch.where(hole, decode(mu), known)
 
 
 class CVAE(VAE):

@@ -135,7 +135,7 @@ function selectModel(name) {
   }
   $("generate-panel").hidden = current.translates;
   $("interpolate-panel").hidden = current.translates || current.latent_dims === 0;
-  $("inpaint-panel").hidden = current.translates || !("steps" in current.options);
+  $("inpaint-panel").hidden = !current.inpaints;
   $("translate-panel").hidden = !current.translates;
   if (current.translates) {
     const [a, b] = current.domains;
