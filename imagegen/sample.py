@@ -289,8 +289,7 @@ def extend_image(model: Family, image: torch.Tensor, mask: torch.Tensor, seed: i
     unknown = sorted(set(opts) - set(inspect.signature(model.inpaint).parameters))
     if unknown:   # e.g. RePaint's `resample` asked of a VAE
         raise ConfigError(f"{model.name} inpainting has no option {', '.join(unknown)}")
-    if image.shape[1] != model.cfg.channels:
-        raise ConfigError(f"the image has {image.shape[1]} channels, the model {model.cfg.channels}")
+    # Channels and mask shape are checked by the family's inpaint (Family.check_inpaint).
     if max(image.shape[-2:]) > MAX_EXTEND_SIDE:
         raise ConfigError(f"the canvas is {image.shape[-1]}x{image.shape[-2]}; the limit is {MAX_EXTEND_SIDE} px a side")
     if not 0 <= seed <= MAX_SEED:

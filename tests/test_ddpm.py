@@ -15,7 +15,7 @@ import imagegen
 from imagegen.errors import ConfigError
 from imagegen.models.ddpm import alphas_cumprod, ddim, ddpm_ancestral, repaint, spaced_timesteps
 from imagegen.data import DataConfig
-from imagegen.sample import extend_image, generate, outpaint_canvas, seed_generators
+from imagegen.sample import extend_image, generate, outpaint_canvas, seed_generators, to_float
 
 from conftest import tiny_config
 
@@ -205,7 +205,7 @@ def test_vae_inpainting_keeps_known_pixels_is_per_seed_and_fills_the_hole(tmp_pa
     vae = imagegen.load_run(imagegen.train(imagegen.resolve_config(tree), out=tmp_path, progress=False)).model
     data = imagegen.load_data(DataConfig(source="shapes", split="test"))
     n = 64
-    x, y = data.images[:n].float() / 127.5 - 1, data.labels[:n]
+    x, y = to_float(data.images[:n]), data.labels[:n]
     labels = y if vae.conditional else None
     mask = torch.zeros(n, 1, 32, 32)
     mask[..., 16:] = 1                                                    # right half unknown

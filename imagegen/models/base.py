@@ -104,6 +104,15 @@ class Family(nn.Module):
             raise ConfigError(f"label out of range: labels must be in 0..{self.num_classes - 1}")
         return labels.to(self.device)
 
+    def check_inpaint(self, image: torch.Tensor, mask: torch.Tensor) -> None:
+        """The arguments of an `inpaint`, checked: images N x C x H x W with the model's channels and a
+        mask N x 1 x H x W (1 = generate)."""
+        n, c, h, w = image.shape
+        if c != self.cfg.channels:
+            raise ConfigError(f"image has {c} channels, the model {self.cfg.channels}")
+        if mask.shape != (n, 1, h, w):
+            raise ConfigError(f"mask is {tuple(mask.shape[-2:])}, the image {h}x{w}: they must be the same size")
+
     def preview(self, dataset, n: int) -> tuple[torch.Tensor, int | None]:
         """The images of the training grids and how many per row: seeds 0..n-1, and for a conditional
         family one class per column (n rounded up to a multiple of the classes)."""

@@ -391,11 +391,8 @@ class DDPM(Family):
                 resample: int = 5) -> torch.Tensor:
         """Fill the pixels where mask == 1 (mask N x 1 x H x W) of images N x C x H x W; the others are
         returned exactly as given. H and W may differ from the training size (the U-Net is convolutional)."""
+        self.check_inpaint(image, mask)
         n, c, h, w = image.shape
-        if c != self.cfg.channels:
-            raise ConfigError(f"image has {c} channels, the model {self.cfg.channels}")
-        if mask.shape != (n, 1, h, w):
-            raise ConfigError(f"mask is {tuple(mask.shape[-2:])}, the image {h}x{w}: they must be the same size")
         if resample < 1:
             raise ConfigError(f"resample must be >= 1, got {resample}")
         labels, ts, guidance, _, _ = self._setup(n, labels, steps, guidance, 0.0, "ddpm")

@@ -141,10 +141,14 @@ class VAE(Family):
         labels = self.check_labels(x.shape[0], labels)
         with eval_mode(self):
             mu = run_fixed_batch(lambda x_, y_: self.encoder(x_, self._cond(y_))[0], x.to(self.device), labels)
-            return run_fixed_batch(lambda z_, y_: self._mean(self.decoder(z_, self._cond(y_))), mu, labels)
+            return self._decode_fixed(mu, labels)
 
     def _mean(self, out: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(out) * 2 - 1 if self.cfg.likelihood == "bernoulli" else out.clamp(-1, 1)
+
+    def _decode_fixed(self, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """`decode` in fixed micro-batches, so each image is independent of the batch it is drawn in."""
+        return run_fixed_batch(lambda z_, y_: self._mean(self.decoder(z_, self._cond(y_))), z, labels)
 
     # --- training ------------------------------------------------------------------------------------
 
@@ -181,7 +185,7 @@ class VAE(Family):
             raise ConfigError(f"temperature must be > 0, got {temperature}")
         z = (self.draw_noise(n, generator) if noise is None else noise.to(self.device)) * temperature
         with eval_mode(self):
-            return run_fixed_batch(lambda z_, y_: self._mean(self.decoder(z_, self._cond(y_))), z, labels)
+            return self._decode_fixed(z, labels)
 
 
     @torch.no_grad()
@@ -191,15 +195,12 @@ class VAE(Family):
         others are returned exactly as given. The holes start as the decoding of a prior draw (so the
         seed matters), then `iterations` rounds of encode -> posterior draw -> decode refine them; the
         result is decoded from the last posterior mean. Each image's noise comes from its own generator."""
-        n, c, h, w = image.shape
+        self.check_inpaint(image, mask)
+        n, _, h, w = image.shape
         s = self.cfg.image_size
-        if c != self.cfg.channels:
-            raise ConfigError(f"image has {c} channels, the model {self.cfg.channels}")
         if (h, w) != (s, s):
             raise ConfigError(f"this vae inpaints {s}x{s} images (its training size), got {w}x{h}; "
                               "outpainting to a larger canvas needs a ddpm run")
-        if mask.shape != (n, 1, h, w):
-            raise ConfigError(f"mask is {tuple(mask.shape[-2:])}, the image {h}x{w}: they must be the same size")
         if iterations < 1:
             raise ConfigError(f"iterations must be >= 1, got {iterations}")
         labels = self.check_labels(n, labels)
@@ -211,17 +212,14 @@ class VAE(Family):
             out = run_fixed_batch(lambda x_, y_: torch.cat(self.encoder(x_, self._cond(y_)), 1), x, labels)
             return out.chunk(2, dim=1)
 
-        def decode(z: torch.Tensor) -> torch.Tensor:
-            return run_fixed_batch(lambda z_, y_: self._mean(self.decoder(z_, self._cond(y_))), z, labels)
-
         with eval_mode(self):
-            x = torch.where(hole, decode(self.draw_noise(n, generator)), known)
+            x = torch.where(hole, self._decode_fixed(self.draw_noise(n, generator), labels), known)
             for _ in range(iterations):
                 mu, logvar = encode(x)
                 z = mu + torch.exp(0.5 * logvar) * self.draw_noise(n, generator)
-                x = torch.where(hole, decode(z), known)
+                x = torch.where(hole, self._decode_fixed(z, labels), known)
             mu, _ = encode(x)
-            return torch.where(hole, decode(mu), known)
+            return torch.where(hole, self._decode_fixed(mu, labels), known)
 
 
 class CVAE(VAE):
