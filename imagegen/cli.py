@@ -1,7 +1,8 @@
 """The `imagegen` command: argparse subcommands, each a few lines over the public API.
 
 Every error imagegen raises on purpose (a typed ImagegenError) is printed as one line naming the file,
-field or value, with exit status 2; a traceback means a bug.
+field or value, with exit status 2; a traceback means a bug. Every number an option takes has a
+documented range (shown in --help), checked while the arguments are parsed, before anything is loaded.
 """
 
 from __future__ import annotations
@@ -15,15 +16,47 @@ import torch
 
 from . import __version__
 from .checkpoint import load_run, read_config
-from .config import apply_overrides, load_toml
+from .config import Range, apply_overrides, field_ranges, load_toml
 from .data import DataConfig, describe, load_data
 from .errors import ConfigError, DataError, ImagegenError
 from .report import write_report
 from .models import REGISTRY
-from .sample import (SIDES, check_options, extend_image, generate, grid, interpolate, interpolate_images,
+from .evaluate.evaluator import EvaluatorConfig
+from .evaluate.run_eval import N_IMAGES
+from .evaluate.analyse import KEEP
+from .evaluate.synth import PER_CLASS
+from .models.ddpm import RESAMPLE
+from .sample import (BATCH_SIZE, FRAMES, PAD, SEED, SIDES, check_options, extend_image, generate, grid, interpolate, interpolate_images,
                      outpaint_canvas, parse_floats, parse_seeds, resolve_labels, read_image, read_images, read_mask, save_images,
                      save_named, to_pil, to_uint8)
-from .train import resolve_config, train
+from .train import TrainConfig, resolve_config, train
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line, like the library's typed errors (exit status 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def number(rng: Range):
+    """An argparse type that parses a number and checks it against its documented range."""
+    def parse(text: str):
+        try:
+            return rng.parse(text)
+        except ConfigError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    parse.__name__ = rng.kind.__name__
+    parse.range = rng        # for --help and the tests that sweep every numeric option
+    return parse
+
+
+def add_number(p, flag: str, rng: Range, help: str = "", **kw) -> None:
+    """An option that takes a number in `rng`; --help shows the range."""
+    p.add_argument(flag, type=number(rng), help=f"{help}{'; ' if help else ''}range {rng}", **kw)
+
+
+TRAIN_RANGES = field_ranges(TrainConfig)
 
 # Flags of `train` that map onto config keys; given explicitly, they override the config file.
 TRAIN_FLAGS = {"data": "data.source", "steps": "train.steps", "batch_size": "train.batch_size",
@@ -35,9 +68,9 @@ def _add_train(sub) -> None:
     p.add_argument("--data", help="fashion-mnist, mnist, kmnist, idx:DIR, folder:PATH, shapes; "
                    "for cyclegan pair:DIR or pair:SOURCE:CLASS_A,CLASS_B")
     p.add_argument("--model", help="model family (see `imagegen models`)")
-    p.add_argument("--steps", type=int, help="total training steps")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--seed", type=int)
+    add_number(p, "--steps", TRAIN_RANGES["steps"], "total training steps")
+    add_number(p, "--batch-size", TRAIN_RANGES["batch_size"], "images per step, over all processes")
+    add_number(p, "--seed", TRAIN_RANGES["seed"], "the run seed (data order, initial weights, noise)")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto (bf16 on CUDA GPUs that have it, else fp32), fp32, bf16 (autocast), fp16 (CUDA, scaled)")
@@ -111,7 +144,10 @@ for _cls in REGISTRY.values():
 def _add_sample_options(p, only: tuple[str, ...] | None = None) -> None:
     for name, (tp, help_text) in SAMPLE_OPTIONS.items():
         if only is None or name in only:
-            p.add_argument(f"--{name}", type=tp, help=help_text)
+            if isinstance(tp, Range):
+                add_number(p, f"--{name}", tp, help_text)
+            else:
+                p.add_argument(f"--{name}", type=tp, help=help_text)
 
 
 def _sample_opts(a, model) -> dict:
@@ -302,13 +338,13 @@ def cmd_models(a) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="imagegen", description="Train, sample and inspect image-generative models.")
+    parser = Parser(prog="imagegen", description="Train, sample and inspect image-generative models.")
     parser.add_argument("--version", action="version", version=f"imagegen {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
 
     p = sub.add_parser("demo", help="the main job: train the DCGAN on Fashion-MNIST (or shapes) and write the report")
-    p.add_argument("--steps", type=int, help="override the default number of steps")
+    add_number(p, "--steps", TRAIN_RANGES["steps"], "override the default number of steps")
     p.add_argument("--out", default="runs")
     p.add_argument("--no-progress", action="store_true")
 
@@ -317,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default="0-63", help="e.g. 0-63 or 3,9,12-14")
     p.add_argument("--out", required=True, help="folder for seedNNNNNN.png files")
     p.add_argument("--grid", help="also write all images as one grid PNG")
-    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (speed only; pixels do not change)")
+    add_number(p, "--batch-size", BATCH_SIZE, "images per forward pass (speed only; pixels do not change)", default=64)
     p.add_argument("--weights", choices=["ema", "model"], default="ema")
     p.add_argument("--labels", help=LABELS_HELP)
     p.add_argument("--latent", help="shift the first latent dimensions of every seed, e.g. 0.5,-1 (GANs, VAEs)")
@@ -328,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", help="two seeds, e.g. 3,9")
     p.add_argument("--images", help="two image files, e.g. a.png,b.png (families with an encoder: vae, cvae)")
     p.add_argument("--labels", help="the class of every frame (conditional families)")
-    p.add_argument("--frames", type=int, default=8)
+    add_number(p, "--frames", FRAMES, "images in the strip, both ends included", default=8)
     p.add_argument("--out", required=True, help="PNG file")
 
     for name, what in (("inpaint", "fill the white pixels of --mask in --image (diffusion, VAE)"),
@@ -339,12 +375,12 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "inpaint":
             p.add_argument("--mask", required=True, help="same size as --image: white = generate, black = keep")
         else:
-            p.add_argument("--pad", type=int, default=8, help="pixels to add on each chosen side")
+            add_number(p, "--pad", PAD, "pixels to add on each chosen side", default=8)
             p.add_argument("--sides", default=",".join(SIDES), help="comma list of left, right, top, bottom")
         p.add_argument("--out", required=True, help="PNG file")
-        p.add_argument("--seed", type=int, default=0)
+        add_number(p, "--seed", SEED, "the seed of the generated pixels", default=0)
         p.add_argument("--labels", help="the class to generate (conditional models)")
-        p.add_argument("--resample", type=int, help="RePaint resampling passes per step (default 5)")
+        add_number(p, "--resample", RESAMPLE, "RePaint resampling passes per step (default 5)")
         _add_sample_options(p, only=("steps", "guidance"))
 
     p = sub.add_parser("translate", help="translate images to the other domain with a cyclegan run")
@@ -353,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help="one image, or a folder of images (searched recursively)")
     p.add_argument("--out", required=True, help="folder for the translated images (same file names)")
     p.add_argument("--grid", help="also write a PNG with rows input / translated / reconstructed")
-    p.add_argument("--grid-images", type=int, default=16, help="images in the --grid (default 16)")
+    add_number(p, "--grid-images", Range(1, 256), "images in the --grid (default 16)", default=16)
 
     p = sub.add_parser("data", help="inspect data sources")
     dsub = p.add_subparsers(dest="data_command", required=True)
@@ -364,12 +400,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="metrics.json for a run: FD, KID, precision/recall... in the evaluator's features")
     p.add_argument("run_dir", nargs="?")
-    p.add_argument("--n", type=int, default=10_000, help="images to generate (seeds 0..n-1)")
+    add_number(p, "--n", N_IMAGES, "images to generate (seeds 0..n-1)", default=10_000)
     p.add_argument("--data", help="dataset whose test split and evaluator to use (default: the run's)")
     p.add_argument("--anchors", action="store_true", help="measure the anchors (floor, blur, noise, random) of --data")
     p.add_argument("--out", default="runs", help="with --anchors: folder for anchors-<data>.json")
     p.add_argument("--tstr", action="store_true", help="also train-on-synthetic, test-on-real (conditional runs)")
-    p.add_argument("--per-class", type=int, default=1000, help="with --tstr: synthetic images per class")
+    add_number(p, "--per-class", PER_CLASS, "with --tstr: synthetic images per class", default=1000)
 
     p = sub.add_parser("leaderboard", help="a table of evaluated runs and anchors (Markdown; --html FILE too)")
     p.add_argument("paths", nargs="+", help="run folders, folders of runs, or anchors-*.json files")
@@ -377,13 +413,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("analyse", help="score every sample, write a ranked gallery, optionally keep the best")
     p.add_argument("run_dir")
-    p.add_argument("--n", type=int, default=2000)
+    add_number(p, "--n", N_IMAGES, "images to score (seeds 0..n-1)", default=2000)
     p.add_argument("--out", required=True, help="folder for analysis.json, gallery.html (and kept/)")
-    p.add_argument("--keep", type=float, help="share of samples to keep, by realism score, e.g. 0.5")
+    add_number(p, "--keep", KEEP, "share of samples to keep, by realism score, e.g. 0.5")
 
     p = sub.add_parser("synth", help="a labelled synthetic dataset from a conditional run")
     p.add_argument("run_dir")
-    p.add_argument("--per-class", type=int, default=1000)
+    add_number(p, "--per-class", PER_CLASS, "images of every class", default=1000)
     p.add_argument("--out", required=True)
     p.add_argument("--format", default="folder", choices=["folder", "idx"])
 
@@ -391,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     esub = p.add_subparsers(dest="evaluator_command", required=True)
     q = esub.add_parser("train", help="train (deterministically) and cache the evaluator of a dataset")
     q.add_argument("--data", required=True)
-    q.add_argument("--epochs", type=int, default=2)
+    add_number(q, "--epochs", field_ranges(EvaluatorConfig)["epochs"], "passes over the training split", default=2)
 
     p = sub.add_parser("report", help="rebuild a run's report.html")
     p.add_argument("run_dir")
@@ -399,8 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="the web page and HTTP API over every run folder under RUNS_DIR")
     p.add_argument("runs_dir")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--threads", type=int, default=0, help="torch threads for the models (default: all cores but one)")
+    add_number(p, "--port", Range(1, 65535), "TCP port", default=8000)
+    add_number(p, "--threads", Range(1, 1024, zero="all cores but one"), "torch threads for the models", default=0)
 
     sub.add_parser("models", help="list the model families")
     return parser
@@ -416,7 +452,10 @@ COMMANDS = {"train": cmd_train, "demo": cmd_demo, "sample": cmd_sample, "interpo
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:    # a bad argument (already reported on one line), --help or --version
+        return int(e.code or 0)
     try:
         return COMMANDS[args.command](args)
     except ImagegenError as e:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 import types
 import typing
@@ -91,11 +92,92 @@ def from_dict(cls: type, data: dict | None, where: str = "") -> Any:
     for name, value in data.items():
         key = f"{where}.{name}" if where else name
         kwargs[name] = _check_value(value, hints[name], key)
-    return validate(cls(**kwargs))
+    return validate(cls(**kwargs), where)
 
 
-def validate(obj: Any) -> Any:
-    """Run the dataclass's own `validate()` range checks, where it has one; returns obj."""
+# --- documented ranges ----------------------------------------------------------------------------------
+
+MAX_SEED = 2**63 - 1          # torch.Generator.manual_seed takes any 64-bit value; 63 bits stay positive
+MAX_COUNT = 10**9             # steps, intervals and other counts: larger is a typo, not a plan
+MAX_BATCH = 65_536
+MAX_IMAGE_SIZE = 1024         # image side in pixels: 1024^2 RGB is 12 MB per float image, already a lot here
+MAX_WIDTH = 1024              # channels of a network's widest layer of its first block
+MAX_WEIGHT = 1e6              # loss weights and similar non-negative factors
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The documented range of a numeric value: [lo, hi] (ends excluded where lo_open / hi_open), plus
+    the value 0 when `zero` says what 0 means ("all", "off", "the source's own"...).
+
+    Config fields carry one in their metadata (`ranged`), CLI options use one as their argparse type, and
+    every value is checked against it before anything is built or allocated."""
+
+    lo: float
+    hi: float
+    kind: type = int
+    lo_open: bool = False
+    hi_open: bool = False
+    zero: str | None = None
+
+    def __str__(self) -> str:
+        if self.kind is int:
+            core = f"{int(self.lo)}..{int(self.hi)}"
+        else:
+            core = f"{'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+        return f"0 ({self.zero}) or {core}" if self.zero else core
+
+    def phrase(self) -> str:
+        """'in 1..64', or '0 (all) or 1..64': what a value must be."""
+        return str(self) if self.zero else f"in {self}"
+
+    def __contains__(self, value: Any) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if self.zero and value == 0:
+            return True
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        above = value > self.lo if self.lo_open else value >= self.lo
+        below = value < self.hi if self.hi_open else value <= self.hi
+        return above and below
+
+    def check(self, value: Any, key: str = "") -> Any:
+        """`value`, or a ConfigError naming key, value and range."""
+        if value not in self:
+            raise ConfigError(f"{key}{' ' if key else ''}must be {self.phrase()}, got {value!r}")
+        return value
+
+    def parse(self, text: str, key: str = "") -> int | float:
+        """A CLI string -> a checked number (ConfigError naming key, text and range otherwise)."""
+        try:
+            value = self.kind(text)
+        except (TypeError, ValueError):
+            value = None
+        if value is None or value not in self:
+            what = "" if value is not None else "an integer, " if self.kind is int else "a number, "
+            raise ConfigError(f"{key}{' ' if key else ''}must be {what}{self.phrase()}, got {text}")
+        return value
+
+
+def ranged(default: int | float, lo: float | Range, hi: float | None = None, **kw) -> Any:
+    """A dataclass field with a documented Range: `ranged(20, 1, 1000)` (its kind from the default's
+    type), or `ranged(20, STEPS)` with a Range that a CLI option shares."""
+    rng = lo if isinstance(lo, Range) else Range(lo, hi, kind=type(default), **kw)
+    return dataclasses.field(default=default, metadata={"range": rng})
+
+
+def field_ranges(cls: type) -> dict[str, Range]:
+    """{field name: Range} of a config dataclass."""
+    return {f.name: f.metadata["range"] for f in dataclasses.fields(cls) if "range" in f.metadata}
+
+
+def validate(obj: Any, where: str = "") -> Any:
+    """Check every ranged field of a config dataclass, then run its own `validate()` (the checks that
+    involve several fields), where it has one; returns obj. `where` names the section in messages."""
+    prefix = f"{where}." if where else f"{type(obj).__name__}."
+    for name, rng in field_ranges(type(obj)).items():
+        rng.check(getattr(obj, name), prefix + name)
     check = getattr(obj, "validate", None)
     if callable(check):
         check()
@@ -140,12 +222,3 @@ def load_toml(path: str | Path) -> dict:
         raise ConfigError(f"{path}: config file not found") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML ({e})") from None
-
-
-def check_positive(obj: Any, *names: str, allow_zero: bool = False) -> None:
-    """Raise ConfigError unless each named numeric field is > 0 (or >= 0 with allow_zero)."""
-    for name in names:
-        value = getattr(obj, name)
-        if value < 0 or (value == 0 and not allow_zero):
-            bound = ">= 0" if allow_zero else "> 0"
-            raise ConfigError(f"{type(obj).__name__}.{name} must be {bound}, got {value!r}")

@@ -16,14 +16,19 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .config import MAX_SEED, Range
 from .data.dataset import norm_name
 from .data.folder import list_images, load_image
 from .errors import ConfigError, DataError, ImageFileError
 from .models.base import Family
 
-MAX_SEED = 2**63 - 1
 MAX_SEEDS = 100_000  # images per command; more is almost surely a typo in a range
 MAX_EXTEND_SIDE = 256  # inpaint / outpaint canvas side: the models are trained on small images
+# Documented ranges of the sampling commands' numbers (the CLI's argparse types use them too).
+SEED = Range(0, MAX_SEED)
+FRAMES = Range(2, 1024)
+PAD = Range(1, MAX_EXTEND_SIDE)
+BATCH_SIZE = Range(1, 4096)
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -40,8 +45,7 @@ def parse_seeds(text: str) -> list[int]:
         if b < a:
             raise ConfigError(f"--seeds {text!r}: range {part} runs backwards")
         for s in (a, b):  # a part is a contiguous range, so its ends bound every seed in it
-            if not 0 <= s <= MAX_SEED:
-                raise ConfigError(f"--seeds: {s} is outside 0..{MAX_SEED}")
+            SEED.check(s, "--seeds: a seed")
         if b - a + 1 + len(seeds) > MAX_SEEDS:
             raise ConfigError(f"--seeds {text!r}: more than {MAX_SEEDS} seeds in one command")
         seeds.extend(range(a, b + 1))
@@ -114,8 +118,9 @@ def check_latent(model: Family, latent: Sequence[float] | None) -> list[float] |
     z_dim = model.cfg.z_dim
     if len(latent) > z_dim:
         raise ConfigError(f"--latent: {len(latent)} values for a {z_dim}-dimensional latent")
-    if not all(math.isfinite(v) and abs(v) <= MAX_LATENT_SHIFT for v in latent):
-        raise ConfigError(f"--latent: values must be finite and within +-{MAX_LATENT_SHIFT:g}")
+    bad = [v for v in latent if not (math.isfinite(v) and abs(v) <= MAX_LATENT_SHIFT)]
+    if bad:
+        raise ConfigError(f"--latent: values must be in [-{MAX_LATENT_SHIFT:g}, {MAX_LATENT_SHIFT:g}], got {bad[0]:g}")
     return [float(v) for v in latent]
 
 
@@ -211,8 +216,7 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 def interpolate(model: Family, seed_a: int, seed_b: int, frames: int, labels: torch.Tensor | None = None) -> torch.Tensor:
     """`frames` images along the latent path from seed_a's latent to seed_b's (both ends included).
     labels: one class for every frame of a conditional model (default: seed_a's default class)."""
-    if frames < 2:
-        raise ConfigError(f"--frames must be >= 2, got {frames}")
+    FRAMES.check(frames, "--frames")
     draw = getattr(model, "draw_noise", None)
     if draw is None:
         raise ConfigError(f"model family {model.name!r} has no latent space to interpolate")
@@ -227,8 +231,7 @@ def interpolate_images(model: Family, image_a: torch.Tensor, image_b: torch.Tens
                        labels: torch.Tensor | None = None) -> torch.Tensor:
     """`frames` decoded images along the straight line between the posterior means of two real images
     (each 1 x C x H x W), for families with an encoder (VAEs). labels: 1 class for both, or None."""
-    if frames < 2:
-        raise ConfigError(f"--frames must be >= 2, got {frames}")
+    FRAMES.check(frames, "--frames")
     if not hasattr(model, "encode"):
         raise ConfigError(f"model family {model.name!r} has no encoder: interpolate between seeds instead")
     with torch.no_grad():
@@ -270,8 +273,7 @@ SIDES = ("left", "right", "top", "bottom")
 
 def outpaint_canvas(image: torch.Tensor, pad: int, sides: Sequence[str] = SIDES) -> tuple[torch.Tensor, torch.Tensor]:
     """The image on a canvas extended by `pad` pixels on each chosen side, and the mask of the new pixels."""
-    if not 1 <= pad <= 256:
-        raise ConfigError(f"--pad must be in 1..256, got {pad}")
+    PAD.check(pad, "--pad")
     bad = [s for s in sides if s not in SIDES]
     if bad or not sides:
         raise ConfigError(f"--sides: {bad[0] if bad else 'nothing'!r} is not a side (choose from {', '.join(SIDES)})")
@@ -292,8 +294,7 @@ def extend_image(model: Family, image: torch.Tensor, mask: torch.Tensor, seed: i
     # Channels and mask shape are checked by the family's inpaint (Family.check_inpaint).
     if max(image.shape[-2:]) > MAX_EXTEND_SIDE:
         raise ConfigError(f"the canvas is {image.shape[-1]}x{image.shape[-2]}; the limit is {MAX_EXTEND_SIDE} px a side")
-    if not 0 <= seed <= MAX_SEED:
-        raise ConfigError(f"--seed: {seed} is outside 0..{MAX_SEED}")
+    SEED.check(seed, "--seed")
     return model.inpaint(image, mask, labels=labels, generator=seed_generators([seed]), **opts).cpu()
 
 

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from . import distributed
-from .config import check_positive, from_dict, to_dict, validate
+from .config import MAX_BATCH, MAX_COUNT, MAX_SEED, from_dict, ranged, to_dict, validate
 from .data import DataConfig, ImageDataset, load_data
 from .data.dataset import _mix
 from .errors import CheckpointError, ConfigError, TrainingError
@@ -36,28 +36,24 @@ from .sample import grid
 
 @dataclass
 class TrainConfig:
-    steps: int = 1600             # total optimisation steps (a GAN step updates D then G)
-    batch_size: int = 64
-    seed: int = 0
+    # Numbers carry their documented range (`ranged`), checked before anything is built.
+    steps: int = ranged(1600, 1, MAX_COUNT)       # total optimisation steps (a GAN step updates D then G)
+    batch_size: int = ranged(64, 1, MAX_BATCH)
+    seed: int = ranged(0, 0, MAX_SEED)
     device: str = "auto"          # auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps
     channels_last: bool = True    # NHWC activations: faster convolutions on CPU (oneDNN) and tensor cores
-    threads: int = 0              # torch CPU threads; 0 = torch's default (all cores)
-    ema_decay: float = 0.995      # EMA of the weights; sampling uses the EMA weights by default
-    log_every: int = 25
-    sample_every: int = 400       # sample grid from fixed seeds every N steps (0 = only at the end)
-    grid_size: int = 64
-    checkpoint_every: int = 1000  # and always at the end of a run
-    keep_checkpoints: int = 3
-    max_bad_steps: int = 10       # stop after this many non-finite steps in a row
-    time_limit: float = 0.0       # seconds of training after which the run ends early, saved (0 = none)
+    threads: int = ranged(0, 1, 1024, zero="torch's default: all cores")   # torch CPU threads
+    ema_decay: float = ranged(0.995, 0.0, 1.0, hi_open=True)   # EMA of the weights; sampling uses them
+    log_every: int = ranged(25, 1, MAX_COUNT)
+    sample_every: int = ranged(400, 1, MAX_COUNT, zero="only at the end")   # sample grid from fixed seeds
+    grid_size: int = ranged(64, 1, 1024)
+    checkpoint_every: int = ranged(1000, 1, MAX_COUNT)   # and always at the end of a run
+    keep_checkpoints: int = ranged(3, 1, 1000)
+    max_bad_steps: int = ranged(10, 1, MAX_COUNT)        # stop after this many non-finite steps in a row
+    time_limit: float = ranged(0.0, 0.0, 1e9)   # seconds of training, then the run ends, saved (0 = none)
     precision: str = "auto"       # auto (bf16 on CUDA GPUs that have it, else fp32), fp32, bf16, fp16 (CUDA)
 
     def validate(self) -> None:
-        check_positive(self, "steps", "batch_size", "log_every", "grid_size", "checkpoint_every",
-                       "keep_checkpoints", "max_bad_steps")
-        check_positive(self, "seed", "threads", "sample_every", "time_limit", allow_zero=True)
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ConfigError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ConfigError(f"train.precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
 

@@ -54,7 +54,7 @@ def test_end_to_end_cli_on_shapes(tmp_path):
 
 @pytest.mark.parametrize("args,words", [
     (["train", "--data", "shapes", "--model", "dcgan", "--set", "model.widht=3"], "unknown config key model.widht"),
-    (["train", "--data", "shapes", "--model", "dcgan", "--set", "train.steps=-5"], "steps must be > 0"),
+    (["train", "--data", "shapes", "--model", "dcgan", "--set", "train.steps=-5"], "train.steps must be in 1..1000000000, got -5"),
     (["train", "--data", "nowhere", "--model", "dcgan", "--steps", "1"], "unknown source"),
     (["train", "--data", "shapes", "--model", "gpt", "--steps", "1"], "unknown model"),
     (["train", "--data", "shapes", "--model", "dcgan", "--config", "/nonexistent.toml"], "config file not found"),

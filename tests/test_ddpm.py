@@ -146,12 +146,12 @@ def test_cli_inpaint_keeps_known_pixels_of_the_png(ddpm_run, tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["sample", "{run}", "--seeds", "0-1", "--out", "{tmp}/s", "--steps", "0"], "steps must be in 1..1000"),
+    (["sample", "{run}", "--seeds", "0-1", "--out", "{tmp}/s", "--steps", "0"], "argument --steps: must be in 1..1000, got 0"),
     (["sample", "{run}", "--seeds", "0-1", "--out", "{tmp}/s", "--labels", "hexagon"], "unknown class 'hexagon'"),
     (["sample", "{run}", "--seeds", "0-1", "--out", "{tmp}/s", "--labels", "7"], "7 is out of range"),
     (["sample", "{run}", "--seeds", "0-2", "--out", "{tmp}/s", "--labels", "0,1"], "2 labels for 3 seeds"),
-    (["sample", "{run}", "--seeds", "0-1", "--out", "{tmp}/s", "--guidance", "-1"], "guidance must be in"),
-    (["sample", "{run}", "--seeds", "0-1", "--out", "{tmp}/s", "--eta", "2"], "eta must be in"),
+    (["sample", "{run}", "--seeds", "0-1", "--out", "{tmp}/s", "--guidance", "-1"], "argument --guidance: must be in [0, 30], got -1"),
+    (["sample", "{run}", "--seeds", "0-1", "--out", "{tmp}/s", "--eta", "2"], "argument --eta: must be in [0, 1], got 2"),
     (["sample", "{run}", "--seeds", "0-1", "--out", "{tmp}/s", "--sampler", "euler"], "sampler must be"),
     (["sample", "{run}", "--seeds", "0-1", "--out", "{tmp}/s", "--truncation", "1"], "--truncation does not apply"),
     (["inpaint", "{run}", "--image", "{tmp}/img.png", "--mask", "{tmp}/small.png", "--out", "{tmp}/o.png"],
@@ -161,8 +161,8 @@ def test_cli_inpaint_keeps_known_pixels_of_the_png(ddpm_run, tmp_path):
     (["inpaint", "{run}", "--image", "{tmp}/missing.png", "--mask", "{tmp}/small.png", "--out", "{tmp}/o.png"],
      "missing.png"),
     (["inpaint", "{run}", "--image", "{tmp}/img.png", "--mask", "{tmp}/mask.png", "--out", "{tmp}/o.png",
-      "--steps", "0"], "steps must be in"),
-    (["outpaint", "{run}", "--image", "{tmp}/img.png", "--pad", "0", "--out", "{tmp}/o.png"], "--pad must be"),
+      "--steps", "0"], "argument --steps: must be in"),
+    (["outpaint", "{run}", "--image", "{tmp}/img.png", "--pad", "0", "--out", "{tmp}/o.png"], "argument --pad: must be in 1..256, got 0"),
 ])
 def test_bad_requests_are_one_line_errors(ddpm_run, tmp_path, args, message):
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "img.png")
@@ -198,6 +198,7 @@ def test_vae_encodes_decodes_and_interpolates_real_images(tmp_path):
     assert Image.open(tmp_path / "strip.png").size == (5 * 34 + 2, 36)
 
 
+@pytest.mark.trained
 @pytest.mark.parametrize("family", ["vae", "cvae"])
 def test_vae_inpainting_keeps_known_pixels_is_per_seed_and_fills_the_hole(tmp_path, family):
     tree = tiny_config(300).to_json()

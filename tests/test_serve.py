@@ -131,7 +131,7 @@ def test_generate_is_per_seed_and_reproducible(client, runs_dir, tmp_path):
     ({"model": DDPM, "steps": 100, "n": 17}, 400, "image-steps"),
     ({"model": DDPM, "latent": [1.0]}, 400, "latent does not apply"),
     ({"model": DCGAN, "latent": [0.0] * (S.MAX_LATENT_DIMS + 1)}, 422, "latent"),
-    ({"model": DCGAN, "latent": [11.0]}, 400, "within"),
+    ({"model": DCGAN, "latent": [11.0]}, 400, "must be in [-10, 10], got 11"),
     ({"model": DCGAN, "colour": "red"}, 422, "colour"),
     ({"model": CYCLE}, 400, "/api/translate"),
     ({}, 422, "model"),

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..config import check_positive
+from ..config import MAX_IMAGE_SIZE, ranged
 from ..errors import ConfigError, DataError, DownloadError
 from . import folder as folder_source
 from . import idx as idx_source
@@ -30,9 +30,10 @@ from .download import download
 class DataConfig:
     source: str = "shapes"        # the --data spec
     split: str = "train"          # "train" or "test"
-    size: int = 0                 # image side in pixels; 0 = the source's own (28 for IDX, 32 for shapes, 64 for folders)
+    # image side in pixels; 0 = the source's own (28 for IDX, 32 for shapes, 64 for folders)
+    size: int = ranged(0, 8, MAX_IMAGE_SIZE, zero="the source's own")
     channels: int = 0             # 1 or 3; 0 = the source's own
-    limit: int = 0                # use only the first N images (0 = all); handy for quick runs
+    limit: int = ranged(0, 1, 2**31 - 1, zero="all")   # use only the first N images; handy for quick runs
     strict: bool = False          # any bad file is an error instead of a reported skip
 
     def validate(self) -> None:
@@ -40,7 +41,6 @@ class DataConfig:
             raise ConfigError(f"data.split must be 'train' or 'test', got {self.split!r}")
         if self.channels not in (0, 1, 3):
             raise ConfigError(f"data.channels must be 0, 1 or 3, got {self.channels}")
-        check_positive(self, "size", "limit", allow_zero=True)
 
 
 @dataclass(frozen=True)

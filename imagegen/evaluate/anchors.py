@@ -22,7 +22,7 @@ from ..errors import ConfigError
 from ..models.baseline import RandomPixels
 from ..sample import generate, to_float
 from .evaluator import get_evaluator
-from .run_eval import MAX_N, compare
+from .run_eval import N_IMAGES, compare
 
 ANCHORS = ("floor", "blur", "noise", "random")
 
@@ -57,8 +57,7 @@ def anchor_images(name: str, train, n: int, seed: int = 0) -> torch.Tensor:
 
 def evaluate_anchors(data: str, *, n: int = 10_000, out_dir: str | Path = "runs", log=print) -> dict:
     """anchors-<data>.json in out_dir: every anchor's metrics against the real test split."""
-    if not 2 <= n <= MAX_N:
-        raise ConfigError(f"--n must be in 2..{MAX_N}, got {n}")
+    N_IMAGES.check(n, "--n")
     extractor = get_evaluator(data, log=log)
     train = load_data(DataConfig(source=data, split="train"))
     test = load_data(DataConfig(source=data, split="test"))

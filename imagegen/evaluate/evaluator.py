@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..checkpoint import slug, write_json_atomic
-from ..config import check_positive, from_dict
+from ..config import MAX_BATCH, MAX_IMAGE_SIZE, MAX_SEED, MAX_WIDTH, from_dict, ranged, validate
 from ..data import DataConfig, load_data
 from ..errors import CheckpointError, ConfigError
 
@@ -46,18 +46,19 @@ class FeatureExtractor(Protocol):
 @dataclass
 class EvaluatorConfig:
     data: str = "fashion-mnist"
-    epochs: int = 2
-    batch_size: int = 128
-    lr: float = 2e-3
-    width: int = 32               # channels of the first block, doubled per block; features are 4 * width
-    seed: int = 0
-    limit: int = 0                # train on the first N images only (tests); 0 = all
-    size: int = 0                 # image side the evaluator works at; 0 = the data's own (as data.size)
-    channels: int = 0             # 1 or 3; 0 = the data's own (as data.channels)
+    epochs: int = ranged(2, 1, 1000)
+    batch_size: int = ranged(128, 1, MAX_BATCH)
+    lr: float = ranged(2e-3, 0.0, 1.0, lo_open=True)
+    width: int = ranged(32, 1, MAX_WIDTH)   # channels of the first block, doubled per block; features are 4 * width
+    seed: int = ranged(0, 0, MAX_SEED)
+    limit: int = ranged(0, 1, 2**31 - 1, zero="all")   # train on the first N images only (tests)
+    # image side the evaluator works at, and its channels (1 or 3); 0 = the data's own (as data.size)
+    size: int = ranged(0, 8, MAX_IMAGE_SIZE, zero="the data's own")
+    channels: int = ranged(0, 1, 3, zero="the data's own")
 
     def validate(self) -> None:
-        check_positive(self, "epochs", "batch_size", "lr", "width")
-        check_positive(self, "seed", "limit", "size", "channels", allow_zero=True)
+        if self.channels not in (0, 1, 3):
+            raise ConfigError(f"evaluator.channels must be 0, 1 or 3, got {self.channels}")
 
 
 class EvalNet(nn.Module):
@@ -158,7 +159,7 @@ def accuracy(net: EvalNet, ds) -> float:
 def train_evaluator(cfg: EvaluatorConfig, *, out: Path | None = None, log=print) -> Evaluator:
     """Train the evaluator on cfg.data's train split (deterministic for a given seed and machine),
     measure it on the test split, save it to the cache (or `out`) and return it."""
-    cfg.validate()
+    validate(cfg, "evaluator")
     # A pair of domains (pair:DIR) gives a two-class domain classifier: label 0 = A, 1 = B.
     train_ds, test_ds = (_labelled(load_data(DataConfig(source=cfg.data, split=split, limit=limit, size=cfg.size,
                                                         channels=cfg.channels)))

@@ -9,14 +9,15 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import load_run, write_json_atomic
+from ..config import Range
 from ..data import load_data
-from ..errors import ConfigError
 from ..sample import default_labels, generate, to_float
 from . import metrics as M
 from .evaluator import FeatureExtractor, run_data, run_evaluator
 from .translation import evaluate_translation
 
 MAX_N = 100_000
+N_IMAGES = Range(2, MAX_N)   # images generated for a measurement (--n)
 
 
 def compare(extractor: FeatureExtractor, real: torch.Tensor, fake: torch.Tensor) -> dict:
@@ -36,8 +37,7 @@ def evaluate_run(run_dir: str | Path, *, n: int = 10_000, data: str | None = Non
                  extractor: FeatureExtractor | None = None, log=print) -> dict:
     """metrics.json for a run: n generated images (seeds 0..n-1, default sampling options) against the
     real test split of the run's data, in the feature space of that data's evaluator."""
-    if not 2 <= n <= MAX_N:
-        raise ConfigError(f"--n must be in 2..{MAX_N}, got {n}")
+    N_IMAGES.check(n, "--n")
     run = load_run(run_dir)
     if run.model.translates:   # translation runs have their own measures
         return evaluate_translation(run, n=n, data=data, log=log)

@@ -15,19 +15,20 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import load_run
+from ..config import Range
 from ..data import ImageDataset, load_data
 from ..errors import ConfigError
 from ..sample import generate, save_images, to_float, to_uint8
 from .evaluator import EvaluatorConfig, accuracy, fit_classifier, run_data, run_evaluator
 
 MAX_PER_CLASS = 20_000
+PER_CLASS = Range(1, MAX_PER_CLASS)
 
 
 def synthetic_dataset(run_dir: str | Path, per_class: int, *, seed_offset: int = 0) -> ImageDataset:
     """per_class images of every class from a conditional run: class c uses seeds
     seed_offset + c * per_class ... (c + 1) * per_class - 1. uint8 in memory, like any dataset."""
-    if not 1 <= per_class <= MAX_PER_CLASS:
-        raise ConfigError(f"--per-class must be in 1..{MAX_PER_CLASS}, got {per_class}")
+    PER_CLASS.check(per_class, "--per-class")
     run = load_run(run_dir)
     if not run.model.conditional:
         raise ConfigError(f"{run_dir}: a {run.family} model is not class-conditional, so it cannot label what it "

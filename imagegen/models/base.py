@@ -10,7 +10,7 @@
 | `fit_config(cfg, dataset)` (classmethod)| the config completed from the data (size, channels, classes)  |
 | `prepare(dataset)` (optional)           | one pass over the training data before step 0 (statistics)    |
 | `train_defaults` (class attribute)      | the family's own TrainConfig defaults (steps, batch size...)  |
-| `sample_options` (class attribute)      | {name: (type, help)}: the keyword options `sample` accepts    |
+| `sample_options` (class attribute)      | {name: (Range or type, help)}: the keyword options `sample` accepts |
 | `needs_labels` (class attribute)        | True when the family cannot train on unlabelled data          |
 | `translates` (class attribute)          | True for translation families (images in, not noise in)       |
 | `preview(dataset, n)`                   | (images, per row) for the training grids; default: n seeds    |
@@ -52,7 +52,7 @@ class Family(nn.Module):
     needs_labels: ClassVar[bool] = False
     translates: ClassVar[bool] = False
     train_defaults: ClassVar[dict[str, Any]] = {}
-    sample_options: ClassVar[dict[str, tuple[type, str]]] = {}
+    sample_options: ClassVar[dict[str, tuple[Any, str]]] = {}   # a Range for numbers (config.Range)
 
     def __init__(self, cfg) -> None:
         super().__init__()

@@ -18,7 +18,7 @@ from typing import Literal
 
 import torch
 
-from ..config import check_positive
+from ..config import MAX_IMAGE_SIZE, MAX_WEIGHT, ranged
 from .base import Family, Generators
 
 CHUNK = 4096  # images per histogram update: bounds the memory of the one-hot scatter
@@ -26,14 +26,10 @@ CHUNK = 4096  # images per histogram update: bounds the memory of the one-hot sc
 
 @dataclass
 class Config:
-    image_size: int = 28          # filled in from the data
-    channels: int = 1             # filled in from the data
+    image_size: int = ranged(28, 8, MAX_IMAGE_SIZE)   # filled in from the data
+    channels: int = ranged(1, 1, 3)                   # filled in from the data
     mode: Literal["pixel", "uniform"] = "pixel"
-    smoothing: float = 0.5        # pseudo-count added to every histogram bin
-
-    def validate(self) -> None:
-        check_positive(self, "image_size", "channels")
-        check_positive(self, "smoothing", allow_zero=True)
+    smoothing: float = ranged(0.5, 0.0, MAX_WEIGHT)   # pseudo-count added to every histogram bin
 
 
 class RandomPixels(Family):

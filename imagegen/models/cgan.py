@@ -20,18 +20,14 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from ..config import check_positive
+from ..config import ranged
 from . import gan
 from .gan import DCGAN, dcgan_init, layout
 
 
 @dataclass
 class Config(gan.Config):
-    num_classes: int = 10         # filled in from the data
-
-    def validate(self) -> None:
-        super().validate()
-        check_positive(self, "num_classes")
+    num_classes: int = ranged(10, 1, 100_000)   # filled in from the data
 
 
 class ConditionalBatchNorm(nn.Module):

@@ -34,7 +34,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..config import check_positive
+from ..config import MAX_COUNT, MAX_IMAGE_SIZE, MAX_WEIGHT, MAX_WIDTH, ranged
 from ..errors import ConfigError
 from .base import Family, Generators, eval_mode, run_fixed_batch
 
@@ -44,27 +44,25 @@ DIRECTIONS = ("a2b", "b2a")
 
 @dataclass
 class Config:
-    image_size: int = 28          # filled in from the data
-    channels: int = 1             # filled in from the data
+    image_size: int = ranged(28, 8, MAX_IMAGE_SIZE)   # filled in from the data
+    channels: int = ranged(1, 1, 3)                   # filled in from the data
     domain_a: str = "A"           # domain names, filled in from the data (for messages and grids)
     domain_b: str = "B"
-    width: int = 16               # channels of the generators' first layer and of D's first layer
-    downsample: int = 2           # strided convolutions in G (28 px -> 7 px at 2)
-    blocks: int = 4               # residual blocks at the lowest resolution
-    d_layers: int = 2             # strided layers in the PatchGAN (more = larger patches)
-    cycle_weight: float = 10.0    # lambda of the cycle-consistency L1 loss
-    identity_weight: float = 0.0  # weight of the identity L1 loss; 5 is the paper's 0.5 x cycle_weight (see below)
-    pool_size: int = 50           # past fakes kept per domain for the discriminators (0 = no pool)
-    lr: float = 2e-4
-    beta1: float = 0.5
-    beta2: float = 0.999
-    decay_start: int = 1500       # step at which the learning rate starts its linear decay...
-    decay_end: int = 3000         # ... reaching zero here (train.steps defaults to this)
+    width: int = ranged(16, 1, MAX_WIDTH)       # channels of the generators' first layer and of D's first layer
+    downsample: int = ranged(2, 0, 6)           # strided convolutions in G (28 px -> 7 px at 2)
+    blocks: int = ranged(4, 1, 64)              # residual blocks at the lowest resolution
+    d_layers: int = ranged(2, 1, 8)             # strided layers in the PatchGAN (more = larger patches)
+    cycle_weight: float = ranged(10.0, 0.0, MAX_WEIGHT)   # lambda of the cycle-consistency L1 loss
+    # weight of the identity L1 loss; 5 is the paper's 0.5 x cycle_weight (see below)
+    identity_weight: float = ranged(0.0, 0.0, MAX_WEIGHT)
+    pool_size: int = ranged(50, 0, 10_000)      # past fakes kept per domain for the discriminators (0 = no pool)
+    lr: float = ranged(2e-4, 0.0, 1.0, lo_open=True)
+    beta1: float = ranged(0.5, 0.0, 1.0, hi_open=True)
+    beta2: float = ranged(0.999, 0.0, 1.0, hi_open=True)
+    decay_start: int = ranged(1500, 0, MAX_COUNT)   # step at which the learning rate starts its linear decay...
+    decay_end: int = ranged(3000, 1, MAX_COUNT)     # ... reaching zero here (train.steps defaults to this)
 
     def validate(self) -> None:
-        check_positive(self, "image_size", "channels", "width", "blocks", "d_layers", "lr")
-        check_positive(self, "downsample", "cycle_weight", "identity_weight", "pool_size", "decay_start",
-                       allow_zero=True)
         if self.image_size % (2 ** self.downsample):
             raise ConfigError(f"model.image_size {self.image_size} is not divisible by 2^downsample = "
                               f"{2 ** self.downsample} (cyclegan)")

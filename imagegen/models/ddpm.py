@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import check_positive
+from ..config import MAX_IMAGE_SIZE, MAX_WEIGHT, MAX_WIDTH, Range, ranged
 from ..errors import ConfigError
 from .base import Family, Generators, eval_mode, per_item_normal, run_fixed_batch
 
@@ -42,50 +42,51 @@ Denoise = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
 Noise = Callable[[], torch.Tensor]
 
 MAX_SAMPLE_STEPS = 1000
+# Sampling options' ranges, shared by the config defaults and the CLI's --steps, --eta, --guidance.
+STEPS = Range(1, MAX_SAMPLE_STEPS)
+ETA = Range(0.0, 1.0, float)
+GUIDANCE = Range(0.0, 30.0, float)
+RESAMPLE = Range(1, 100)     # RePaint passes per step (inpainting's --resample)
 
 
 @dataclass
 class Config:
-    image_size: int = 28          # filled in from the data
-    channels: int = 1             # filled in from the data
-    num_classes: int = 0          # filled in from the data; 0 = unconditional
-    width: int = 32               # channels at full resolution
+    image_size: int = ranged(28, 8, MAX_IMAGE_SIZE)   # filled in from the data
+    channels: int = ranged(1, 1, 3)                   # filled in from the data
+    num_classes: int = ranged(0, 1, 100_000, zero="unconditional")   # filled in from the data
+    width: int = ranged(32, 1, MAX_WIDTH)       # channels at full resolution
     mults: tuple[int, ...] = (1, 2, 2)   # channel multiplier per resolution (each after the first halves it)
     attention: bool = True        # one self-attention block at the lowest resolution
-    timesteps: int = 1000         # T
+    timesteps: int = ranged(1000, 1, 100_000)   # T
     schedule: Literal["cosine", "linear"] = "cosine"
     prediction: Literal["eps", "v"] = "v"
     weighting: Literal["min-snr", "uniform"] = "min-snr"
-    min_snr_gamma: float = 5.0
-    label_dropout: float = 0.1    # share of training labels replaced by the null class (for guidance)
-    lr: float = 1e-3
-    grad_clip: float = 1.0        # max global gradient norm (0 = off)
+    min_snr_gamma: float = ranged(5.0, 0.0, MAX_WEIGHT, lo_open=True)
+    # share of training labels replaced by the null class (for guidance)
+    label_dropout: float = ranged(0.1, 0.0, 1.0, hi_open=True)
+    lr: float = ranged(1e-3, 0.0, 1.0, lo_open=True)
+    grad_clip: float = ranged(1.0, 0.0, MAX_WEIGHT)   # max global gradient norm (0 = off)
     # Sampling defaults; each can be overridden per call (--steps, --guidance, --eta, --sampler).
     sampler: Literal["ddim", "ddpm"] = "ddim"
-    sample_steps: int = 20
-    eta: float = 0.0
-    guidance: float = 1.5         # 1 = plain conditional; 0 = unconditional; > 1 = stronger class
+    sample_steps: int = ranged(20, STEPS)
+    eta: float = ranged(0.0, ETA)
+    guidance: float = ranged(1.5, GUIDANCE)   # 1 = plain conditional; 0 = unconditional; > 1 = stronger class
 
     def validate(self) -> None:
-        check_positive(self, "image_size", "channels", "width", "timesteps", "lr", "sample_steps", "min_snr_gamma")
-        check_positive(self, "num_classes", "grad_clip", "guidance", allow_zero=True)
-        if not self.mults or any(m < 1 for m in self.mults):
-            raise ConfigError(f"model.mults must be a non-empty list of positive integers, got {list(self.mults)}")
+        if not 1 <= len(self.mults) <= 6 or any(not 1 <= m <= 16 for m in self.mults):
+            raise ConfigError(f"model.mults must be 1 to 6 integers in 1..16, got {list(self.mults)}")
         if self.image_size % 2 ** (len(self.mults) - 1):
             raise ConfigError(f"model.image_size {self.image_size} is not a multiple of {2 ** (len(self.mults) - 1)} "
                               f"(needed by {len(self.mults)} resolutions in model.mults)")
-        if not 0 <= self.label_dropout < 1:
-            raise ConfigError(f"model.label_dropout must be in [0, 1), got {self.label_dropout}")
-        check_sampling(self.sample_steps, self.eta, self.guidance, self.timesteps)
+        check_sampling(self.sample_steps, self.eta, self.guidance, self.timesteps, "model.")
 
 
-def check_sampling(steps: int, eta: float, guidance: float, timesteps: int) -> None:
-    if not 1 <= steps <= min(timesteps, MAX_SAMPLE_STEPS):
-        raise ConfigError(f"steps must be in 1..{min(timesteps, MAX_SAMPLE_STEPS)}, got {steps}")
-    if not 0 <= eta <= 1:
-        raise ConfigError(f"eta must be in [0, 1], got {eta}")
-    if not 0 <= guidance <= 30:
-        raise ConfigError(f"guidance must be in [0, 30], got {guidance}")
+def check_sampling(steps: int, eta: float, guidance: float, timesteps: int, prefix: str = "") -> None:
+    STEPS.check(steps, f"{prefix}{'sample_' if prefix else ''}steps")
+    if steps > timesteps:
+        raise ConfigError(f"steps must be at most the model's {timesteps} timesteps, got {steps}")
+    ETA.check(eta, f"{prefix}eta")
+    GUIDANCE.check(guidance, f"{prefix}guidance")
 
 
 # --- the noise schedule ------------------------------------------------------------------------------
@@ -278,9 +279,9 @@ class DDPM(Family):
     name = "ddpm"
     train_defaults = {"steps": 3000, "batch_size": 32, "ema_decay": 0.998, "sample_every": 1000}
     sample_options = {
-        "steps": (int, "denoising steps (default: the model's sample_steps)"),
-        "guidance": (float, "classifier-free guidance scale: 0 unconditional, 1 conditional, >1 stronger"),
-        "eta": (float, "DDIM noise: 0 deterministic, 1 like DDPM"),
+        "steps": (STEPS, "denoising steps (default: the model's sample_steps)"),
+        "guidance": (GUIDANCE, "classifier-free guidance scale: 0 unconditional, 1 conditional, >1 stronger"),
+        "eta": (ETA, "DDIM noise: 0 deterministic, 1 like DDPM"),
         "sampler": (str, "ddim or ddpm (ancestral)"),
     }
 
@@ -393,8 +394,7 @@ class DDPM(Family):
         returned exactly as given. H and W may differ from the training size (the U-Net is convolutional)."""
         self.check_inpaint(image, mask)
         n, c, h, w = image.shape
-        if resample < 1:
-            raise ConfigError(f"resample must be >= 1, got {resample}")
+        RESAMPLE.check(resample, "resample")
         labels, ts, guidance, _, _ = self._setup(n, labels, steps, guidance, 0.0, "ddpm")
         # Pad to a size the U-Net's downsamplings divide; the padding is generated, then cropped off.
         m = 2 ** (len(self.cfg.mults) - 1)

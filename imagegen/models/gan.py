@@ -29,17 +29,21 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from ..config import check_positive
+from ..config import MAX_IMAGE_SIZE, MAX_WEIGHT, MAX_WIDTH, Range, ranged
 from ..errors import ConfigError
 from .base import Family, Generators, eval_mode, per_item_normal, run_fixed_batch
+
+# Sampling options' ranges (the CLI's --truncation and --drs, and sample()).
+TRUNCATION = Range(0.0, 10.0, float)
+DRS = Range(0.0, 100.0, float, hi_open=True)
 
 
 @dataclass
 class Config:
-    image_size: int = 28          # filled in from the data
-    channels: int = 1             # filled in from the data
-    z_dim: int = 128              # latent size
-    width: int = 32               # channels of the first discriminator layer; the generator mirrors it
+    image_size: int = ranged(28, 8, MAX_IMAGE_SIZE)   # filled in from the data
+    channels: int = ranged(1, 1, 3)                   # filled in from the data
+    z_dim: int = ranged(128, 1, 4096)                 # latent size
+    width: int = ranged(32, 1, MAX_WIDTH)             # channels of the first discriminator layer; the generator mirrors it
     loss: Literal["ns", "hinge", "wgan-gp"] = "ns"
     spectral_norm: bool = False   # spectral norm on every discriminator layer
     d_norm: Literal["auto", "batch", "none"] = "auto"  # D's batch norm; auto = batch unless wgan-gp or spectral norm
@@ -47,18 +51,16 @@ class Config:
     # budget, more and larger steps win, and the EMA copy used for sampling smooths the noisier weights.
     # Measured on Fashion-MNIST, 3 minutes on 2 cores, FD-cnn128 at n=2000: 11.3 (2e-4, batch 64),
     # 7.0 (batch 32), 6.6 (4e-4), 4.5 (both), 3.3 (8e-4, batch 32). WGAN-GP usually wants 1e-4.
-    lr_g: float = 8e-4
-    lr_d: float = 8e-4
-    beta1: float = 0.5            # Adam betas; WGAN-GP usually wants (0.0, 0.9)
-    beta2: float = 0.999
-    n_critic: int = 1             # discriminator updates per generator update (5 is usual for WGAN-GP)
-    gp_weight: float = 10.0       # WGAN-GP gradient penalty weight
+    lr_g: float = ranged(8e-4, 0.0, 1.0, lo_open=True)
+    lr_d: float = ranged(8e-4, 0.0, 1.0, lo_open=True)
+    beta1: float = ranged(0.5, 0.0, 1.0, hi_open=True)      # Adam betas; WGAN-GP usually wants (0.0, 0.9)
+    beta2: float = ranged(0.999, 0.0, 1.0, hi_open=True)
+    n_critic: int = ranged(1, 1, 100)     # discriminator updates per generator update (5 is usual for WGAN-GP)
+    gp_weight: float = ranged(10.0, 0.0, MAX_WEIGHT)   # WGAN-GP gradient penalty weight
     diffaugment: Literal["auto", "on", "off"] = "auto"  # auto = on below DIFFAUGMENT_BELOW training images
     augment_policy: str = "color,translation,cutout"
 
     def validate(self) -> None:
-        check_positive(self, "image_size", "channels", "z_dim", "width", "lr_g", "lr_d", "n_critic")
-        check_positive(self, "gp_weight", allow_zero=True)
         layout(self.image_size)
         if self.loss == "wgan-gp" and self.d_norm == "batch":
             raise ConfigError("model.d_norm='batch' breaks WGAN-GP's per-sample gradient penalty; use 'none' or 'auto'")
@@ -232,8 +234,8 @@ class DCGAN(Family):
     Config = Config
     name = "dcgan"
     sample_options = {
-        "truncation": (float, "clamp the latent to [-t, t] (0 = off): less variety, more fidelity"),
-        "drs": (float, "discriminator rejection sampling: gamma at this percentile of the burn-in scores, e.g. 80 (0 = off)"),
+        "truncation": (TRUNCATION, "clamp the latent to [-t, t] (0 = off): less variety, more fidelity"),
+        "drs": (DRS, "discriminator rejection sampling: gamma at this percentile of the burn-in scores, e.g. 80 (0 = off)"),
     }
 
     networks = (Generator, Discriminator)   # the conditional GAN swaps in its own
@@ -303,10 +305,8 @@ class DCGAN(Family):
         the latent to [-truncation, truncation] (the truncation trick: less variety, more fidelity);
         `drs` > 0 turns on discriminator rejection sampling (see `rejection_sample`)."""
         labels = self.check_labels(n, labels)
-        if truncation < 0:
-            raise ConfigError(f"truncation must be >= 0, got {truncation}")
-        if not 0 <= drs < 100:
-            raise ConfigError(f"drs must be a percentile in [0, 100), got {drs}")
+        TRUNCATION.check(truncation, "truncation")
+        DRS.check(drs, "drs (a percentile)")
         if drs:
             if noise is not None:
                 raise ConfigError("drs draws its own candidates; it cannot take fixed noise")

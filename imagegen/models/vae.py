@@ -31,36 +31,33 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import check_positive
+from ..config import MAX_IMAGE_SIZE, MAX_WEIGHT, MAX_WIDTH, Range, ranged
 from ..errors import ConfigError
 from .base import Family, Generators, eval_mode, per_item_normal, run_fixed_batch
 from .gan import layout
 
+TEMPERATURE = Range(0.0, 10.0, float, lo_open=True)   # the CLI's --temperature and sample()
+
 
 @dataclass
 class Config:
-    image_size: int = 28          # filled in from the data
-    channels: int = 1             # filled in from the data
-    z_dim: int = 32
-    width: int = 32               # channels of the first encoder layer, doubled per downsampling
-    beta: float = 1.0             # KL weight: 1 = the VAE, > 1 = beta-VAE (more disentangled, blurrier)
+    image_size: int = ranged(28, 8, MAX_IMAGE_SIZE)   # filled in from the data
+    channels: int = ranged(1, 1, 3)                   # filled in from the data
+    z_dim: int = ranged(32, 1, 4096)
+    width: int = ranged(32, 1, MAX_WIDTH)   # channels of the first encoder layer, doubled per downsampling
+    beta: float = ranged(1.0, 0.0, MAX_WEIGHT, lo_open=True)   # KL weight: 1 = the VAE, > 1 = beta-VAE (more disentangled, blurrier)
     likelihood: Literal["bernoulli", "gaussian"] = "bernoulli"
-    sigma: float = 0.1            # gaussian likelihood's standard deviation, in [-1, 1] pixel units
-    lr: float = 1e-3
+    sigma: float = ranged(0.1, 0.0, 100.0, lo_open=True)   # gaussian likelihood's std, [-1, 1] pixel units
+    lr: float = ranged(1e-3, 0.0, 1.0, lo_open=True)
 
     def validate(self) -> None:
-        check_positive(self, "image_size", "channels", "z_dim", "width", "beta", "sigma", "lr")
         layout(self.image_size)
 
 
 @dataclass
 class CVAEConfig(Config):
-    num_classes: int = 10         # filled in from the data
-    class_dim: int = 16           # size of the learned class embedding
-
-    def validate(self) -> None:
-        super().validate()
-        check_positive(self, "num_classes", "class_dim")
+    num_classes: int = ranged(10, 1, 100_000)   # filled in from the data
+    class_dim: int = ranged(16, 1, 4096)        # size of the learned class embedding
 
 
 class Encoder(nn.Module):
@@ -108,7 +105,7 @@ class VAE(Family):
     Config = Config
     name = "vae"
     train_defaults = {"steps": 3000, "batch_size": 64}
-    sample_options = {"temperature": (float, "scale of the latent noise (1 = the prior; lower = cleaner, less varied)")}
+    sample_options = {"temperature": (TEMPERATURE, "scale of the latent noise (1 = the prior; lower = cleaner, less varied)")}
 
     def __init__(self, cfg: Config) -> None:
         super().__init__(cfg)
@@ -181,8 +178,7 @@ class VAE(Family):
     def sample(self, n: int, *, labels: torch.Tensor | None = None, generator: Generators = None,
                noise: torch.Tensor | None = None, temperature: float = 1.0) -> torch.Tensor:
         labels = self.check_labels(n, labels)
-        if not temperature > 0:
-            raise ConfigError(f"temperature must be > 0, got {temperature}")
+        TEMPERATURE.check(temperature, "temperature")
         z = (self.draw_noise(n, generator) if noise is None else noise.to(self.device)) * temperature
         with eval_mode(self):
             return self._decode_fixed(z, labels)
