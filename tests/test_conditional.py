@@ -30,6 +30,9 @@ RECIPES = {
     "ddpm": ({"width": 16, "mults": [1, 2], "sample_steps": 10, "guidance": 3.0}, 600),
 }
 
+# Every test here judges trained weights (the models, or the evaluator that scores them).
+pytestmark = pytest.mark.trained
+
 
 @pytest.fixture(scope="module")
 def shape_classifier():

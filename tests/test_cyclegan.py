@@ -183,6 +183,7 @@ def test_evaluate_translation_writes_stamped_metrics(cg_run, tmp_path, monkeypat
     assert out["metrics"]["a2b_real_target"] == 1.0
 
 
+@pytest.mark.trained
 def test_a_short_run_learns_to_translate(tmp_path, monkeypatch):
     """200 steps at 16 px: the shapes classifier takes most translated circles for squares (and back),
     where it takes almost no real circle for a square."""

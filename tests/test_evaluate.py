@@ -14,6 +14,9 @@ from imagegen.evaluate.run_eval import compare, evaluate_run
 
 TINY_EVAL = EvaluatorConfig(data="shapes", epochs=3, width=8, limit=2048, batch_size=64, lr=5e-3)
 
+# Every test here judges trained weights (the models, or the evaluator that scores them).
+pytestmark = pytest.mark.trained
+
 
 @pytest.fixture(scope="module")
 def evaluator(tmp_path_factory):
@@ -90,21 +93,69 @@ def _tiny_run(family, model, steps, out):
     return imagegen.train(imagegen.resolve_config(tree), out=out, progress=False)
 
 
-def test_analyse_keep_improves_fd_and_precision(evaluator, tmp_path, monkeypatch):
+def _damaged_pool(n: int):
+    """2n shapes test images, shuffled, with known truth: n real (test images 0..n-1) and n damaged
+    copies of test images n..2n-1, alternately blurred (three 5x5 binomial passes) and noised (std 0.5).
+    Returns (pool, class labels, is_real); images 2n.. stay unused, as the real set to compare with."""
+    test_ds = imagegen.load_data(imagegen.DataConfig(source="shapes", split="test"))
+    test, labels = test_ds.images.float() / 127.5 - 1, test_ds.labels
+    g = torch.Generator().manual_seed(0)
+    src = test[n:2 * n]
+    k = torch.tensor([1.0, 4, 6, 4, 1])
+    k = (k[:, None] * k[None] / 256).expand(3, 1, 5, 5)
+    blurred = src
+    for _ in range(3):
+        blurred = torch.nn.functional.conv2d(torch.nn.functional.pad(blurred, (2, 2, 2, 2), mode="replicate"), k, groups=3)
+    noised = (src + 0.5 * torch.randn(src.shape, generator=g)).clamp(-1, 1)
+    damaged = torch.where(torch.arange(n)[:, None, None, None] % 2 == 0, blurred, noised)
+    perm = torch.randperm(2 * n, generator=g)
+    pool = torch.cat([test[:n], damaged])[perm]
+    return pool, torch.cat([labels[:n], labels[n:2 * n]])[perm], (torch.arange(2 * n) < n)[perm], test[2 * n:]
+
+
+def test_filtering_keeps_the_real_images_of_a_damaged_pool(evaluator):
+    """Half of the pool is real, half damaged: keeping the best half by realism must keep the real ones
+    and cut FD by a clear factor, where a random half (the control) keeps about half real and no FD.
+    Margins: measured on three instruction sets (AVX-512, AVX2, SSE4.1), 95-96% real kept and FD cut
+    60-250x; the test asks for 85% (a random half is at 50% +- 2.5%) and 10x."""
+    from imagegen.evaluate.analyse import filter_images, realism_scores
+    from imagegen.evaluate.run_eval import compare
+    ev, _ = evaluator
+    n = 400
+    pool, labels, is_real, real = _damaged_pool(n)
+    reference = imagegen.load_data("shapes").images[:4000].float() / 127.5 - 1
+    realism = realism_scores(ev.features(reference), ev.features(pool))
+    out = filter_images(ev, real, pool, realism, 0.5, labels)
+    kept, fd = out["kept"], f"FD-{ev.name}"
+    assert abs(len(kept) - n) <= 4                                       # half of each class, rounded per class
+    assert is_real[kept].float().mean() >= 0.85
+    assert out["after"][fd] < out["before"][fd] / 10 and out["after"]["precision"] > out["before"]["precision"]
+    control = torch.randperm(2 * n, generator=torch.Generator().manual_seed(1))[:len(kept)]
+    assert is_real[control].float().mean() < 0.6
+    assert out["after"][fd] < compare(ev, real, pool[control])[fd] / 10
+
+
+def test_analyse_writes_scores_a_gallery_and_the_kept_images(evaluator, tmp_path, monkeypatch):
     _, cache = evaluator
     monkeypatch.setenv("IMAGEGEN_CACHE", str(cache))
     from imagegen.evaluate.analyse import analyse_run
-    run_dir = _tiny_run("dcgan", {"width": 16, "z_dim": 32}, 600, tmp_path / "runs")
-    out = analyse_run(run_dir, tmp_path / "an", n=1000, keep=0.5, log=None)
-    before, after = out["filter"]["before"], out["filter"]["after"]
-    fd = next(k for k in before if k.startswith("FD-"))
-    assert after[fd] < before[fd] and after["precision"] > before["precision"]
+    run_dir = _tiny_run("dcgan", {"width": 8, "z_dim": 16}, 10, tmp_path / "runs")
+    out = analyse_run(run_dir, tmp_path / "an", n=400, keep=0.5, log=None)
+    assert set(out["filter"]["before"]) == set(out["filter"]["after"]) == {f"FD-{out['evaluator']}", "precision", "recall"}
     kept = out["filter"]["kept"]   # half of each predicted class, rounded per class
-    assert len(list((tmp_path / "an" / "kept").glob("*.png"))) == kept and abs(kept - 500) <= 4
+    assert len(list((tmp_path / "an" / "kept").glob("*.png"))) == kept and abs(kept - 200) <= 4
     page = (tmp_path / "an" / "gallery.html").read_text()
     assert "copy suspects" in page and page.count("<img") == 3 * 48
     scores = json.loads((tmp_path / "an" / "analysis.json").read_text())["images"]
-    assert len(scores) == 1000 and {"realism", "confidence", "nearest_train_l2", "discriminator"} <= set(scores[0])
+    assert len(scores) == 400 and {"realism", "confidence", "nearest_train_l2", "discriminator"} <= set(scores[0])
+    best = {int(p.stem[4:]) for p in (tmp_path / "an" / "kept").glob("*.png")}
+    by_class = {}
+    for r in scores:
+        by_class.setdefault(r["predicted_class"], []).append(r)
+    for rows in by_class.values():    # within each class, every kept image scores above every dropped one
+        kept_r = [r["realism"] for r in rows if r["seed"] in best]
+        dropped = [r["realism"] for r in rows if r["seed"] not in best]
+        assert not kept_r or not dropped or min(kept_r) >= max(dropped)
 
 
 def test_anchors_are_ordered_and_the_leaderboard_shows_their_protocol(evaluator, tmp_path, monkeypatch, capsys):

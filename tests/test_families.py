@@ -161,6 +161,7 @@ def test_models_command_lists_every_family_with_its_options(capsys):
     assert "--guidance" in out and "--truncation" in out and "needs labels" in out
 
 
+@pytest.mark.trained
 def test_discriminator_rejection_sampling_is_per_seed_and_prefers_what_d_likes(tiny_run):
     model = imagegen.load_run(tiny_run).model
     seeds = list(range(12))

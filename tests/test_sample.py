@@ -29,6 +29,7 @@ def test_seed_alone_decides_the_image(tiny_run):
     assert not torch.equal(a[0], a[1])
 
 
+@pytest.mark.trained
 def test_truncation_pulls_images_towards_the_mean_latent(tiny_run):
     model = imagegen.load_run(tiny_run).model
     plain = imagegen.generate(model, [1, 2])

@@ -21,13 +21,14 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import load_run, write_json_atomic
+from ..config import Range
 from ..data import load_data
-from ..errors import ConfigError
 from ..sample import default_labels, generate, save_images, to_float, to_pil, to_uint8
 from .evaluator import cache_dir, load_evaluator, run_data, run_evaluator
 from .metrics import CHUNK
-from .run_eval import MAX_N, compare
+from .run_eval import N_IMAGES, compare
 
+KEEP = Range(0.0, 1.0, float, lo_open=True, hi_open=True)   # --keep: the share of samples kept
 REAL_REFERENCE = 10_000   # real training images that define the manifold for the realism score
 GALLERY = 48              # images per gallery section
 
@@ -56,14 +57,33 @@ def nearest_train(fake: torch.Tensor, train: torch.Tensor) -> tuple[torch.Tensor
     return best_d / f.shape[1] ** 0.5, best_i
 
 
+def keep_best(realism: torch.Tensor, groups: torch.Tensor, keep: float) -> torch.Tensor:
+    """Sorted indices of the best `keep` share by realism within each group (at least one per group), so
+    filtering raises quality without trading away the class balance."""
+    kept = torch.cat([idx_c[torch.argsort(realism[idx_c], descending=True)][:max(1, int(round(keep * len(idx_c))))]
+                      for c in groups.unique() for idx_c in [(groups == c).nonzero().flatten()]])
+    return kept.sort().values
+
+
+def filter_images(extractor, real: torch.Tensor, images: torch.Tensor, realism: torch.Tensor, keep: float,
+                  groups: torch.Tensor) -> dict:
+    """Keep the best `keep` share of `images` (N x C x H x W) by their `realism` scores (N), within each
+    of `groups` (N class indices), and measure FD, precision and recall against `real` before and after.
+    "before" is the first len(kept) images, an unfiltered set of the same size: FD is biased by sample count."""
+    kept = keep_best(realism, groups, keep)
+    before, after = compare(extractor, real, images[:len(kept)]), compare(extractor, real, images[kept])
+    fd = f"FD-{extractor.name}"
+    return {"kept": kept, "before": {k: before[k] for k in (fd, "precision", "recall")},
+            "after": {k: after[k] for k in (fd, "precision", "recall")}}
+
+
 def analyse_run(run_dir: str | Path, out_dir: str | Path, *, n: int = 2000, keep: float | None = None,
                 log=print) -> dict:
     """Score n samples (seeds 0..n-1), write analysis.json and gallery.html to out_dir; with `keep`,
     also write the best `keep` share to out_dir/kept/ and report metrics before and after filtering."""
-    if not 2 <= n <= MAX_N:
-        raise ConfigError(f"--n must be in 2..{MAX_N}, got {n}")
-    if keep is not None and not 0 < keep < 1:
-        raise ConfigError(f"--keep must be a share in (0, 1), got {keep}")
+    N_IMAGES.check(n, "--n")
+    if keep is not None:
+        KEEP.check(keep, "--keep (a share)")
     run = load_run(run_dir)
     extractor = run_evaluator(run, log=log)
     train = load_data(run_data(run, split="train"))
@@ -93,18 +113,11 @@ def analyse_run(run_dir: str | Path, out_dir: str | Path, *, n: int = 2000, keep
               "summary": {k: {"mean": float(v.mean()), "min": float(v.min()), "max": float(v.max())} for k, v in scores.items()},
               "possible_copies": int((dist < 0.05).sum())}
     if keep is not None:
-        # Keep the best share within each class (the label asked for, or else the evaluator's prediction),
-        # so filtering raises quality without trading away the class balance.
-        groups = labels if labels is not None else predicted
-        kept = torch.cat([idx_c[torch.argsort(realism[idx_c], descending=True)][:max(1, int(round(keep * len(idx_c))))]
-                          for c in groups.unique() for idx_c in [(groups == c).nonzero().flatten()]])
-        kept = kept.sort().values
+        # Within each class: the label asked for, or else the evaluator's prediction.
         real = to_float(load_data(run_data(run)).images)
-        # "before" is an unfiltered set of the same size (seeds 0..k-1): FD is biased by sample count.
-        before, after = compare(extractor, real, fake[:len(kept)]), compare(extractor, real, fake[kept])
-        fd = f"FD-{extractor.name}"
-        result["filter"] = {"keep": keep, "kept": len(kept), "before": {k: before[k] for k in (fd, "precision", "recall")},
-                            "after": {k: after[k] for k in (fd, "precision", "recall")}}
+        f = filter_images(extractor, real, fake, realism, keep, labels if labels is not None else predicted)
+        kept = f["kept"]
+        result["filter"] = {"keep": keep, "kept": len(kept), "before": f["before"], "after": f["after"]}
         save_images(fake[kept], out_dir / "kept", [seeds[int(j)] for j in kept])
     write_json_atomic(out_dir / "analysis.json", {**result, "images": per_image})
     _gallery(out_dir / "gallery.html", fake, per_image, order, torch.argsort(dist), result)
