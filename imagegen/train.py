@@ -299,11 +299,11 @@ def _train(cfg: RunConfig, d: distributed.Dist | None, main: bool, device: torch
                 distributed.broadcast_buffers(buffers, d)      # rank 0's batch-norm statistics, as DDP does
                 # EMA with warm-up, so early samples are not dominated by the random initial weights.
                 decay = min(tc.ema_decay, (1 + step) / (10 + step))
-                with torch.no_grad():
-                    for e, p in zip(ema_params, params):
-                        e.lerp_(p, 1.0 - decay)
-                    for e, b in zip(ema_buffers, buffers):
-                        e.copy_(b)
+                with torch.no_grad():     # one foreach call each, not one op per tensor (a launch each on a GPU)
+                    if ema_params:
+                        torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+                    if ema_buffers:
+                        torch._foreach_copy_(ema_buffers, buffers)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             window_time += time.perf_counter() - t0

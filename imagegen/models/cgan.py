@@ -22,6 +22,7 @@ from torch.nn.utils.parametrizations import spectral_norm
 
 from ..config import ranged
 from . import gan
+from .base import as_feature_map
 from .gan import DCGAN, dcgan_init, layout
 
 
@@ -64,9 +65,9 @@ class Generator(nn.Module):
         dcgan_init(self)
 
     def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:     # N x z_dim, N -> N x C x S x S
-        x = torch.relu(self.norms[0](self.project(z).view(-1, self.c0, self.base, self.base), y))
+        x = self.norms[0](as_feature_map(self.project(z), self.c0, self.base, self.convs), y).relu_()
         for conv, norm in zip(self.convs, self.norms[1:]):
-            x = torch.relu(norm(conv(x), y))
+            x = norm(conv(x), y).relu_()
         return torch.tanh(self.out(x))
 
 

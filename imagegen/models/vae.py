@@ -33,7 +33,7 @@ from torch import nn
 
 from ..config import MAX_IMAGE_SIZE, MAX_WEIGHT, MAX_WIDTH, Range, ranged
 from ..errors import ConfigError
-from .base import Family, Generators, eval_mode, per_item_normal, run_fixed_batch
+from .base import Family, Flatten, Generators, as_feature_map, eval_mode, per_item_normal, run_fixed_batch
 from .gan import layout
 
 TEMPERATURE = Range(0.0, 10.0, float, lo_open=True)   # the CLI's --temperature and sample()
@@ -69,7 +69,7 @@ class Encoder(nn.Module):
         for _ in range(ups):                                   # S -> base, doubling channels
             layers += [nn.Conv2d(c_in, c, 4, 2, 1), nn.LeakyReLU(0.2)]
             c_in, c = c, c * 2
-        layers += [nn.Conv2d(c_in, c_in, 3, 1, 1), nn.LeakyReLU(0.2), nn.Flatten()]
+        layers += [nn.Conv2d(c_in, c_in, 3, 1, 1), nn.LeakyReLU(0.2), Flatten()]
         self.features = nn.Sequential(*layers)                 # N x C x S x S -> N x F
         self.head = nn.Linear(c_in * base * base + extra, 2 * cfg.z_dim)
 
@@ -98,7 +98,7 @@ class Decoder(nn.Module):
     def forward(self, z: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:   # -> N x C x S x S logits/means
         if cond is not None:
             z = torch.cat([z, cond], 1)
-        return self.body(self.project(z).view(-1, self.c0, self.base, self.base))
+        return self.body(as_feature_map(self.project(z), self.c0, self.base, self.body))
 
 
 class VAE(Family):
