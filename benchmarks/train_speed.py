@@ -9,12 +9,17 @@ Prints, from one run:
      networks fed by a DataLoader whose Dataset resizes each item with PIL and normalises it;
 and the two ratios the targets are stated in (>= 0.70 of matmul peak; >= 5x the classic recipe).
 
+--isa avx2 (or sse41) runs everything as on a CPU without AVX-512 (or without AVX): it restarts itself
+with PyTorch's, oneDNN's and MKL's instruction sets all limited (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA,
+MKL_ENABLE_INSTRUCTIONS), so the matmul peak and the DCGAN are measured under the same limit. The first
+line names the CPU and the instruction sets in use.
+
 With --precision (bf16, fp16 on CUDA, or auto), it prints instead a table of every family's training
 speed through imagegen's loop at its default batch, in fp32 and in that precision, on --device (auto:
 the GPU when there is one, named in the header): images/s and the achieved TFLOP/s (FLOPs of one
 training step counted by torch.utils.flop_counter, times steps/s).
 
-    python benchmarks/train_speed.py [--steps 150] [--classic-steps 12] [--data fashion-mnist]
+    python benchmarks/train_speed.py [--steps 150] [--classic-steps 12] [--data fashion-mnist] [--isa avx2]
     python benchmarks/train_speed.py --precision bf16 [--device auto] [--families dcgan,ddpm] [--steps 40]
 """
 
@@ -22,7 +27,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import sys
 import statistics
 import tempfile
 import time
@@ -36,6 +43,28 @@ from torch.utils.flop_counter import FlopCounterMode
 import imagegen
 from imagegen.models import REGISTRY
 from imagegen.train import GuardedOptimizer, autocast_dtype, fit_model_to_data, pick_device, step_generator
+
+
+# Environment that makes PyTorch (ATen), oneDNN (convolutions) and MKL (matmul) use at most an instruction set.
+ISA_ENV = {
+    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+    "sse41": {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"},
+}
+
+
+def machine() -> str:
+    """The CPU model, its cores and the instruction sets PyTorch, oneDNN and MKL are limited to."""
+    model = platform.processor() or platform.machine()
+    try:
+        info = open("/proc/cpuinfo").read().splitlines()
+        model = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+        flags = set(next(line for line in info if line.startswith("flags")).split(":", 1)[1].split())
+        model += " (" + ("AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2") + ")"
+    except (OSError, StopIteration):
+        pass
+    limits = ", ".join(f"{k}={os.environ[k]}" for k in ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS") if k in os.environ)
+    return (f"{model}, {os.cpu_count()} cores; torch {torch.__version__}, {torch.get_num_threads()} threads; "
+            f"ATen {torch.backends.cpu.get_cpu_capability()}" + (f"; {limits}" if limits else ""))
 
 
 def matmul_gflops(n: int, reps: int = 10) -> float:
@@ -175,7 +204,7 @@ def family_speed(family: str, data, precision: str, device: str, steps: int) -> 
 
 def precision_table(a) -> None:
     dev = pick_device(a.device)
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or platform.machine())
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else machine()
     print(f"# {dev.type}: {name}; torch {torch.__version__}; {torch.get_num_threads()} CPU threads; "
           f"{a.steps} steps per measurement; precision {a.precision} -> {autocast_dtype(a.precision, dev)}")
     print(f"| family | batch | fp32 images/s | fp32 TFLOP/s | {a.precision} images/s | {a.precision} TFLOP/s | speed-up |")
@@ -199,14 +228,18 @@ def main() -> None:
     p.add_argument("--precision", choices=["auto", "bf16", "fp16"], help="print the per-family fp32 vs PRECISION table")
     p.add_argument("--device", default="auto")
     p.add_argument("--families", default=",".join(f for f in REGISTRY if f != "random"))
+    p.add_argument("--isa", choices=["native", *ISA_ENV], default="native",
+                   help="limit PyTorch, oneDNN and MKL to this instruction set (restarts the script)")
     a = p.parse_args()
+    if a.isa != "native" and any(os.environ.get(k) != v for k, v in ISA_ENV[a.isa].items()):
+        # The libraries read these when they first run, so the limit needs a fresh process.
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **ISA_ENV[a.isa]})
     if a.precision:
         if a.steps == 150:
             a.steps = 40
         return precision_table(a)
 
-    print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
+    print(f"machine: {machine()}")
     peak_before = max(matmul_gflops(2048), matmul_gflops(4096, reps=4))
     ours = dcgan_speed(a.data, a.steps, a.batch_size)
     classic = classic_speed(a.data, a.classic_steps, a.batch_size)
