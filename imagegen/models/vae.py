@@ -33,7 +33,7 @@ from torch import nn
 
 from ..config import MAX_IMAGE_SIZE, MAX_WEIGHT, MAX_WIDTH, Range, ranged
 from ..errors import ConfigError
-from .base import Family, Flatten, Generators, as_feature_map, eval_mode, per_item_normal, run_fixed_batch
+from .base import Family, Flatten, Generators, adam, as_feature_map, eval_mode, per_item_normal, run_fixed_batch
 from .gan import layout
 
 TEMPERATURE = Range(0.0, 10.0, float, lo_open=True)   # the CLI's --temperature and sample()
@@ -115,7 +115,7 @@ class VAE(Family):
         self.decoder = Decoder(cfg, extra)
 
     def configure_optimizers(self, train_cfg) -> dict[str, torch.optim.Optimizer]:
-        return {"vae": torch.optim.Adam(self.parameters(), lr=self.cfg.lr)}
+        return {"vae": adam(self.parameters(), self.cfg.lr)}
 
     def _cond(self, labels: torch.Tensor | None) -> torch.Tensor | None:
         return None if self.embed is None else self.embed(labels)
