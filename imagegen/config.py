@@ -101,7 +101,7 @@ MAX_SEED = 2**63 - 1          # torch.Generator.manual_seed takes any 64-bit val
 MAX_COUNT = 10**9             # steps, intervals and other counts: larger is a typo, not a plan
 MAX_BATCH = 65_536
 MAX_IMAGE_SIZE = 1024         # image side in pixels: 1024^2 RGB is 12 MB per float image, already a lot here
-MAX_WIDTH = 1024              # channels of a network's widest layer of its first block
+MAX_WIDTH = 1024              # model.width: channels of a network's first layer (deeper layers double it)
 MAX_WEIGHT = 1e6              # loss weights and similar non-negative factors
 
 
