@@ -187,7 +187,8 @@ def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
 # An elementwise backward op whose two inputs have different layouts (one NCHW, one channels-last) runs
 # unvectorised: 8x slower for a LeakyReLU backward on a 2-core AVX2 CPU. A flatten before a linear
 # head, or a linear projection viewed as a feature map, is where a channels-last network would meet
-# an NCHW tensor; these helpers keep that from happening, without changing a single number.
+# an NCHW tensor; these helpers keep that from happening. The math is unchanged: the flatten's numbers
+# are the same, and a convolution reading a channels-last input rounds differently at most.
 
 def _is_channels_last(x: torch.Tensor) -> bool:
     return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
