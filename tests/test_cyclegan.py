@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -160,6 +162,7 @@ def test_translate_cli_keeps_names_and_writes_the_grid(cg_run, tmp_path, tiny_ru
 def test_evaluate_translation_writes_stamped_metrics(cg_run, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("IMAGEGEN_CACHE", str(tmp_path / "cache"))
     ev = train_evaluator(TINY_EVAL, log=None)
+    cg_run = Path(shutil.copytree(cg_run, tmp_path / "run"))   # evaluate writes into the run: not the shared one
     out = evaluate_run(cg_run, n=50, log=None)
     m, p = out["metrics"], out["protocol"]
     assert p["evaluator"] == ev.name and p["target_classes"] == ["circle", "square"]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -61,10 +63,11 @@ def test_real_data_scores_better_than_the_random_baseline(evaluator):
     assert floor["class_coverage"]["classes_present"] == 4
 
 
-def test_evaluate_writes_stamped_metrics_and_a_report_section(evaluator, tiny_run, monkeypatch, capsys):
+def test_evaluate_writes_stamped_metrics_and_a_report_section(evaluator, tiny_run, tmp_path, monkeypatch, capsys):
     _, cache = evaluator
     monkeypatch.setenv("IMAGEGEN_CACHE", str(cache))
     from imagegen.cli import main
+    tiny_run = Path(shutil.copytree(tiny_run, tmp_path / "run"))   # the shared fixture stays as it was
     assert main(["evaluate", str(tiny_run), "--n", "300"]) == 0
     out = json.loads((tiny_run / "metrics.json").read_text())
     p = out["protocol"]
