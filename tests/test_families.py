@@ -164,13 +164,16 @@ def test_models_command_lists_every_family_with_its_options(capsys):
 @pytest.mark.trained
 def test_discriminator_rejection_sampling_is_per_seed_and_prefers_what_d_likes(tiny_run):
     model = imagegen.load_run(tiny_run).model
-    seeds = list(range(12))
+    seeds = list(range(128))
     drs = generate(model, seeds, drs=80)
-    assert torch.equal(drs, generate(model, seeds, drs=80))
+    assert torch.equal(drs[:12], generate(model, seeds[:12], drs=80))
     assert torch.equal(drs[[2, 7]], generate(model, [2, 7], drs=80, batch_size=1))
     plain = generate(model, seeds)
     with torch.no_grad():
-        d_drs, d_plain = model.critic(drs, None).mean(), model.critic(plain, None).mean()
-    assert d_drs > d_plain
+        d_drs, d_plain = model.critic(drs, None), model.critic(plain, None)
+    # Accepted samples score higher under the critic that accepts them, by a margin counted in standard
+    # errors of the plain mean: measured 3.1 (AVX-512) and 3.3 (SSE4.1) over 128 seeds; asked for 1.5.
+    # (Over the 12 seeds this test used before, the same gap was 0.76 standard errors.)
+    assert d_drs.mean() - d_plain.mean() > 1.5 * d_plain.std() / len(seeds) ** 0.5
     with pytest.raises(ConfigError, match="percentile"):
         generate(model, seeds, drs=100)
