@@ -32,11 +32,14 @@ def test_seed_alone_decides_the_image(tiny_run):
 @pytest.mark.trained
 def test_truncation_pulls_images_towards_the_mean_latent(tiny_run):
     model = imagegen.load_run(tiny_run).model
-    plain = imagegen.generate(model, [1, 2])
-    truncated = imagegen.generate(model, [1, 2], truncation=0.5)
+    seeds = list(range(32))
+    plain = imagegen.generate(model, seeds)
+    truncated = imagegen.generate(model, seeds, truncation=0.5)
     centre = imagegen.generate(model, [1], truncation=1e-6)
     assert not torch.equal(plain, truncated)
-    assert (truncated - centre).abs().mean() < (plain - centre).abs().mean()
+    # Truncated images sit closer to the centre image: measured 0.20-0.21 of the plain distance on
+    # AVX-512 and SSE4.1 (over 32 seeds); asked for < 0.5.
+    assert (truncated - centre).abs().mean() < 0.5 * (plain - centre).abs().mean()
 
 
 def test_interpolation_strip_ends_at_the_seeds(tiny_run, tmp_path):
