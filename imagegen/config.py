@@ -148,6 +148,13 @@ class Range:
             raise ConfigError(f"{key}{' ' if key else ''}must be {self.phrase()}, got {value!r}")
         return value
 
+    def bounds(self) -> dict:
+        """The range as pydantic Field bounds (ge or gt, le or lt), for request bodies that share it."""
+        if self.zero:
+            raise ValueError("a range with a special 0 has no Field bounds")
+        lo, hi = (self.kind(v) for v in (self.lo, self.hi))
+        return {"gt" if self.lo_open else "ge": lo, "lt" if self.hi_open else "le": hi}
+
     def parse(self, text: str, key: str = "") -> int | float:
         """A CLI string -> a checked number (ConfigError naming key, text and range otherwise)."""
         try:

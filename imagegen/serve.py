@@ -36,7 +36,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from .checkpoint import Run, load_run
 from .data.folder import decode_image
 from .errors import ImagegenError, ImageTooLargeError
-from .sample import (MAX_LATENT_SHIFT, MAX_SEED, check_latent, check_options, extend_image, generate, grid,
+from .models.ddpm import ETA
+from .models.gan import TRUNCATION
+from .models.vae import TEMPERATURE
+from .sample import (MAX_LATENT_SHIFT, MAX_SEED, SEED, check_latent, check_options, extend_image, generate, grid,
                      hwc_to_float, interpolate, resolve_labels, to_mask, to_pil, to_uint8)
 
 STATIC = Path(__file__).parent / "static"
@@ -64,7 +67,7 @@ class Busy(Exception):
 
 # --- request bodies ------------------------------------------------------------------------------------
 
-Seed = Field(default=0, ge=0, le=MAX_SEED, description="the image's seed: the same seed gives the same image")
+Seed = Field(default=0, **SEED.bounds(), description="the image's seed: the same seed gives the same image")
 
 
 class GenerateRequest(BaseModel):
@@ -75,11 +78,11 @@ class GenerateRequest(BaseModel):
     label: str | None = Field(default=None, max_length=200, description="class name or index (conditional models)")
     latent: list[float] = Field(default_factory=list, max_length=MAX_LATENT_DIMS,
                                 description=f"shift of the first latent dimensions, each within +-{MAX_LATENT_SHIFT:g} (GANs, VAEs)")
-    truncation: float | None = Field(default=None, ge=0, le=10, description="GANs: clamp the latent to +-t (0 = off)")
-    temperature: float | None = Field(default=None, gt=0, le=10, description="VAEs: scale of the latent noise")
+    truncation: float | None = Field(default=None, **TRUNCATION.bounds(), description="GANs: clamp the latent to +-t (0 = off)")
+    temperature: float | None = Field(default=None, **TEMPERATURE.bounds(), description="VAEs: scale of the latent noise")
     guidance: float | None = Field(default=None, ge=0, le=20, description="diffusion: classifier-free guidance scale")
     steps: int | None = Field(default=None, ge=1, le=MAX_STEPS, description="diffusion: sampling steps")
-    eta: float | None = Field(default=None, ge=0, le=1, description="diffusion: DDIM eta (0 = deterministic)")
+    eta: float | None = Field(default=None, **ETA.bounds(), description="diffusion: DDIM eta (0 = deterministic)")
     sampler: Literal["ddim", "ddpm"] | None = Field(default=None, description="diffusion: sampler")
 
 
@@ -87,7 +90,7 @@ class InterpolateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str
     seed_a: int = Seed
-    seed_b: int = Field(default=1, ge=0, le=MAX_SEED)
+    seed_b: int = Field(default=1, **SEED.bounds())
     frames: int = Field(default=8, ge=2, le=MAX_FRAMES)
     label: str | None = Field(default=None, max_length=200)
 
@@ -412,7 +415,7 @@ def create_app(runs_dir: str | Path, *, log=print) -> FastAPI:
         return png_response(out)
 
     @app.post("/api/inpaint", response_class=Response, responses={200: {"content": {"image/png": {}}}})
-    async def inpaint_route(model: str = Form(...), seed: int = Form(0, ge=0, le=MAX_SEED),
+    async def inpaint_route(model: str = Form(...), seed: int = Form(0, **SEED.bounds()),
                             label: str | None = Form(None, max_length=200),
                             steps: int | None = Form(None, ge=1, le=MAX_STEPS),
                             guidance: float | None = Form(None, ge=0, le=20),
