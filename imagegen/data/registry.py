@@ -32,7 +32,7 @@ class DataConfig:
     split: str = "train"          # "train" or "test"
     # image side in pixels; 0 = the source's own (28 for IDX, 32 for shapes, 64 for folders)
     size: int = ranged(0, 8, MAX_IMAGE_SIZE, zero="the source's own")
-    channels: int = 0             # 1 or 3; 0 = the source's own
+    channels: int = ranged(0, 1, 3, zero="the source's own")   # 1 or 3 (validate refuses 2)
     limit: int = ranged(0, 1, 2**31 - 1, zero="all")   # use only the first N images; handy for quick runs
     strict: bool = False          # any bad file is an error instead of a reported skip
 
