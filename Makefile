@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: install data browser demo test bench clean
+.PHONY: install data browser demo test coverage bench clean
 
 # torch is pinned and installed first: a bare `torch` requirement would pull several GB of CUDA wheels.
 $(VENV)/.installed: pyproject.toml
@@ -46,14 +46,24 @@ LOWER_ISA ?= $(shell if grep -qw avx512f /proc/cpuinfo 2>/dev/null; \
 	then echo "ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2"; \
 	else echo "ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41 MKL_ENABLE_INSTRUCTIONS=SSE4_2"; fi)
 
+# Test modules run side by side, one per core (pytest-xdist; --dist loadscope keeps a module's tests, and
+# so its fixtures, in one worker), each worker with its share of torch threads (tests/conftest.py).
+XDIST ?= -n auto --dist loadscope
+
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(XDIST)
 	@echo "second pass, the tests marked trained under $(LOWER_ISA):"
-	env $(LOWER_ISA) $(PY) -m pytest -q -m trained
+	env $(LOWER_ISA) $(PY) -m pytest -q $(XDIST) -m trained
+
+# Line coverage of imagegen/ by the suite (in-process code; commands the tests start as subprocesses
+# are not counted). Serial, so that one process holds all the data.
+coverage: install
+	$(PY) -m coverage run -m pytest -q -p no:xdist
+	$(PY) -m coverage report --skip-covered
 
 bench: install
 	$(PY) benchmarks/train_speed.py
 	$(PY) benchmarks/families.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache .coverage

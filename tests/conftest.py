@@ -1,13 +1,32 @@
-"""Shared fixtures: tiny real components (no mocks) so the suite runs in a few minutes on 2 CPU cores."""
+"""Shared fixtures: tiny real components (no mocks) so the suite runs in a few minutes on 2 CPU cores.
+
+Shared (session-scoped) fixtures are read-only: each is fingerprinted when made and checked again at the
+end of the session, so a test that writes into one fails the run (copy it first: `private_copy`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
+import os
+import shutil
 import struct
+from pathlib import Path
 
 import pytest
+import torch
 
 import imagegen
+from imagegen.evaluate.evaluator import EvaluatorConfig, train_evaluator
+
+def pytest_configure(config):
+    # Under pytest-xdist (`make test` runs `-n auto`) the workers share the machine's cores: each gets its
+    # share of torch threads, and so do the commands its tests start (OMP_NUM_THREADS is inherited).
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+
 
 TINY = {
     "family": "dcgan",
@@ -25,11 +44,58 @@ def tiny_config(steps: int = 20, **sections) -> imagegen.RunConfig:
     return imagegen.resolve_config(tree)
 
 
+def fingerprint(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every file under folder: relative path -> (size, modification time in ns)."""
+    return {p.relative_to(folder).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def read_only(request, folder: Path) -> Path:
+    """Check at the end of the session that nothing under folder was written, added or removed."""
+    before = fingerprint(folder)
+
+    def check():
+        assert fingerprint(folder) == before, f"a test wrote into the shared fixture {folder}; copy it first"
+    request.addfinalizer(check)
+    return folder
+
+
+def private_copy(folder: Path, tmp_path: Path) -> Path:
+    """A copy of a shared fixture folder that a test may write into."""
+    return Path(shutil.copytree(folder, tmp_path / folder.name))
+
+
 @pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory):
+def tiny_run(request, tmp_path_factory):
     """One tiny trained DCGAN run folder shared by the read-only tests."""
     out = tmp_path_factory.mktemp("runs")
-    return imagegen.train(tiny_config(steps=20), out=out, progress=False)
+    return read_only(request, imagegen.train(tiny_config(steps=20), out=out, progress=False))
+
+
+# The tiny evaluators of `shapes` (32 px, its own size, and 16 px): a few seconds to train, > 0.9 accurate.
+TINY_EVAL = EvaluatorConfig(data="shapes", epochs=3, width=8, limit=2048, batch_size=64, lr=5e-3)
+TINY_EVAL_16 = dataclasses.replace(TINY_EVAL, size=16)
+
+
+@pytest.fixture(scope="session")
+def shared_evaluators(request, tmp_path_factory):
+    """(the 32 px evaluator, the IMAGEGEN_CACHE folder holding it and the 16 px one), trained once."""
+    cache = tmp_path_factory.mktemp("evaluators")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("IMAGEGEN_CACHE", str(cache))
+        ev = train_evaluator(TINY_EVAL, log=None)
+        train_evaluator(TINY_EVAL_16, log=None)
+    return ev, read_only(request, cache)
+
+
+@pytest.fixture
+def evaluators(shared_evaluators, tmp_path, monkeypatch):
+    """The tiny evaluators in a private copy of their cache, set as IMAGEGEN_CACHE for this test (which
+    may then train and cache others)."""
+    ev, cache = shared_evaluators
+    mine = private_copy(cache, tmp_path)
+    monkeypatch.setenv("IMAGEGEN_CACHE", str(mine))
+    return ev, mine
 
 
 def idx_bytes(dtype_code: int, dims: tuple[int, ...], payload: bytes) -> bytes:
@@ -47,3 +113,23 @@ def write_idx_set(folder, n: int = 20, *, gz: bool = True, labels: bytes | None 
         else:
             (folder / name).write_bytes(data)
     return folder
+
+
+@dataclasses.dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_main(*args) -> Result:
+    """`imagegen ARGS` run in this process (the same parser and commands as the installed script, without
+    an interpreter start per call), with what it printed."""
+    import contextlib
+    import io
+
+    from imagegen.cli import main
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in args])
+    return Result(code, out.getvalue(), err.getvalue())

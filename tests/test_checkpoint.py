@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
 import imagegen
 from imagegen.checkpoint import list_checkpoints, load_checkpoint, load_weights, save_checkpoint
+from imagegen.cli import main
 from imagegen.errors import CheckpointError
 
 
@@ -99,3 +102,73 @@ def test_only_the_last_k_checkpoints_are_kept(tmp_path):
 def test_not_a_run_folder(tmp_path):
     with pytest.raises(CheckpointError, match="not a run folder"):
         imagegen.load_run(tmp_path)
+
+
+def _edit_json(path, edit):
+    doc = json.loads(path.read_text())
+    edit(doc)
+    path.write_text(json.dumps(doc))
+
+
+# Each way a run folder can be damaged, and the words of the CheckpointError that must name it.
+DAMAGE = {
+    "manifest missing": (lambda r: (r / "MANIFEST.json").unlink(), "MANIFEST.json: missing"),
+    "manifest not JSON": (lambda r: (r / "MANIFEST.json").write_text("{oops"), "MANIFEST.json: unreadable manifest"),
+    "manifest without files": (lambda r: (r / "MANIFEST.json").write_text('{"step": 20}'), "unreadable manifest"),
+    "listed file gone": (lambda r: (r / "ema.safetensors").unlink(), "ema.safetensors: listed in the manifest but missing"),
+    "config not JSON": (lambda r: (r / "config.json").write_text("not json"), "config.json: unreadable"),
+    "config without family": (lambda r: _edit_json(r / "config.json", lambda d: d.pop("family")), "missing 'family' or 'model'"),
+    "config with an unknown key": (lambda r: _edit_json(r / "config.json", lambda d: d["model"].update(widht=8)),
+                                   "unknown config key model.widht"),
+    "weights do not fit the config": (lambda r: _edit_json(r / "config.json", lambda d: d["model"].update(width=4)),
+                                      "ema.safetensors: does not fit the model in config.json"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_a_damaged_run_folder_is_refused_naming_what_is_wrong(tiny_run, tmp_path, damage, capsys):
+    run_dir = Path(shutil.copytree(tiny_run, tmp_path / "run"))
+    damage_fn, words = DAMAGE[damage]
+    damage_fn(run_dir)
+    with pytest.raises(CheckpointError) as err:
+        imagegen.load_run(run_dir)
+    assert words in str(err.value)
+    # The CLI says the same in one line and exits 2.
+    assert main(["sample", str(run_dir), "--seeds", "0", "--out", str(tmp_path / "out")]) == 2
+    out = capsys.readouterr().err
+    assert words in out and "Traceback" not in out and not (tmp_path / "out").exists()
+
+
+def test_a_damaged_checkpoint_state_is_refused(tiny_run, tmp_path):
+    run_dir = Path(shutil.copytree(tiny_run, tmp_path / "run"))
+    ckpt = list_checkpoints(run_dir)[-1]
+    (ckpt / "state.json").write_text("{")                  # listed in the checkpoint's manifest
+    with pytest.raises(CheckpointError, match="state.json: SHA-256 does not match"):
+        load_checkpoint(ckpt)
+    shutil.rmtree(ckpt)
+    ckpt = list_checkpoints(run_dir)[-1]
+    (ckpt / "MANIFEST.json").unlink()
+    with pytest.raises(CheckpointError, match="MANIFEST.json: missing"):
+        load_checkpoint(ckpt)
+
+
+def test_weights_are_written_atomically_and_verified(tmp_path):
+    model = {"w": torch.arange(4.0)}
+    save_checkpoint(tmp_path, 1, model, model, {}, {}, keep=2)
+    assert not any(p.name.startswith(".tmp") or p.suffix == ".partial" for p in tmp_path.rglob("*"))
+    assert torch.equal(load_checkpoint(list_checkpoints(tmp_path)[-1])["model"]["w"], model["w"])
+    assert torch.equal(load_weights(tmp_path / "model.safetensors")["w"], model["w"])
+    (tmp_path / "x.npz").write_bytes(b"abc")
+    with pytest.raises(CheckpointError, match="unknown weight format '.npz'"):
+        load_weights(tmp_path / "x.npz")
+    (tmp_path / "x.pt").write_bytes(b"not a torch file")
+    with pytest.raises(CheckpointError, match="x.pt: refused"):
+        load_weights(tmp_path / "x.pt")
+    torch.save([torch.ones(1)], tmp_path / "list.pt")
+    with pytest.raises(CheckpointError, match="flat dict"):
+        load_weights(tmp_path / "list.pt")
+    (tmp_path / "bad.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
+    with pytest.raises(CheckpointError, match="bad.safetensors"):
+        load_weights(tmp_path / "bad.safetensors")
+    with pytest.raises(CheckpointError, match="cannot read"):
+        load_weights(tmp_path / "missing.safetensors")

@@ -8,8 +8,13 @@ import subprocess
 import sys
 
 import pytest
+from PIL import Image
+
+import imagegen
 
 from imagegen.cli import main
+
+from conftest import run_main
 
 
 def run_cli(*args, cwd=None):
@@ -18,6 +23,8 @@ def run_cli(*args, cwd=None):
 
 
 def test_end_to_end_cli_on_shapes(tmp_path):
+    """Train through the installed entry point (`python -m imagegen`, a fresh interpreter), then every
+    other everyday command on that run, in this process through the same `main`."""
     cfg = tmp_path / "tiny.toml"
     cfg.write_text('[model]\nwidth = 8\nz_dim = 16\n[data]\nlimit = 512\n[train]\nlog_every = 5\nsample_every = 10\ngrid_size = 16\n')
     r = run_cli("train", "--data", "shapes", "--model", "dcgan", "--steps", "12", "--batch-size", "16",
@@ -34,21 +41,22 @@ def test_end_to_end_cli_on_shapes(tmp_path):
     report = (run_dir / "report.html").read_text()
     assert "data:image/png;base64" in report and "loss curves" in report
 
-    r = run_cli("train", "--resume", str(run_dir), "--steps", "16", "--no-progress")
+    r = run_main("train", "--resume", run_dir, "--steps", "16", "--no-progress")
     assert r.returncode == 0, r.stderr
     assert json.loads((run_dir / "MANIFEST.json").read_text())["step"] == 16
 
-    r = run_cli("sample", str(run_dir), "--seeds", "0-7", "--out", str(tmp_path / "imgs"), "--grid", str(tmp_path / "g.png"))
+    r = run_main("sample", run_dir, "--seeds", "0-7", "--out", tmp_path / "imgs", "--grid", tmp_path / "g.png")
     assert r.returncode == 0, r.stderr
     assert len(list((tmp_path / "imgs").glob("seed*.png"))) == 8 and (tmp_path / "g.png").is_file()
 
-    r = run_cli("interpolate", str(run_dir), "--seeds", "3,9", "--frames", "6", "--out", str(tmp_path / "strip.png"))
+    r = run_main("interpolate", run_dir, "--seeds", "3,9", "--frames", "6", "--out", tmp_path / "strip.png")
     assert r.returncode == 0, r.stderr
+    assert Image.open(tmp_path / "strip.png").size == (6 * 34 + 2, 34 + 2)
 
-    r = run_cli("report", str(run_dir))
+    r = run_main("report", run_dir)
     assert r.returncode == 0 and "report.html" in r.stdout
 
-    r = run_cli("data", "info", "shapes")
+    r = run_main("data", "info", "shapes")
     assert r.returncode == 0 and "8000 x 3 x 32 x 32" in r.stdout and "circle" in r.stdout
 
 
@@ -99,3 +107,41 @@ def test_demo_falls_back_to_shapes_when_fashion_mnist_is_missing(tmp_path, monke
     captured = capsys.readouterr()
     assert "neither installed nor downloadable" in captured.err and "shapes" in captured.err
     assert (tmp_path / "00000-shapes-dcgan" / "report.html").is_file()
+
+
+def _labelled_folder(root, per_class: int = 16, split: str = "test"):
+    """Shapes images as a folder with one subfolder per class, as a user's own labelled data would be."""
+    ds = imagegen.load_data(imagegen.DataConfig(source="shapes", split=split))
+    for c, name in enumerate(ds.classes):
+        (root / name).mkdir(parents=True)
+        for i, k in enumerate((ds.labels == c).nonzero().flatten()[:per_class].tolist()):
+            Image.fromarray(ds.images[k].permute(1, 2, 0).numpy()).save(root / name / f"{i:03d}.png")
+    return root
+
+
+def test_evaluator_evaluate_tstr_analyse_and_synth_through_the_cli(tmp_path, monkeypatch, capsys):
+    """The evaluation commands as a user runs them on their own labelled folder: `evaluator train`, then
+    `evaluate --tstr`, `analyse --keep` and `synth` on a conditional run trained on that folder."""
+    monkeypatch.setenv("IMAGEGEN_CACHE", str(tmp_path / "cache"))
+    data = f"folder:{_labelled_folder(tmp_path / 'imgs')}"
+    assert main(["evaluator", "train", "--data", data, "--epochs", "1"]) == 0
+    assert "test accuracy" in capsys.readouterr().out
+    assert main(["train", "--data", data, "--model", "cgan", "--steps", "4", "--batch-size", "16", "--set", "model.width=8",
+                 "--set", "data.size=32", "--set", "train.sample_every=0", "--out", str(tmp_path / "runs"), "--no-progress"]) == 0
+    run = next((tmp_path / "runs").iterdir())
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--n", "64", "--tstr", "--per-class", "8"]) == 0
+    out = capsys.readouterr().out
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert "tstr" in metrics["metrics"] and metrics["metrics"]["tstr"]["synthetic_images"] == 32
+    assert "64 generated" in out and "tstr" in out and "tstr" in (run / "report.html").read_text()
+    assert main(["analyse", str(run), "--n", "64", "--keep", "0.5", "--out", str(tmp_path / "an")]) == 0
+    kept = list((tmp_path / "an" / "kept").glob("*.png"))
+    assert abs(len(kept) - 32) <= 4 and (tmp_path / "an" / "gallery.html").is_file()
+    assert len(json.loads((tmp_path / "an" / "analysis.json").read_text())["images"]) == 64
+    assert main(["synth", str(run), "--per-class", "3", "--out", str(tmp_path / "synth")]) == 0
+    assert "wrote 12 images in 4 classes" in capsys.readouterr().out
+    assert sorted(len(list(d.iterdir())) for d in (tmp_path / "synth").iterdir()) == [3, 3, 3, 3]
+    # A run with no labels cannot make a labelled dataset: one line, exit 2.
+    assert main(["synth", str(run.parent.parent / "nope"), "--per-class", "3", "--out", str(tmp_path / "s2")]) == 2
+    assert "not a run folder" in capsys.readouterr().err

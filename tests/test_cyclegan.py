@@ -16,11 +16,11 @@ from imagegen.checkpoint import list_checkpoints, load_checkpoint
 from imagegen.cli import main
 from imagegen.data import DataConfig, load_data
 from imagegen.errors import ConfigError, DataError
-from imagegen.evaluate.evaluator import get_evaluator, train_evaluator
+from imagegen.evaluate.evaluator import get_evaluator
 from imagegen.evaluate.run_eval import evaluate_run
 from imagegen.sample import generate, grid, to_uint8
 
-from test_evaluate import TINY_EVAL
+from conftest import read_only
 from test_train import _assert_same_optim, _assert_same_tensors
 
 TINY = {"width": 4, "blocks": 1, "d_layers": 1, "pool_size": 4, "decay_start": 2, "decay_end": 8, "identity_weight": 5}
@@ -35,8 +35,8 @@ def cg_config(steps: int, data: str = PAIR, model: dict | None = None, **train):
 
 
 @pytest.fixture(scope="module")
-def cg_run(tmp_path_factory):
-    return imagegen.train(cg_config(6), out=tmp_path_factory.mktemp("cg"), progress=False)
+def cg_run(request, tmp_path_factory):
+    return read_only(request, imagegen.train(cg_config(6), out=tmp_path_factory.mktemp("cg"), progress=False))
 
 
 def write_png(path, size=20, mode="RGB", value=128):
@@ -159,9 +159,8 @@ def test_translate_cli_keeps_names_and_writes_the_grid(cg_run, tmp_path, tiny_ru
     assert "no such file or folder" in capsys.readouterr().err
 
 
-def test_evaluate_translation_writes_stamped_metrics(cg_run, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("IMAGEGEN_CACHE", str(tmp_path / "cache"))
-    ev = train_evaluator(TINY_EVAL, log=None)
+def test_evaluate_translation_writes_stamped_metrics(cg_run, evaluators, tmp_path, capsys):
+    ev, _ = evaluators
     cg_run = Path(shutil.copytree(cg_run, tmp_path / "run"))   # evaluate writes into the run: not the shared one
     out = evaluate_run(cg_run, n=50, log=None)
     m, p = out["metrics"], out["protocol"]
@@ -194,10 +193,9 @@ def test_evaluate_translation_writes_stamped_metrics(cg_run, tmp_path, monkeypat
 
 
 @pytest.mark.trained
-def test_a_short_run_learns_to_translate(tmp_path, monkeypatch):
-    """200 steps at 16 px: the shapes classifier takes most translated circles for squares (and back),
-    where it takes almost no real circle for a square."""
-    monkeypatch.setenv("IMAGEGEN_CACHE", str(tmp_path / "cache"))
+def test_a_short_run_learns_to_translate(tmp_path, evaluators):
+    """200 steps at 16 px: the shapes classifier (the tiny 16 px evaluator) takes most translated circles
+    for squares (and back), where it takes almost no real circle for a square."""
     cfg = imagegen.resolve_config({"family": "cyclegan", "model": {"width": 8, "blocks": 2, "decay_start": 100, "decay_end": 200},
                                    "data": {"source": PAIR, "size": 16},
                                    "train": {"steps": 200, "batch_size": 8, "sample_every": 0, "grid_size": 8}})

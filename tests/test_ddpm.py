@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -17,16 +15,16 @@ from imagegen.models.ddpm import alphas_cumprod, ddim, ddpm_ancestral, repaint, 
 from imagegen.data import DataConfig
 from imagegen.sample import extend_image, generate, outpaint_canvas, seed_generators, to_float
 
-from conftest import tiny_config
+from conftest import read_only, run_main, tiny_config
 
 TINY = {"width": 8, "mults": [1, 2], "sample_steps": 4}
 
 
 @pytest.fixture(scope="module")
-def ddpm_run(tmp_path_factory):
+def ddpm_run(request, tmp_path_factory):
     tree = tiny_config(4).to_json()
     tree["family"], tree["model"] = "ddpm", TINY
-    return imagegen.train(imagegen.resolve_config(tree), out=tmp_path_factory.mktemp("ddpm"), progress=False)
+    return read_only(request, imagegen.train(imagegen.resolve_config(tree), out=tmp_path_factory.mktemp("ddpm"), progress=False))
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +32,7 @@ def model(ddpm_run):
     return imagegen.load_run(ddpm_run).model
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "imagegen", *map(str, args)], capture_output=True, text=True)
+_cli = run_main   # the CLI in this process: no interpreter start per call
 
 
 @pytest.mark.parametrize("kind", ["cosine", "linear"])

@@ -17,10 +17,12 @@ import torch
 from safetensors.torch import load_file
 
 import imagegen
+from imagegen import distributed
 from imagegen.checkpoint import list_checkpoints, load_checkpoint
 from imagegen.errors import ConfigError
 from imagegen.train import autocast_dtype
 
+from conftest import run_main
 from test_train import _assert_same_optim, _assert_same_tensors
 
 WORKER = str(Path(__file__).parent / "ddp_worker.py")
@@ -40,37 +42,30 @@ def rank_env(rank: int, world: int, port: int) -> dict:
             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
 
 
-def launch(world: int, tree: dict, out: Path, *, resume=None, dump=None, timeout: int = 180) -> list[str]:
-    """Run ddp_worker.py as `world` ranks; every rank must exit 0. Returns their stdout."""
+def start(world: int, tree: dict, out: Path, *, resume=None, dump=None) -> list[subprocess.Popen]:
+    """Start ddp_worker.py as `world` ranks (see `finish`). Independent launches may run side by side."""
     port = free_port()
     arg = json.dumps({"tree": tree, "out": str(out), "resume": str(resume) if resume else None,
                       "dump": str(dump) if dump else None})
-    procs = [subprocess.Popen([sys.executable, WORKER, arg], env=rank_env(r, world, port), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for r in range(world)]
+    return [subprocess.Popen([sys.executable, WORKER, arg], env=rank_env(r, world, port), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for r in range(world)]
+
+
+def finish(procs: list[subprocess.Popen], timeout: int = 180) -> list[str]:
+    """Wait for the processes; every one must exit 0. Returns their stdout."""
     outs = [p.communicate(timeout=timeout) for p in procs]
     for p, (o, e) in zip(procs, outs):
         assert p.returncode == 0, e[-3000:]
     return [o.strip() for o, _ in outs]
 
 
+def launch(world: int, tree: dict, out: Path, *, resume=None, dump=None, timeout: int = 180) -> list[str]:
+    """Run ddp_worker.py as `world` ranks; every rank must exit 0. Returns their stdout."""
+    return finish(start(world, tree, out, resume=resume, dump=dump), timeout)
+
+
 def with_train(tree: dict, **train) -> dict:
     return {**tree, "train": {**tree["train"], **train}}
-
-
-def test_two_ranks_stay_bit_identical_and_only_rank_0_writes(tmp_path):
-    dump = tmp_path / "dump"
-    dump.mkdir()
-    outs = launch(2, with_train(TINY_DCGAN, steps=20), tmp_path / "runs", dump=dump)
-    assert outs[0] == outs[1]                                        # both ranks name the same run folder
-    assert len(list((tmp_path / "runs").iterdir())) == 1
-    a, b = load_file(str(dump / "rank0.safetensors")), load_file(str(dump / "rank1.safetensors"))
-    _assert_same_tensors(a, b, "rank 0 vs rank 1")                   # parameters and buffers, bit for bit
-    run = Path(outs[0])
-    assert json.loads((run / "config.json").read_text())["world_size"] == 2
-    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == list(range(1, 21))         # one log, written once per step
-    # The weights rank 0 saved are the ones both ranks ended with.
-    _assert_same_tensors(load_checkpoint(list_checkpoints(run)[-1])["model"], a, "checkpoint vs rank 0")
 
 
 def test_gradients_of_two_ranks_at_half_batch_match_one_process(tmp_path):
@@ -79,7 +74,9 @@ def test_gradients_of_two_ranks_at_half_batch_match_one_process(tmp_path):
                       "checkpoint_every": 10, "ema_decay": 0.0}}
     for world in (1, 2):
         (tmp_path / f"dump{world}").mkdir()
-        launch(world, tree, tmp_path / f"runs{world}", dump=tmp_path / f"dump{world}")
+    launches = [start(world, tree, tmp_path / f"runs{world}", dump=tmp_path / f"dump{world}") for world in (1, 2)]
+    for procs in launches:
+        finish(procs)
     one, two = load_file(str(tmp_path / "dump1" / "rank0.safetensors")), load_file(str(tmp_path / "dump2" / "rank0.safetensors"))
     assert one["last_grad"].abs().max() > 1e-3                       # a real gradient, not zeros
     assert torch.allclose(one["last_grad"], two["last_grad"], rtol=0, atol=1e-6)
@@ -111,9 +108,35 @@ def test_a_dead_rank_makes_the_other_exit_non_zero_quickly(tmp_path):
                 p.kill()
 
 
-def test_a_distributed_run_resumes_exactly(tmp_path):
-    straight = Path(launch(2, with_train(TINY_DCGAN, steps=6, checkpoint_every=3), tmp_path / "a")[0])
-    half = Path(launch(2, with_train(TINY_DCGAN, steps=3, checkpoint_every=3), tmp_path / "b")[0])
+def test_two_ranks_stay_bit_identical_only_rank_0_writes_and_torchrun_resumes_exactly(tmp_path):
+    """Three launches of 2 ranks on the tiny DCGAN: 6 steps straight and, side by side with it, 3 steps
+    through `torchrun imagegen train` (the command a user types); then those 3 resumed to 6. Both ranks end with the same weights, rank 0 alone
+    writes, and the resumed run ends where the straight one did, bit for bit."""
+    dump = tmp_path / "dump"
+    dump.mkdir()
+    straight_procs = start(2, with_train(TINY_DCGAN, steps=6, checkpoint_every=3), tmp_path / "a", dump=dump)
+    sets = [f"{k}={v}" for k, v in (("model.width", 8), ("model.z_dim", 16), ("data.limit", 256), ("train.log_every", 1),
+                                    ("train.sample_every", 0), ("train.grid_size", 4), ("train.checkpoint_every", 3))]
+    torchrun = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                 "-m", "imagegen", "train", "--data", "shapes", "--model", "dcgan", "--steps", "3",
+                                 "--batch-size", "16", *[x for kv in sets for x in ("--set", kv)], "--out", str(tmp_path / "b"),
+                                 "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+    outs = finish(straight_procs)
+    finish([torchrun], timeout=300)
+    assert outs[0] == outs[1]                                        # both ranks name the same run folder
+    assert len(list((tmp_path / "a").iterdir())) == 1
+    a, b = load_file(str(dump / "rank0.safetensors")), load_file(str(dump / "rank1.safetensors"))
+    _assert_same_tensors(a, b, "rank 0 vs rank 1")                   # parameters and buffers, bit for bit
+    straight = Path(outs[0])
+    assert json.loads((straight / "config.json").read_text())["world_size"] == 2
+    records = [json.loads(line) for line in (straight / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 7))          # one log, written once per step
+    # The weights rank 0 saved are the ones both ranks ended with.
+    _assert_same_tensors(load_checkpoint(list_checkpoints(straight)[-1])["model"], a, "checkpoint vs rank 0")
+
+    (half,) = (tmp_path / "b").iterdir()
+    assert imagegen.load_run(half).step == 3
     resumed = Path(launch(2, with_train(TINY_DCGAN, steps=6, checkpoint_every=3), tmp_path / "b", resume=half)[0])
     assert resumed == half
     a, b = load_checkpoint(list_checkpoints(straight)[-1]), load_checkpoint(list_checkpoints(resumed)[-1])
@@ -121,17 +144,6 @@ def test_a_distributed_run_resumes_exactly(tmp_path):
     _assert_same_tensors(a["model"], b["model"], "model")
     _assert_same_tensors(a["ema"], b["ema"], "ema")
     _assert_same_optim(a["optimizers"], b["optimizers"])
-
-
-def test_torchrun_launches_the_cli(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "-m", "imagegen", "train", "--data", "shapes", "--model", "vae", "--steps", "4",
-                        "--batch-size", "8", "--set", "model.width=8", "--set", "data.limit=128",
-                        "--out", str(tmp_path), "--no-progress"],
-                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr[-3000:]
-    runs = list(tmp_path.iterdir())
-    assert len(runs) == 1 and imagegen.load_run(runs[0]).step == 4
 
 
 def test_precision_choices(tmp_path):
@@ -149,15 +161,11 @@ def test_precision_choices(tmp_path):
     assert records[-1]["bad_steps"] == 0 and all(torch.isfinite(torch.tensor(r["loss_d"])) for r in records)
 
 
-def test_global_batch_must_divide_over_ranks(tmp_path):
-    port = free_port()
-    r = subprocess.run([sys.executable, "-m", "imagegen", "train", "--data", "shapes", "--model", "dcgan", "--steps", "1",
-                        "--batch-size", "15", "--out", str(tmp_path)], env=rank_env(0, 1, port), capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr                                # one process: any batch size
-    procs = [subprocess.Popen([sys.executable, "-m", "imagegen", "train", "--data", "shapes", "--model", "dcgan",
-                               "--steps", "1", "--batch-size", "15", "--out", str(tmp_path / "x")],
-                              env=rank_env(k, 2, port), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for k in range(2)]
-    errs = [p.communicate(timeout=120)[1] for p in procs]
-    assert all(p.returncode == 2 for p in procs)
-    assert "must divide evenly over 2 processes" in errs[0]
+def test_global_batch_must_divide_over_ranks(tmp_path, monkeypatch):
+    run = imagegen.train(imagegen.resolve_config(with_train(TINY_DCGAN, steps=1, batch_size=15)), out=tmp_path, progress=False)
+    assert imagegen.load_run(run).step == 1                           # one process: any batch size
+    # As rank 0 of 2 (the process group itself is exercised by the launches above): refused before any work.
+    monkeypatch.setattr(distributed, "setup", lambda device: distributed.Dist(rank=0, world=2, local_rank=0, owns_group=False))
+    r = run_main("train", "--data", "shapes", "--model", "dcgan", "--steps", "1", "--batch-size", "15", "--out", tmp_path / "x")
+    assert r.returncode == 2 and "must divide evenly over 2 processes" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "x").exists()

@@ -11,22 +11,19 @@ import torch
 
 import imagegen
 from imagegen.errors import CheckpointError
-from imagegen.evaluate.evaluator import EvaluatorConfig, load_evaluator, train_evaluator
+from imagegen.evaluate.evaluator import load_evaluator, train_evaluator
 from imagegen.evaluate.run_eval import compare, evaluate_run
 
-TINY_EVAL = EvaluatorConfig(data="shapes", epochs=3, width=8, limit=2048, batch_size=64, lr=5e-3)
+from conftest import TINY_EVAL
 
 # Every test here judges trained weights (the models, or the evaluator that scores them).
 pytestmark = pytest.mark.trained
 
 
-@pytest.fixture(scope="module")
-def evaluator(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("IMAGEGEN_CACHE", str(cache))
-        ev = train_evaluator(TINY_EVAL, log=None)
-    return ev, cache
+@pytest.fixture
+def evaluator(evaluators):
+    """(the tiny shapes evaluator, a private copy of the evaluator cache, set as IMAGEGEN_CACHE)."""
+    return evaluators
 
 
 def test_evaluator_is_deterministic_cached_and_verified(evaluator, tmp_path, monkeypatch):
@@ -146,14 +143,14 @@ def test_analyse_writes_scores_a_gallery_and_the_kept_images(evaluator, tmp_path
     monkeypatch.setenv("IMAGEGEN_CACHE", str(cache))
     from imagegen.evaluate.analyse import analyse_run
     run_dir = _tiny_run("dcgan", {"width": 8, "z_dim": 16}, 10, tmp_path / "runs")
-    out = analyse_run(run_dir, tmp_path / "an", n=400, keep=0.5, log=None)
+    out = analyse_run(run_dir, tmp_path / "an", n=200, keep=0.5, log=None)
     assert set(out["filter"]["before"]) == set(out["filter"]["after"]) == {f"FD-{out['evaluator']}", "precision", "recall"}
     kept = out["filter"]["kept"]   # half of each predicted class, rounded per class
-    assert len(list((tmp_path / "an" / "kept").glob("*.png"))) == kept and abs(kept - 200) <= 4
+    assert len(list((tmp_path / "an" / "kept").glob("*.png"))) == kept and abs(kept - 100) <= 4
     page = (tmp_path / "an" / "gallery.html").read_text()
     assert "copy suspects" in page and page.count("<img") == 3 * 48
     scores = json.loads((tmp_path / "an" / "analysis.json").read_text())["images"]
-    assert len(scores) == 400 and {"realism", "confidence", "nearest_train_l2", "discriminator"} <= set(scores[0])
+    assert len(scores) == 200 and {"realism", "confidence", "nearest_train_l2", "discriminator"} <= set(scores[0])
     best = {int(p.stem[4:]) for p in (tmp_path / "an" / "kept").glob("*.png")}
     by_class = {}
     for r in scores:
@@ -168,14 +165,14 @@ def test_anchors_are_ordered_and_the_leaderboard_shows_their_protocol(evaluator,
     _, cache = evaluator
     monkeypatch.setenv("IMAGEGEN_CACHE", str(cache))
     from imagegen.cli import main
-    assert main(["evaluate", "--anchors", "--data", "shapes", "--n", "500", "--out", str(tmp_path)]) == 0
+    assert main(["evaluate", "--anchors", "--data", "shapes", "--n", "250", "--out", str(tmp_path)]) == 0
     doc = json.loads((tmp_path / "anchors-shapes.json").read_text())
     fd = {name: next(v for k, v in m.items() if k.startswith("FD-")) for name, m in doc["anchors"].items()}
     assert fd["floor"] < fd["blur"] and fd["floor"] < fd["noise"] and fd["floor"] < fd["random"]
     capsys.readouterr()
     assert main(["leaderboard", str(tmp_path / "anchors-shapes.json"), "--html", str(tmp_path / "lb.html")]) == 0
     table = capsys.readouterr().out
-    assert "anchor: floor" in table and "500 vs 2000 shapes test" in table and "Evaluator: cnn32-shapes-" in table
+    assert "anchor: floor" in table and "250 vs 2000 shapes test" in table and "Evaluator: cnn32-shapes-" in table
     assert table.index("anchor: floor") < table.index("anchor: noise")      # sorted by FD
     assert "<table>" in (tmp_path / "lb.html").read_text()
 

@@ -6,9 +6,15 @@ from __future__ import annotations
 import asyncio
 import http.client
 import io
+import json
+import os
+import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
+import urllib.request
 import warnings
 import zlib
 
@@ -26,6 +32,7 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
     from fastapi.testclient import TestClient
 
+from conftest import read_only
 from test_cyclegan import cg_config
 from test_families import family_config
 
@@ -34,7 +41,7 @@ VAE = "00004-shapes-vae"
 
 
 @pytest.fixture(scope="module")
-def runs_dir(tmp_path_factory):
+def runs_dir(request, tmp_path_factory):
     root = tmp_path_factory.mktemp("served")
     for family in ("dcgan", "cgan", "ddpm"):
         imagegen.train(family_config(family, 4), out=root, progress=False)
@@ -43,7 +50,7 @@ def runs_dir(tmp_path_factory):
     # A sibling folder whose name extends a run's name: never served.
     (root / f"{DCGAN}-evil").mkdir()
     (root / f"{DCGAN}-evil" / "secret.png").write_bytes(b"SECRET-SIBLING")
-    return root
+    return read_only(request, root)
 
 
 @pytest.fixture(scope="module")
@@ -371,3 +378,73 @@ def test_browser_generates_reproducibly_and_shows_errors(live):
         page.select_option("#model", VAE)
         page.wait_for_selector("#inpaint-panel", state="visible")             # ... a VAE can
         browser.close()
+
+
+# --- start-up, the command and the deadline ------------------------------------------------------------
+
+def test_serve_command_finds_nested_runs_and_reports_broken_ones(tiny_run, tmp_path):
+    """`imagegen serve` as a user starts it: runs are found up to RUN_SEARCH_DEPTH deep and named by their
+    path; a corrupt run is reported at start-up and left out; the page and the API answer."""
+    root = tmp_path / "runs"
+    shutil.copytree(tiny_run, root / "team" / "exp" / "good")                  # 3 deep: served
+    shutil.copytree(tiny_run, root / "a" / "b" / "c" / "too-deep")             # 4 deep: not searched
+    broken = root / "broken"
+    shutil.copytree(tiny_run, broken)
+    data = bytearray((broken / "ema.safetensors").read_bytes())
+    data[-50] ^= 1
+    (broken / "ema.safetensors").write_bytes(bytes(data))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "imagegen", "serve", str(root), "--port", str(port), "--threads", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        deadline = time.time() + 60
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    assert r.status == 200
+                    break
+            except OSError:
+                assert time.time() < deadline, "the server did not start"
+                time.sleep(0.2)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/models", timeout=10) as r:
+            assert [m["name"] for m in json.loads(r.read())] == ["team/exp/good"]
+        body = b'{"model": "team/exp/good", "seed": 3}'
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/api/generate", data=body,
+                                     headers={"content-type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            served = np.asarray(Image.open(io.BytesIO(r.read())))
+        assert np.array_equal(served, imagegen.sample.to_uint8(imagegen.generate(imagegen.load_run(tiny_run).model, [3]))[0])
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=30)[0]
+    assert f"not serving {broken}" in out and "ema.safetensors: SHA-256 does not match" in out
+    assert "serving 1 run(s)" in out and "Traceback" not in out
+
+
+def test_serve_refuses_a_missing_folder(tmp_path, capsys):
+    assert main(["serve", str(tmp_path / "nowhere"), "--port", "8765"]) == 2
+    err = capsys.readouterr().err
+    assert "nowhere: not a folder" in err and "Traceback" not in err
+
+
+def test_a_request_past_the_deadline_is_503_and_the_server_recovers(runs_dir, monkeypatch):
+    app = create_app(runs_dir, log=None)
+    original = S.generate
+
+    def slow(*args, **kwargs):
+        time.sleep(0.5)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(S, "DEADLINE_S", 0.1)
+    monkeypatch.setattr(S, "generate", slow)
+    with TestClient(app) as c:
+        r = c.post("/api/generate", json={"model": DCGAN, "seed": 1})
+        assert r.status_code == 503 and "0.1 s deadline" in r.json()["detail"] and r.headers["retry-after"] == "1"
+        r = c.post("/api/interpolate", json={"model": DCGAN, "seed_a": 1, "seed_b": 2, "frames": 2})
+        assert r.status_code == 503                                   # the other path (Worker.call) too
+        assert app.state.worker.pending == 0                          # nothing left admitted
+        monkeypatch.setattr(S, "DEADLINE_S", 30.0)
+        assert c.post("/api/generate", json={"model": DCGAN, "seed": 1}).status_code == 200

@@ -200,7 +200,7 @@ def load_data(cfg: DataConfig | str) -> ImageDataset | PairedDataset:
             notes.append(f"{arg}: {len(converted)} image(s) with another channel count converted to "
                          f"{images.shape[1]} channel(s), e.g. {converted[0]}")
     elif kind == "shapes":
-        images, labels = shapes_source.make_shapes(cfg.split)
+        images, labels = shapes_source.make_shapes(cfg.split, first=cfg.limit or None)
         classes, source = list(shapes_source.CLASSES), "built-in procedural shapes"
     else:
         raise ConfigError(

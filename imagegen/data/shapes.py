@@ -79,14 +79,21 @@ def render(labels: np.ndarray, rng: np.random.Generator, size: int = 32) -> np.n
     return np.clip(np.rint(img * 255), 0, 255).astype(np.uint8)
 
 
+CHUNK = 1000   # images drawn per call of render(): the random stream is consumed chunk by chunk
+
+
 @functools.lru_cache(maxsize=4)
-def make_shapes(split: str = "train", n: int | None = None, size: int = 32, seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def make_shapes(split: str = "train", n: int | None = None, size: int = 32, seed: int | None = None,
+                first: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The `shapes` split: (uint8 N x 3 x size x size, labels N). Balanced classes, deterministic.
 
+    `first` (data.limit): only the first images are wanted, so only the chunks that hold them are drawn;
+    they are the same images as in the whole split (a limit of 256 renders 1000, not 8000).
     Cached per process (callers must not modify the tensors in place).
     """
     n = SPLIT_SIZE[split] if n is None else n
     rng = np.random.default_rng(SPLIT_SEED[split] if seed is None else seed)
     labels = rng.permutation(np.arange(n) % len(CLASSES))
-    chunks = [render(labels[i:i + 1000], rng, size) for i in range(0, n, 1000)]
-    return torch.from_numpy(np.concatenate(chunks)), torch.from_numpy(labels.astype(np.int64))
+    stop = n if first is None else min(n, -(-first // CHUNK) * CHUNK)
+    chunks = [render(labels[i:i + CHUNK], rng, size) for i in range(0, stop, CHUNK)]
+    return torch.from_numpy(np.concatenate(chunks)), torch.from_numpy(labels[:stop].astype(np.int64))
