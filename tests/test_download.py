@@ -8,11 +8,13 @@ import http.server
 import threading
 
 import pytest
+import torch
 
 from imagegen.data.download import download
 from imagegen.errors import ChecksumError, DownloadError
 
 BODY = bytes(range(256)) * 400
+FILES: dict[str, bytes] = {}   # more paths the server answers: path -> body (set by the tests)
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -28,6 +30,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(BODY[: len(BODY) // 3])  # then close early
             self.close_connection = True
+        elif self.path in FILES:
+            body = FILES[self.path]
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
         else:
             self.send_error(404)
 
@@ -76,19 +84,49 @@ def test_missing_file_and_unreachable_host(server, tmp_path):
     assert _leftovers(tmp_path) == []
 
 
-def test_named_dataset_downloads_when_not_installed(server, tmp_path, monkeypatch):
-    """With nothing installed, fashion-mnist is fetched from its mirror into the cache and verified;
-    a mirror serving the wrong bytes gives a DataError and leaves no file behind."""
+@pytest.fixture
+def mirrors(server, tmp_path, monkeypatch):
+    """fashion-mnist made downloadable from the local server only: /good/ serves a valid MNIST-style
+    train split (20 images) whose SHA-256 the spec pins, /bad/ the same names with other bytes."""
+    from conftest import write_idx_set
+    from imagegen.data import registry
+    files = write_idx_set(tmp_path / "served", n=20)
+    names = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz")
+    for name in names:
+        FILES[f"/good/{name}"] = (files / name).read_bytes()
+        FILES[f"/bad/{name}"] = bytes(len(FILES[f"/good/{name}"]))        # right length, wrong bytes
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(registry, "search_dirs", lambda name: [tmp_path / "empty" / name, tmp_path / "cache" / "imagegen" / name])
+    sha = {name: hashlib.sha256(FILES[f"/good/{name}"]).hexdigest() for name in names}
+
+    def use(*paths):
+        spec = registry.IDXDataset("fashion-mnist", registry.IDX_DATASETS["fashion-mnist"].classes,
+                                   tuple(f"{server}{p}" for p in paths), sha)
+        monkeypatch.setitem(registry.IDX_DATASETS, "fashion-mnist", spec)
+        return tmp_path / "cache" / "imagegen" / "fashion-mnist"
+    yield use
+    FILES.clear()
+
+
+def test_named_dataset_downloads_from_its_mirror_when_not_installed(mirrors):
+    """With nothing installed, fashion-mnist is fetched into the cache, verified, and loads; the second
+    load finds it there. A first mirror serving wrong bytes is passed over for the next one."""
+    from imagegen.data import registry
+    cache = mirrors("/bad/", "/good/")
+    ds = registry.load_data("fashion-mnist")
+    assert len(ds) == 20 and ds.images.shape == (20, 1, 28, 28) and ds.labels.tolist()[:3] == [0, 1, 2]
+    assert _leftovers(cache) == ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"]
+    FILES.clear()                                                     # the server forgets them: the cache serves
+    assert torch.equal(registry.load_data("fashion-mnist").images, ds.images)
+
+
+def test_a_mirror_serving_wrong_bytes_is_a_data_error_and_leaves_nothing(mirrors):
     from imagegen.data import registry
     from imagegen.errors import DataError
-
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setenv("IMAGEGEN_DATA", str(tmp_path / "empty"))
-    monkeypatch.setattr(registry, "search_dirs", lambda name: [tmp_path / "empty" / name])
-    spec = registry.IDXDataset("fashion-mnist", registry.IDX_DATASETS["fashion-mnist"].classes,
-                               (f"{server}/",), registry.IDX_DATASETS["fashion-mnist"].sha256)
-    monkeypatch.setitem(registry.IDX_DATASETS, "fashion-mnist", spec)
-    with pytest.raises(DataError, match="download failed"):
+    cache = mirrors("/bad/")
+    with pytest.raises(DataError, match="does not match the pinned"):
         registry.load_data("fashion-mnist")
-    cache = tmp_path / "cache" / "imagegen" / "fashion-mnist"
     assert not cache.exists() or _leftovers(cache) == []
+    cache = mirrors("/missing/")
+    with pytest.raises(DataError, match="404"):
+        registry.load_data("fashion-mnist")
