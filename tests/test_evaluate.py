@@ -70,7 +70,13 @@ def test_evaluate_writes_stamped_metrics_and_a_report_section(evaluator, tiny_ru
     p = out["protocol"]
     assert p["generated"] == 300 and p["real"] == 2000 and p["real_split"] == "test" and p["seeds"] == "0-299"
     assert p["evaluator"].startswith("cnn32-shapes-") and len(p["evaluator_sha256"]) == 64
-    assert out["metrics"][f"FD-{p['evaluator']}"] > 0
+    # The figures are those of the run's seeds 0-299 against the test split, in the evaluator's features.
+    ev, _ = evaluator
+    test = imagegen.load_data(imagegen.DataConfig(source="shapes", split="test"))
+    again = compare(ev, test.images.float() / 127.5 - 1, imagegen.generate(imagegen.load_run(tiny_run).model, list(range(300))))
+    fd = f"FD-{p['evaluator']}"
+    assert out["metrics"][fd] == pytest.approx(again[fd], rel=1e-4) and out["metrics"][fd] > 1.0
+    assert out["metrics"]["precision"] == pytest.approx(again["precision"]) and out["metrics"]["recall"] == pytest.approx(again["recall"])
     assert "Evaluation" in (tiny_run / "report.html").read_text()
     assert "FD-cnn32-shapes-" in capsys.readouterr().out
 

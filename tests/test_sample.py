@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import imagegen
 from imagegen.cli import main
@@ -48,8 +50,10 @@ def test_interpolation_strip_ends_at_the_seeds(tiny_run, tmp_path):
     ends = imagegen.generate(model, [3, 9])
     assert strip.shape[0] == 5
     assert torch.allclose(strip[0], ends[0], atol=1e-5) and torch.allclose(strip[-1], ends[1], atol=1e-5)
-    assert main(["interpolate", str(tiny_run), "--seeds", "3,9", "--frames", "8", "--out", str(tmp_path / "s.png")]) == 0
-    assert (tmp_path / "s.png").stat().st_size > 0
+    assert main(["interpolate", str(tiny_run), "--seeds", "3,9", "--frames", "5", "--out", str(tmp_path / "s.png")]) == 0
+    saved = np.asarray(Image.open(tmp_path / "s.png"))
+    assert saved.shape == (34 + 2, 5 * 34 + 2, 3)
+    assert np.array_equal(saved, np.asarray(imagegen.sample.grid(strip, nrow=5)))     # the strip, as drawn
 
 
 def test_parse_seeds():
