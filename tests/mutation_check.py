@@ -1,0 +1,225 @@
+"""Mutation check: does the suite catch real bugs? Each mutation below is a deliberate bug, one edit of the
+library's source. The script applies them one at a time, runs the tests that should catch it, records
+whether they failed and which test failed first, and restores the file (also on Ctrl-C).
+
+    python tests/mutation_check.py            # every mutation; prints a Markdown table, exit 1 if any survives
+    python tests/mutation_check.py 3 7        # only these
+
+Before the mutations, the tests named here run once on the unchanged source and must pass, so a failure
+seen later is the mutation's doing. A mutation is "caught" when pytest exits 1: a test failed, or its
+fixture did (exit 2, a collection error, would mean the edit broke the import, which counts for nothing). The tests named per mutation are
+a subset of the suite, so a caught mutation fails `make test` too.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Mutation:
+    file: str            # relative to the repository root
+    old: str             # must occur exactly once in the file
+    new: str
+    tests: tuple[str, ...]
+    what: str
+
+
+MUTATIONS = [
+    # --- evaluate/ ------------------------------------------------------------------------------------
+    Mutation("imagegen/evaluate/metrics.py",
+             "value = (mu1 - mu2).square().sum() + torch.trace(c1) + torch.trace(c2) - 2 * cross",
+             "value = (mu1 - mu2).square().sum()",
+             ("tests/test_metrics.py",), "FD without the trace term"),
+    Mutation("imagegen/evaluate/metrics.py",
+             "mmd = (kxx.sum() - kxx.diagonal().sum()) / off + (kyy.sum() - kyy.diagonal().sum()) / off - 2 * kxy.mean()",
+             "mmd = kxx.mean() + kyy.mean() - 2 * kxy.mean()",
+             ("tests/test_metrics.py",), "KID biased: the kernel's diagonal kept"),
+    Mutation("imagegen/evaluate/metrics.py",
+             "recall = (_inside_counts(real, fake, _kth_nn_radius(fake, k)) > 0).float().mean()",
+             "recall = (_inside_counts(fake, real, _kth_nn_radius(real, k)) > 0).float().mean()",
+             ("tests/test_metrics.py",), "recall computed as precision"),
+    Mutation("imagegen/evaluate/analyse.py",
+             "idx_c[torch.argsort(realism[idx_c], descending=True)]",
+             "idx_c[torch.argsort(realism[idx_c], descending=False)]",
+             ("tests/test_evaluate.py",), "analyse --keep keeps the worst share"),
+    Mutation("imagegen/evaluate/run_eval.py",
+             "    seeds = list(range(n))\n",
+             "    seeds = list(range(1, n + 1))\n",
+             ("tests/test_evaluate.py",), "evaluate draws seeds 1..n, not the 0..n-1 it stamps"),
+    Mutation("imagegen/evaluate/synth.py",
+             "net = fit_classifier(synth, cfg, log=None)",
+             "net = fit_classifier(type(synth)(images=synth.images, labels=synth.labels[torch.randperm(len(synth))], "
+             "classes=synth.classes, name=synth.name, source=synth.source), cfg, log=None)",
+             ("tests/test_evaluate.py",), "TSTR trains on the synthetic images with their labels shuffled"),
+    Mutation("imagegen/evaluate/evaluator.py",
+             "def run_data(run, data: str | None = None, split: str = \"test\") -> DataConfig:",
+             "def run_data(run, data: str | None = None, split: str = \"train\") -> DataConfig:",
+             ("tests/test_evaluate.py",), "runs are measured against the train split, not the test split"),
+    # --- checkpoint.py --------------------------------------------------------------------------------
+    Mutation("imagegen/checkpoint.py",
+             "        if sha256_file(p) != digest:\n",
+             "        if False:\n",
+             ("tests/test_checkpoint.py",), "the manifest's SHA-256 check skipped"),
+    Mutation("imagegen/checkpoint.py",
+             "        if not p.is_file():\n            raise CheckpointError(f\"{p}: listed in the manifest but missing\")\n",
+             "",
+             ("tests/test_checkpoint.py",), "a file listed in the manifest may be missing"),
+    Mutation("imagegen/checkpoint.py",
+             "    except FileNotFoundError:\n        raise CheckpointError(f\"{mpath}: missing (no weights saved in {folder} yet?)\") from None\n",
+             "    except FileNotFoundError:\n        return {}\n",
+             ("tests/test_checkpoint.py",), "a missing MANIFEST.json is accepted"),
+    Mutation("imagegen/checkpoint.py",
+             "obj = torch.load(path, map_location=\"cpu\", weights_only=True)",
+             "obj = torch.load(path, map_location=\"cpu\", weights_only=False)",
+             ("tests/test_checkpoint.py",), "torch.load without weights_only (pickled code runs)"),
+    Mutation("imagegen/checkpoint.py",
+             "            raise CheckpointError(f\"refusing to write {what}: tensor {name!r} holds NaN or Inf\")",
+             "            pass",
+             ("tests/test_checkpoint.py",), "non-finite weights are written"),
+    Mutation("imagegen/checkpoint.py",
+             "for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:",
+             "for old in list_checkpoints(run_dir)[:-keep - 1] if keep > 0 else []:",
+             ("tests/test_checkpoint.py",), "one checkpoint too many kept"),
+    Mutation("imagegen/checkpoint.py",
+             "        raise CheckpointError(f\"{run_dir / f'{weights}.safetensors'}: does not fit the model in config.json ({e})\") from None",
+             "        raise",
+             ("tests/test_checkpoint.py",), "weights that do not fit config.json end in a RuntimeError traceback"),
+    # --- data/ ----------------------------------------------------------------------------------------
+    Mutation("imagegen/data/folder.py",
+             "                img = ImageOps.exif_transpose(img)\n",
+             "",
+             ("tests/test_data_paths.py",), "EXIF orientation dropped"),
+    Mutation("imagegen/data/registry.py",
+             "    if skipped and strict:",
+             "    if skipped and strict and False:",
+             ("tests/test_folder.py",), "--strict ignored"),
+    Mutation("imagegen/data/download.py",
+             "        if actual != sha256:",
+             "        if False:",
+             ("tests/test_download.py",), "downloads not checked against their SHA-256"),
+    Mutation("imagegen/data/download.py",
+             "        if expected_len is not None and received != expected_len:",
+             "        if False:",
+             ("tests/test_download.py",), "a truncated download is not reported as truncated (only its hash fails)"),
+    Mutation("imagegen/data/registry.py",
+             "    w = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)",
+             "    w = torch.tensor([1 / 3, 1 / 3, 1 / 3]).view(1, 3, 1, 1)",
+             ("tests/test_data_paths.py",), "RGB to gray by the channel mean, not luma"),
+    Mutation("imagegen/data/dataset.py",
+             "        if batch_size > len(self):",
+             "        if False:",
+             ("tests/test_data_paths.py",), "a batch larger than the dataset comes back short"),
+    Mutation("imagegen/data/shapes.py",
+             "    return torch.from_numpy(np.concatenate(chunks)), torch.from_numpy(labels[:stop].astype(np.int64))",
+             "    return torch.from_numpy(np.concatenate(chunks)), torch.from_numpy(np.roll(labels[:stop], 1).astype(np.int64))",
+             ("tests/test_conditional.py::test_samples_follow_their_labels[cvae]",),
+             "the shapes dataset's labels are one image off"),
+    Mutation("imagegen/data/idx.py",
+             "        if head[0] != 0 or head[1] != 0:",
+             "        if False:",
+             ("tests/test_idx.py",), "an IDX file's magic number is not checked"),
+    # --- serve.py -------------------------------------------------------------------------------------
+    Mutation("imagegen/serve.py",
+             "for d in range(1, RUN_SEARCH_DEPTH + 1)",
+             "for d in range(1, RUN_SEARCH_DEPTH)",
+             ("tests/test_serve.py::test_serve_command_finds_nested_runs_and_reports_broken_ones",),
+             "runs at the deepest searched level are not served"),
+    Mutation("imagegen/serve.py",
+             "                if target.is_relative_to(folder) and target.is_file() and target.suffix in SERVED_SUFFIXES:",
+             "                if target.is_file():",
+             ("tests/test_serve.py::test_path_traversal_gets_404_and_no_content", "tests/test_serve.py::test_run_files_are_served_and_nothing_else"),
+             "/files/ serves any file, inside the run or not"),
+    Mutation("imagegen/serve.py",
+             "        if self.pending >= MAX_PENDING:\n            raise Busy()\n",
+             "",
+             ("tests/test_serve.py::test_overload_is_503_with_retry_after",), "no admission limit (never 503)"),
+    Mutation("imagegen/serve.py",
+             "            return await asyncio.wait_for(future, DEADLINE_S)",
+             "            return await future",
+             ("tests/test_serve.py::test_a_request_past_the_deadline_is_503_and_the_server_recovers",),
+             "generate requests have no deadline"),
+    Mutation("imagegen/serve.py",
+             "            if log:\n                log(f\"not serving {folder}: {e}\")",
+             "            pass",
+             ("tests/test_serve.py::test_serve_command_finds_nested_runs_and_reports_broken_ones",),
+             "broken runs are left out silently"),
+    # --- a family: gan.py -----------------------------------------------------------------------------
+    Mutation("imagegen/models/gan.py",
+             "    dy = torch.randint(-sh, sh + 1, (n, 1, 1), generator=gen, device=x.device)\n"
+             "    dx = torch.randint(-sw, sw + 1, (n, 1, 1), generator=gen, device=x.device)",
+             "    dy = torch.randint(-sh, sh + 1, (1, 1, 1), generator=gen, device=x.device).expand(n, 1, 1)\n"
+             "    dx = torch.randint(-sw, sw + 1, (1, 1, 1), generator=gen, device=x.device).expand(n, 1, 1)",
+             ("tests/test_families.py",), "DiffAugment translation: one shift for the whole batch"),
+    Mutation("imagegen/models/gan.py",
+             "                accept = coins < torch.sigmoid(f(d) - gamma)",
+             "                accept = coins < 0.5",
+             ("tests/test_families.py",), "DRS accepts at random, whatever the critic says"),
+    Mutation("imagegen/models/gan.py",
+             "        if truncation > 0:\n            z = z.clamp(-truncation, truncation)\n        with eval_mode(self):",
+             "        with eval_mode(self):",
+             ("tests/test_sample.py",), "--truncation ignored"),
+    Mutation("imagegen/models/gan.py",
+             "        return F.softplus(-real).mean() + F.softplus(fake).mean()",
+             "        return F.softplus(real).mean() + F.softplus(-fake).mean()",
+             ("tests/test_conditional.py::test_samples_follow_their_labels[cgan]",),
+             "the discriminator's NS loss has its signs swapped (D learns backwards)"),
+]
+
+
+def run_tests(tests: tuple[str, ...]) -> tuple[int, str, float]:
+    t = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", *tests],
+                       cwd=ROOT, capture_output=True, text=True, timeout=900)
+    return r.returncode, r.stdout + r.stderr, time.perf_counter() - t
+
+
+def first_failure(output: str) -> str:
+    m = re.search(r"^FAILED (\S+)", output, re.M) or re.search(r"^ERROR (\S+)", output, re.M)
+    return m.group(1) if m else "?"
+
+
+def main(argv: list[str]) -> int:
+    chosen = [int(a) for a in argv] if argv else list(range(1, len(MUTATIONS) + 1))
+    for i in chosen:
+        m = MUTATIONS[i - 1]
+        count = (ROOT / m.file).read_text().count(m.old)
+        if count != 1:
+            print(f"mutation {i} ({m.what}): its text occurs {count} times in {m.file}; fix the table", file=sys.stderr)
+            return 2
+    tests = tuple(sorted({t for i in chosen for t in MUTATIONS[i - 1].tests}))
+    code, out, took = run_tests(tests)
+    if code != 0:
+        print(f"the unchanged source fails these tests ({first_failure(out)}); nothing to measure\n{out[-3000:]}", file=sys.stderr)
+        return 2
+    print(f"unchanged source: {len(tests)} test selections pass ({took:.0f} s)\n")
+    print("| # | file | mutation | caught | by the first failing test |")
+    print("|---|---|---|---|---|")
+    survivors = 0
+    for i in chosen:
+        m = MUTATIONS[i - 1]
+        path = ROOT / m.file
+        original = path.read_text()
+        try:
+            path.write_text(original.replace(m.old, m.new))
+            code, out, took = run_tests(m.tests)
+        finally:
+            path.write_text(original)
+        failed = code == 1          # a test failed or errored in its set-up; 2 would be a collection error
+        survivors += not failed
+        by = first_failure(out) if failed else ("collection error, not a test failure" if code not in (0, 1) else "-")
+        print(f"| {i} | {m.file.removeprefix('imagegen/')} | {m.what} | {'yes' if failed else 'NO'} | `{by}` ({took:.0f} s) |",
+              flush=True)
+    print(f"\n{len(chosen) - survivors} of {len(chosen)} mutations caught")
+    return 1 if survivors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
