@@ -95,3 +95,17 @@ def test_a_limit_gives_the_first_images_of_the_whole_split():
     for limit in (1, 256, 1000, 1500):
         part = load_data(DataConfig(source="shapes", split="test", limit=limit))
         assert torch.equal(part.images, whole.images[:limit]) and torch.equal(part.labels, whole.labels[:limit])
+
+
+def test_the_decoder_raises_typed_errors_naming_the_file(tmp_path):
+    from imagegen.errors import ImageFileError, ImageTooLargeError
+    Image.new("L", (2000, 1000)).save(tmp_path / "big.png")
+    with pytest.raises(ImageTooLargeError, match=r"big.png: 2000x1000 is over the limit of 1000000 pixels"):
+        decode_image(tmp_path / "big.png", "big.png", None, 1, max_pixels=1_000_000)
+    Image.new("RGB", (8, 8)).save(tmp_path / "photo.jpg", format="PNG")
+    with pytest.raises(ImageFileError, match="photo.jpg: holds a PNG image, which does not match its extension"):
+        decode_image(tmp_path / "photo.jpg", "photo.jpg", None, 3, suffix=".jpg")
+    (tmp_path / "junk.png").write_bytes(b"not an image")
+    with pytest.raises(ImageFileError, match="junk.png: cannot decode image"):
+        decode_image(tmp_path / "junk.png", "junk.png", None, 3)
+    assert decode_image(tmp_path / "photo.jpg", "photo.jpg", 4, 1).shape == (4, 4, 1)   # no suffix given: decoded
