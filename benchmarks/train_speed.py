@@ -231,6 +231,8 @@ def main() -> None:
     p.add_argument("--isa", choices=["native", *ISA_ENV], default="native",
                    help="limit PyTorch, oneDNN and MKL to this instruction set (restarts the script)")
     a = p.parse_args()
+    if a.classic_steps < 3:
+        p.error(f"--classic-steps must be at least 3 (its first two steps are warm-up), got {a.classic_steps}")
     if a.isa != "native" and any(os.environ.get(k) != v for k, v in ISA_ENV[a.isa].items()):
         # The libraries read these when they first run, so the limit needs a fresh process.
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **ISA_ENV[a.isa]})
