@@ -82,7 +82,6 @@ def render(labels: np.ndarray, rng: np.random.Generator, size: int = 32) -> np.n
 CHUNK = 1000   # images drawn per call of render(): the random stream is consumed chunk by chunk
 
 
-@functools.lru_cache(maxsize=4)
 def make_shapes(split: str = "train", n: int | None = None, size: int = 32, seed: int | None = None,
                 first: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The `shapes` split: (uint8 N x 3 x size x size, labels N). Balanced classes, deterministic.
@@ -92,8 +91,14 @@ def make_shapes(split: str = "train", n: int | None = None, size: int = 32, seed
     Cached per process (callers must not modify the tensors in place).
     """
     n = SPLIT_SIZE[split] if n is None else n
+    stop = n if first is None else min(n, -(-first // CHUNK) * CHUNK)
+    return _render_split(split, n, size, seed, stop)
+
+
+@functools.lru_cache(maxsize=4)
+def _render_split(split: str, n: int, size: int, seed: int | None, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `stop` images (a multiple of CHUNK, or n) of the split of n."""
     rng = np.random.default_rng(SPLIT_SEED[split] if seed is None else seed)
     labels = rng.permutation(np.arange(n) % len(CLASSES))
-    stop = n if first is None else min(n, -(-first // CHUNK) * CHUNK)
     chunks = [render(labels[i:i + CHUNK], rng, size) for i in range(0, stop, CHUNK)]
     return torch.from_numpy(np.concatenate(chunks)), torch.from_numpy(labels[:stop].astype(np.int64))
