@@ -18,6 +18,7 @@ import torch
 import imagegen
 from imagegen.evaluate.evaluator import EvaluatorConfig, train_evaluator
 
+
 def pytest_configure(config):
     # Under pytest-xdist (`make test` runs `-n auto`) the workers share the machine's cores: each gets its
     # share of torch threads, and so do the commands its tests start (OMP_NUM_THREADS is inherited).

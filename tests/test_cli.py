@@ -1,4 +1,5 @@
-"""End-to-end: the `imagegen` command on `shapes`, as a user would run it, in a subprocess."""
+"""The `imagegen` command as a user runs it: one end-to-end run through the installed entry point (a fresh
+interpreter), then every command in this process through the same `main`, and its one-line errors."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import pytest
 from PIL import Image
 
 import imagegen
-
 from imagegen.cli import main
 
 from conftest import run_main
@@ -142,6 +142,6 @@ def test_evaluator_evaluate_tstr_analyse_and_synth_through_the_cli(tmp_path, mon
     assert main(["synth", str(run), "--per-class", "3", "--out", str(tmp_path / "synth")]) == 0
     assert "wrote 12 images in 4 classes" in capsys.readouterr().out
     assert sorted(len(list(d.iterdir())) for d in (tmp_path / "synth").iterdir()) == [3, 3, 3, 3]
-    # A run with no labels cannot make a labelled dataset: one line, exit 2.
+    # A folder that is not a run: one line, exit 2.
     assert main(["synth", str(run.parent.parent / "nope"), "--per-class", "3", "--out", str(tmp_path / "s2")]) == 2
     assert "not a run folder" in capsys.readouterr().err

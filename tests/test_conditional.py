@@ -23,12 +23,13 @@ from conftest import read_only, run_main
 DATA = {"source": "shapes", "size": 16}
 N = 64   # noises per label
 
-# Training steps: enough to clear the thresholds below with a margin, no more. Measured (paired; plain for
-# ddpm) on AVX-512 and AVX2: cgan 0.52-0.53 at 400 steps (0.56 at 1000), cvae 0.50 at 300 (0.54 at 1000),
-# ddpm 0.86-0.87 and 0.73 at 300 (0.94 and 0.86 at 600).
+# Training steps: enough to clear the thresholds below (paired >= 0.4, ddpm plain >= 0.6) with a margin,
+# no more. Measured on AVX-512, AVX2 and SSE4.1: cgan paired 0.52, 0.55, 0.51 at 400 steps (0.56 at 1000
+# on AVX-512); cvae 0.54, 0.54, 0.49 at 500 (0.54 at 1000); ddpm paired 0.86, 0.87, 0.84 and plain 0.73,
+# 0.73, 0.71 at 300 (0.94 and 0.86 at 600).
 RECIPES = {
     "cgan": ({"width": 16, "z_dim": 32, "diffaugment": "off"}, 400),
-    "cvae": ({"width": 16, "z_dim": 16}, 300),
+    "cvae": ({"width": 16, "z_dim": 16}, 500),
     "ddpm": ({"width": 16, "mults": [1, 2], "sample_steps": 10, "guidance": 3.0}, 300),
 }
 
