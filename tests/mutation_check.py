@@ -182,7 +182,7 @@ def run_tests(tests: tuple[str, ...]) -> tuple[int, str, float]:
 
 
 def first_failure(output: str) -> str:
-    m = re.search(r"^FAILED (\S+)", output, re.M) or re.search(r"^ERROR (\S+)", output, re.M)
+    m = re.search(r"^(?:FAILED|ERROR) (.+?)(?: - |$)", output, re.M)
     return m.group(1) if m else "?"
 
 
