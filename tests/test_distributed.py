@@ -110,8 +110,9 @@ def test_a_dead_rank_makes_the_other_exit_non_zero_quickly(tmp_path):
 
 def test_two_ranks_stay_bit_identical_only_rank_0_writes_and_torchrun_resumes_exactly(tmp_path):
     """Three launches of 2 ranks on the tiny DCGAN: 6 steps straight and, side by side with it, 3 steps
-    through `torchrun imagegen train` (the command a user types); then those 3 resumed to 6. Both ranks end with the same weights, rank 0 alone
-    writes, and the resumed run ends where the straight one did, bit for bit."""
+    through `torchrun imagegen train` (the command a user types); then those 3 resumed to 6. Both ranks
+    end with the same weights, rank 0 alone writes, and the resumed run ends where the straight one did,
+    bit for bit."""
     dump = tmp_path / "dump"
     dump.mkdir()
     straight_procs = start(2, with_train(TINY_DCGAN, steps=6, checkpoint_every=3), tmp_path / "a", dump=dump)

@@ -409,6 +409,8 @@ def test_serve_command_finds_nested_runs_and_reports_broken_ones(tiny_run, tmp_p
             except OSError:
                 assert time.time() < deadline, "the server did not start"
                 time.sleep(0.2)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as r:
+            assert '<select id="model"' in r.read().decode()
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/models", timeout=10) as r:
             assert [m["name"] for m in json.loads(r.read())] == ["team/exp/good"]
         body = b'{"model": "team/exp/good", "seed": 3}'
@@ -436,14 +438,16 @@ def test_serve_refuses_a_missing_folder(tmp_path, capsys):
 
 def test_a_request_past_the_deadline_is_503_and_the_server_recovers(runs_dir, monkeypatch):
     app = create_app(runs_dir, log=None)
-    original = S.generate
 
-    def slow(*args, **kwargs):
-        time.sleep(0.5)
-        return original(*args, **kwargs)
+    def slow(fn):
+        def run(*args, **kwargs):
+            time.sleep(0.5)
+            return fn(*args, **kwargs)
+        return run
 
     monkeypatch.setattr(S, "DEADLINE_S", 0.1)
-    monkeypatch.setattr(S, "generate", slow)
+    monkeypatch.setattr(S, "generate", slow(S.generate))
+    monkeypatch.setattr(S, "interpolate", slow(S.interpolate))
     with TestClient(app) as c:
         r = c.post("/api/generate", json={"model": DCGAN, "seed": 1})
         assert r.status_code == 503 and "0.1 s deadline" in r.json()["detail"] and r.headers["retry-after"] == "1"
