@@ -11,7 +11,8 @@ from PIL import Image
 
 import imagegen
 from imagegen.errors import ConfigError
-from imagegen.models.ddpm import alphas_cumprod, ddim, ddpm_ancestral, repaint, spaced_timesteps
+from imagegen.models.ddpm import alphas_cumprod
+from imagegen.solvers import ddim, ddpm_ancestral, repaint, spaced_timesteps
 from imagegen.data import DataConfig
 from imagegen.sample import extend_image, generate, outpaint_canvas, seed_generators, to_float
 

@@ -19,16 +19,16 @@ Shapes: images x are N x C x H x W in [-1, 1]; timesteps t are N integers in [0,
 convolutional, so it also runs on canvases larger than the training size (outpainting), with H and W
 multiples of 2^(len(mults) - 1).
 
-The solvers (`ddim`, `ddpm_ancestral`, `repaint`) are pure functions of a `denoise(x, t) -> (x0, eps)`
-callable, the cumulative alpha table and the timesteps; randomness comes in through a `noise()` callable
-fed by per-image generators, so an image depends only on its seed.
+The solvers (`ddim`, `ddpm_ancestral`, `repaint`, in imagegen/solvers.py) are pure functions of a
+`denoise(x, t) -> (x0, eps)` callable, the cumulative alpha table and the timesteps; randomness comes in
+through a `noise()` callable fed by per-image generators, so an image depends only on its seed.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -36,10 +36,8 @@ from torch import nn
 
 from ..config import MAX_IMAGE_SIZE, MAX_WEIGHT, MAX_WIDTH, Range, ranged
 from ..errors import ConfigError
+from ..solvers import Denoise, Noise, ddim, ddpm_ancestral, repaint, spaced_timesteps
 from .base import Family, Generators, adam, eval_mode, per_item_normal, run_fixed_batch
-
-Denoise = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
-Noise = Callable[[], torch.Tensor]
 
 MAX_SAMPLE_STEPS = 1000
 # Sampling options' ranges, shared by the config defaults and the CLI's --steps, --eta, --guidance.
@@ -101,68 +99,6 @@ def alphas_cumprod(kind: str, T: int) -> torch.Tensor:
         f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + s) / (1 + s) * math.pi / 2) ** 2
         betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)
     return torch.cumprod(1 - betas, 0)
-
-
-def spaced_timesteps(T: int, steps: int) -> list[int]:
-    """`steps` timesteps from T-1 down, evenly spaced ("trailing": the first is always T-1)."""
-    return sorted({round(T - 1 - i * T / steps) for i in range(steps)} - {-1}, reverse=True)
-
-
-# --- solvers: pure functions ----------------------------------------------------------------------
-
-
-def ddim(denoise: Denoise, x: torch.Tensor, ab: torch.Tensor, ts: list[int], *, eta: float = 0.0,
-         noise: Noise | None = None) -> torch.Tensor:
-    """DDIM from x at ts[0] down to t = -1 (clean images). eta = 0: deterministic; eta = 1: as DDPM."""
-    for i, t in enumerate(ts):
-        a = float(ab[t])
-        a_prev = float(ab[ts[i + 1]]) if i + 1 < len(ts) else 1.0
-        x0, eps = denoise(x, t)
-        sigma = eta * math.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
-        x = math.sqrt(a_prev) * x0 + math.sqrt(max(1 - a_prev - sigma ** 2, 0.0)) * eps
-        if sigma > 0:
-            x = x + sigma * noise()
-    return x
-
-
-def ddpm_step(x: torch.Tensor, x0: torch.Tensor, a: float, a_prev: float, noise: Noise) -> torch.Tensor:
-    """One ancestral step: a draw from the posterior q(x_prev | x_t = x, x_0 = x0)."""
-    alpha = a / a_prev                                   # 1 - beta of this (possibly strided) step
-    mean = (math.sqrt(a_prev) * (1 - alpha) * x0 + math.sqrt(alpha) * (1 - a_prev) * x) / (1 - a)
-    if a_prev >= 1.0:
-        return mean
-    return mean + math.sqrt((1 - alpha) * (1 - a_prev) / (1 - a)) * noise()
-
-
-def ddpm_ancestral(denoise: Denoise, x: torch.Tensor, ab: torch.Tensor, ts: list[int], *, noise: Noise) -> torch.Tensor:
-    """Ancestral DDPM sampling over the timesteps ts (all T of them reproduces Ho et al. exactly)."""
-    for i, t in enumerate(ts):
-        a_prev = float(ab[ts[i + 1]]) if i + 1 < len(ts) else 1.0
-        x0, _ = denoise(x, t)
-        x = ddpm_step(x, x0, float(ab[t]), a_prev, noise)
-    return x
-
-
-def repaint(denoise: Denoise, x: torch.Tensor, ab: torch.Tensor, ts: list[int], *, known: torch.Tensor,
-            mask: torch.Tensor, resample: int, noise: Noise) -> torch.Tensor:
-    """RePaint: generate where mask == 0, keep `known` where mask == 1 (mask N x 1 x H x W, 0/1).
-
-    At each step the known region is the known image noised to that step's level and the unknown region
-    is an ancestral step; `resample` times per step the result is noised back one step and redone, so
-    the generated part can agree with the known part. The known pixels of the result are `known` itself.
-    """
-    for i, t in enumerate(ts):
-        a = float(ab[t])
-        a_prev = float(ab[ts[i + 1]]) if i + 1 < len(ts) else 1.0
-        for u in range(resample):
-            x0, _ = denoise(x, t)
-            unknown = ddpm_step(x, x0, a, a_prev, noise)
-            known_t = math.sqrt(a_prev) * known + (math.sqrt(1 - a_prev) * noise() if a_prev < 1 else 0)
-            x_prev = mask * known_t + (1 - mask) * unknown
-            if u + 1 < resample and a_prev < 1:
-                x = math.sqrt(a / a_prev) * x_prev + math.sqrt(1 - a / a_prev) * noise()   # back to step t
-        x = x_prev
-    return mask * known + (1 - mask) * x
 
 
 # --- the U-Net ----------------------------------------------------------------------------------------

@@ -1,0 +1,131 @@
+"""Samplers as pure functions: a network comes in as a callable, randomness as a `noise()` callable fed by
+per-image generators, so an image depends only on its seed. Nothing here knows a family or a network.
+
+Diffusion (used by models/ddpm.py), on a table ab of cumulative alphas (alpha_bar_t, float64) and integer
+timesteps running down from T-1, with `denoise(x, t) -> (x0, eps)`:
+- `ddim`: Song, Meng & Ermon, "Denoising Diffusion Implicit Models" (ICLR 2021), eta = 0 deterministic;
+- `ddpm_ancestral`: Ho, Jain & Abbeel (NeurIPS 2020), ancestral sampling, possibly strided;
+- `repaint`: Lugmayr et al., "RePaint" (CVPR 2022), inpainting with resampling;
+- `spaced_timesteps`: the "trailing" spacing of Lin et al. (WACV 2024).
+
+Flow ODEs, with `velocity(x, t) -> dx/dt` and t running up from 0 (noise) to 1 (data), as in rectified
+flow (Liu et al., ICLR 2023) and flow matching (Lipman et al., ICLR 2023), whose straight path is
+x_t = (1 - t) x_0 + t x_1:
+- `euler` (first order), `midpoint` and `heun` (second order; Heun as in Karras et al., "Elucidating the
+  Design Space of Diffusion-Based Generative Models", NeurIPS 2022), on `steps` equal intervals.
+
+Shapes: x is any tensor (images N x C x H x W); t is a Python number, the same for the whole batch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+Denoise = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
+Noise = Callable[[], torch.Tensor]
+Velocity = Callable[[torch.Tensor, float], torch.Tensor]
+
+
+# --- diffusion -------------------------------------------------------------------------------------
+
+
+def spaced_timesteps(T: int, steps: int) -> list[int]:
+    """`steps` timesteps from T-1 down, evenly spaced ("trailing": the first is always T-1)."""
+    return sorted({round(T - 1 - i * T / steps) for i in range(steps)} - {-1}, reverse=True)
+
+
+def ddim(denoise: Denoise, x: torch.Tensor, ab: torch.Tensor, ts: list[int], *, eta: float = 0.0,
+         noise: Noise | None = None) -> torch.Tensor:
+    """DDIM from x at ts[0] down to t = -1 (clean images). eta = 0: deterministic; eta = 1: as DDPM."""
+    for i, t in enumerate(ts):
+        a = float(ab[t])
+        a_prev = float(ab[ts[i + 1]]) if i + 1 < len(ts) else 1.0
+        x0, eps = denoise(x, t)
+        sigma = eta * math.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
+        x = math.sqrt(a_prev) * x0 + math.sqrt(max(1 - a_prev - sigma ** 2, 0.0)) * eps
+        if sigma > 0:
+            x = x + sigma * noise()
+    return x
+
+
+def ddpm_step(x: torch.Tensor, x0: torch.Tensor, a: float, a_prev: float, noise: Noise) -> torch.Tensor:
+    """One ancestral step: a draw from the posterior q(x_prev | x_t = x, x_0 = x0)."""
+    alpha = a / a_prev                                   # 1 - beta of this (possibly strided) step
+    mean = (math.sqrt(a_prev) * (1 - alpha) * x0 + math.sqrt(alpha) * (1 - a_prev) * x) / (1 - a)
+    if a_prev >= 1.0:
+        return mean
+    return mean + math.sqrt((1 - alpha) * (1 - a_prev) / (1 - a)) * noise()
+
+
+def ddpm_ancestral(denoise: Denoise, x: torch.Tensor, ab: torch.Tensor, ts: list[int], *, noise: Noise) -> torch.Tensor:
+    """Ancestral DDPM sampling over the timesteps ts (all T of them reproduces Ho et al. exactly)."""
+    for i, t in enumerate(ts):
+        a_prev = float(ab[ts[i + 1]]) if i + 1 < len(ts) else 1.0
+        x0, _ = denoise(x, t)
+        x = ddpm_step(x, x0, float(ab[t]), a_prev, noise)
+    return x
+
+
+def repaint(denoise: Denoise, x: torch.Tensor, ab: torch.Tensor, ts: list[int], *, known: torch.Tensor,
+            mask: torch.Tensor, resample: int, noise: Noise) -> torch.Tensor:
+    """RePaint: generate where mask == 0, keep `known` where mask == 1 (mask N x 1 x H x W, 0/1).
+
+    At each step the known region is the known image noised to that step's level and the unknown region
+    is an ancestral step; `resample` times per step the result is noised back one step and redone, so
+    the generated part can agree with the known part. The known pixels of the result are `known` itself.
+    """
+    for i, t in enumerate(ts):
+        a = float(ab[t])
+        a_prev = float(ab[ts[i + 1]]) if i + 1 < len(ts) else 1.0
+        for u in range(resample):
+            x0, _ = denoise(x, t)
+            unknown = ddpm_step(x, x0, a, a_prev, noise)
+            known_t = math.sqrt(a_prev) * known + (math.sqrt(1 - a_prev) * noise() if a_prev < 1 else 0)
+            x_prev = mask * known_t + (1 - mask) * unknown
+            if u + 1 < resample and a_prev < 1:
+                x = math.sqrt(a / a_prev) * x_prev + math.sqrt(1 - a / a_prev) * noise()   # back to step t
+        x = x_prev
+    return mask * known + (1 - mask) * x
+
+
+# --- flow ODEs ---------------------------------------------------------------------------------------
+
+
+def flow_times(steps: int) -> list[float]:
+    """steps + 1 equally spaced times from 0 to 1."""
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    return [i / steps for i in range(steps + 1)]
+
+
+def euler(velocity: Velocity, x: torch.Tensor, steps: int) -> torch.Tensor:
+    """x at t = 1 from x at t = 0, by `steps` Euler steps (one velocity call each)."""
+    ts = flow_times(steps)
+    for t, t_next in zip(ts, ts[1:]):
+        x = x + (t_next - t) * velocity(x, t)
+    return x
+
+
+def midpoint(velocity: Velocity, x: torch.Tensor, steps: int) -> torch.Tensor:
+    """The explicit midpoint rule: a half Euler step, then the full step with the velocity there (two calls
+    a step)."""
+    ts = flow_times(steps)
+    for t, t_next in zip(ts, ts[1:]):
+        h = t_next - t
+        x = x + h * velocity(x + h / 2 * velocity(x, t), t + h / 2)
+    return x
+
+
+def heun(velocity: Velocity, x: torch.Tensor, steps: int) -> torch.Tensor:
+    """Heun's method (explicit trapezoid): an Euler step, then the average of the velocities at both ends
+    (two calls a step)."""
+    ts = flow_times(steps)
+    for t, t_next in zip(ts, ts[1:]):
+        h = t_next - t
+        v = velocity(x, t)
+        guess = x + h * v
+        x = x + h / 2 * (v + velocity(guess, t_next))
+    return x
