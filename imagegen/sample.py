@@ -155,6 +155,17 @@ def generate(model: Family, seeds: Sequence[int], *, labels: torch.Tensor | None
     return torch.cat(out)
 
 
+def preview(model: Family, dataset, n: int) -> tuple[torch.Tensor, int | None]:
+    """The images of a run's training grids and how many per row. A translation family shows its own
+    (`model.preview`: inputs, translations, reconstructions); any other draws seeds 0..n-1, for a
+    conditional family one class per column (n rounded up to a multiple of the classes)."""
+    if model.translates:
+        return model.preview(dataset, n)
+    k = model.num_classes
+    n = n if not k else k * math.ceil(n / k)
+    return generate(model, list(range(n)), labels=torch.arange(n) % k if k else None), k or None
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """N x C x H x W in [-1, 1] -> N x H x W x C uint8 (the only place floats become bytes)."""
     x = images.detach().cpu().float().add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8)

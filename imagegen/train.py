@@ -31,7 +31,7 @@ from .data import DataConfig, ImageDataset, load_data
 from .data.dataset import _mix
 from .errors import CheckpointError, ConfigError, TrainingError
 from .models import Family, family_class
-from .sample import grid
+from .sample import grid, preview
 
 
 @dataclass
@@ -284,7 +284,7 @@ def _train(cfg: RunConfig, d: distributed.Dist | None, main: bool, device: torch
         )
 
     def sample_grid(step: int) -> None:
-        images, per_row = ema.preview(ds, tc.grid_size)
+        images, per_row = preview(ema, ds, tc.grid_size)
         grid(images, nrow=per_row, scale=2 if images.shape[-1] < 48 else 1).save(run_dir / "samples" / f"step-{step:07d}.png")
 
     started = time.perf_counter()

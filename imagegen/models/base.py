@@ -13,7 +13,7 @@
 | `sample_options` (class attribute)      | {name: (Range or type, help)}: the keyword options `sample` accepts |
 | `needs_labels` (class attribute)        | True when the family cannot train on unlabelled data          |
 | `translates` (class attribute)          | True for translation families (images in, not noise in)       |
-| `preview(dataset, n)`                   | (images, per row) for the training grids; default: n seeds    |
+| `preview(dataset, n)` (translation)     | (images, per row) for the training grids (sample.preview: n seeds otherwise) |
 
 A family is conditional when its config has `num_classes` > 0 (filled in from the data): `sample` then
 takes `labels` (a long tensor of n class indices).
@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
-import math
 from typing import Any, Callable, ClassVar, Sequence
 
 import torch
@@ -112,14 +111,6 @@ class Family(nn.Module):
             raise ConfigError(f"image has {c} channels, the model {self.cfg.channels}")
         if mask.shape != (n, 1, h, w):
             raise ConfigError(f"mask is {tuple(mask.shape[-2:])}, the image {h}x{w}: they must be the same size")
-
-    def preview(self, dataset, n: int) -> tuple[torch.Tensor, int | None]:
-        """The images of the training grids and how many per row: seeds 0..n-1, and for a conditional
-        family one class per column (n rounded up to a multiple of the classes)."""
-        from ..sample import generate   # sample.py imports this module
-        k = self.num_classes
-        n = n if not k else k * math.ceil(n / k)
-        return generate(self, list(range(n)), labels=torch.arange(n) % k if k else None), k or None
 
     grad_scaler = None   # set by the training loop under fp16 (torch.amp.GradScaler)
 
