@@ -1,5 +1,5 @@
-"""The layers import in one direction only (../shared/design/ARCHITECTURE.md): the model families and the
-solvers never import the layers built on them, so there is no import circle to work around."""
+"""The layers import in one direction only (../shared/design/ARCHITECTURE.md): the model families, the
+backbones (nets/) and the solvers never import the layers built on them, so there is no import circle."""
 
 from __future__ import annotations
 
@@ -28,15 +28,16 @@ def imported_modules(path: Path) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("path", sorted([*(PACKAGE / "models").glob("*.py"), PACKAGE / "solvers.py"]),
-                         ids=lambda p: p.relative_to(PACKAGE).as_posix())
-def test_families_and_solvers_never_import_a_higher_layer(path):
+@pytest.mark.parametrize("path", sorted([*(PACKAGE / "models").glob("*.py"), *(PACKAGE / "nets").glob("*.py"),
+                                         PACKAGE / "solvers.py"]), ids=lambda p: p.relative_to(PACKAGE).as_posix())
+def test_families_backbones_and_solvers_never_import_a_higher_layer(path):
     higher = {m for m in imported_modules(path) if m.split(".")[0] in HIGHER}
     assert not higher, f"{path.name} imports {sorted(higher)}"
 
 
-def test_the_solvers_import_nothing_of_imagegen():
-    assert imported_modules(PACKAGE / "solvers.py") == set()
+def test_the_solvers_and_the_backbones_import_nothing_of_imagegen():
+    for path in [PACKAGE / "solvers.py", *(PACKAGE / "nets").glob("*.py")]:
+        assert imported_modules(path) == set(), path.name
 
 
 def test_the_checker_sees_relative_imports():

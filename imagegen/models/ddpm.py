@@ -15,7 +15,7 @@ Implements
 - Lin et al., "Common Diffusion Noise Schedules and Sample Steps are Flawed" (WACV 2024): "trailing"
   timestep spacing, so that a few-step sampler starts from the last (pure-noise) timestep.
 
-Shapes: images x are N x C x H x W in [-1, 1]; timesteps t are N integers in [0, T). The U-Net is
+Shapes: images x are N x C x H x W in [-1, 1]; timesteps t are N integers in [0, T). The U-Net (nets/unet.py) is
 convolutional, so it also runs on canvases larger than the training size (outpainting), with H and W
 multiples of 2^(len(mults) - 1).
 
@@ -32,10 +32,10 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..config import MAX_IMAGE_SIZE, MAX_WEIGHT, MAX_WIDTH, Range, ranged
 from ..errors import ConfigError
+from ..nets.unet import UNet
 from ..solvers import Denoise, Noise, ddim, ddpm_ancestral, repaint, spaced_timesteps
 from .base import Family, Generators, adam, eval_mode, per_item_normal, run_fixed_batch
 
@@ -101,112 +101,6 @@ def alphas_cumprod(kind: str, T: int) -> torch.Tensor:
     return torch.cumprod(1 - betas, 0)
 
 
-# --- the U-Net ----------------------------------------------------------------------------------------
-
-
-def _groups(c: int) -> int:
-    return math.gcd(c, 8)
-
-
-def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sinusoidal embedding of integer timesteps: N -> N x dim (the transformer's positional code)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(10_000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = t.float()[:, None] * freqs[None]
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
-
-
-class ResBlock(nn.Module):
-    """GroupNorm-SiLU-conv twice, with the embedding as a per-channel scale and shift in between."""
-
-    def __init__(self, c_in: int, c_out: int, emb_dim: int) -> None:
-        super().__init__()
-        self.norm1 = nn.GroupNorm(_groups(c_in), c_in)
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.emb = nn.Linear(emb_dim, 2 * c_out)
-        self.norm2 = nn.GroupNorm(_groups(c_out), c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
-        nn.init.zeros_(self.conv2.weight)               # each block starts as the identity
-        nn.init.zeros_(self.conv2.bias)
-        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
-
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:   # N x c_in x H x W, N x E
-        h = self.conv1(F.silu(self.norm1(x)))
-        scale, shift = self.emb(emb)[:, :, None, None].chunk(2, dim=1)
-        h = self.conv2(F.silu(self.norm2(h) * (1 + scale) + shift))
-        return self.skip(x) + h
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention over the H*W positions, residual."""
-
-    def __init__(self, c: int, heads: int = 4) -> None:
-        super().__init__()
-        self.heads = heads
-        self.norm = nn.GroupNorm(_groups(c), c)
-        self.qkv = nn.Conv2d(c, 3 * c, 1)
-        self.out = nn.Conv2d(c, c, 1)
-        nn.init.zeros_(self.out.weight)
-        nn.init.zeros_(self.out.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, c, h, w = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(n, 3, self.heads, c // self.heads, h * w).transpose(-1, -2).unbind(1)
-        a = F.scaled_dot_product_attention(q, k, v)                            # N x heads x HW x c/heads
-        return x + self.out(a.transpose(-1, -2).reshape(n, c, h, w))
-
-
-class UNet(nn.Module):
-    def __init__(self, cfg: Config) -> None:
-        super().__init__()
-        w, emb = cfg.width, 4 * cfg.width
-        self.width = w
-        self.time = nn.Sequential(nn.Linear(w, emb), nn.SiLU(), nn.Linear(emb, emb))
-        # Class embedding with one extra row, the null class, for classifier-free guidance.
-        self.label = nn.Embedding(cfg.num_classes + 1, emb) if cfg.num_classes else None
-        self.inp = nn.Conv2d(cfg.channels, w, 3, padding=1)
-        chans = [w * m for m in cfg.mults]
-        self.down, self.downsample = nn.ModuleList(), nn.ModuleList()
-        c = w
-        for i, co in enumerate(chans):
-            self.down.append(ResBlock(c, co, emb))
-            c = co
-            if i + 1 < len(chans):
-                self.downsample.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
-        self.mid1 = ResBlock(c, c, emb)
-        self.attn = Attention(c) if cfg.attention else nn.Identity()
-        self.mid2 = ResBlock(c, c, emb)
-        self.up, self.upsample = nn.ModuleList(), nn.ModuleList()
-        for i in reversed(range(len(chans))):
-            self.up.append(ResBlock(c + chans[i], chans[i], emb))   # input: previous level + the skip
-            c = chans[i]
-            if i > 0:
-                self.upsample.append(nn.Conv2d(c, chans[i - 1], 3, padding=1))   # after a nearest 2x
-                c = chans[i - 1]
-        self.out = nn.Sequential(nn.GroupNorm(_groups(c), c), nn.SiLU(), nn.Conv2d(c, cfg.channels, 3, padding=1))
-        nn.init.zeros_(self.out[-1].weight)
-        nn.init.zeros_(self.out[-1].bias)
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        """x N x C x H x W, t N timesteps, y N labels (num_classes = null) or None -> N x C x H x W."""
-        e = self.time(timestep_embedding(t, self.width))
-        if self.label is not None:
-            e = e + self.label(y)
-        h = self.inp(x)
-        skips = []
-        for i, block in enumerate(self.down):
-            h = block(h, e)
-            skips.append(h)
-            if i < len(self.downsample):
-                h = self.downsample[i](h)
-        h = self.mid2(self.attn(self.mid1(h, e)), e)
-        for i, block in enumerate(self.up):
-            h = block(torch.cat([h, skips.pop()], 1), e)
-            if i < len(self.upsample):
-                h = self.upsample[i](F.interpolate(h, scale_factor=2.0, mode="nearest"))
-        return self.out(h)
-
-
 # --- the family ------------------------------------------------------------------------------------
 
 
@@ -223,7 +117,7 @@ class DDPM(Family):
 
     def __init__(self, cfg: Config) -> None:
         super().__init__(cfg)
-        self.net = UNet(cfg)
+        self.net = UNet(cfg.channels, cfg.width, cfg.mults, attention=cfg.attention, num_classes=cfg.num_classes)
         self.register_buffer("ab", alphas_cumprod(cfg.schedule, cfg.timesteps).float(), persistent=False)
 
     def configure_optimizers(self, train_cfg) -> dict[str, torch.optim.Optimizer]:
