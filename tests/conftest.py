@@ -9,6 +9,7 @@ import dataclasses
 import gzip
 import os
 import shutil
+import socket
 import struct
 from pathlib import Path
 
@@ -59,6 +60,13 @@ def read_only(request, folder: Path) -> Path:
         assert fingerprint(folder) == before, f"a test wrote into the shared fixture {folder}; copy it first"
     request.addfinalizer(check)
     return folder
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now (for a server a test starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def private_copy(folder: Path, tmp_path: Path) -> Path:

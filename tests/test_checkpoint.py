@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import pickle
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +12,8 @@ import torch
 import imagegen
 from imagegen.checkpoint import list_checkpoints, load_checkpoint, load_weights, save_checkpoint
 from imagegen.cli import main
+
+from conftest import private_copy
 from imagegen.errors import CheckpointError
 
 
@@ -127,7 +128,7 @@ DAMAGE = {
 
 @pytest.mark.parametrize("damage", sorted(DAMAGE))
 def test_a_damaged_run_folder_is_refused_naming_what_is_wrong(tiny_run, tmp_path, damage, capsys):
-    run_dir = Path(shutil.copytree(tiny_run, tmp_path / "run"))
+    run_dir = private_copy(tiny_run, tmp_path)
     damage_fn, words = DAMAGE[damage]
     damage_fn(run_dir)
     with pytest.raises(CheckpointError) as err:
@@ -140,7 +141,7 @@ def test_a_damaged_run_folder_is_refused_naming_what_is_wrong(tiny_run, tmp_path
 
 
 def test_a_damaged_checkpoint_state_is_refused(tiny_run, tmp_path):
-    run_dir = Path(shutil.copytree(tiny_run, tmp_path / "run"))
+    run_dir = private_copy(tiny_run, tmp_path)
     ckpt = list_checkpoints(run_dir)[-1]
     (ckpt / "state.json").write_text("{")                  # listed in the checkpoint's manifest
     with pytest.raises(CheckpointError, match="state.json: SHA-256 does not match"):

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,7 +18,7 @@ from imagegen.evaluate.evaluator import get_evaluator
 from imagegen.evaluate.run_eval import evaluate_run
 from imagegen.sample import generate, grid, to_uint8
 
-from conftest import read_only
+from conftest import private_copy, read_only
 from test_train import _assert_same_optim, _assert_same_tensors
 
 TINY = {"width": 4, "blocks": 1, "d_layers": 1, "pool_size": 4, "decay_start": 2, "decay_end": 8, "identity_weight": 5}
@@ -161,7 +159,7 @@ def test_translate_cli_keeps_names_and_writes_the_grid(cg_run, tmp_path, tiny_ru
 
 def test_evaluate_translation_writes_stamped_metrics(cg_run, evaluators, tmp_path, capsys):
     ev, _ = evaluators
-    cg_run = Path(shutil.copytree(cg_run, tmp_path / "run"))   # evaluate writes into the run: not the shared one
+    cg_run = private_copy(cg_run, tmp_path)   # evaluate writes into the run: not the shared one
     out = evaluate_run(cg_run, n=50, log=None)
     m, p = out["metrics"], out["protocol"]
     assert p["evaluator"] == ev.name and p["target_classes"] == ["circle", "square"]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,18 +21,12 @@ from imagegen.checkpoint import list_checkpoints, load_checkpoint
 from imagegen.errors import ConfigError
 from imagegen.train import autocast_dtype
 
-from conftest import run_main
+from conftest import free_port, run_main
 from test_train import _assert_same_optim, _assert_same_tensors
 
 WORKER = str(Path(__file__).parent / "ddp_worker.py")
 TINY_DCGAN = {"family": "dcgan", "model": {"width": 8, "z_dim": 16}, "data": {"source": "shapes", "limit": 256},
               "train": {"batch_size": 16, "log_every": 1, "sample_every": 0, "grid_size": 4, "checkpoint_every": 10}}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rank_env(rank: int, world: int, port: int) -> dict:

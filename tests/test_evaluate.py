@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +12,7 @@ from imagegen.errors import CheckpointError
 from imagegen.evaluate.evaluator import load_evaluator, train_evaluator
 from imagegen.evaluate.run_eval import compare, evaluate_run
 
-from conftest import TINY_EVAL
+from conftest import TINY_EVAL, private_copy
 
 # Every test here judges trained weights (the models, or the evaluator that scores them).
 pytestmark = pytest.mark.trained
@@ -64,7 +62,7 @@ def test_evaluate_writes_stamped_metrics_and_a_report_section(evaluator, tiny_ru
     _, cache = evaluator
     monkeypatch.setenv("IMAGEGEN_CACHE", str(cache))
     from imagegen.cli import main
-    tiny_run = Path(shutil.copytree(tiny_run, tmp_path / "run"))   # the shared fixture stays as it was
+    tiny_run = private_copy(tiny_run, tmp_path)   # evaluate writes into the run: not the shared one
     assert main(["evaluate", str(tiny_run), "--n", "300"]) == 0
     out = json.loads((tiny_run / "metrics.json").read_text())
     p = out["protocol"]

@@ -9,7 +9,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -32,7 +31,7 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
     from fastapi.testclient import TestClient
 
-from conftest import read_only
+from conftest import free_port, read_only
 from test_cyclegan import cg_config
 from test_families import family_config
 
@@ -273,9 +272,7 @@ test_schemathesis_finds_no_server_error = _schemathesis_test()
 @pytest.fixture(scope="module")
 def live(runs_dir):
     import uvicorn
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(runs_dir, log=None), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -393,9 +390,7 @@ def test_serve_command_finds_nested_runs_and_reports_broken_ones(tiny_run, tmp_p
     data = bytearray((broken / "ema.safetensors").read_bytes())
     data[-50] ^= 1
     (broken / "ema.safetensors").write_bytes(bytes(data))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "imagegen", "serve", str(root), "--port", str(port), "--threads", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
