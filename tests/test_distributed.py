@@ -109,12 +109,15 @@ def test_two_ranks_stay_bit_identical_only_rank_0_writes_and_torchrun_resumes_ex
     dump = tmp_path / "dump"
     dump.mkdir()
     straight_procs = start(2, with_train(TINY_DCGAN, steps=6, checkpoint_every=3), tmp_path / "a", dump=dump)
-    sets = [f"{k}={v}" for k, v in (("model.width", 8), ("model.z_dim", 16), ("data.limit", 256), ("train.log_every", 1),
-                                    ("train.sample_every", 0), ("train.grid_size", 4), ("train.checkpoint_every", 3))]
+    # The same config as a user types it: --set for every key of the tree, so the two cannot drift apart.
+    half_tree = with_train(TINY_DCGAN, steps=3, checkpoint_every=3)
+    sets = [f"{section}.{k}={v}" for section in ("model", "data", "train") for k, v in half_tree[section].items()
+            if (section, k) != ("data", "source")]
     torchrun = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                                 "-m", "imagegen", "train", "--data", "shapes", "--model", "dcgan", "--steps", "3",
-                                 "--batch-size", "16", *[x for kv in sets for x in ("--set", kv)], "--out", str(tmp_path / "b"),
-                                 "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 "-m", "imagegen", "train", "--data", half_tree["data"]["source"],
+                                 "--model", half_tree["family"], *[x for kv in sets for x in ("--set", kv)],
+                                 "--out", str(tmp_path / "b"), "--no-progress"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
     outs = finish(straight_procs)
     finish([torchrun], timeout=300)
