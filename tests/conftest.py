@@ -5,12 +5,15 @@ end of the session, so a test that writes into one fails the run (copy it first:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gzip
+import io
 import os
 import shutil
 import socket
 import struct
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -124,21 +127,11 @@ def write_idx_set(folder, n: int = 20, *, gz: bool = True, labels: bytes | None 
     return folder
 
 
-@dataclasses.dataclass
-class Result:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-def run_main(*args) -> Result:
+def run_main(*args) -> subprocess.CompletedProcess:
     """`imagegen ARGS` run in this process (the same parser and commands as the installed script, without
-    an interpreter start per call), with what it printed."""
-    import contextlib
-    import io
-
+    an interpreter start per call), with what it printed: the result a subprocess.run would give."""
     from imagegen.cli import main
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = main([str(a) for a in args])
-    return Result(code, out.getvalue(), err.getvalue())
+    return subprocess.CompletedProcess(["imagegen", *map(str, args)], code, out.getvalue(), err.getvalue())
