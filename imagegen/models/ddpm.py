@@ -15,9 +15,9 @@ Implements
 - Lin et al., "Common Diffusion Noise Schedules and Sample Steps are Flawed" (WACV 2024): "trailing"
   timestep spacing, so that a few-step sampler starts from the last (pure-noise) timestep.
 
-Shapes: images x are N x C x H x W in [-1, 1]; timesteps t are N integers in [0, T). The U-Net (nets/unet.py) is
-convolutional, so it also runs on canvases larger than the training size (outpainting), with H and W
-multiples of 2^(len(mults) - 1).
+Shapes: images x are N x C x H x W in [-1, 1]; timesteps t are N integers in [0, T). The U-Net
+(nets/unet.py) is convolutional, so it also runs on canvases larger than the training size
+(outpainting), with H and W multiples of 2^(len(mults) - 1).
 
 The solvers (`ddim`, `ddpm_ancestral`, `repaint`, in imagegen/solvers.py) are pure functions of a
 `denoise(x, t) -> (x0, eps)` callable, the cumulative alpha table and the timesteps; randomness comes in
