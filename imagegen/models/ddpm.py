@@ -1,4 +1,4 @@
-"""DDPM: denoising diffusion with a small U-Net, DDIM sampling, classifier-free guidance and inpainting.
+"""DDPM: denoising diffusion with a small U-Net or DiT, DDIM sampling, classifier-free guidance and inpainting.
 
 Implements
 - Ho, Jain & Abbeel, "Denoising Diffusion Probabilistic Models" (NeurIPS 2020): the forward process,
@@ -15,9 +15,10 @@ Implements
 - Lin et al., "Common Diffusion Noise Schedules and Sample Steps are Flawed" (WACV 2024): "trailing"
   timestep spacing, so that a few-step sampler starts from the last (pure-noise) timestep.
 
-Shapes: images x are N x C x H x W in [-1, 1]; timesteps t are N integers in [0, T). The U-Net
-(nets/unet.py) is convolutional, so it also runs on canvases larger than the training size
-(outpainting), with H and W multiples of 2^(len(mults) - 1).
+Shapes: images x are N x C x H x W in [-1, 1]; timesteps t are N integers in [0, T). The backbone
+(`model.backbone`: the U-Net of nets/unet.py or the DiT of nets/dit.py, Peebles & Xie 2023) also runs on
+canvases larger than the training size (outpainting), padded to multiples of 2^(len(mults) - 1) (U-Net)
+or of the patch size (DiT).
 
 The solvers (`ddim`, `ddpm_ancestral`, `repaint`, in imagegen/solvers.py) are pure functions of a
 `denoise(x, t) -> (x0, eps)` callable, the cumulative alpha table and the timesteps; randomness comes in
@@ -31,12 +32,11 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
-from ..config import MAX_IMAGE_SIZE, MAX_WEIGHT, MAX_WIDTH, Range, ranged
+from ..config import MAX_WEIGHT, Range, ranged
 from ..errors import ConfigError
-from ..nets.unet import UNet
 from ..solvers import Denoise, Noise, ddim, ddpm_ancestral, repaint, spaced_timesteps
+from .backbone import BackboneConfig, build_backbone, keep_known, padded_canvas
 from .base import Family, Generators, adam, eval_mode, per_item_normal, run_fixed_batch
 
 MAX_SAMPLE_STEPS = 1000
@@ -48,13 +48,7 @@ RESAMPLE = Range(1, 100)     # RePaint passes per step (inpainting's --resample)
 
 
 @dataclass
-class Config:
-    image_size: int = ranged(28, 8, MAX_IMAGE_SIZE)   # filled in from the data
-    channels: int = ranged(1, 1, 3)                   # filled in from the data
-    num_classes: int = ranged(0, 1, 100_000, zero="unconditional")   # filled in from the data
-    width: int = ranged(32, 1, MAX_WIDTH)       # channels at full resolution
-    mults: tuple[int, ...] = (1, 2, 2)   # channel multiplier per resolution (each after the first halves it)
-    attention: bool = True        # one self-attention block at the lowest resolution
+class Config(BackboneConfig):   # image size, channels, classes and the backbone's fields (backbone.py)
     timesteps: int = ranged(1000, 1, 100_000)   # T
     schedule: Literal["cosine", "linear"] = "cosine"
     prediction: Literal["eps", "v"] = "v"
@@ -71,11 +65,7 @@ class Config:
     guidance: float = ranged(1.5, GUIDANCE)   # 1 = plain conditional; 0 = unconditional; > 1 = stronger class
 
     def validate(self) -> None:
-        if not 1 <= len(self.mults) <= 6 or any(not 1 <= m <= 16 for m in self.mults):
-            raise ConfigError(f"model.mults must be 1 to 6 integers in 1..16, got {list(self.mults)}")
-        if self.image_size % 2 ** (len(self.mults) - 1):
-            raise ConfigError(f"model.image_size {self.image_size} is not a multiple of {2 ** (len(self.mults) - 1)} "
-                              f"(needed by {len(self.mults)} resolutions in model.mults)")
+        self.validate_backbone()
         check_sampling(self.sample_steps, self.eta, self.guidance, self.timesteps, "model.")
 
 
@@ -117,7 +107,7 @@ class DDPM(Family):
 
     def __init__(self, cfg: Config) -> None:
         super().__init__(cfg)
-        self.net = UNet(cfg.channels, cfg.width, cfg.mults, attention=cfg.attention, num_classes=cfg.num_classes)
+        self.net = build_backbone(cfg)
         self.register_buffer("ab", alphas_cumprod(cfg.schedule, cfg.timesteps).float(), persistent=False)
 
     def configure_optimizers(self, train_cfg) -> dict[str, torch.optim.Optimizer]:
@@ -223,18 +213,13 @@ class DDPM(Family):
         """Fill the pixels where mask == 1 (mask N x 1 x H x W) of images N x C x H x W; the others are
         returned exactly as given. H and W may differ from the training size (the U-Net is convolutional)."""
         self.check_inpaint(image, mask)
-        n, c, h, w = image.shape
+        n = image.shape[0]
         RESAMPLE.check(resample, "resample")
         labels, ts, guidance, _, _ = self._setup(n, labels, steps, guidance, 0.0, "ddpm")
-        # Pad to a size the U-Net's downsamplings divide; the padding is generated, then cropped off.
-        m = 2 ** (len(self.cfg.mults) - 1)
-        ph, pw = -h % m, -w % m
-        known = F.pad(image.to(self.device), (0, pw, 0, ph))
-        keep = F.pad(1 - mask.to(self.device).float(), (0, pw, 0, ph))
-        noise = self._noise(n, (c, h + ph, w + pw), generator)
+        image = image.to(self.device)
+        known, keep = padded_canvas(image, mask.to(self.device), self.cfg.multiple)
+        noise = self._noise(n, known.shape[1:], generator)
         with eval_mode(self):
             x = repaint(self.denoiser(labels, guidance), noise(), self.ab, ts, known=known, mask=keep,
                         resample=resample, noise=noise)
-        x = x[:, :, :h, :w].clamp(-1, 1)
-        keep = keep[:, :, :h, :w]
-        return torch.where(keep.bool(), image.to(self.device), x)
+        return keep_known(x, image, keep)

@@ -19,17 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layers import timestep_embedding
+
 
 def _groups(c: int) -> int:
     return math.gcd(c, 8)
-
-
-def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sinusoidal embedding of integer timesteps: N -> N x dim (the transformer's positional code)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(10_000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = t.float()[:, None] * freqs[None]
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
 
 
 class ResBlock(nn.Module):

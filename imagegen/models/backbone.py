@@ -1,0 +1,75 @@
+"""The denoising backbone of the diffusion and flow families, chosen by `model.backbone`: the U-Net
+(nets/unet.py) or the diffusion transformer (nets/dit.py). A family owns its objective and sampler; this
+module only holds the config fields both families share and builds the network they name.
+
+Both networks map (x N x C x H x W, t N, y N or None) -> N x C x H x W and start at zero output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import MAX_IMAGE_SIZE, MAX_WIDTH, ranged
+from ..errors import ConfigError
+from ..nets.dit import DiT
+from ..nets.unet import UNet
+
+
+@dataclass
+class BackboneConfig:
+    image_size: int = ranged(28, 8, MAX_IMAGE_SIZE)   # filled in from the data
+    channels: int = ranged(1, 1, 3)                   # filled in from the data
+    num_classes: int = ranged(0, 1, 100_000, zero="unconditional")   # filled in from the data
+    backbone: Literal["unet", "dit"] = "unet"
+    # U-Net: channels at full resolution, a multiplier per resolution (each after the first halves it),
+    # one self-attention block at the lowest resolution.
+    width: int = ranged(32, 1, MAX_WIDTH)
+    mults: tuple[int, ...] = (1, 2, 2)
+    attention: bool = True
+    # DiT: a size from nets/dit.py SIZES (depth, width, heads) and the patch side in pixels.
+    dit_size: Literal["xxs", "xs", "s", "m", "l"] = "xs"
+    patch: int = ranged(2, 1, 16)
+
+    def validate_backbone(self) -> None:
+        if self.backbone == "dit":
+            if self.image_size % self.patch:
+                raise ConfigError(f"model.image_size {self.image_size} is not a multiple of model.patch {self.patch}")
+            return
+        if not 1 <= len(self.mults) <= 6 or any(not 1 <= m <= 16 for m in self.mults):
+            raise ConfigError(f"model.mults must be 1 to 6 integers in 1..16, got {list(self.mults)}")
+        if self.image_size % self.multiple:
+            raise ConfigError(f"model.image_size {self.image_size} is not a multiple of {self.multiple} "
+                              f"(needed by {len(self.mults)} resolutions in model.mults)")
+
+    @property
+    def multiple(self) -> int:
+        """What the backbone needs H and W to be multiples of (canvases are padded up to it)."""
+        return self.patch if self.backbone == "dit" else 2 ** (len(self.mults) - 1)
+
+
+def build_backbone(cfg: BackboneConfig) -> nn.Module:
+    if cfg.backbone == "dit":
+        return DiT(cfg.channels, cfg.dit_size, patch=cfg.patch, num_classes=cfg.num_classes)
+    return UNet(cfg.channels, cfg.width, cfg.mults, attention=cfg.attention, num_classes=cfg.num_classes)
+
+
+# --- inpainting canvases: the backbones take sizes that are multiples of `multiple` -------------------
+
+
+def padded_canvas(image: torch.Tensor, mask: torch.Tensor, multiple: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(known, keep): the image N x C x H x W and 1 - mask (1 = keep), padded on the right and bottom to
+    multiples of `multiple`; the padding is to be generated, then cropped off by `keep_known`."""
+    h, w = image.shape[-2:]
+    pad = (0, -w % multiple, 0, -h % multiple)
+    return F.pad(image, pad), F.pad(1 - mask.float(), pad)
+
+
+def keep_known(x: torch.Tensor, image: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The generated canvas x cropped to the image's size, with every kept pixel exactly the image's."""
+    h, w = image.shape[-2:]
+    return torch.where(keep[:, :, :h, :w].bool(), image, x[:, :, :h, :w].clamp(-1, 1))
