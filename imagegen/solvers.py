@@ -12,7 +12,10 @@ Flow ODEs, with `velocity(x, t) -> dx/dt` and t running up from 0 (noise) to 1 (
 flow (Liu et al., ICLR 2023) and flow matching (Lipman et al., ICLR 2023), whose straight path is
 x_t = (1 - t) x_0 + t x_1:
 - `euler` (first order), `midpoint` and `heun` (second order; Heun as in Karras et al., "Elucidating the
-  Design Space of Diffusion-Based Generative Models", NeurIPS 2022), on `steps` equal intervals.
+  Design Space of Diffusion-Based Generative Models", NeurIPS 2022), on `steps` equal intervals;
+- `adaptive`: Dormand-Prince 5(4) with error control, through torchdiffeq (Chen et al., "Neural Ordinary
+  Differential Equations", NeurIPS 2018);
+- `flow_repaint`: RePaint's resampling carried over to the straight path, for inpainting.
 
 Shapes: x is any tensor (images N x C x H x W); t is a Python number, the same for the whole batch.
 """
@@ -129,3 +132,47 @@ def heun(velocity: Velocity, x: torch.Tensor, steps: int) -> torch.Tensor:
         guess = x + h * v
         x = x + h / 2 * (v + velocity(guess, t_next))
     return x
+
+
+def adaptive(velocity: Velocity, x: torch.Tensor, *, rtol: float = 1e-5, atol: float = 1e-5) -> tuple[torch.Tensor, int]:
+    """x at t = 1 from x at t = 0 by dopri5 with step-size control (torchdiffeq), and the number of
+    velocity calls it made. The whole of x is one system with one step size: call it an image at a time
+    where an image must not depend on the others in its batch."""
+    import torchdiffeq   # imported here: only the adaptive solver needs it
+
+    calls = 0
+
+    def f(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        return velocity(y, float(t))
+
+    span = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    return torchdiffeq.odeint(f, x, span, rtol=rtol, atol=atol, method="dopri5")[-1], calls
+
+
+def back_to(x: torch.Tensor, t_from: float, t_to: float, noise: Noise) -> torch.Tensor:
+    """A draw of x at the earlier time t_to given x at t_from on the straight path x_t = (1 - t) z + t x1:
+    scale by t_to / t_from (what is left of x1) and add fresh noise up to (1 - t_to) of standard deviation."""
+    keep = t_to / t_from
+    return keep * x + math.sqrt(max((1 - t_to) ** 2 - (keep * (1 - t_from)) ** 2, 0.0)) * noise()
+
+
+def flow_repaint(velocity: Velocity, x: torch.Tensor, steps: int, *, known: torch.Tensor, mask: torch.Tensor,
+                 resample: int, noise: Noise) -> torch.Tensor:
+    """Generate where mask == 0 and keep `known` where mask == 1 (mask N x 1 x H x W, 0/1), by Euler steps.
+
+    At each step the known region is `known` on the straight path at the step's end time (fresh noise)
+    and the unknown region is an Euler step; `resample` times per step the result is taken back to the
+    step's start (`back_to`) and redone, so the generated part can agree with the known part, as RePaint
+    does for diffusion. The known pixels of the result are `known` itself."""
+    ts = flow_times(steps)
+    for t, t_next in zip(ts, ts[1:]):
+        for u in range(resample):
+            unknown = x + (t_next - t) * velocity(x, t)
+            known_t = t_next * known + ((1 - t_next) * noise() if t_next < 1 else 0)
+            x_next = mask * known_t + (1 - mask) * unknown
+            if u + 1 < resample:
+                x = back_to(x_next, t_next, t, noise)
+        x = x_next
+    return mask * known + (1 - mask) * x

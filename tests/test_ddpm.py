@@ -1,4 +1,5 @@
-"""Diffusion: schedules, pure solvers, determinism, guidance, inpainting / outpainting, and bad requests."""
+"""Diffusion and flow, on the U-Net and the DiT: schedules, pure solvers, determinism, guidance,
+inpainting / outpainting, and bad requests."""
 
 from __future__ import annotations
 
@@ -19,19 +20,48 @@ from imagegen.sample import extend_image, generate, outpaint_canvas, seed_genera
 
 from conftest import read_only, run_main, tiny_config
 
-TINY = {"width": 8, "mults": [1, 2], "sample_steps": 4}
+# The diffusion and flow families, each on the U-Net and on the DiT: the tests below hold for all four.
+VARIANTS = {
+    "ddpm": ("ddpm", {"width": 8, "mults": [1, 2], "sample_steps": 4}),
+    "ddpm-dit": ("ddpm", {"backbone": "dit", "dit_size": "xxs", "patch": 4, "sample_steps": 4}),
+    "flow": ("flow", {"width": 8, "mults": [1, 2], "sample_steps": 4}),
+    "flow-dit": ("flow", {"backbone": "dit", "dit_size": "xxs", "patch": 4, "sample_steps": 4}),
+}
 
 
 @pytest.fixture(scope="module")
-def ddpm_run(request, tmp_path_factory):
-    tree = tiny_config(4).to_json()
-    tree["family"], tree["model"] = "ddpm", TINY
-    return read_only(request, imagegen.train(imagegen.resolve_config(tree), out=tmp_path_factory.mktemp("ddpm"), progress=False))
+def runs(request, tmp_path_factory):
+    """variant -> a run folder trained for 4 steps on shapes (class-conditional), once per module."""
+    made = {}
+
+    def get(variant):
+        if variant not in made:
+            tree = tiny_config(4).to_json()
+            tree["family"], tree["model"] = VARIANTS[variant]
+            made[variant] = read_only(request, imagegen.train(imagegen.resolve_config(tree),
+                                                              out=tmp_path_factory.mktemp(variant), progress=False))
+        return made[variant]
+    return get
 
 
 @pytest.fixture(scope="module")
-def model(ddpm_run):
-    return imagegen.load_run(ddpm_run).model
+def ddpm_run(runs):
+    return runs("ddpm")
+
+
+@pytest.fixture(scope="module", params=sorted(VARIANTS))
+def model(request, runs):
+    return imagegen.load_run(runs(request.param)).model
+
+
+@pytest.fixture(scope="module", params=["ddpm", "ddpm-dit"])
+def ddpm_model(request, runs):
+    return imagegen.load_run(runs(request.param)).model
+
+
+@pytest.fixture(scope="module", params=["flow", "flow-dit"])
+def flow_model(request, runs):
+    return imagegen.load_run(runs(request.param)).model
 
 
 _cli = run_main   # the CLI in this process: no interpreter start per call
@@ -73,7 +103,8 @@ def test_solvers_recover_the_image_with_a_perfect_denoiser():
     assert torch.allclose(out, x0, atol=1e-5)
 
 
-def test_ddim_with_eta_zero_is_deterministic(model):
+def test_ddim_with_eta_zero_is_deterministic(ddpm_model):
+    model = ddpm_model
     a = generate(model, [0, 1, 2], steps=5, eta=0.0)
     b = generate(model, [0, 1, 2], steps=5, eta=0.0)
     assert torch.equal(a, b)
@@ -86,6 +117,21 @@ def test_ddim_with_eta_zero_is_deterministic(model):
         whole = generate(model, [7, 8, 9, 10, 11], labels=labels, steps=3, **opts)
         single = generate(model, [7, 8, 9, 10, 11], labels=labels, steps=3, batch_size=1, **opts)
         assert torch.equal(whole, single), opts
+
+
+def test_flow_solvers_are_deterministic_and_per_seed(flow_model):
+    """The flow's only randomness is the starting noise: every solver gives the same image for a seed,
+    whatever the batch, with guidance too (dopri5 solves each image on its own for that)."""
+    model = flow_model
+    labels = torch.tensor([0, 1, 2, 3, 0])
+    for opts in ({"solver": "euler"}, {"solver": "midpoint"}, {"solver": "heun", "guidance": 2.0},
+                 {"solver": "dopri5"}):
+        whole = generate(model, [7, 8, 9, 10, 11], labels=labels, steps=3, **opts)
+        single = generate(model, [7, 8, 9, 10, 11], labels=labels, steps=3, batch_size=1, **opts)
+        assert torch.equal(whole, single), opts
+        assert torch.equal(whole, generate(model, [7, 8, 9, 10, 11], labels=labels, steps=3, **opts))
+    euler, heun = (generate(model, [0], labels=labels[:1], steps=3, solver=s) for s in ("euler", "heun"))
+    assert not torch.equal(euler, heun)
 
 
 def test_guidance_and_unconditional_sampling(model):
@@ -122,7 +168,9 @@ def test_outpainting_extends_the_canvas_and_keeps_the_image(model):
         outpaint_canvas(image, 0)
 
 
-def test_cli_inpaint_keeps_known_pixels_of_the_png(ddpm_run, tmp_path):
+@pytest.mark.parametrize("variant", ["ddpm", "flow-dit"])
+def test_cli_inpaint_keeps_known_pixels_of_the_png(runs, variant, tmp_path):
+    ddpm_run = runs(variant)
     rng = np.random.default_rng(0)
     src = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
     Image.fromarray(src).save(tmp_path / "in.png")
@@ -162,13 +210,18 @@ def test_cli_inpaint_keeps_known_pixels_of_the_png(ddpm_run, tmp_path):
     (["inpaint", "{run}", "--image", "{tmp}/img.png", "--mask", "{tmp}/mask.png", "--out", "{tmp}/o.png",
       "--steps", "0"], "argument --steps: must be in"),
     (["outpaint", "{run}", "--image", "{tmp}/img.png", "--pad", "0", "--out", "{tmp}/o.png"], "argument --pad: must be in 1..256, got 0"),
+    (["sample", "{run}", "--seeds", "0-1", "--out", "{tmp}/s", "--solver", "heun"], "--solver does not apply"),
+    (["sample", "{flow}", "--seeds", "0-1", "--out", "{tmp}/s", "--solver", "rk4"], "solver must be one of euler, midpoint, heun, dopri5"),
+    (["sample", "{flow}", "--seeds", "0-1", "--out", "{tmp}/s", "--eta", "0.5"], "--eta does not apply"),
+    (["sample", "{flow}", "--seeds", "0-1", "--out", "{tmp}/s", "--steps", "1001"], "argument --steps: must be in 1..1000, got 1001"),
 ])
-def test_bad_requests_are_one_line_errors(ddpm_run, tmp_path, args, message):
+def test_bad_requests_are_one_line_errors(runs, tmp_path, args, message):
+    ddpm_run, flow_run = runs("ddpm"), runs("flow")
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "img.png")
     Image.fromarray(np.zeros((16, 16), np.uint8)).save(tmp_path / "small.png")
     Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "black.png")
     Image.fromarray(np.full((32, 32), 255, np.uint8)).save(tmp_path / "mask.png")
-    r = _cli(*[a.format(run=ddpm_run, tmp=tmp_path) for a in args])
+    r = _cli(*[a.format(run=ddpm_run, flow=flow_run, tmp=tmp_path) for a in args])
     assert r.returncode == 2, r.stderr
     assert message in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1

@@ -19,7 +19,8 @@ from imagegen.sample import generate, grid
 from conftest import tiny_config
 from test_train import _assert_same_optim, _assert_same_tensors
 
-# The smallest configuration of each family that still exercises all of its code.
+# The smallest configuration of each family that still exercises all of its code; "family-dit" is the
+# family on the DiT backbone (the plain name on its default U-Net).
 TINY_MODELS = {
     "random": {},
     "dcgan": {"width": 8, "z_dim": 16},
@@ -27,20 +28,28 @@ TINY_MODELS = {
     "vae": {"width": 8, "z_dim": 8},
     "cvae": {"width": 8, "z_dim": 8, "class_dim": 4},
     "ddpm": {"width": 8, "mults": [1, 2], "sample_steps": 3},
+    "ddpm-dit": {"backbone": "dit", "dit_size": "xxs", "patch": 4, "sample_steps": 3},
+    "flow": {"width": 8, "mults": [1, 2], "sample_steps": 3},
+    "flow-dit": {"backbone": "dit", "dit_size": "xxs", "patch": 4, "sample_steps": 3},
 }
 
 
-def family_config(family: str, steps: int, **train):
+def family_config(variant: str, steps: int, **train):
     cfg = tiny_config(steps, model={}, train={"checkpoint_every": max(1, steps // 2), **train})
     tree = cfg.to_json()
-    tree["family"], tree["model"] = family, TINY_MODELS[family]
+    tree["family"], tree["model"] = variant.split("-")[0], TINY_MODELS[variant]
     return imagegen.resolve_config(tree)
 
 
 def test_every_registered_family_has_a_tiny_config():
     # Translation families take pairs of domains, not seeds: test_cyclegan.py runs the same checks on them.
-    assert set(REGISTRY) == set(TINY_MODELS) | {"cyclegan"}
+    assert set(REGISTRY) == {v.split("-")[0] for v in TINY_MODELS} | {"cyclegan"}
     assert all(REGISTRY[f].translates == (f == "cyclegan") for f in REGISTRY)
+    # every family with a choice of backbone is tested on each
+    from imagegen.models.backbone import BackboneConfig
+    for name, cls in REGISTRY.items():
+        if issubclass(cls.Config, BackboneConfig):
+            assert {name, f"{name}-dit"} <= set(TINY_MODELS), name
 
 
 @pytest.mark.parametrize("family", sorted(TINY_MODELS))
@@ -54,7 +63,7 @@ def test_train_save_reload_gives_the_same_samples(tmp_path, family):
         assert losses, "a trainable family logs its losses"
 
     run = imagegen.load_run(run_dir)
-    assert run.family == family and run.step == 6
+    assert run.family == family.split("-")[0] and run.step == 6
     # The grid the loop drew from its in-memory EMA model at the end equals one drawn after reloading.
     k = run.model.num_classes
     n = 16 if not k else k * math.ceil(16 / k)
@@ -150,10 +159,10 @@ def test_conditional_families_refuse_unlabelled_data(tmp_path):
             imagegen.train(cfg, out=tmp_path / "runs", progress=False)
 
 
-@pytest.mark.parametrize("family", ["cgan", "cvae", "ddpm"])
+@pytest.mark.parametrize("family", ["cgan", "cvae", "ddpm", "flow-dit"])
 def test_bad_labels_are_config_errors(family):
     cfg = {**TINY_MODELS[family], "image_size": 32, "channels": 3, "num_classes": 4}
-    model = imagegen.build_model(family, cfg)
+    model = imagegen.build_model(family.split("-")[0], cfg)
     gens = [torch.Generator().manual_seed(0)]
     with pytest.raises(ConfigError, match="out of range"):
         model.sample(1, labels=torch.tensor([4]), generator=gens)

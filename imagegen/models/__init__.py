@@ -8,6 +8,7 @@ from .baseline import RandomPixels
 from .cgan import CGAN
 from .cyclegan import CycleGAN
 from .ddpm import DDPM
+from .flow import Flow
 from .gan import DCGAN
 from .vae import CVAE, VAE
 
@@ -18,6 +19,7 @@ REGISTRY: dict[str, type[Family]] = {
     VAE.name: VAE,
     CVAE.name: CVAE,
     DDPM.name: DDPM,
+    Flow.name: Flow,
     CycleGAN.name: CycleGAN,
 }
 

@@ -1,0 +1,179 @@
+"""Flow: rectified flow / conditional flow matching on a U-Net or DiT, with ODE solvers, classifier-free
+guidance and inpainting.
+
+Implements
+- Lipman et al., "Flow Matching for Generative Modeling" (ICLR 2023) and Liu, Gong & Liu, "Flow Straight
+  and Fast: Learning to Generate and Transfer Data with Rectified Flow" (ICLR 2023): the straight path
+  x_t = (1 - t) z + t x between noise z ~ N(0, I) (t = 0) and an image x (t = 1), and a network trained to
+  predict its constant velocity x - z with a plain squared error;
+- Esser et al., "Scaling Rectified Flow Transformers for High-Resolution Image Synthesis" (SD3, ICML
+  2024): logit-normal sampling of t (more training where the path is hardest, mid-way), or uniform;
+- Ho & Salimans, "Classifier-Free Diffusion Guidance" (2022): a null class for `label_dropout` of the
+  training labels, and v = v_null + guidance (v_label - v_null) when sampling;
+- RePaint's resampling (Lugmayr et al., CVPR 2022) carried over to the straight path, for inpainting.
+
+Sampling integrates dx/dt = v(x, t) from t = 0 to 1 with a pure solver of imagegen/solvers.py: Euler,
+midpoint or Heun on `steps` equal intervals (one, two, two network calls per interval), or adaptive
+dopri5 (torchdiffeq) for an accurate reference. Randomness enters only as the starting noise (and the
+re-noising of inpainting), drawn from per-image generators, so an image depends only on its seed.
+
+Shapes: images N x C x H x W in [-1, 1]; t N numbers in [0, 1], handed to the backbone as 1000 t so its
+sinusoidal time code sees the same range as a diffusion model's timesteps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from ..config import MAX_WEIGHT, ranged
+from ..errors import ConfigError
+from ..solvers import Noise, Velocity, adaptive, euler, flow_repaint, heun, midpoint
+from .backbone import BackboneConfig, build_backbone, keep_known, padded_canvas
+from .base import Family, Generators, adam, eval_mode, per_item_normal, run_fixed_batch
+from .ddpm import GUIDANCE, RESAMPLE, STEPS
+
+SOLVERS = {"euler": euler, "midpoint": midpoint, "heun": heun}   # and "dopri5", adaptive
+TIME_SCALE = 1000.0
+
+
+@dataclass
+class Config(BackboneConfig):   # image size, channels, classes and the backbone's fields (backbone.py)
+    time_sampling: Literal["logit-normal", "uniform"] = "logit-normal"
+    logit_mean: float = ranged(0.0, -10.0, 10.0)                 # t = sigmoid(mean + std * N(0, 1))
+    logit_std: float = ranged(1.0, 0.0, 10.0, lo_open=True)
+    # share of training labels replaced by the null class (for guidance)
+    label_dropout: float = ranged(0.1, 0.0, 1.0, hi_open=True)
+    lr: float = ranged(1e-3, 0.0, 1.0, lo_open=True)
+    grad_clip: float = ranged(1.0, 0.0, MAX_WEIGHT)   # max global gradient norm (0 = off)
+    # Sampling defaults; each can be overridden per call (--steps, --guidance, --solver).
+    solver: Literal["euler", "midpoint", "heun", "dopri5"] = "heun"
+    sample_steps: int = ranged(10, STEPS)       # intervals of the fixed-step solvers (dopri5 picks its own)
+    guidance: float = ranged(1.5, GUIDANCE)     # 1 = plain conditional; 0 = unconditional; > 1 = stronger class
+
+    def validate(self) -> None:
+        self.validate_backbone()
+        check_solver(self.solver, "model.solver")
+
+
+def check_solver(solver: str, what: str = "solver") -> None:
+    if solver not in (*SOLVERS, "dopri5"):
+        raise ConfigError(f"{what} must be one of {', '.join([*SOLVERS, 'dopri5'])}, got {solver!r}")
+
+
+class Flow(Family):
+    Config = Config
+    name = "flow"
+    train_defaults = {"steps": 3000, "batch_size": 32, "ema_decay": 0.998, "sample_every": 1000}
+    sample_options = {
+        "steps": (STEPS, "solver steps (default: the model's sample_steps; heun and midpoint call the network twice a step)"),
+        "guidance": (GUIDANCE, "classifier-free guidance scale: 0 unconditional, 1 conditional, >1 stronger"),
+        "solver": (str, "ODE solver: euler, midpoint, heun, or dopri5 (adaptive)"),
+    }
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__(cfg)
+        self.net = build_backbone(cfg)
+
+    def configure_optimizers(self, train_cfg) -> dict[str, torch.optim.Optimizer]:
+        return {"net": adam(self.net.parameters(), self.cfg.lr)}
+
+    # --- training ------------------------------------------------------------------------------------
+
+    def sample_times(self, n: int, gen: torch.Generator, device: torch.device) -> torch.Tensor:
+        """N training times in (0, 1)."""
+        if self.cfg.time_sampling == "uniform":
+            return torch.rand(n, generator=gen, device=device)
+        return torch.sigmoid(self.cfg.logit_mean + self.cfg.logit_std * torch.randn(n, generator=gen, device=device))
+
+    def train_step(self, batch: dict[str, torch.Tensor], opt: dict, gen: torch.Generator) -> dict[str, float]:
+        x = batch["image"]
+        n, dev = x.shape[0], x.device
+        t = self.sample_times(n, gen, dev)
+        z = torch.randn(x.shape, generator=gen, device=dev)
+        y = None
+        if self.conditional:
+            drop = torch.rand(n, generator=gen, device=dev) < self.cfg.label_dropout
+            y = torch.where(drop, self.num_classes, batch["label"])
+        tt = t.view(n, 1, 1, 1)
+        xt = (1 - tt) * z + tt * x                                          # the straight path
+        loss = (self.net(xt, TIME_SCALE * t, y) - (x - z)).square().mean()  # its velocity is x - z
+        opt["net"].zero_grad(set_to_none=True)
+        self.backward(loss)
+        if self.cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.grad_clip)
+        opt["net"].step()
+        return {"loss": loss.item()}
+
+    # --- sampling ------------------------------------------------------------------------------------
+
+    def velocity(self, labels: torch.Tensor | None, guidance: float) -> Velocity:
+        """velocity(x, t) -> dx/dt, with classifier-free guidance applied. The network always runs in
+        fixed micro-batches, so a seed's image does not depend on its batch."""
+        n_cls = self.num_classes
+
+        def v(x: torch.Tensor, t: float) -> torch.Tensor:
+            n = x.shape[0]
+            if labels is not None and labels.shape[0] != n:
+                raise ValueError(f"velocity of {n} images called with {labels.shape[0]} labels")
+            tt = torch.full((n,), TIME_SCALE * t, device=x.device)
+            if labels is None or not n_cls:
+                null = torch.full((n,), n_cls, device=x.device, dtype=torch.long) if n_cls else None
+                return run_fixed_batch(self.net, x, tt, null)
+            if guidance == 1.0:
+                return run_fixed_batch(self.net, x, tt, labels)
+            null = torch.full_like(labels, n_cls)
+            both = run_fixed_batch(self.net, torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([labels, null]))
+            cond, uncond = both[:n], both[n:]
+            return uncond + guidance * (cond - uncond)
+
+        return v
+
+    def _setup(self, n: int, labels, steps, guidance, solver):
+        """Checked sampling options, each defaulting to the config's."""
+        labels = self.check_labels(n, labels) if labels is not None else None
+        steps = self.cfg.sample_steps if steps is None else int(steps)
+        guidance = self.cfg.guidance if guidance is None else float(guidance)
+        solver = self.cfg.solver if solver is None else solver
+        STEPS.check(steps, "steps")
+        GUIDANCE.check(guidance, "guidance")
+        check_solver(solver)
+        return labels, steps, guidance, solver
+
+    def _noise(self, n: int, shape: tuple[int, ...], generator: Generators) -> Noise:
+        return lambda: per_item_normal(n, shape, generator, self.device)
+
+    @torch.no_grad()
+    def sample(self, n: int, *, labels: torch.Tensor | None = None, generator: Generators = None,
+               steps: int | None = None, guidance: float | None = None, solver: str | None = None) -> torch.Tensor:
+        """n images. labels None on a conditional model samples unconditionally (the null class)."""
+        labels, steps, guidance, solver = self._setup(n, labels, steps, guidance, solver)
+        shape = (self.cfg.channels, self.cfg.image_size, self.cfg.image_size)
+        with eval_mode(self):
+            x = self._noise(n, shape, generator)()
+            if solver == "dopri5":   # one image at a time: its step sizes must not depend on the others
+                x = torch.cat([adaptive(self.velocity(None if labels is None else labels[i:i + 1], guidance),
+                                        x[i:i + 1])[0] for i in range(n)])
+            else:
+                x = SOLVERS[solver](self.velocity(labels, guidance), x, steps)
+        return x.clamp(-1, 1)
+
+    @torch.no_grad()
+    def inpaint(self, image: torch.Tensor, mask: torch.Tensor, *, labels: torch.Tensor | None = None,
+                generator: Generators = None, steps: int | None = None, guidance: float | None = None,
+                resample: int = 5) -> torch.Tensor:
+        """Fill the pixels where mask == 1 (mask N x 1 x H x W) of images N x C x H x W; the others are
+        returned exactly as given. H and W may differ from the training size (outpainting)."""
+        self.check_inpaint(image, mask)
+        n = image.shape[0]
+        RESAMPLE.check(resample, "resample")
+        labels, steps, guidance, _ = self._setup(n, labels, steps, guidance, "euler")
+        image = image.to(self.device)
+        known, keep = padded_canvas(image, mask.to(self.device), self.cfg.multiple)
+        noise = self._noise(n, known.shape[1:], generator)
+        with eval_mode(self):
+            x = flow_repaint(self.velocity(labels, guidance), noise(), steps, known=known, mask=keep,
+                             resample=resample, noise=noise)
+        return keep_known(x, image, keep)
