@@ -36,7 +36,7 @@ from test_cyclegan import cg_config
 from test_families import family_config
 
 DCGAN, CGAN, DDPM, CYCLE = "00000-shapes-dcgan", "00001-shapes-cgan", "00002-shapes-ddpm", "00003-pair-shapes-circle-square-cyclegan"
-VAE = "00004-shapes-vae"
+VAE, FLOW = "00004-shapes-vae", "00005-shapes-flow"
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +46,7 @@ def runs_dir(request, tmp_path_factory):
         imagegen.train(family_config(family, 4), out=root, progress=False)
     imagegen.train(cg_config(2), out=root, progress=False)
     imagegen.train(family_config("vae", 4), out=root, progress=False)
+    imagegen.train(family_config("flow-dit", 4), out=root, progress=False)
     # A sibling folder whose name extends a run's name: never served.
     (root / f"{DCGAN}-evil").mkdir()
     (root / f"{DCGAN}-evil" / "secret.png").write_bytes(b"SECRET-SIBLING")
@@ -83,11 +84,12 @@ def bomb_png(side: int) -> bytes:
 
 def test_models_health_docs(client):
     models = {m["name"]: m for m in client.get("/api/models").json()}
-    assert set(models) == {DCGAN, CGAN, DDPM, CYCLE, VAE}
-    assert {m for m in models if models[m]["inpaints"]} == {DDPM, VAE}
+    assert set(models) == {DCGAN, CGAN, DDPM, CYCLE, VAE, FLOW}
+    assert {m for m in models if models[m]["inpaints"]} == {DDPM, VAE, FLOW}
     assert models[DCGAN]["family"] == "dcgan" and models[DCGAN]["classes"] == [] and models[DCGAN]["latent_dims"] == 16
     assert models[CGAN]["classes"] == ["circle", "square", "triangle", "star"]
     assert set(models[DDPM]["options"]) == {"steps", "guidance", "eta", "sampler"}
+    assert set(models[FLOW]["options"]) == {"steps", "guidance", "solver"}
     assert models[CYCLE]["translates"] and models[CYCLE]["domains"] == ["circle", "square"]
     assert client.get("/health").json()["status"] == "ok"
     assert client.get("/docs").status_code == 200
@@ -118,6 +120,14 @@ def test_generate_is_per_seed_and_reproducible(client, runs_dir, tmp_path):
     assert main(cmd[1:cmd.index("--out")] + ["--out", str(out2)]) == 0
     assert np.array_equal(np.asarray(Image.open(out2 / "seed000002.png")), png(r))
     png(client.post("/api/generate", json={"model": DDPM, "seed": 1, "steps": 2, "guidance": 2, "label": "circle"}))
+    # The flow model: its solver passes through, into the command too, which draws the same pixels.
+    r = client.post("/api/generate", json={"model": FLOW, "seed": 4, "steps": 2, "solver": "midpoint", "label": "star"})
+    assert "--solver midpoint" in r.headers["x-imagegen-command"]
+    cmd = r.headers["x-imagegen-command"].split()
+    assert main(cmd[1:cmd.index("--out")] + ["--out", str(tmp_path / "s3")]) == 0
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "s3" / "seed000004.png")), png(r))
+    euler = client.post("/api/generate", json={"model": FLOW, "seed": 4, "steps": 2, "solver": "euler", "label": "star"})
+    assert png(euler).shape == png(r).shape and euler.content != r.content
 
 
 @pytest.mark.parametrize("body,status,fragment", [
@@ -136,6 +146,10 @@ def test_generate_is_per_seed_and_reproducible(client, runs_dir, tmp_path):
     ({"model": DDPM, "steps": S.MAX_STEPS + 1}, 422, "steps"),
     ({"model": DDPM, "steps": 100, "n": 17}, 400, "image-steps"),
     ({"model": DDPM, "latent": [1.0]}, 400, "latent does not apply"),
+    ({"model": FLOW, "solver": "rk4"}, 422, "solver"),
+    ({"model": FLOW, "eta": 0.5}, 400, "eta does not apply"),
+    ({"model": DDPM, "solver": "heun"}, 400, "solver does not apply"),
+    ({"model": FLOW, "solver": "dopri5", "n": 17}, 400, "image-steps"),
     ({"model": DCGAN, "latent": [0.0] * (S.MAX_LATENT_DIMS + 1)}, 422, "latent"),
     ({"model": DCGAN, "latent": [11.0]}, 400, "must be in [-10, 10], got 11"),
     ({"model": DCGAN, "colour": "red"}, 422, "colour"),
@@ -188,6 +202,8 @@ def test_interpolate_translate_inpaint_analyse(client, runs_dir):
     files = {"image": ("i.png", png_upload(image), "image/png"), "mask": ("m.png", png_upload(mask), "image/png")}
     filled = png(client.post("/api/inpaint", data={"model": DDPM, "seed": "3", "steps": "2", "label": "square"}, files=files))
     assert np.array_equal(filled[:, :16], image[:, :16])                      # known pixels kept exactly
+    filled = png(client.post("/api/inpaint", data={"model": FLOW, "seed": "3", "steps": "2", "label": "star"}, files=files))
+    assert np.array_equal(filled[:, :16], image[:, :16]) and not np.array_equal(filled, image)
     assert client.post("/api/inpaint", data={"model": DCGAN}, files=files).status_code == 400
     filled = png(client.post("/api/inpaint", data={"model": VAE, "seed": "3"}, files=files))    # VAE: Rezende et al.'s chain
     assert np.array_equal(filled[:, :16], image[:, :16]) and not np.array_equal(filled, image)
@@ -350,7 +366,7 @@ def test_browser_generates_reproducibly_and_shows_errors(live):
         browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
         page = browser.new_page()
         page.goto(f"http://127.0.0.1:{live}/")
-        page.wait_for_function("document.querySelectorAll('#model option').length === 5")
+        page.wait_for_function("document.querySelectorAll('#model option').length === 6")
         page.select_option("#model", DCGAN)
 
         def image_for(seed: int) -> list[int]:
@@ -374,6 +390,13 @@ def test_browser_generates_reproducibly_and_shows_errors(live):
         assert page.is_hidden("#inpaint-panel")                               # a GAN cannot inpaint...
         page.select_option("#model", VAE)
         page.wait_for_selector("#inpaint-panel", state="visible")             # ... a VAE can
+        # The flow model: steps and guidance sliders and a solver menu, whose choice reaches the command.
+        page.select_option("#model", FLOW)
+        page.wait_for_selector("#opt-solver")
+        assert page.is_visible("#opt-steps") and page.is_visible("#opt-guidance")
+        page.fill("#seed", "3")
+        page.select_option("#opt-solver", "euler")
+        page.wait_for_function("document.getElementById('command').textContent.includes('--solver euler')")
         browser.close()
 
 

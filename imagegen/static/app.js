@@ -12,6 +12,10 @@ const OPTION_RANGES = {                // slider ranges for the families' sampli
   temperature: { min: 0.1, max: 2, step: 0.05, value: 1 },
   eta: { min: 0, max: 1, step: 0.05, value: 0 },
 };
+const OPTION_CHOICES = {               // menus for the options that name a method (the first is the default)
+  sampler: ["ddim", "ddpm"],
+  solver: ["heun", "euler", "midpoint"],   // not dopri5: adaptive, for reference runs, too slow to drag
+};
 
 let models = [];
 let current = null;                    // the selected model's description
@@ -72,7 +76,7 @@ function request() {
   if (current.classes.length) body.label = $("label").value;
   for (const name of Object.keys(current.options)) {
     const el = $(`opt-${name}`);
-    if (el) body[name] = name === "steps" ? parseInt(el.value, 10) : parseFloat(el.value);
+    if (el) body[name] = OPTION_CHOICES[name] ? el.value : name === "steps" ? parseInt(el.value, 10) : parseFloat(el.value);
   }
   const latent = [];
   for (let i = 0; i < Math.min(SLIDERS, current.latent_dims); i++) latent.push(parseFloat($(`z-${i}`).value));
@@ -116,6 +120,16 @@ function slider(id, label, range, onInput) {
   return wrap;
 }
 
+function menu(id, label, choices, onChange) {
+  const wrap = document.createElement("label");
+  const select = Object.assign(document.createElement("select"), { id });
+  select.append(...choices.map((c) => new Option(c, c)));
+  select.setAttribute("aria-label", label);
+  select.addEventListener("change", onChange);
+  wrap.append(label, select);
+  return wrap;
+}
+
 function selectModel(name) {
   current = models.find((m) => m.name === name);
   $("model-info").textContent = `${current.family}, step ${current.step}, ${current.image_size}px` +
@@ -127,6 +141,7 @@ function selectModel(name) {
   options.replaceChildren();
   for (const name of Object.keys(current.options)) {
     if (OPTION_RANGES[name]) options.append(slider(`opt-${name}`, name, OPTION_RANGES[name], scheduleGenerate));
+    if (OPTION_CHOICES[name]) options.append(menu(`opt-${name}`, name, OPTION_CHOICES[name], scheduleGenerate));
   }
   const sliders = $("sliders");
   sliders.replaceChildren();
