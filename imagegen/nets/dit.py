@@ -38,7 +38,7 @@ class Size:
 # Sizes at the scale a 2-core CPU trains in minutes, and "l", the paper's DiT-S (12 blocks, 384 wide);
 # "xxs" is the smallest that runs every part (tests).
 SIZES = {
-    "xxs": Size(2, 32, 2),
+    "xxs": Size(2, 64, 4),
     "xs": Size(4, 128, 4),
     "s": Size(6, 192, 6),
     "m": Size(8, 256, 8),
