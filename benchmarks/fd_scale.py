@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from imagegen.data import DataConfig, load_data
 from imagegen.evaluate import metrics as M
-from imagegen.evaluate.anchors import gaussian_blur
+from imagegen.evaluate.anchors import gaussian_blur, shifted
 from imagegen.evaluate.evaluator import get_evaluator
 from imagegen.sample import to_float
 
@@ -28,7 +28,7 @@ def damaged(real: torch.Tensor, gen: torch.Generator) -> dict[str, torch.Tensor]
         out[f"Gaussian noise, sigma {s} ({s * 127.5:.1f} grey levels)"] = real + s * torch.randn(real.shape, generator=gen)
     for q in (16, 4):
         out[f"posterised to {q} grey levels"] = torch.round((real + 1) / 2 * (q - 1)) / (q - 1) * 2 - 1
-    out["shifted 1 px right (wrapped)"] = torch.roll(real, 1, dims=-1)
+    out["shifted 1 px right (wrapped)"] = shifted(real)
     for s in (0.3, 0.5, 1.0):
         out[f"Gaussian blur, sigma {s} px"] = gaussian_blur(real, s)
     half = F.interpolate(real, size=size // 2, mode="bilinear", antialias=True)

@@ -1,10 +1,17 @@
 """Quality under one fixed CPU budget: train every family for the same wall-clock time on one dataset,
-evaluate each with the same protocol, measure the anchors, and print the leaderboard.
+evaluate each with the same protocol, measure the anchors (among them the small damages `shift` and
+`grain`, the scale to read an FD against), and print the leaderboard.
+
+A family may be named with its backbone: `flow-dit` is the flow family on the DiT (its default size),
+`flow-dit-s` on the DiT of size "s" (nets/dit.py SIZES); the plain name uses the family's default.
+For every diffusion and flow entry it also prints the FD against training FLOPs per image (the forward
+and backward of one training step, counted by torch.utils.flop_counter, divided by the batch) and
+against the FLOPs seen in the whole budget: the DiT paper's scaling view, at our scale.
 
 Also prints, for the GAN families, what `analyse --keep 0.5` does to FD and precision, and for the
 conditional GAN its train-on-synthetic / test-on-real accuracy next to the real-data accuracy.
 
-    python benchmarks/quality.py [--minutes 3] [--n 2000] [--data fashion-mnist] [--families dcgan,ddpm]
+    python benchmarks/quality.py [--minutes 3] [--n 2000] [--data fashion-mnist] [--families dcgan,flow-dit]
         [--out /tmp/imagegen-quality]
 
 The evaluator of the dataset is trained first if it is not cached (about 2.5 minutes for Fashion-MNIST).
@@ -17,6 +24,9 @@ import json
 import time
 from pathlib import Path
 
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
 import imagegen
 from imagegen.evaluate.analyse import analyse_run
 from imagegen.evaluate.anchors import collect, evaluate_anchors, leaderboard
@@ -24,6 +34,33 @@ from imagegen.evaluate.evaluator import get_evaluator
 from imagegen.evaluate.run_eval import evaluate_run
 from imagegen.evaluate.synth import train_on_synthetic
 from imagegen.models import REGISTRY
+from imagegen.nets.dit import SIZES
+from imagegen.train import GuardedOptimizer, fit_model_to_data, step_generator
+
+
+def variant_config(variant: str) -> tuple[str, dict]:
+    """"flow-dit-s" -> ("flow", {"backbone": "dit", "dit_size": "s"}); "ddpm" -> ("ddpm", {})."""
+    family, _, rest = variant.partition("-dit")
+    if family not in REGISTRY or (rest and rest.lstrip("-") not in SIZES):
+        raise SystemExit(f"unknown family or variant {variant!r} (families: {', '.join(REGISTRY)}; "
+                         f"add -dit or -dit-SIZE, SIZE one of {', '.join(SIZES)})")
+    if not variant.startswith(f"{family}-dit"):
+        return family, {}
+    return family, {"backbone": "dit", **({"dit_size": rest.lstrip("-")} if rest else {})}
+
+
+def train_flops_per_image(run_dir: Path) -> float:
+    """Matmul and convolution FLOPs of one training step of the run's model, per image of its batch."""
+    run = imagegen.load_run(run_dir)
+    cfg = imagegen.resolve_config({k: run.config.get(k, {}) for k in ("family", "model", "data", "train")})
+    data = imagegen.load_data(cfg.data)
+    cfg = fit_model_to_data(cfg, data)
+    model = imagegen.build_model(run.family, imagegen.config.to_dict(cfg.model))
+    opts = {k: GuardedOptimizer(o) for k, o in model.configure_optimizers(cfg.train).items()}
+    batch = data.batch_at(0, cfg.train.batch_size, 0)
+    with FlopCounterMode(display=False) as counter:
+        model.train_step(batch, opts, step_generator(0, 0, torch.device("cpu")))
+    return counter.get_total_flops() / cfg.train.batch_size
 
 
 def main() -> None:
@@ -38,9 +75,10 @@ def main() -> None:
     evaluator = get_evaluator(args.data)
     print(f"# evaluator {evaluator.name}: test accuracy {evaluator.info['test_accuracy']:.4f}")
 
-    times, extras = {}, []
-    for family in args.families.split(","):
-        cfg = imagegen.resolve_config({"family": family, "data": {"source": args.data},
+    times, extras, scaling = {}, [], []
+    for variant in args.families.split(","):
+        family, model = variant_config(variant)
+        cfg = imagegen.resolve_config({"family": family, "model": model, "data": {"source": args.data},
                                        "train": {"steps": 10**7, "time_limit": args.minutes * 60,
                                                  "checkpoint_every": 10**7, "sample_every": 0}})
         if family == "random":
@@ -48,8 +86,13 @@ def main() -> None:
         t0 = time.perf_counter()
         run_dir = imagegen.train(cfg, out=out, progress=False)
         times[run_dir.name] = time.perf_counter() - t0
-        evaluate_run(run_dir, n=args.n, log=None)
-        print(f"# {family}: trained {times[run_dir.name]:.0f} s -> {run_dir}", flush=True)
+        metrics = evaluate_run(run_dir, n=args.n, log=None)["metrics"]
+        print(f"# {variant}: trained {times[run_dir.name]:.0f} s -> {run_dir}", flush=True)
+        if family in ("ddpm", "flow"):
+            steps = imagegen.load_run(run_dir).step
+            per_image = train_flops_per_image(run_dir)
+            fd = next(v for k, v in metrics.items() if k.startswith("FD-"))
+            scaling.append((variant, per_image, steps * cfg.train.batch_size * per_image, fd))
         if family in ("dcgan", "cgan"):
             a = analyse_run(run_dir, run_dir / "analysis", n=args.n, keep=0.5, log=None)["filter"]
             extras.append(f"{family} analyse --keep 0.5 (n={args.n}, before = an unfiltered set of the same size): "
@@ -66,6 +109,10 @@ def main() -> None:
     print("| run | training wall-clock (s) |\n|---|---|")
     for name, secs in times.items():
         print(f"| {name} | {secs:.0f} |")
+    if scaling:
+        print("\n| model | training GFLOP per image | images seen | total training PFLOP | FD |\n|---|---|---|---|---|")
+        for variant, per_image, total, fd in scaling:
+            print(f"| {variant} | {per_image / 1e9:.3f} | {total / per_image:,.0f} | {total / 1e15:.2f} | {fd:.3g} |")
     print()
     for line in extras:
         print(line)

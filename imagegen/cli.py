@@ -402,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", nargs="?")
     add_number(p, "--n", N_IMAGES, "images to generate (seeds 0..n-1)", default=10_000)
     p.add_argument("--data", help="dataset whose test split and evaluator to use (default: the run's)")
-    p.add_argument("--anchors", action="store_true", help="measure the anchors (floor, blur, noise, random) of --data")
+    p.add_argument("--anchors", action="store_true", help="measure the anchors (floor, shift, grain, blur, noise, random) of --data")
     p.add_argument("--out", default="runs", help="with --anchors: folder for anchors-<data>.json")
     p.add_argument("--tstr", action="store_true", help="also train-on-synthetic, test-on-real (conditional runs)")
     add_number(p, "--per-class", PER_CLASS, "with --tstr: synthetic images per class", default=1000)

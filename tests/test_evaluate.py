@@ -173,6 +173,8 @@ def test_anchors_are_ordered_and_the_leaderboard_shows_their_protocol(evaluator,
     doc = json.loads((tmp_path / "anchors-shapes.json").read_text())
     fd = {name: next(v for k, v in m.items() if k.startswith("FD-")) for name, m in doc["anchors"].items()}
     assert fd["floor"] < fd["blur"] and fd["floor"] < fd["noise"] and fd["floor"] < fd["random"]
+    # the two small damages lie above the floor and below the gross ones
+    assert fd["floor"] < min(fd["shift"], fd["grain"]) and max(fd["shift"], fd["grain"]) < min(fd["noise"], fd["random"]), fd
     capsys.readouterr()
     assert main(["leaderboard", str(tmp_path / "anchors-shapes.json"), "--html", str(tmp_path / "lb.html")]) == 0
     table = capsys.readouterr().out

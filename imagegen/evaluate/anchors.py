@@ -3,7 +3,11 @@
 - floor:  real training images (the best any model can do: two samples of the real distribution);
 - blur:   real training images blurred (Gaussian, sigma 1.5 px): right content, wrong detail;
 - noise:  Gaussian noise images: nothing right;
-- random: the `random` baseline (per-pixel histograms), the floor every model must beat.
+- random: the `random` baseline (per-pixel histograms), the floor every model must beat;
+- shift:  real training images moved one pixel right (wrapped), and
+- grain:  real training images with Gaussian noise of sigma 0.05 (6.4 grey levels): two small, known
+          damages that look right to a person (benchmarks/fd_scale.py shows more), the scale a model's
+          FD is best read against.
 """
 
 from __future__ import annotations
@@ -24,7 +28,13 @@ from ..sample import generate, to_float
 from .evaluator import get_evaluator
 from .run_eval import N_IMAGES, compare
 
-ANCHORS = ("floor", "blur", "noise", "random")
+ANCHORS = ("floor", "shift", "grain", "blur", "noise", "random")
+GRAIN_SIGMA = 0.05
+
+
+def shifted(images: torch.Tensor, pixels: int = 1) -> torch.Tensor:
+    """N x C x H x W images moved `pixels` to the right, the last columns wrapped round to the left."""
+    return torch.roll(images, pixels, dims=-1)
 
 
 def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -44,6 +54,11 @@ def anchor_images(name: str, train, n: int, seed: int = 0) -> torch.Tensor:
     real = to_float(train.images[torch.randperm(len(train), generator=gen)[:n]])
     if name == "floor":
         return real
+    if name == "shift":
+        return shifted(real)
+    if name == "grain":   # its own generator, so the other anchors' draws are what they were before it
+        grain = torch.Generator().manual_seed(seed + 1)
+        return (real + GRAIN_SIGMA * torch.randn(real.shape, generator=grain)).clamp(-1, 1)
     if name == "blur":
         return gaussian_blur(real, 1.5)
     if name == "noise":
@@ -66,8 +81,9 @@ def evaluate_anchors(data: str, *, n: int = 10_000, out_dir: str | Path = "runs"
     result = {"data": data, "protocol": {"generated": n, "real": len(test), "real_split": "test", "data": data,
                                          "evaluator": extractor.name,
                                          "evaluator_sha256": getattr(extractor, "info", {}).get("sha256"),
-                                         "anchor_images": "drawn from the train split (seed 0); blur sigma 1.5 px; "
-                                                          "noise N(0, 1) clipped to [-1, 1]"},
+                                         "anchor_images": "drawn from the train split (seed 0); shift 1 px right, wrapped; "
+                                                          f"grain: noise sigma {GRAIN_SIGMA} added, clipped; blur sigma "
+                                                          "1.5 px; noise N(0, 1) clipped to [-1, 1]"},
               "anchors": {}}
     for name in ANCHORS:
         if log:

@@ -55,7 +55,8 @@ def evaluate_run(run_dir: str | Path, *, n: int = 10_000, data: str | None = Non
         labels = real.labels if run.model.conditional else None
         recon = run.model.reconstruct(real_images, labels).cpu()
         result["reconstruction_mse"] = float((recon - real_images).square().mean())
-    sampler = {k: getattr(run.model.cfg, k) for k in ("sampler", "sample_steps", "eta", "guidance") if hasattr(run.model.cfg, k)}
+    sampler = {k: getattr(run.model.cfg, k) for k in ("sampler", "solver", "sample_steps", "eta", "guidance")
+               if hasattr(run.model.cfg, k)}
     out = {
         "run": str(run.path), "family": run.family, "step": run.step,
         "protocol": {"generated": n, "seeds": f"0-{n - 1}", "labels": "seed mod classes" if run.model.conditional else None,
