@@ -211,7 +211,8 @@ class DDPM(Family):
                 generator: Generators = None, steps: int | None = None, guidance: float | None = None,
                 resample: int = 5) -> torch.Tensor:
         """Fill the pixels where mask == 1 (mask N x 1 x H x W) of images N x C x H x W; the others are
-        returned exactly as given. H and W may differ from the training size (the U-Net is convolutional)."""
+        returned exactly as given. H and W may differ from the training size (both backbones run on larger
+        canvases)."""
         self.check_inpaint(image, mask)
         n = image.shape[0]
         RESAMPLE.check(resample, "resample")
