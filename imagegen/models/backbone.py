@@ -1,6 +1,8 @@
 """The denoising backbone of the diffusion and flow families, chosen by `model.backbone`: the U-Net
 (nets/unet.py) or the diffusion transformer (nets/dit.py). A family owns its objective and sampler; this
-module only holds the config fields both families share and builds the network they name.
+module holds the config fields both families share, builds the network they name, and (`BackboneFamily`)
+the parts of training and sampling that do not depend on the objective: the optimizer and its step,
+label dropout for guidance, the guided network call, per-image noise, inpainting canvases.
 
 Both networks map (x N x C x H x W, t N, y N or None) -> N x C x H x W and start at zero output.
 """
@@ -18,6 +20,8 @@ from ..config import MAX_IMAGE_SIZE, MAX_WIDTH, ranged
 from ..errors import ConfigError
 from ..nets.dit import DiT
 from ..nets.unet import UNet
+from ..solvers import Noise
+from .base import Family, Generators, adam, per_item_normal, run_fixed_batch
 
 
 @dataclass
@@ -73,3 +77,58 @@ def keep_known(x: torch.Tensor, image: torch.Tensor, keep: torch.Tensor) -> torc
     """The generated canvas x cropped to the image's size, with every kept pixel exactly the image's."""
     h, w = image.shape[-2:]
     return torch.where(keep[:, :, :h, :w].bool(), image, x[:, :, :h, :w].clamp(-1, 1))
+
+
+# --- what the diffusion and flow families share -------------------------------------------------------
+
+
+class BackboneFamily(Family):
+    """A family that trains one backbone (`self.net`) with Adam. Its Config is a BackboneConfig with
+    `lr`, `grad_clip` and `label_dropout`."""
+
+    train_defaults = {"steps": 3000, "batch_size": 32, "ema_decay": 0.998, "sample_every": 1000}
+
+    def __init__(self, cfg: BackboneConfig) -> None:
+        super().__init__(cfg)
+        self.net = build_backbone(cfg)
+
+    def configure_optimizers(self, train_cfg) -> dict[str, torch.optim.Optimizer]:
+        return {"net": adam(self.net.parameters(), self.cfg.lr)}
+
+    def training_labels(self, batch: dict[str, torch.Tensor], gen: torch.Generator) -> torch.Tensor | None:
+        """The batch's labels with a `label_dropout` share replaced by the null class (None when
+        unconditional): one network learns both, for classifier-free guidance."""
+        if not self.conditional:
+            return None
+        labels = batch["label"]
+        drop = torch.rand(labels.shape[0], generator=gen, device=labels.device) < self.cfg.label_dropout
+        return torch.where(drop, self.num_classes, labels)
+
+    def update(self, opt: dict, loss: torch.Tensor) -> dict[str, float]:
+        """Backward, clip the global gradient norm to `grad_clip` (0 = off), step."""
+        opt["net"].zero_grad(set_to_none=True)
+        self.backward(loss)
+        if self.cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.grad_clip)
+        opt["net"].step()
+        return {"loss": loss.item()}
+
+    def guided(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None, guidance: float) -> torch.Tensor:
+        """The network's output for x N x C x H x W at times t (N), with classifier-free guidance:
+        out_null + guidance (out_label - out_null); the null class alone when labels is None. The network
+        always runs in fixed micro-batches, so a seed's image does not depend on its batch."""
+        n, n_cls = x.shape[0], self.num_classes
+        if labels is not None and labels.shape[0] != n:
+            raise ValueError(f"network call on {n} images with {labels.shape[0]} labels")
+        if labels is None or not n_cls:
+            null = torch.full((n,), n_cls, device=x.device, dtype=torch.long) if n_cls else None
+            return run_fixed_batch(self.net, x, t, null)
+        if guidance == 1.0:
+            return run_fixed_batch(self.net, x, t, labels)
+        null = torch.full_like(labels, n_cls)
+        both = run_fixed_batch(self.net, torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null]))
+        cond, uncond = both[:n], both[n:]
+        return uncond + guidance * (cond - uncond)
+
+    def _noise(self, n: int, shape: tuple[int, ...], generator: Generators) -> Noise:
+        return lambda: per_item_normal(n, shape, generator, self.device)

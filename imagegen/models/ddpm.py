@@ -35,9 +35,9 @@ import torch
 
 from ..config import MAX_WEIGHT, Range, ranged
 from ..errors import ConfigError
-from ..solvers import Denoise, Noise, ddim, ddpm_ancestral, repaint, spaced_timesteps
-from .backbone import BackboneConfig, build_backbone, keep_known, padded_canvas
-from .base import Family, Generators, adam, eval_mode, per_item_normal, run_fixed_batch
+from ..solvers import Denoise, ddim, ddpm_ancestral, repaint, spaced_timesteps
+from .backbone import BackboneConfig, BackboneFamily, keep_known, padded_canvas
+from .base import Generators, eval_mode
 
 MAX_SAMPLE_STEPS = 1000
 # Sampling options' ranges, shared by the config defaults and the CLI's --steps, --eta, --guidance.
@@ -94,10 +94,9 @@ def alphas_cumprod(kind: str, T: int) -> torch.Tensor:
 # --- the family ------------------------------------------------------------------------------------
 
 
-class DDPM(Family):
+class DDPM(BackboneFamily):    # the backbone, its optimizer, label dropout and guided call: backbone.py
     Config = Config
     name = "ddpm"
-    train_defaults = {"steps": 3000, "batch_size": 32, "ema_decay": 0.998, "sample_every": 1000}
     sample_options = {
         "steps": (STEPS, "denoising steps (default: the model's sample_steps)"),
         "guidance": (GUIDANCE, "classifier-free guidance scale: 0 unconditional, 1 conditional, >1 stronger"),
@@ -107,11 +106,7 @@ class DDPM(Family):
 
     def __init__(self, cfg: Config) -> None:
         super().__init__(cfg)
-        self.net = build_backbone(cfg)
         self.register_buffer("ab", alphas_cumprod(cfg.schedule, cfg.timesteps).float(), persistent=False)
-
-    def configure_optimizers(self, train_cfg) -> dict[str, torch.optim.Optimizer]:
-        return {"net": adam(self.net.parameters(), self.cfg.lr)}
 
     # --- training ------------------------------------------------------------------------------------
 
@@ -120,10 +115,7 @@ class DDPM(Family):
         n, dev = x0.shape[0], x0.device
         t = torch.randint(0, self.cfg.timesteps, (n,), generator=gen, device=dev)
         eps = torch.randn(x0.shape, generator=gen, device=dev)
-        y = None
-        if self.conditional:
-            drop = torch.rand(n, generator=gen, device=dev) < self.cfg.label_dropout
-            y = torch.where(drop, self.num_classes, batch["label"])
+        y = self.training_labels(batch, gen)
         a = self.ab[t].view(n, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
         target = eps if self.cfg.prediction == "eps" else a.sqrt() * eps - (1 - a).sqrt() * x0
@@ -133,36 +125,14 @@ class DDPM(Family):
             w = snr.clamp(max=self.cfg.min_snr_gamma) / (snr if self.cfg.prediction == "eps" else snr + 1)
         else:
             w = torch.ones_like(snr)
-        loss = (w * per_image).mean()
-        opt["net"].zero_grad(set_to_none=True)
-        self.backward(loss)
-        if self.cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.grad_clip)
-        opt["net"].step()
-        return {"loss": loss.item()}
+        return self.update(opt, (w * per_image).mean())
 
     # --- sampling ------------------------------------------------------------------------------------
 
     def denoiser(self, labels: torch.Tensor | None, guidance: float) -> Denoise:
         """denoise(x, t) -> (x0, eps), with x0 clipped to [-1, 1] and classifier-free guidance applied."""
-        n_cls = self.num_classes
-
-        def net(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-            return run_fixed_batch(self.net, x, t, y)
-
         def denoise(x: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
-            n = x.shape[0]
-            tt = torch.full((n,), t, device=x.device, dtype=torch.long)
-            if labels is None or not n_cls:
-                null = torch.full((n,), n_cls, device=x.device, dtype=torch.long) if n_cls else None
-                out = net(x, tt, null)
-            elif guidance == 1.0:
-                out = net(x, tt, labels)
-            else:
-                null = torch.full_like(labels, n_cls)
-                both = net(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([labels, null]))
-                cond, uncond = both[:n], both[n:]
-                out = uncond + guidance * (cond - uncond)
+            out = self.guided(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long), labels, guidance)
             a = float(self.ab[t])
             if self.cfg.prediction == "eps":
                 x0 = (x - math.sqrt(1 - a) * out) / math.sqrt(a)
@@ -185,9 +155,6 @@ class DDPM(Family):
             raise ConfigError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
         check_sampling(steps, eta, guidance, self.cfg.timesteps)
         return labels, spaced_timesteps(self.cfg.timesteps, steps), guidance, eta, sampler
-
-    def _noise(self, n: int, shape: tuple[int, ...], generator: Generators) -> Noise:
-        return lambda: per_item_normal(n, shape, generator, self.device)
 
     @torch.no_grad()
     def sample(self, n: int, *, labels: torch.Tensor | None = None, generator: Generators = None,

@@ -30,9 +30,9 @@ import torch
 
 from ..config import MAX_WEIGHT, ranged
 from ..errors import ConfigError
-from ..solvers import Noise, Velocity, adaptive, euler, flow_repaint, heun, midpoint
-from .backbone import BackboneConfig, build_backbone, keep_known, padded_canvas
-from .base import Family, Generators, adam, eval_mode, per_item_normal, run_fixed_batch
+from ..solvers import Velocity, adaptive, euler, flow_repaint, heun, midpoint
+from .backbone import BackboneConfig, BackboneFamily, keep_known, padded_canvas
+from .base import Generators, eval_mode
 from .ddpm import GUIDANCE, RESAMPLE, STEPS
 
 SOLVERS = {"euler": euler, "midpoint": midpoint, "heun": heun}   # and "dopri5", adaptive
@@ -63,22 +63,14 @@ def check_solver(solver: str, what: str = "solver") -> None:
         raise ConfigError(f"{what} must be one of {', '.join([*SOLVERS, 'dopri5'])}, got {solver!r}")
 
 
-class Flow(Family):
+class Flow(BackboneFamily):    # the backbone, its optimizer, label dropout and guided call: backbone.py
     Config = Config
     name = "flow"
-    train_defaults = {"steps": 3000, "batch_size": 32, "ema_decay": 0.998, "sample_every": 1000}
     sample_options = {
         "steps": (STEPS, "solver steps (default: the model's sample_steps; heun and midpoint call the network twice a step)"),
         "guidance": (GUIDANCE, "classifier-free guidance scale: 0 unconditional, 1 conditional, >1 stronger"),
         "solver": (str, "ODE solver: euler, midpoint, heun, or dopri5 (adaptive)"),
     }
-
-    def __init__(self, cfg: Config) -> None:
-        super().__init__(cfg)
-        self.net = build_backbone(cfg)
-
-    def configure_optimizers(self, train_cfg) -> dict[str, torch.optim.Optimizer]:
-        return {"net": adam(self.net.parameters(), self.cfg.lr)}
 
     # --- training ------------------------------------------------------------------------------------
 
@@ -93,41 +85,17 @@ class Flow(Family):
         n, dev = x.shape[0], x.device
         t = self.sample_times(n, gen, dev)
         z = torch.randn(x.shape, generator=gen, device=dev)
-        y = None
-        if self.conditional:
-            drop = torch.rand(n, generator=gen, device=dev) < self.cfg.label_dropout
-            y = torch.where(drop, self.num_classes, batch["label"])
+        y = self.training_labels(batch, gen)
         tt = t.view(n, 1, 1, 1)
         xt = (1 - tt) * z + tt * x                                          # the straight path
-        loss = (self.net(xt, TIME_SCALE * t, y) - (x - z)).square().mean()  # its velocity is x - z
-        opt["net"].zero_grad(set_to_none=True)
-        self.backward(loss)
-        if self.cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.grad_clip)
-        opt["net"].step()
-        return {"loss": loss.item()}
+        return self.update(opt, (self.net(xt, TIME_SCALE * t, y) - (x - z)).square().mean())   # velocity x - z
 
     # --- sampling ------------------------------------------------------------------------------------
 
     def velocity(self, labels: torch.Tensor | None, guidance: float) -> Velocity:
-        """velocity(x, t) -> dx/dt, with classifier-free guidance applied. The network always runs in
-        fixed micro-batches, so a seed's image does not depend on its batch."""
-        n_cls = self.num_classes
-
+        """velocity(x, t) -> dx/dt, with classifier-free guidance applied (BackboneFamily.guided)."""
         def v(x: torch.Tensor, t: float) -> torch.Tensor:
-            n = x.shape[0]
-            if labels is not None and labels.shape[0] != n:
-                raise ValueError(f"velocity of {n} images called with {labels.shape[0]} labels")
-            tt = torch.full((n,), TIME_SCALE * t, device=x.device)
-            if labels is None or not n_cls:
-                null = torch.full((n,), n_cls, device=x.device, dtype=torch.long) if n_cls else None
-                return run_fixed_batch(self.net, x, tt, null)
-            if guidance == 1.0:
-                return run_fixed_batch(self.net, x, tt, labels)
-            null = torch.full_like(labels, n_cls)
-            both = run_fixed_batch(self.net, torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([labels, null]))
-            cond, uncond = both[:n], both[n:]
-            return uncond + guidance * (cond - uncond)
+            return self.guided(x, torch.full((x.shape[0],), TIME_SCALE * t, device=x.device), labels, guidance)
 
         return v
 
@@ -141,9 +109,6 @@ class Flow(Family):
         GUIDANCE.check(guidance, "guidance")
         check_solver(solver)
         return labels, steps, guidance, solver
-
-    def _noise(self, n: int, shape: tuple[int, ...], generator: Generators) -> Noise:
-        return lambda: per_item_normal(n, shape, generator, self.device)
 
     @torch.no_grad()
     def sample(self, n: int, *, labels: torch.Tensor | None = None, generator: Generators = None,
