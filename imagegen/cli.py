@@ -24,6 +24,7 @@ from .models import REGISTRY
 from .evaluate.evaluator import EvaluatorConfig
 from .evaluate.run_eval import N_IMAGES
 from .evaluate.analyse import KEEP
+from .evaluate.likelihood import N_LIKELIHOOD
 from .evaluate.synth import PER_CLASS
 from .models.ddpm import RESAMPLE
 from .sample import (BATCH_SIZE, FRAMES, PAD, SEED, SIDES, check_options, extend_image, generate, grid, interpolate, interpolate_images,
@@ -258,7 +259,7 @@ def cmd_evaluate(a) -> int:
     if not a.run_dir:
         raise ConfigError("evaluate needs a run folder (or --anchors --data DATA)")
     from .evaluate.run_eval import evaluate_run
-    out = evaluate_run(a.run_dir, n=a.n, data=a.data)
+    out = evaluate_run(a.run_dir, n=a.n, data=a.data, likelihood=a.likelihood or 0)
     if a.tstr:
         from .checkpoint import write_json_atomic
         from .evaluate.synth import train_on_synthetic
@@ -273,6 +274,11 @@ def cmd_evaluate(a) -> int:
         return 0
     print(f"# {p['generated']} generated (seeds {p['seeds']}) vs {p['real']} real ({p['data']} {p['real_split']}), "
           f"evaluator {p['evaluator']}; written to {a.run_dir}/metrics.json")
+    if "likelihood" in p:
+        from .evaluate.likelihood import PUBLISHED
+        print(f"# bits/dim on {p['likelihood']['images']} test images, {p['likelihood']['dequantization']}")
+        for name, value in PUBLISHED.get(p["data"], {}).items():
+            print(f"#   published, {name}: {value}")
     return 0
 
 
@@ -287,8 +293,17 @@ def cmd_leaderboard(a) -> int:
 
 
 def cmd_analyse(a) -> int:
-    from .evaluate.analyse import analyse_run
-    out = analyse_run(a.run_dir, a.out, n=a.n, keep=a.keep)
+    from .evaluate.analyse import analyse_folder, analyse_run
+    if a.images:
+        if a.keep is not None:
+            raise ConfigError("--keep filters generated samples; it does not go with --images")
+        out = analyse_folder(a.run_dir, a.images, a.out, reference=a.reference)
+        for r in sorted(out.pop("scores"), key=lambda r: r["bits_per_dim"]):
+            print(f"{r['bits_per_dim']:8.4f} bits/dim  {r['test_share_below']:6.1%} of test images more likely  {r['file']}")
+        ref = out["test_reference"]
+        print(f"# test images: {ref['mean']:.4f} bits/dim on average over {ref['images']}; gallery: {Path(a.out) / 'gallery.html'}")
+        return 0
+    out = analyse_run(a.run_dir, a.out, n=a.n, keep=a.keep, likelihood=a.likelihood)
     print(json.dumps({k: v for k, v in out.items() if k != "run"}, indent=2))
     print(f"# gallery: {Path(a.out) / 'gallery.html'}" + (f"; kept images in {Path(a.out) / 'kept'}" if a.keep else ""))
     return 0
@@ -406,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs", help="with --anchors: folder for anchors-<data>.json")
     p.add_argument("--tstr", action="store_true", help="also train-on-synthetic, test-on-real (conditional runs)")
     add_number(p, "--per-class", PER_CLASS, "with --tstr: synthetic images per class", default=1000)
+    add_number(p, "--likelihood", N_LIKELIHOOD, "also bits/dim of the first N test images (flow, vae, cvae)")
 
     p = sub.add_parser("leaderboard", help="a table of evaluated runs and anchors (Markdown; --html FILE too)")
     p.add_argument("paths", nargs="+", help="run folders, folders of runs, or anchors-*.json files")
@@ -416,6 +432,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_number(p, "--n", N_IMAGES, "images to score (seeds 0..n-1)", default=2000)
     p.add_argument("--out", required=True, help="folder for analysis.json, gallery.html (and kept/)")
     add_number(p, "--keep", KEEP, "share of samples to keep, by realism score, e.g. 0.5")
+    p.add_argument("--likelihood", action="store_true", help="also score each sample's bits/dim (flow, vae, cvae)")
+    p.add_argument("--images", metavar="FOLDER", help="score your own images instead: each one's bits/dim under the model")
+    add_number(p, "--reference", N_LIKELIHOOD, "with --images: real test images to place the scores among", default=200)
 
     p = sub.add_parser("synth", help="a labelled synthetic dataset from a conditional run")
     p.add_argument("run_dir")

@@ -7,7 +7,12 @@ Per image:
   means inside some real image's neighbourhood. It is the ranking and filtering score;
 - `discriminator`: the GAN discriminator's logit, for GAN families;
 - `nearest_train_l2`: pixel distance (RMS, [-1, 1] units) to the closest training image, and its index:
-  very small values flag possible copies of the training set (memorisation).
+  very small values flag possible copies of the training set (memorisation);
+- `bits_per_dim` (`likelihood=True`, for families with a density: flow, vae, cvae): the image's own
+  likelihood under the model (evaluate/likelihood.py), how typical it is of the training data.
+
+`analyse_folder` scores a folder of the user's own images by the same likelihood, each placed among the
+bits/dim of real test images.
 """
 
 from __future__ import annotations
@@ -18,13 +23,17 @@ import io
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..checkpoint import load_run, write_json_atomic
 from ..config import Range
 from ..data import load_data
+from ..data.folder import list_images, load_image
+from ..errors import ConfigError, ImageFileError
 from ..sample import default_labels, generate, save_images, to_float, to_pil, to_uint8
 from .evaluator import cache_dir, load_evaluator, run_data, run_evaluator
+from .likelihood import N_LIKELIHOOD, has_likelihood, image_bits_per_dim
 from .metrics import CHUNK
 from .run_eval import N_IMAGES, compare
 
@@ -77,14 +86,22 @@ def filter_images(extractor, real: torch.Tensor, images: torch.Tensor, realism: 
             "after": {k: after[k] for k in (fd, "precision", "recall")}}
 
 
+def _need_likelihood(run) -> None:
+    if not has_likelihood(run.model):
+        raise ConfigError(f"--likelihood: model {run.family!r} has no likelihood (flow, vae and cvae have one)")
+
+
 def analyse_run(run_dir: str | Path, out_dir: str | Path, *, n: int = 2000, keep: float | None = None,
-                log=print) -> dict:
+                likelihood: bool = False, log=print) -> dict:
     """Score n samples (seeds 0..n-1), write analysis.json and gallery.html to out_dir; with `keep`,
-    also write the best `keep` share to out_dir/kept/ and report metrics before and after filtering."""
+    also write the best `keep` share to out_dir/kept/ and report metrics before and after filtering;
+    with `likelihood`, also each sample's bits/dim (as its 8-bit PNG, dequantised with its seed)."""
     N_IMAGES.check(n, "--n")
     if keep is not None:
         KEEP.check(keep, "--keep (a share)")
     run = load_run(run_dir)
+    if likelihood:
+        _need_likelihood(run)
     extractor = run_evaluator(run, log=log)
     train = load_data(run_data(run, split="train"))
     train_images = to_float(train.images)
@@ -101,6 +118,9 @@ def analyse_run(run_dir: str | Path, out_dir: str | Path, *, n: int = 2000, keep
         with torch.no_grad():
             scores["discriminator"] = torch.cat([run.model.critic(fake[i:i + 256], None if labels is None else labels[i:i + 256])
                                                  for i in range(0, n, 256)]).float()
+    if likelihood:
+        u8 = torch.from_numpy(to_uint8(fake)).permute(0, 3, 1, 2).contiguous()
+        scores["bits_per_dim"] = image_bits_per_dim(run.model, u8, seeds, labels=labels).float()
     per_image = [{"seed": s, **{k: float(v[j]) for k, v in scores.items()}, "nearest_train_index": int(idx[j]),
                   "predicted_class": train.classes[int(predicted[j])] if train.classes else int(predicted[j]),
                   **({"label": train.classes[int(labels[j])]} if labels is not None else {})}
@@ -124,6 +144,54 @@ def analyse_run(run_dir: str | Path, out_dir: str | Path, *, n: int = 2000, keep
     return result
 
 
+def analyse_folder(run_dir: str | Path, folder: str | Path, out_dir: str | Path, *, reference: int = 200,
+                   log=print) -> dict:
+    """Score every image of a folder by its bits/dim under the run's model (resized to the model's size
+    and channels as `folder:` data is), each placed among the bits/dim of the first `reference` real test
+    images: `test_share_below` is the share of those that the model finds more likely (near 0: more
+    typical than the test images, near 1: unlike them). Writes analysis.json and gallery.html to out_dir.
+    Unreadable files are reported and skipped, as in training."""
+    N_LIKELIHOOD.check(reference, "--reference")
+    run = load_run(run_dir)
+    _need_likelihood(run)
+    if run.model.conditional and run.family == "cvae":
+        raise ConfigError("a cvae's likelihood is log p(x | class); score a folder with a vae or flow run")
+    cfg = run.model.cfg
+    files, skipped, _ = list_images(Path(folder), classes=False)
+    arrays, names = [], []
+    for path, _ in files:
+        try:
+            arrays.append(load_image(path, cfg.image_size, cfg.channels))
+            names.append(str(path))
+        except ImageFileError as e:
+            skipped.append((str(path), str(e).removeprefix(f"{path}: ")))
+    for name, why in skipped:
+        log(f"skipped {name}: {why}")
+    if not arrays:
+        raise ConfigError(f"{folder}: no readable images to score ({len(skipped)} skipped)")
+    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    bpd = image_bits_per_dim(run.model, images, list(range(len(names))))
+    test = load_data(run_data(run))
+    ref = image_bits_per_dim(run.model, test.images[:reference], list(range(min(reference, len(test)))),
+                             labels=test.labels[:reference] if test.labelled else None)
+    per_image = [{"file": f, "bits_per_dim": float(b), "test_share_below": float((ref < b).double().mean())}
+                 for f, b in zip(names, bpd)]
+    result = {"run": str(run.path), "family": run.family, "step": run.step, "folder": str(folder),
+              "images": len(names), "skipped": [{"file": f, "reason": r} for f, r in skipped],
+              "score": "bits_per_dim (evaluate/likelihood.py); lower = more typical of the training data",
+              "test_reference": {"images": len(ref), "mean": float(ref.mean()), "min": float(ref.min()),
+                                 "max": float(ref.max())}}
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out_dir / "analysis.json", {**result, "scores": per_image})
+    order = torch.argsort(bpd)
+    _page(out_dir / "gallery.html", f"Likelihood of {Path(folder).name} under {Path(run.path).name}", result,
+          images.float() / 127.5 - 1, per_image,
+          [("Most typical (lowest bits/dim)", order), ("Least typical (highest bits/dim)", order.flip(0))],
+          lambda r: f"{Path(r['file']).name}<br>{r['bits_per_dim']:.3f}")
+    return {**result, "scores": per_image}
+
+
 def _png_uri(image: torch.Tensor) -> str:
     buf = io.BytesIO()
     to_pil(to_uint8(image[None])[0]).save(buf, format="PNG")
@@ -132,20 +200,26 @@ def _png_uri(image: torch.Tensor) -> str:
 
 def _gallery(path: Path, fake: torch.Tensor, per_image: list[dict], order: torch.Tensor,
              by_distance: torch.Tensor, result: dict) -> None:
-    def section(title: str, idx: torch.Tensor) -> str:
+    _page(path, f"Analysis of {Path(result['run']).name}", result, fake, per_image,
+          [("Best (highest realism score)", order), ("Worst (lowest realism score)", order.flip(0)),
+           ("Nearest to a training image (copy suspects)", by_distance)],
+          lambda r: f"seed {r['seed']}<br>{r['realism']:.2f}")
+
+
+def _page(path: Path, title: str, result: dict, images: torch.Tensor, per_image: list[dict],
+          sections: list[tuple[str, torch.Tensor]], caption) -> None:
+    """An HTML page: the result as JSON, then a strip of images per section (indices into images)."""
+    def section(heading: str, idx: torch.Tensor) -> str:
         cells = []
         for j in idx[:GALLERY].tolist():
             r = per_image[j]
             tip = html.escape(", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()))
-            cells.append(f'<figure><img src="{_png_uri(fake[j])}" title="{tip}"><figcaption>seed {r["seed"]}<br>'
-                         f'{r["realism"]:.2f}</figcaption></figure>')
-        return f"<h2>{html.escape(title)}</h2><div class='g'>{''.join(cells)}</div>"
+            cells.append(f'<figure><img src="{_png_uri(images[j])}" title="{tip}"><figcaption>{caption(r)}'
+                         '</figcaption></figure>')
+        return f"<h2>{html.escape(heading)}</h2><div class='g'>{''.join(cells)}</div>"
 
-    parts = [f"<h1>Analysis of {html.escape(Path(result['run']).name)}</h1>",
-             "<pre>" + html.escape(json.dumps(result, indent=2)) + "</pre>",
-             section("Best (highest realism score)", order),
-             section("Worst (lowest realism score)", order.flip(0)),
-             section("Nearest to a training image (copy suspects)", by_distance)]
+    parts = [f"<h1>{html.escape(title)}</h1>", "<pre>" + html.escape(json.dumps(result, indent=2)) + "</pre>",
+             *(section(h, idx) for h, idx in sections)]
     page = ("<!doctype html><html><head><meta charset='utf-8'><title>imagegen analysis</title><style>"
             "body{font-family:system-ui,sans-serif;margin:2em}.g{display:flex;flex-wrap:wrap;gap:6px}"
             "figure{margin:0;text-align:center;font-size:11px}img{width:56px;image-rendering:pixelated}"

@@ -11,9 +11,11 @@ import torch
 from ..checkpoint import load_run, write_json_atomic
 from ..config import Range
 from ..data import load_data
+from ..errors import ConfigError
 from ..sample import default_labels, generate, to_float
 from . import metrics as M
 from .evaluator import FeatureExtractor, run_data, run_evaluator
+from .likelihood import has_likelihood, measure
 from .translation import evaluate_translation
 
 MAX_N = 100_000
@@ -34,11 +36,14 @@ def compare(extractor: FeatureExtractor, real: torch.Tensor, fake: torch.Tensor)
 
 
 def evaluate_run(run_dir: str | Path, *, n: int = 10_000, data: str | None = None, batch_size: int = 256,
-                 extractor: FeatureExtractor | None = None, log=print) -> dict:
+                 extractor: FeatureExtractor | None = None, likelihood: int = 0, log=print) -> dict:
     """metrics.json for a run: n generated images (seeds 0..n-1, default sampling options) against the
-    real test split of the run's data, in the feature space of that data's evaluator."""
+    real test split of the run's data, in the feature space of that data's evaluator; with `likelihood`
+    > 0, also the bits/dim of that many test images (evaluate/likelihood.py; flow, vae and cvae)."""
     N_IMAGES.check(n, "--n")
     run = load_run(run_dir)
+    if likelihood and not has_likelihood(run.model):
+        raise ConfigError(f"--likelihood: model {run.family!r} has no likelihood (flow, vae and cvae have one)")
     if run.model.translates:   # translation runs have their own measures
         return evaluate_translation(run, n=n, data=data, log=log)
     real_cfg = run_data(run, data)
@@ -55,6 +60,14 @@ def evaluate_run(run_dir: str | Path, *, n: int = 10_000, data: str | None = Non
         labels = real.labels if run.model.conditional else None
         recon = run.model.reconstruct(real_images, labels).cpu()
         result["reconstruction_mse"] = float((recon - real_images).square().mean())
+    bpd = None
+    if likelihood:
+        t1 = time.perf_counter()
+        bpd = measure(run.model, real, likelihood)
+        result["bits_per_dim"], result["bits_per_dim_se"] = bpd.pop("bits_per_dim"), bpd.pop("bits_per_dim_se")
+        bpd["seconds"] = round(time.perf_counter() - t1, 2)
+        log(f"# bits/dim of {bpd['images']} test images: {result['bits_per_dim']:.4f} "
+            f"(standard error {result['bits_per_dim_se'] or 0:.4f}) in {bpd['seconds']} s")
     sampler = {k: getattr(run.model.cfg, k) for k in ("sampler", "solver", "sample_steps", "eta", "guidance")
                if hasattr(run.model.cfg, k)}
     out = {
@@ -63,7 +76,8 @@ def evaluate_run(run_dir: str | Path, *, n: int = 10_000, data: str | None = Non
                      "real": len(real), "real_split": "test", "data": data, "evaluator": extractor.name,
                      "evaluator_sha256": getattr(extractor, "info", {}).get("sha256"), "weights": "ema",
                      "sampler": sampler or "default", "kid": "50 subsets of 1000, cubic kernel on unit-length features",
-                     "precision_recall_k": 3, "density_coverage_k": 5},
+                     "precision_recall_k": 3, "density_coverage_k": 5,
+                     **({"likelihood": bpd} if bpd else {})},
         "metrics": result,
         "sampling_seconds": round(sample_seconds, 2),
     }
