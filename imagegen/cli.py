@@ -26,7 +26,7 @@ from .evaluate.run_eval import N_IMAGES
 from .evaluate.analyse import KEEP
 from .evaluate.likelihood import N_LIKELIHOOD
 from .evaluate.synth import PER_CLASS
-from .models.ddpm import RESAMPLE
+from .models.ddpm import RESAMPLE, STEPS as SAMPLE_STEPS
 from .sample import (BATCH_SIZE, FRAMES, PAD, SEED, SIDES, check_options, extend_image, generate, grid, interpolate, interpolate_images,
                      outpaint_canvas, parse_floats, parse_seeds, resolve_labels, read_image, read_images, read_mask, save_images,
                      save_named, to_pil, to_uint8)
@@ -113,6 +113,17 @@ def cmd_train(a) -> int:
         print("# model.image_size and model.channels are filled in from the data when training starts")
         return 0
     run_dir = train(cfg, out=a.out, resume=a.resume, progress=not a.no_progress)
+    report = write_report(run_dir)
+    print(f"run folder: {run_dir}\nreport:     {report}")
+    return 0
+
+
+def cmd_distill(a) -> int:
+    from .distill import distill
+    if a.resume and a.set:
+        raise ConfigError("--resume continues a run with its own config; --set cannot change it")
+    run_dir = distill(a.run_dir, steps=a.steps, out=a.out, pairs=a.pairs, teacher_steps=a.teacher_steps,
+                      overrides=a.set, resume=a.resume, train_steps=a.train_steps, progress=not a.no_progress)
     report = write_report(run_dir)
     print(f"run folder: {run_dir}\nreport:     {report}")
     return 0
@@ -363,6 +374,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs")
     p.add_argument("--no-progress", action="store_true")
 
+    from .distill import PAIRS
+    p = sub.add_parser("distill", help="a new run whose student samples a flow or ddpm run in 1, 2 or 4 steps")
+    p.add_argument("run_dir", help="the teacher: a trained flow or ddpm run folder")
+    p.add_argument("--steps", type=int, default=1, choices=[1, 2, 4], help="the student's sampling steps (default 1)")
+    p.add_argument("--out", default="runs", help="folder that holds the run folders (default: runs)")
+    add_number(p, "--pairs", PAIRS, "teacher samples (noise, image) to learn from", default=20_000)
+    add_number(p, "--teacher-steps", SAMPLE_STEPS, "the teacher's sampling steps for the couplings (default: its own)")
+    add_number(p, "--train-steps", TRAIN_RANGES["steps"], "the student's training steps (default 4000)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one key, e.g. model.method=reflow, model.adversarial=0.05, model.width=16")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue this distilled run up to --train-steps")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
     p = sub.add_parser("sample", help="one PNG per seed from a trained run")
     p.add_argument("run_dir")
     p.add_argument("--seeds", default="0-63", help="e.g. 0-63 or 3,9,12-14")
@@ -464,7 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
 LABELS_HELP = ("class name or index for every seed, or a comma list with one per seed "
                "(see `imagegen data info`); default: seed mod number of classes")
 
-COMMANDS = {"train": cmd_train, "demo": cmd_demo, "sample": cmd_sample, "interpolate": cmd_interpolate,
+COMMANDS = {"train": cmd_train, "distill": cmd_distill, "demo": cmd_demo, "sample": cmd_sample, "interpolate": cmd_interpolate,
             "inpaint": cmd_inpaint, "outpaint": cmd_outpaint, "translate": cmd_translate, "evaluate": cmd_evaluate, "evaluator": cmd_evaluator,
             "leaderboard": cmd_leaderboard, "analyse": cmd_analyse, "synth": cmd_synth,
             "data": cmd_data_info, "report": cmd_report, "models": cmd_models, "serve": cmd_serve}

@@ -8,6 +8,7 @@ from .baseline import RandomPixels
 from .cgan import CGAN
 from .cyclegan import CycleGAN
 from .ddpm import DDPM
+from .distilled import Distilled
 from .flow import Flow
 from .gan import DCGAN
 from .vae import CVAE, VAE
@@ -20,6 +21,7 @@ REGISTRY: dict[str, type[Family]] = {
     CVAE.name: CVAE,
     DDPM.name: DDPM,
     Flow.name: Flow,
+    Distilled.name: Distilled,
     CycleGAN.name: CycleGAN,
 }
 

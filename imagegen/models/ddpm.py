@@ -174,6 +174,16 @@ class DDPM(BackboneFamily):    # the backbone, its optimizer, label dropout and 
         return x.clamp(-1, 1)
 
     @torch.no_grad()
+    def from_noise(self, z: torch.Tensor, *, labels: torch.Tensor | None = None, steps: int | None = None,
+                   guidance: float | None = None) -> torch.Tensor:
+        """The images deterministic DDIM (eta = 0) makes of noise z (N x C x H x W at the last timestep):
+        the map that `distill` learns in one step."""
+        labels, ts, guidance, _, _ = self._setup(z.shape[0], labels, steps, guidance, 0.0, "ddim")
+        with eval_mode(self):
+            x = ddim(self.denoiser(labels, guidance), z.to(self.device), self.ab, ts, eta=0.0)
+        return x.clamp(-1, 1)
+
+    @torch.no_grad()
     def inpaint(self, image: torch.Tensor, mask: torch.Tensor, *, labels: torch.Tensor | None = None,
                 generator: Generators = None, steps: int | None = None, guidance: float | None = None,
                 resample: int = 5) -> torch.Tensor:

@@ -119,13 +119,21 @@ class Flow(BackboneFamily):    # the backbone, its optimizer, label dropout and 
     def sample(self, n: int, *, labels: torch.Tensor | None = None, generator: Generators = None,
                steps: int | None = None, guidance: float | None = None, solver: str | None = None) -> torch.Tensor:
         """n images. labels None on a conditional model samples unconditionally (the null class)."""
-        labels, steps, guidance, solver = self._setup(n, labels, steps, guidance, solver)
         shape = (self.cfg.channels, self.cfg.image_size, self.cfg.image_size)
+        return self.from_noise(self._noise(n, shape, generator)(), labels=labels, steps=steps, guidance=guidance,
+                               solver=solver)
+
+    @torch.no_grad()
+    def from_noise(self, z: torch.Tensor, *, labels: torch.Tensor | None = None, steps: int | None = None,
+                   guidance: float | None = None, solver: str | None = None) -> torch.Tensor:
+        """The images the ODE carries noise z (N x C x H x W at t = 0) to: a deterministic map, which
+        `distill` learns in one step."""
+        labels, steps, guidance, solver = self._setup(z.shape[0], labels, steps, guidance, solver)
         with eval_mode(self):
-            x = self._noise(n, shape, generator)()
+            x = z.to(self.device)
             if solver == "dopri5":   # one image at a time: its step sizes must not depend on the others
                 x = torch.cat([adaptive(self.velocity(None if labels is None else labels[i:i + 1], guidance),
-                                        x[i:i + 1])[0] for i in range(n)])
+                                        x[i:i + 1])[0] for i in range(x.shape[0])])
             else:
                 x = SOLVERS[solver](self.velocity(labels, guidance), x, steps)
         return x.clamp(-1, 1)

@@ -1,0 +1,126 @@
+"""`imagegen distill`: a trained flow or ddpm run in, a new run folder out whose student samples in 1, 2
+or 4 steps (models/distilled.py for the method).
+
+1. Couplings: `pairs` noises z_i, each drawn from the generator of seed COUPLING_SEEDS + i (never the
+   seeds 0..n-1 that `evaluate` draws), and the teacher's deterministic image of each (flow: its ODE
+   solver; ddpm: DDIM with eta = 0), with labels i mod classes for a conditional teacher, at the
+   teacher's own sampling options unless `teacher_steps` is given.
+2. The student trains on them through the ordinary training loop (`train`): the same run folder,
+   checkpoints, EMA, log, grids and report as any run; its config names the teacher and its hash.
+
+Resume (`resume=RUN`) draws the same couplings again (they depend only on the teacher and the seeds) and
+continues the run.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .checkpoint import MANIFEST, load_run, read_config
+from .config import Range, apply_overrides
+from .data import DataConfig, load_data
+from .data.dataset import ImageDataset
+from .errors import ConfigError
+from .models.base import per_item_normal
+from .sample import default_labels, seed_generators, to_uint8
+from .train import resolve_config, train
+
+COUPLING_SEEDS = 1_000_000_000   # couplings use seeds from here on: evaluation draws 0..n-1
+PAIRS = Range(16, 10_000_000)
+STUDENT_STEPS = (1, 2, 4)
+
+
+@dataclass
+class CouplingDataset(ImageDataset):
+    """The teacher's images (`images`, uint8) with the noise each came from (`noise`, float N x C x H x W)
+    and, for the adversarial term, the real training images (`real`). A batch holds all three."""
+    noise: torch.Tensor = field(default=None)
+    real: ImageDataset | None = None
+
+    def batch(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = super().batch(index)
+        out["noise"] = self.noise[index]
+        if self.real is not None:   # real images unrelated to the couplings: any index will do
+            out["real"] = self.real.batch(index % len(self.real))["image"]
+        return out
+
+
+def teacher_hash(run_dir: Path) -> str:
+    return json.loads((Path(run_dir) / MANIFEST).read_text())["files"]["ema.safetensors"]
+
+
+def couplings(teacher, n: int, *, steps: int | None = None, batch_size: int = 256, real: ImageDataset | None = None,
+              progress: bool = True) -> CouplingDataset:
+    """n (noise, teacher image, label) triples from a loaded teacher run (module docstring, step 1)."""
+    model = teacher.model
+    if not hasattr(model, "from_noise"):
+        raise ConfigError(f"distill takes a flow or ddpm run; {teacher.path} is {teacher.family!r}")
+    PAIRS.check(n, "--pairs")
+    seeds = list(range(COUPLING_SEEDS, COUPLING_SEEDS + n))
+    labels = default_labels(model, seeds)
+    shape = (model.cfg.channels, model.cfg.image_size, model.cfg.image_size)
+    noise = torch.empty((n, *shape))
+    images = torch.empty((n, *shape), dtype=torch.uint8)
+    opts = {} if steps is None else {"steps": steps}
+    with tqdm(total=n, desc="teacher couplings", unit="img", disable=not progress) as bar:
+        for i in range(0, n, batch_size):
+            chunk = seeds[i:i + batch_size]
+            z = per_item_normal(len(chunk), shape, seed_generators(chunk), torch.device("cpu"))
+            lab = None if labels is None else labels[i:i + batch_size]
+            x = model.from_noise(z, labels=lab, **opts).cpu()
+            noise[i:i + len(chunk)] = z
+            images[i:i + len(chunk)] = torch.from_numpy(to_uint8(x)).permute(0, 3, 1, 2)
+            bar.update(len(chunk))
+    classes = teacher.classes if model.conditional else []
+    return CouplingDataset(images=images, labels=labels if labels is not None else torch.full((n,), -1),
+                           classes=classes, name=f"couplings of {teacher.path}", source=str(teacher.path),
+                           noise=noise, real=real)
+
+
+def sampler_of(teacher, steps: int | None) -> str:
+    cfg = teacher.model.cfg
+    what = {k: getattr(cfg, k) for k in ("solver", "sample_steps", "guidance") if hasattr(cfg, k)}
+    if steps is not None:
+        what["sample_steps"] = steps
+    if teacher.family == "ddpm":
+        what["sampler"] = "ddim, eta 0"
+    return ", ".join(f"{k} {v}" for k, v in what.items())
+
+
+def distill(teacher_dir: str | Path, *, steps: int = 1, out: str | Path = "runs", pairs: int = 20_000,
+            teacher_steps: int | None = None, overrides: list[str] = (), resume: str | Path | None = None,
+            train_steps: int | None = None, progress: bool = True) -> Path:
+    """A new run folder under `out` (or `resume` continued up to train_steps) whose student samples in
+    `steps` steps what the teacher run at `teacher_dir` samples; `overrides` are KEY=VALUE strings
+    (model.method=reflow, model.adversarial=0.05, train.batch_size=128...)."""
+    if steps not in STUDENT_STEPS:
+        raise ConfigError(f"--steps must be one of {', '.join(map(str, STUDENT_STEPS))}, got {steps}")
+    teacher = load_run(teacher_dir)
+    if resume is not None:
+        saved = read_config(resume)
+        if saved.get("family") != "distilled" or saved["model"].get("teacher_sha256") != teacher_hash(teacher.path):
+            raise ConfigError(f"{resume} is not a distilled run of {teacher.path} (family or teacher hash differ)")
+        tree = {k: saved.get(k, {}) for k in ("family", "model", "data", "train")}
+        if train_steps is not None:
+            tree["train"] = {**tree["train"], "steps": train_steps}
+        pairs, teacher_steps = int(saved["model"]["pairs"]), int(saved["model"]["teacher_steps"]) or None
+    else:
+        tree = {"family": "distilled", "data": dict(teacher.config.get("data", {})),
+                "model": {"steps": steps, "teacher": str(Path(teacher.path).resolve()), "teacher_family": teacher.family,
+                          "teacher_sha256": teacher_hash(teacher.path), "teacher_sampler": sampler_of(teacher, teacher_steps),
+                          "pairs": pairs, "teacher_steps": teacher_steps or 0},
+                "train": {} if train_steps is None else {"steps": train_steps}}
+        apply_overrides(tree, list(overrides))
+    cfg = resolve_config(tree)
+    real = None
+    if cfg.model.adversarial:
+        data = teacher.config.get("data", {})
+        real = load_data(DataConfig(source=data.get("source", "shapes"), size=int(data.get("size", 0)),
+                                    channels=int(data.get("channels", 0))))
+    pairs_ds = couplings(teacher, pairs, steps=teacher_steps, real=real, progress=progress)
+    return train(cfg, out=out, resume=resume, progress=progress, dataset=pairs_ds)
