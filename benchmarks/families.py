@@ -44,6 +44,23 @@ def train_speed(family: str, ds, steps: int) -> tuple[float, int, imagegen.model
     return statistics.median(speeds), cfg.train.batch_size, model
 
 
+def distilled_speed(ds, steps: int, teacher_run: str | None) -> tuple[float, int, imagegen.models.Family]:
+    """The distilled student's training speed on couplings of a flow teacher: `teacher_run` when given,
+    else a flow trained for `steps` steps here (its quality does not matter for timing)."""
+    from imagegen.distill import distill
+    with tempfile.TemporaryDirectory() as out:
+        if teacher_run is None:
+            cfg = imagegen.resolve_config({"family": "flow", "data": {"source": ds.name},
+                                           "train": {"steps": steps, "sample_every": 0, "checkpoint_every": 10**6}})
+            teacher_run = imagegen.train(cfg, out=out, progress=False, dataset=ds)
+        run_dir = distill(teacher_run, steps=1, out=out, pairs=256, train_steps=steps, progress=False,
+                          overrides=["train.log_every=10", "train.sample_every=0", "train.checkpoint_every=1000000"])
+        records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+        model = imagegen.load_run(run_dir).model
+    speeds = [r["images_per_s"] for r in records[1:]] or [records[-1]["images_per_s"]]
+    return statistics.median(speeds), REGISTRY["distilled"].train_defaults["batch_size"], model
+
+
 def timed(fn, reps: int) -> float:
     fn()                                             # warm-up
     times = []
@@ -59,6 +76,7 @@ def main() -> None:
     ap.add_argument("--data", default="fashion-mnist")
     ap.add_argument("--steps", type=int, default=60, help="training steps to time per family")
     ap.add_argument("--families", default=",".join(REGISTRY))
+    ap.add_argument("--teacher", help="for distilled: the flow or ddpm run to distil (default: a flow trained --steps here)")
     args = ap.parse_args()
     torch.manual_seed(0)
     try:
@@ -82,7 +100,10 @@ def main() -> None:
             print(f"| {family} ({pair.name}, translate) | {bs} pairs | {ips:.0f} pairs | {one * 1000:.1f} | {256 / big:.0f} "
                   f"| {sixteen:.2f} |", flush=True)
             continue
-        ips, bs, model = train_speed(family, ds, steps)
+        if REGISTRY[family].made_by == "distill":
+            ips, bs, model = distilled_speed(ds, steps, args.teacher)
+        else:
+            ips, bs, model = train_speed(family, ds, steps)
         k = model.num_classes
 
         def labels(n):

@@ -357,9 +357,10 @@ def cmd_serve(a) -> int:
 def cmd_models(a) -> int:
     for name, cls in REGISTRY.items():
         opts = " ".join(f"--{k}" for k in cls.sample_options)
-        needs = "needs labels" if cls.needs_labels else "needs pair:" if cls.translates else ""
-        opts = "(imagegen translate)" if cls.translates else opts
-        print(f"{name:8s} {(cls.__module__.rsplit('.', 1)[-1]) + '.py':12s} {needs:13s}{opts}")
+        needs = ("needs labels" if cls.needs_labels else "needs pair:" if cls.translates
+                 else "needs a teacher" if cls.made_by else "")
+        opts = "(imagegen translate)" if cls.translates else f"(imagegen {cls.made_by})" if cls.made_by else opts
+        print(f"{name:9s} {(cls.__module__.rsplit('.', 1)[-1]) + '.py':13s} {needs:16s}{opts}")
     return 0
 
 

@@ -43,12 +43,14 @@ def family_config(variant: str, steps: int, **train):
 
 def test_every_registered_family_has_a_tiny_config():
     # Translation families take pairs of domains, not seeds: test_cyclegan.py runs the same checks on them.
-    assert set(REGISTRY) == {v.split("-")[0] for v in TINY_MODELS} | {"cyclegan"}
+    # Distilled runs are made from a teacher run: test_distill.py runs these checks on them.
+    assert set(REGISTRY) == {v.split("-")[0] for v in TINY_MODELS} | {"cyclegan", "distilled"}
     assert all(REGISTRY[f].translates == (f == "cyclegan") for f in REGISTRY)
+    assert all((REGISTRY[f].made_by is not None) == (f == "distilled") for f in REGISTRY)
     # every family with a choice of backbone is tested on each
     from imagegen.models.backbone import BackboneConfig
     for name, cls in REGISTRY.items():
-        if issubclass(cls.Config, BackboneConfig):
+        if issubclass(cls.Config, BackboneConfig) and cls.made_by is None:
             assert {name, f"{name}-dit"} <= set(TINY_MODELS), name
 
 

@@ -13,6 +13,7 @@
 | `sample_options` (class attribute)      | {name: (Range or type, help)}: the keyword options `sample` accepts |
 | `needs_labels` (class attribute)        | True when the family cannot train on unlabelled data          |
 | `translates` (class attribute)          | True for translation families (images in, not noise in)       |
+| `made_by` (class attribute)             | the command that makes such runs when not `train` ("distill") |
 | `preview(dataset, n)` (translation)     | (images, per row) for the training grids (sample.preview: n seeds otherwise) |
 
 A family is conditional when its config has `num_classes` > 0 (filled in from the data): `sample` then
@@ -50,6 +51,7 @@ class Family(nn.Module):
     name: ClassVar[str]
     needs_labels: ClassVar[bool] = False
     translates: ClassVar[bool] = False
+    made_by: ClassVar[str | None] = None   # e.g. "distill": trained from a teacher run, not from images
     train_defaults: ClassVar[dict[str, Any]] = {}
     sample_options: ClassVar[dict[str, tuple[Any, str]]] = {}   # a Range for numbers (config.Range)
 

@@ -66,6 +66,7 @@ class Config(BackboneConfig):   # the student's backbone: a narrow U-Net by defa
 class Distilled(BackboneFamily):   # the student network, its Adam and clipped update: backbone.py
     Config = Config
     name = "distilled"
+    made_by = "distill"
     train_defaults = {"steps": 4000, "batch_size": 64, "ema_decay": 0.999, "sample_every": 1000}
 
     def __init__(self, cfg: Config) -> None:
@@ -74,6 +75,13 @@ class Distilled(BackboneFamily):   # the student network, its Adam and clipped u
         if cfg.adversarial:
             self.D = gan.Discriminator(gan.Config(image_size=cfg.image_size, channels=cfg.channels,
                                                   width=cfg.d_width, spectral_norm=True))
+
+    @classmethod
+    def fit_config(cls, cfg, dataset):
+        if getattr(dataset, "noise", None) is None:
+            raise ConfigError("model 'distilled' learns from a teacher run's couplings: make it with "
+                              "`imagegen distill TEACHER_RUN --steps 1`, not `imagegen train`")
+        return super().fit_config(cfg, dataset)
 
     def configure_optimizers(self, train_cfg) -> dict[str, torch.optim.Optimizer]:
         opts = super().configure_optimizers(train_cfg)
