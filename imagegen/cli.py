@@ -375,10 +375,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs")
     p.add_argument("--no-progress", action="store_true")
 
-    from .distill import PAIRS
+    from .distill import PAIRS, STUDENT_STEPS
     p = sub.add_parser("distill", help="a new run whose student samples a flow or ddpm run in 1, 2 or 4 steps")
     p.add_argument("run_dir", help="the teacher: a trained flow or ddpm run folder")
-    p.add_argument("--steps", type=int, default=1, choices=[1, 2, 4], help="the student's sampling steps (default 1)")
+    add_number(p, "--steps", STUDENT_STEPS, "the student's sampling steps: 1, 2 or 4", default=1)
     p.add_argument("--out", default="runs", help="folder that holds the run folders (default: runs)")
     add_number(p, "--pairs", PAIRS, "teacher samples (noise, image) to learn from", default=20_000)
     add_number(p, "--teacher-steps", SAMPLE_STEPS, "the teacher's sampling steps for the couplings (default: its own)")

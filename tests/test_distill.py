@@ -101,7 +101,7 @@ def test_distill_refuses_what_it_cannot_distil(teachers, tiny_run, tmp_path):
     r = run_main("distill", str(tiny_run), "--out", str(tmp_path))
     assert r.returncode == 2 and "flow or ddpm" in r.stderr and "Traceback" not in r.stderr
     r = run_main("distill", str(teachers("flow")), "--steps", "3", "--out", str(tmp_path))
-    assert r.returncode == 2 and "invalid choice" in r.stderr
+    assert r.returncode == 2 and "must be 1, 2 or 4" in r.stderr
     r = run_main("train", "--data", "shapes", "--model", "distilled", "--out", str(tmp_path))
     assert r.returncode == 2 and "imagegen distill" in r.stderr
     with pytest.raises(ConfigError, match="not a distilled run"):

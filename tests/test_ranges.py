@@ -99,6 +99,7 @@ def base_args(path: tuple[str, ...], run: Path, files: Path, out: Path) -> list[
         ("synth",): ["/nonexistent-run", "--out", str(out / "y")],
         ("evaluator", "train"): ["--data", "nowhere"],
         ("serve",): [str(files / "runs")],
+        ("distill",): ["/nonexistent-run", "--out", str(out / "d")],
     }.get(path)
 
 
