@@ -121,7 +121,7 @@ def main() -> None:
                 if time.time() > deadline or server.poll() is not None:
                     raise SystemExit(f"server did not start: {server.stdout.read() if server.poll() is not None else ''}")
                 time.sleep(0.2)
-        model = args.model or next(m["name"] for m in models if m["family"] == "dcgan")
+        model = args.model or next((m["name"] for m in models if m["family"] == "dcgan"), models[0]["name"])
         print(f"# server pid {server.pid} on 127.0.0.1:{port}; model {model}; {args.seconds:g} s per level; "
               f"{os.cpu_count()} cores shared by server and clients")
         print("| clients | p50 (ms) | p99 (ms) | images/s | answers by status | connection errors | /health after (ms) |")

@@ -25,6 +25,7 @@ from PIL import Image
 import imagegen
 from imagegen import serve as S
 from imagegen.cli import main
+from imagegen.distill import distill
 from imagegen.serve import create_app
 
 with warnings.catch_warnings():
@@ -36,7 +37,7 @@ from test_cyclegan import cg_config
 from test_families import family_config
 
 DCGAN, CGAN, DDPM, CYCLE = "00000-shapes-dcgan", "00001-shapes-cgan", "00002-shapes-ddpm", "00003-pair-shapes-circle-square-cyclegan"
-VAE, FLOW = "00004-shapes-vae", "00005-shapes-flow"
+VAE, FLOW, STUDENT = "00004-shapes-vae", "00005-shapes-flow", "00006-shapes-distilled"
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +48,8 @@ def runs_dir(request, tmp_path_factory):
     imagegen.train(cg_config(2), out=root, progress=False)
     imagegen.train(family_config("vae", 4), out=root, progress=False)
     imagegen.train(family_config("flow-dit", 4), out=root, progress=False)
+    distill(root / FLOW, steps=1, out=root, pairs=32, train_steps=4, progress=False,
+            overrides=["model.width=8", "model.mults=[1, 2]", "train.batch_size=16", "train.sample_every=0"])
     # A sibling folder whose name extends a run's name: never served.
     (root / f"{DCGAN}-evil").mkdir()
     (root / f"{DCGAN}-evil" / "secret.png").write_bytes(b"SECRET-SIBLING")
@@ -84,7 +87,8 @@ def bomb_png(side: int) -> bytes:
 
 def test_models_health_docs(client):
     models = {m["name"]: m for m in client.get("/api/models").json()}
-    assert set(models) == {DCGAN, CGAN, DDPM, CYCLE, VAE, FLOW}
+    assert set(models) == {DCGAN, CGAN, DDPM, CYCLE, VAE, FLOW, STUDENT}
+    assert models[STUDENT]["family"] == "distilled" and models[STUDENT]["options"] == {}
     assert {m for m in models if models[m]["inpaints"]} == {DDPM, VAE, FLOW}
     assert models[DCGAN]["family"] == "dcgan" and models[DCGAN]["classes"] == [] and models[DCGAN]["latent_dims"] == 16
     assert models[CGAN]["classes"] == ["circle", "square", "triangle", "star"]
@@ -128,6 +132,12 @@ def test_generate_is_per_seed_and_reproducible(client, runs_dir, tmp_path):
     assert np.array_equal(np.asarray(Image.open(tmp_path / "s3" / "seed000004.png")), png(r))
     euler = client.post("/api/generate", json={"model": FLOW, "seed": 4, "steps": 2, "solver": "euler", "label": "star"})
     assert png(euler).shape == png(r).shape and euler.content != r.content
+    # Its one-step student: served like any run, and its command draws the same pixels too.
+    r = client.post("/api/generate", json={"model": STUDENT, "seed": 4, "label": "star"})
+    cmd = r.headers["x-imagegen-command"].split()
+    assert main(cmd[1:cmd.index("--out")] + ["--out", str(tmp_path / "s4")]) == 0
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "s4" / "seed000004.png")), png(r))
+    assert client.post("/api/generate", json={"model": STUDENT, "seed": 4, "steps": 2}).status_code == 400
 
 
 @pytest.mark.parametrize("body,status,fragment", [
@@ -366,7 +376,7 @@ def test_browser_generates_reproducibly_and_shows_errors(live):
         browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
         page = browser.new_page()
         page.goto(f"http://127.0.0.1:{live}/")
-        page.wait_for_function("document.querySelectorAll('#model option').length === 6")
+        page.wait_for_function("document.querySelectorAll('#model option').length === 7")
         page.select_option("#model", DCGAN)
 
         def image_for(seed: int) -> list[int]:
@@ -397,6 +407,11 @@ def test_browser_generates_reproducibly_and_shows_errors(live):
         page.fill("#seed", "3")
         page.select_option("#opt-solver", "euler")
         page.wait_for_function("document.getElementById('command').textContent.includes('--solver euler')")
+        # Its one-step student: no sampling controls, an image straight away.
+        page.select_option("#model", STUDENT)
+        page.wait_for_function(f"document.getElementById('command').textContent.includes('{STUDENT}')"
+                               " && document.getElementById('image').complete")
+        assert not page.is_visible("#opt-steps") and page.is_hidden("#error")
         browser.close()
 
 
