@@ -8,8 +8,9 @@ or 4 steps (models/distilled.py for the method).
 2. The student trains on them through the ordinary training loop (`train`): the same run folder,
    checkpoints, EMA, log, grids and report as any run; its config names the teacher and its hash.
 
-Resume (`resume=RUN`) draws the same couplings again (they depend only on the teacher and the seeds) and
-continues the run.
+The teacher's images of the couplings are kept in the student's folder (COUPLINGS, uint8 with the
+labels and the teacher's hash; the noise is drawn again from its seeds), so that a resume
+(`resume=RUN`) continues the run without asking the teacher again.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .checkpoint import MANIFEST, load_run, read_config
+from .checkpoint import MANIFEST, load_run, read_config, write_bytes_atomic
 from .config import Range, apply_overrides
 from .data import DataConfig, load_data
 from .data.dataset import ImageDataset
@@ -30,6 +31,7 @@ from .models.base import per_item_normal
 from .sample import default_labels, seed_generators, to_uint8
 from .train import resolve_config, train
 
+COUPLINGS = "couplings.safetensors"
 COUPLING_SEEDS = 1_000_000_000   # couplings use seeds from here on: evaluation draws 0..n-1
 PAIRS = Range(16, 10_000_000)
 STUDENT_STEPS = Range(1, 4)   # of which 1, 2 and 4
@@ -55,13 +57,14 @@ def teacher_hash(run_dir: Path) -> str:
 
 
 def couplings(teacher, n: int, *, steps: int | None = None, batch_size: int = 256, real: ImageDataset | None = None,
-              progress: bool = True) -> CouplingDataset:
-    """n (noise, teacher image, label) triples from a loaded teacher run (module docstring, step 1)."""
+              progress: bool = True, first: int = 0) -> CouplingDataset:
+    """n (noise, teacher image, label) triples from a loaded teacher run (module docstring, step 1):
+    couplings first .. first + n - 1 (so a long draw can be split)."""
     model = teacher.model
     if not hasattr(model, "from_noise"):
         raise ConfigError(f"distill takes a flow or ddpm run; {teacher.path} is {teacher.family!r}")
     PAIRS.check(n, "--pairs")
-    seeds = list(range(COUPLING_SEEDS, COUPLING_SEEDS + n))
+    seeds = list(range(COUPLING_SEEDS + first, COUPLING_SEEDS + first + n))
     labels = default_labels(model, seeds)
     shape = (model.cfg.channels, model.cfg.image_size, model.cfg.image_size)
     noise = torch.empty((n, *shape))
@@ -80,6 +83,31 @@ def couplings(teacher, n: int, *, steps: int | None = None, batch_size: int = 25
     return CouplingDataset(images=images, labels=labels if labels is not None else torch.full((n,), -1),
                            classes=classes, name=f"couplings of {teacher.path}", source=str(teacher.path),
                            noise=noise, real=real)
+
+
+def save_couplings(ds: CouplingDataset, run_dir: Path, sha256: str) -> None:
+    from safetensors.torch import save
+    write_bytes_atomic(Path(run_dir) / COUPLINGS, save({"images": ds.images.contiguous(), "labels": ds.labels.contiguous()},
+                                                      metadata={"teacher_sha256": sha256}))
+
+
+def load_couplings(teacher, run_dir: Path, n: int, real: ImageDataset | None) -> CouplingDataset | None:
+    """The couplings kept in a student's folder, or None when there are none for this teacher and n."""
+    from safetensors import safe_open
+    path = Path(run_dir) / COUPLINGS
+    if not path.exists():
+        return None
+    with safe_open(str(path), "pt") as f:
+        if f.metadata().get("teacher_sha256") != teacher_hash(teacher.path):
+            return None
+        images, labels = f.get_tensor("images"), f.get_tensor("labels")
+    if images.shape[0] != n:
+        return None
+    model = teacher.model
+    seeds = list(range(COUPLING_SEEDS, COUPLING_SEEDS + n))
+    noise = per_item_normal(n, tuple(images.shape[1:]), seed_generators(seeds), torch.device("cpu"))
+    return CouplingDataset(images=images, labels=labels, classes=teacher.classes if model.conditional else [],
+                           name=f"couplings of {teacher.path}", source=str(teacher.path), noise=noise, real=real)
 
 
 def sampler_of(teacher, steps: int | None) -> str:
@@ -122,5 +150,9 @@ def distill(teacher_dir: str | Path, *, steps: int = 1, out: str | Path = "runs"
         data = teacher.config.get("data", {})
         real = load_data(DataConfig(source=data.get("source", "shapes"), size=int(data.get("size", 0)),
                                     channels=int(data.get("channels", 0))))
-    pairs_ds = couplings(teacher, pairs, steps=teacher_steps, real=real, progress=progress)
-    return train(cfg, out=out, resume=resume, progress=progress, dataset=pairs_ds)
+    pairs_ds = load_couplings(teacher, resume, pairs, real) if resume is not None else None
+    if pairs_ds is None:
+        pairs_ds = couplings(teacher, pairs, steps=teacher_steps, real=real, progress=progress)
+    run_dir = train(cfg, out=out, resume=resume, progress=progress, dataset=pairs_ds)
+    save_couplings(pairs_ds, run_dir, teacher_hash(teacher.path))
+    return run_dir

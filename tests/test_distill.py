@@ -81,7 +81,10 @@ def test_a_distilled_run_resumes_exactly(teachers, tmp_path):
     teacher = teachers("flow")
     whole = distill(teacher, out=tmp_path / "a", pairs=32, train_steps=6, overrides=STUDENT, progress=False)
     half = distill(teacher, out=tmp_path / "b", pairs=32, train_steps=3, overrides=STUDENT, progress=False)
-    again = distill(teacher, resume=half, train_steps=6, progress=False)
+    assert (half / "couplings.safetensors").exists()        # kept: the resume does not ask the teacher again
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("imagegen.distill.couplings", lambda *a, **k: pytest.fail("the couplings were drawn again"))
+        again = distill(teacher, resume=half, train_steps=6, progress=False)
     w, h = imagegen.load_run(whole).model.state_dict(), imagegen.load_run(again).model.state_dict()
     assert all(torch.equal(w[k], h[k]) for k in w)
 

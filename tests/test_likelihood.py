@@ -53,6 +53,14 @@ def test_dequantisation_fills_each_pixels_bin_and_a_uniform_density_is_8_bits():
     assert bits_per_dim(torch.tensor(0.0), dims) == pytest.approx(7.0)
 
 
+def test_dequantised_training_batches_fill_the_bins_the_likelihood_is_measured_on():
+    from imagegen.models.flow import dequantize_batch
+    k = torch.randint(0, 256, (64, 1, 8, 8), generator=torch.Generator().manual_seed(0))
+    x = dequantize_batch(k.float() / 127.5 - 1, torch.Generator().manual_seed(1))
+    lo = k.float() / 128 - 1
+    assert (x >= lo).all() and (x < lo + 1 / 128).all() and (x - lo).std() > 0.2 / 128
+
+
 @pytest.mark.parametrize("variant", sorted(FAMILIES))
 def test_bits_per_dim_of_an_image_does_not_depend_on_its_batch(variant, runs):
     model = imagegen.load_run(runs(variant)).model

@@ -43,7 +43,9 @@ class Config(BackboneConfig):   # the student's backbone: a narrow U-Net by defa
     attention: bool = False
     steps: int = ranged(1, 1, 16)   # the student's Euler steps (1, 2, 4 are the usual)
     method: Literal["distill", "reflow"] = "distill"
-    adversarial: float = ranged(0.0, 0.0, MAX_WEIGHT)   # weight of the adversarial term (0 = off)
+    # weight of the adversarial term (0 = off). Fashion-MNIST, 470 s of training on 10,000 couplings, FD at
+    # n = 10,000: 1.89 without it, 1.46 at 0.03 (machine A)
+    adversarial: float = ranged(0.03, 0.0, MAX_WEIGHT)
     d_width: int = ranged(32, 1, MAX_WIDTH)             # the discriminator's first layer
     lr: float = ranged(1e-3, 0.0, 1.0, lo_open=True)
     lr_d: float = ranged(4e-4, 0.0, 1.0, lo_open=True)

@@ -52,6 +52,9 @@ class Config(BackboneConfig):   # image size, channels, classes and the backbone
     # share of training labels replaced by the null class (for guidance)
     label_dropout: float = ranged(0.1, 0.0, 1.0, hi_open=True)
     lr: float = ranged(1e-3, 0.0, 1.0, lo_open=True)
+    # Train on uniformly dequantised pixels, 2 (k + u) / 256 - 1, the points bits/dim is measured at
+    # (evaluate/likelihood.py), instead of the 8-bit values themselves: a density, not spikes on a grid.
+    dequantize: bool = False
     grad_clip: float = ranged(1.0, 0.0, MAX_WEIGHT)   # max global gradient norm (0 = off)
     # Sampling defaults; each can be overridden per call (--steps, --guidance, --solver).
     solver: Literal["euler", "midpoint", "heun", "dopri5"] = "heun"
@@ -61,6 +64,12 @@ class Config(BackboneConfig):   # image size, channels, classes and the backbone
     def validate(self) -> None:
         self.validate_backbone()
         check_solver(self.solver, "model.solver")
+
+
+def dequantize_batch(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Images k / 127.5 - 1 (k the 8-bit values) -> 2 (k + u) / 256 - 1, u ~ U[0, 1) per pixel: a uniform
+    draw inside each pixel's bin, as evaluate/likelihood.py dequantises the test images."""
+    return (torch.round((x + 1) * 127.5) + torch.rand(x.shape, generator=gen, device=x.device)) / 128 - 1
 
 
 def check_solver(solver: str, what: str = "solver") -> None:
@@ -88,6 +97,8 @@ class Flow(BackboneFamily):    # the backbone, its optimizer, label dropout and 
     def train_step(self, batch: dict[str, torch.Tensor], opt: dict, gen: torch.Generator) -> dict[str, float]:
         x = batch["image"]
         n, dev = x.shape[0], x.device
+        if self.cfg.dequantize:
+            x = dequantize_batch(x, gen)
         t = self.sample_times(n, gen, dev)
         z = torch.randn(x.shape, generator=gen, device=dev)
         y = self.training_labels(batch, gen)
