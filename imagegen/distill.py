@@ -28,7 +28,7 @@ from .data import DataConfig, load_data
 from .data.dataset import ImageDataset
 from .errors import ConfigError
 from .models.base import per_item_normal
-from .sample import default_labels, seed_generators, to_uint8
+from .sample import default_labels, quantize, seed_generators
 from .train import resolve_config, train
 
 COUPLINGS = "couplings.safetensors"
@@ -67,22 +67,27 @@ def couplings(teacher, n: int, *, steps: int | None = None, batch_size: int = 25
     seeds = list(range(COUPLING_SEEDS + first, COUPLING_SEEDS + first + n))
     labels = default_labels(model, seeds)
     shape = (model.cfg.channels, model.cfg.image_size, model.cfg.image_size)
-    noise = torch.empty((n, *shape))
+    noise = coupling_noise(seeds, shape)
     images = torch.empty((n, *shape), dtype=torch.uint8)
     opts = {} if steps is None else {"steps": steps}
     with tqdm(total=n, desc="teacher couplings", unit="img", disable=not progress) as bar:
         for i in range(0, n, batch_size):
-            chunk = seeds[i:i + batch_size]
-            z = per_item_normal(len(chunk), shape, seed_generators(chunk), torch.device("cpu"))
             lab = None if labels is None else labels[i:i + batch_size]
-            x = model.from_noise(z, labels=lab, **opts).cpu()
-            noise[i:i + len(chunk)] = z
-            images[i:i + len(chunk)] = torch.from_numpy(to_uint8(x)).permute(0, 3, 1, 2)
-            bar.update(len(chunk))
-    classes = teacher.classes if model.conditional else []
-    return CouplingDataset(images=images, labels=labels if labels is not None else torch.full((n,), -1),
-                           classes=classes, name=f"couplings of {teacher.path}", source=str(teacher.path),
-                           noise=noise, real=real)
+            x = model.from_noise(noise[i:i + batch_size], labels=lab, **opts)
+            images[i:i + len(x)] = quantize(x)
+            bar.update(len(x))
+    return _dataset(teacher, images, labels if labels is not None else torch.full((n,), -1), noise, real)
+
+
+def coupling_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
+    """The noise of each coupling seed (len(seeds) x *shape), from that seed's generator alone."""
+    return per_item_normal(len(seeds), shape, seed_generators(seeds), torch.device("cpu"))
+
+
+def _dataset(teacher, images: torch.Tensor, labels: torch.Tensor, noise: torch.Tensor,
+             real: ImageDataset | None) -> CouplingDataset:
+    return CouplingDataset(images=images, labels=labels, classes=teacher.classes if teacher.model.conditional else [],
+                           name=f"couplings of {teacher.path}", source=str(teacher.path), noise=noise, real=real)
 
 
 def save_couplings(ds: CouplingDataset, run_dir: Path, sha256: str) -> None:
@@ -103,11 +108,8 @@ def load_couplings(teacher, run_dir: Path, n: int, real: ImageDataset | None) ->
         images, labels = f.get_tensor("images"), f.get_tensor("labels")
     if images.shape[0] != n:
         return None
-    model = teacher.model
-    seeds = list(range(COUPLING_SEEDS, COUPLING_SEEDS + n))
-    noise = per_item_normal(n, tuple(images.shape[1:]), seed_generators(seeds), torch.device("cpu"))
-    return CouplingDataset(images=images, labels=labels, classes=teacher.classes if model.conditional else [],
-                           name=f"couplings of {teacher.path}", source=str(teacher.path), noise=noise, real=real)
+    noise = coupling_noise(list(range(COUPLING_SEEDS, COUPLING_SEEDS + n)), tuple(images.shape[1:]))
+    return _dataset(teacher, images, labels, noise, real)
 
 
 def sampler_of(teacher, steps: int | None) -> str:
@@ -150,9 +152,9 @@ def distill(teacher_dir: str | Path, *, steps: int = 1, out: str | Path = "runs"
         data = teacher.config.get("data", {})
         real = load_data(DataConfig(source=data.get("source", "shapes"), size=int(data.get("size", 0)),
                                     channels=int(data.get("channels", 0))))
-    pairs_ds = load_couplings(teacher, resume, pairs, real) if resume is not None else None
-    if pairs_ds is None:
-        pairs_ds = couplings(teacher, pairs, steps=teacher_steps, real=real, progress=progress)
+    kept = load_couplings(teacher, resume, pairs, real) if resume is not None else None
+    pairs_ds = kept if kept is not None else couplings(teacher, pairs, steps=teacher_steps, real=real, progress=progress)
     run_dir = train(cfg, out=out, resume=resume, progress=progress, dataset=pairs_ds)
-    save_couplings(pairs_ds, run_dir, teacher_hash(teacher.path))
+    if kept is None:   # freshly drawn: keep them for a resume
+        save_couplings(pairs_ds, run_dir, teacher_hash(teacher.path))
     return run_dir

@@ -166,10 +166,14 @@ def preview(model: Family, dataset, n: int) -> tuple[torch.Tensor, int | None]:
     return generate(model, list(range(n)), labels=torch.arange(n) % k if k else None), k or None
 
 
+def quantize(images: torch.Tensor) -> torch.Tensor:
+    """N x C x H x W in [-1, 1] -> the same layout in uint8 on the CPU (the only place floats become bytes)."""
+    return images.detach().cpu().float().add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8)
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """N x C x H x W in [-1, 1] -> N x H x W x C uint8 (the only place floats become bytes)."""
-    x = images.detach().cpu().float().add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8)
-    return x.permute(0, 2, 3, 1).numpy()
+    """N x C x H x W in [-1, 1] -> N x H x W x C uint8, for image files."""
+    return quantize(images).permute(0, 2, 3, 1).numpy()
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:

@@ -152,25 +152,30 @@ def load_folder(root: str | Path, size: int, channels: int | None, *, classes: b
         channels = _guess_channels(files)
     class_index = {c: i for i, c in enumerate(classes)}
     converted: list[str] = []
+    images, kept, bad = decode_files([path for path, _ in files], size, channels, converted)
+    skipped += bad
+    if images is None:
+        raise DataError(f"{root}: no readable images ({len(skipped)} skipped)")
+    labels = [class_index[files[i][1]] if files[i][1] is not None else -1 for i in kept]
+    return images, torch.tensor(labels, dtype=torch.long), classes, skipped, sorted(converted)
 
-    def work(item):
-        path, label = item
+
+def decode_files(paths: list[Path], size: int, channels: int, converted: list[str] | None = None
+                 ) -> tuple[torch.Tensor | None, list[int], list[tuple[str, str]]]:
+    """Decode `paths` with `load_image`: (uint8 N x C x H x W of the good ones, or None when there are
+    none; the indices into paths of those N; (file, reason) of each bad one, skipped)."""
+    def work(path):
         try:
-            return load_image(path, size, channels, converted), label, None
+            return load_image(path, size, channels, converted), None
         except ImageFileError as e:
-            return None, label, (str(path), str(e).removeprefix(f"{path}: "))
+            return None, (str(path), str(e).removeprefix(f"{path}: "))
 
     # PIL releases the GIL while decoding, so threads overlap the decode of several files.
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
-        results = list(pool.map(work, files))
-    arrays, labels = [], []
-    for arr, label, bad in results:
-        if bad is not None:
-            skipped.append(bad)
-            continue
-        arrays.append(arr)
-        labels.append(class_index[label] if label is not None else -1)
-    if not arrays:
-        raise DataError(f"{root}: no readable images ({len(skipped)} skipped)")
-    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-    return images, torch.tensor(labels, dtype=torch.long), classes, skipped, sorted(converted)
+        results = list(pool.map(work, paths))
+    kept = [i for i, (arr, _) in enumerate(results) if arr is not None]
+    bad = [why for _, why in results if why is not None]
+    if not kept:
+        return None, [], bad
+    images = torch.from_numpy(np.stack([results[i][0] for i in kept])).permute(0, 3, 1, 2).contiguous()
+    return images, kept, bad

@@ -23,17 +23,16 @@ import io
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..checkpoint import load_run, write_json_atomic
 from ..config import Range
 from ..data import load_data
-from ..data.folder import list_images, load_image
-from ..errors import ConfigError, ImageFileError
-from ..sample import default_labels, generate, save_images, to_float, to_pil, to_uint8
+from ..data.folder import decode_files, list_images
+from ..errors import ConfigError
+from ..sample import default_labels, generate, quantize, save_images, to_float, to_pil, to_uint8
 from .evaluator import cache_dir, load_evaluator, run_data, run_evaluator
-from .likelihood import N_LIKELIHOOD, has_likelihood, image_bits_per_dim
+from .likelihood import N_LIKELIHOOD, image_bits_per_dim, require_likelihood
 from .metrics import CHUNK
 from .run_eval import N_IMAGES, compare
 
@@ -86,11 +85,6 @@ def filter_images(extractor, real: torch.Tensor, images: torch.Tensor, realism: 
             "after": {k: after[k] for k in (fd, "precision", "recall")}}
 
 
-def _need_likelihood(run) -> None:
-    if not has_likelihood(run.model):
-        raise ConfigError(f"--likelihood: model {run.family!r} has no likelihood (flow, vae and cvae have one)")
-
-
 def analyse_run(run_dir: str | Path, out_dir: str | Path, *, n: int = 2000, keep: float | None = None,
                 likelihood: bool = False, log=print) -> dict:
     """Score n samples (seeds 0..n-1), write analysis.json and gallery.html to out_dir; with `keep`,
@@ -101,7 +95,7 @@ def analyse_run(run_dir: str | Path, out_dir: str | Path, *, n: int = 2000, keep
         KEEP.check(keep, "--keep (a share)")
     run = load_run(run_dir)
     if likelihood:
-        _need_likelihood(run)
+        require_likelihood(run)
     extractor = run_evaluator(run, log=log)
     train = load_data(run_data(run, split="train"))
     train_images = to_float(train.images)
@@ -119,8 +113,7 @@ def analyse_run(run_dir: str | Path, out_dir: str | Path, *, n: int = 2000, keep
             scores["discriminator"] = torch.cat([run.model.critic(fake[i:i + 256], None if labels is None else labels[i:i + 256])
                                                  for i in range(0, n, 256)]).float()
     if likelihood:
-        u8 = torch.from_numpy(to_uint8(fake)).permute(0, 3, 1, 2).contiguous()
-        scores["bits_per_dim"] = image_bits_per_dim(run.model, u8, seeds, labels=labels).float()
+        scores["bits_per_dim"] = image_bits_per_dim(run.model, quantize(fake), seeds, labels=labels).float()
     per_image = [{"seed": s, **{k: float(v[j]) for k, v in scores.items()}, "nearest_train_index": int(idx[j]),
                   "predicted_class": train.classes[int(predicted[j])] if train.classes else int(predicted[j]),
                   **({"label": train.classes[int(labels[j])]} if labels is not None else {})}
@@ -153,23 +146,18 @@ def analyse_folder(run_dir: str | Path, folder: str | Path, out_dir: str | Path,
     Unreadable files are reported and skipped, as in training."""
     N_LIKELIHOOD.check(reference, "--reference")
     run = load_run(run_dir)
-    _need_likelihood(run)
+    require_likelihood(run)
     if run.model.conditional and run.family == "cvae":
         raise ConfigError("a cvae's likelihood is log p(x | class); score a folder with a vae or flow run")
     cfg = run.model.cfg
     files, skipped, _ = list_images(Path(folder), classes=False)
-    arrays, names = [], []
-    for path, _ in files:
-        try:
-            arrays.append(load_image(path, cfg.image_size, cfg.channels))
-            names.append(str(path))
-        except ImageFileError as e:
-            skipped.append((str(path), str(e).removeprefix(f"{path}: ")))
+    images, kept, bad = decode_files([path for path, _ in files], cfg.image_size, cfg.channels)
+    skipped += bad
     for name, why in skipped:
         log(f"skipped {name}: {why}")
-    if not arrays:
+    if images is None:
         raise ConfigError(f"{folder}: no readable images to score ({len(skipped)} skipped)")
-    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    names = [str(files[i][0]) for i in kept]
     bpd = image_bits_per_dim(run.model, images, list(range(len(names))))
     test = load_data(run_data(run))
     ref = image_bits_per_dim(run.model, test.images[:reference], list(range(min(reference, len(test)))),
@@ -186,7 +174,7 @@ def analyse_folder(run_dir: str | Path, folder: str | Path, out_dir: str | Path,
     write_json_atomic(out_dir / "analysis.json", {**result, "scores": per_image})
     order = torch.argsort(bpd)
     _page(out_dir / "gallery.html", f"Likelihood of {Path(folder).name} under {Path(run.path).name}", result,
-          images.float() / 127.5 - 1, per_image,
+          to_float(images), per_image,
           [("Most typical (lowest bits/dim)", order), ("Least typical (highest bits/dim)", order.flip(0))],
           lambda r: f"{Path(r['file']).name}<br>{r['bits_per_dim']:.3f}")
     return {**result, "scores": per_image}

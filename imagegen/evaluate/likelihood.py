@@ -23,6 +23,7 @@ import math
 import torch
 
 from ..config import Range
+from ..errors import ConfigError
 
 N_LIKELIHOOD = Range(1, 100_000)   # test images scored (--likelihood)
 DEQUANTIZATION = ("uniform: x = 2 (k + u) / 256 - 1 with u ~ U[0, 1)^D from the generator seeded with the image's "
@@ -39,6 +40,12 @@ PUBLISHED = {
 
 def has_likelihood(model) -> bool:
     return callable(getattr(model, "log_likelihood", None))
+
+
+def require_likelihood(run) -> None:
+    """A one-line error for a run (checkpoint.Run) whose family has no likelihood."""
+    if not has_likelihood(run.model):
+        raise ConfigError(f"--likelihood: model {run.family!r} has no likelihood (flow, vae and cvae have one)")
 
 
 def dequantize(images: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:

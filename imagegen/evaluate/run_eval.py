@@ -11,11 +11,10 @@ import torch
 from ..checkpoint import load_run, write_json_atomic
 from ..config import Range
 from ..data import load_data
-from ..errors import ConfigError
 from ..sample import default_labels, generate, to_float
 from . import metrics as M
 from .evaluator import FeatureExtractor, run_data, run_evaluator
-from .likelihood import has_likelihood, measure
+from .likelihood import measure, require_likelihood
 from .translation import evaluate_translation
 
 MAX_N = 100_000
@@ -42,8 +41,8 @@ def evaluate_run(run_dir: str | Path, *, n: int = 10_000, data: str | None = Non
     > 0, also the bits/dim of that many test images (evaluate/likelihood.py; flow, vae and cvae)."""
     N_IMAGES.check(n, "--n")
     run = load_run(run_dir)
-    if likelihood and not has_likelihood(run.model):
-        raise ConfigError(f"--likelihood: model {run.family!r} has no likelihood (flow, vae and cvae have one)")
+    if likelihood:
+        require_likelihood(run)
     if run.model.translates:   # translation runs have their own measures
         return evaluate_translation(run, n=n, data=data, log=log)
     real_cfg = run_data(run, data)

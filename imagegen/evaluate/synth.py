@@ -18,7 +18,7 @@ from ..checkpoint import load_run
 from ..config import Range
 from ..data import ImageDataset, load_data
 from ..errors import ConfigError
-from ..sample import generate, save_images, to_float, to_uint8
+from ..sample import generate, quantize, save_images, to_float
 from .evaluator import EvaluatorConfig, accuracy, fit_classifier, run_data, run_evaluator
 
 MAX_PER_CLASS = 20_000
@@ -37,7 +37,7 @@ def synthetic_dataset(run_dir: str | Path, per_class: int, *, seed_offset: int =
     for c in range(run.model.num_classes):
         seeds = list(range(seed_offset + c * per_class, seed_offset + (c + 1) * per_class))
         x = generate(run.model, seeds, labels=torch.full((per_class,), c))
-        images.append(torch.from_numpy(to_uint8(x)).permute(0, 3, 1, 2))
+        images.append(quantize(x))
         labels.append(torch.full((per_class,), c))
     return ImageDataset(images=torch.cat(images).contiguous(), labels=torch.cat(labels), classes=run.classes,
                         name=f"synthetic:{Path(run_dir).name}", source=str(run_dir))
