@@ -65,6 +65,21 @@ def read_only(request, folder: Path) -> Path:
     return folder
 
 
+def run_maker(request, tmp_path_factory, variants: dict[str, tuple[str, dict]], steps: int):
+    """variant -> a read-only run folder of variants[variant] = (family, model config), trained for `steps`
+    steps on shapes (tiny_config) when first asked for: the body of a module's `runs` fixture."""
+    made = {}
+
+    def get(variant: str) -> Path:
+        if variant not in made:
+            tree = tiny_config(steps).to_json()
+            tree["family"], tree["model"] = variants[variant]
+            made[variant] = read_only(request, imagegen.train(imagegen.resolve_config(tree),
+                                                              out=tmp_path_factory.mktemp(variant), progress=False))
+        return made[variant]
+    return get
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now (for a server a test starts)."""
     with socket.socket() as s:

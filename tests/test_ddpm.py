@@ -18,7 +18,7 @@ from imagegen.solvers import ddim, ddpm_ancestral, repaint, spaced_timesteps
 from imagegen.data import DataConfig
 from imagegen.sample import extend_image, generate, outpaint_canvas, seed_generators, to_float
 
-from conftest import read_only, run_main, tiny_config
+from conftest import run_main, run_maker, tiny_config
 
 # The diffusion and flow families, each on the U-Net and on the DiT: the tests below hold for all four.
 VARIANTS = {
@@ -32,16 +32,7 @@ VARIANTS = {
 @pytest.fixture(scope="module")
 def runs(request, tmp_path_factory):
     """variant -> a run folder trained for 4 steps on shapes (class-conditional), once per module."""
-    made = {}
-
-    def get(variant):
-        if variant not in made:
-            tree = tiny_config(4).to_json()
-            tree["family"], tree["model"] = VARIANTS[variant]
-            made[variant] = read_only(request, imagegen.train(imagegen.resolve_config(tree),
-                                                              out=tmp_path_factory.mktemp(variant), progress=False))
-        return made[variant]
-    return get
+    return run_maker(request, tmp_path_factory, VARIANTS, steps=4)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from imagegen.errors import ConfigError
 from imagegen.sample import default_labels, generate, seed_generators, to_float
 from imagegen.models.base import per_item_normal
 
-from conftest import read_only, run_main, tiny_config
+from conftest import read_only, run_main, run_maker
 
 TEACHERS = {
     "flow": ("flow", {"width": 8, "mults": [1, 2], "sample_steps": 3}),
@@ -27,16 +27,7 @@ STUDENT = ["model.width=8", "model.mults=[1, 2]", "train.batch_size=16", "train.
 
 @pytest.fixture(scope="module")
 def teachers(request, tmp_path_factory):
-    made = {}
-
-    def get(kind):
-        if kind not in made:
-            tree = tiny_config(6).to_json()
-            tree["family"], tree["model"] = TEACHERS[kind]
-            made[kind] = read_only(request, imagegen.train(imagegen.resolve_config(tree),
-                                                           out=tmp_path_factory.mktemp(kind), progress=False))
-        return made[kind]
-    return get
+    return run_maker(request, tmp_path_factory, TEACHERS, steps=6)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from PIL import Image
 import imagegen
 from imagegen.evaluate.likelihood import bits_per_dim, dequantize, image_bits_per_dim
 
-from conftest import read_only, run_main, tiny_config
+from conftest import run_main, run_maker
 
 FAMILIES = {
     "flow": ("flow", {"width": 8, "mults": [1, 2], "sample_steps": 4}),
@@ -29,16 +29,7 @@ FAMILIES = {
 @pytest.fixture(scope="module")
 def runs(request, tmp_path_factory):
     """variant -> a run folder trained for 6 steps on shapes (labelled), made once per module."""
-    made = {}
-
-    def get(variant):
-        if variant not in made:
-            tree = tiny_config(6).to_json()
-            tree["family"], tree["model"] = FAMILIES[variant]
-            made[variant] = read_only(request, imagegen.train(imagegen.resolve_config(tree),
-                                                              out=tmp_path_factory.mktemp(variant), progress=False))
-        return made[variant]
-    return get
+    return run_maker(request, tmp_path_factory, FAMILIES, steps=6)
 
 
 def test_dequantisation_fills_each_pixels_bin_and_a_uniform_density_is_8_bits():
