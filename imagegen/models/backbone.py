@@ -122,11 +122,11 @@ class BackboneFamily(Family):
             raise ValueError(f"network call on {n} images with {labels.shape[0]} labels")
         if labels is None or not n_cls:
             null = torch.full((n,), n_cls, device=x.device, dtype=torch.long) if n_cls else None
-            return run_fixed_batch(self.net, x, t, null)
+            return run_fixed_batch(self.net, x, t, null, owner=self)
         if guidance == 1.0:
-            return run_fixed_batch(self.net, x, t, labels)
+            return run_fixed_batch(self.net, x, t, labels, owner=self)
         null = torch.full_like(labels, n_cls)
-        both = run_fixed_batch(self.net, torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null]))
+        both = run_fixed_batch(self.net, torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null]), owner=self)
         cond, uncond = both[:n], both[n:]
         return uncond + guidance * (cond - uncond)
 

@@ -36,9 +36,9 @@ from torch import nn
 
 from ..errors import ConfigError
 
-# Networks always run at this batch size when sampling (padding the last chunk), because CPU
-# convolution kernels pick different blockings, hence different float rounding, for different batch
-# sizes. A fixed micro-batch makes every image bit-identical whatever batch size the user asks for.
+# Networks run at most this many images at a time when sampling (run_fixed_batch), because CPU kernels
+# pick different blockings, hence different float rounding, for different batch sizes. Every image is
+# rounded as in a chunk of this size, so it is bit-identical whatever batch size the user asks for.
 SAMPLE_MICRO_BATCH = 16
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
@@ -158,16 +158,65 @@ def per_item_normal(n: int, shape: tuple[int, ...], generator: Generators, devic
     return torch.stack([torch.randn(shape, generator=g, device=g.device) for g in generator]).to(device)
 
 
-def run_fixed_batch(fn: Callable[..., torch.Tensor], *xs: torch.Tensor | None, micro: int = SAMPLE_MICRO_BATCH) -> torch.Tensor:
-    """fn(*xs) computed in chunks of exactly `micro` rows (the last padded with zeros, then trimmed).
-    Every x has the same number of rows; None passes through unchanged."""
+def run_fixed_batch(fn: Callable[..., torch.Tensor], *xs: torch.Tensor | None, owner: nn.Module,
+                    micro: int = SAMPLE_MICRO_BATCH) -> torch.Tensor:
+    """fn(*xs) in chunks of `micro` rows, with each row's result exactly what it is in a full chunk.
+    Every x has the same number of rows; None passes through unchanged.
+
+    A full chunk runs as it is. The last, short chunk of k rows (one image, say) is padded with zero
+    rows only up to the least row count >= k that `exact_rows` found to round each row as a full chunk
+    does, not to `micro`, so one image costs a fraction of a full chunk. Either way an image is the same
+    whatever batch it is drawn in. `owner` (the family) keeps the checks; `fn` must be the same
+    computation each time it is given with the same code."""
     n = next(x for x in xs if x is not None).shape[0]
     outs = []
     for i in range(0, n, micro):
         k = min(micro, n - i)
-        chunks = [None if x is None else _pad_rows(x[i:i + k], micro) for x in xs]
+        chunks = [None if x is None else x[i:i + k] for x in xs]
+        if k < micro:
+            rows = next(r for r in exact_rows(fn, chunks, owner, micro) if r >= k)
+            chunks = [None if x is None else _pad_rows(x, rows) for x in chunks]
         outs.append(fn(*chunks)[:k])
     return torch.cat(outs)
+
+
+def exact_rows(fn: Callable[..., torch.Tensor], xs: Sequence[torch.Tensor | None], owner: nn.Module,
+               micro: int = SAMPLE_MICRO_BATCH) -> tuple[int, ...]:
+    """The row counts k (ascending, `micro` always last) for which fn on a k-row input gives bit for bit
+    the first k rows of its output on a `micro`-row input.
+
+    Found once per (fn, input shapes and dtypes, device, weight layout, thread count, train and grad
+    modes) on a probe of `micro` rows made from the given rows, by running every prefix. The answer
+    depends on the CPU: on a 2-core AMD EPYC every channels-last convolution passed at one image; on a
+    2-core Intel Xeon with AMX a convolution of one image rounds differently, and an elementwise
+    sigmoid whose length is an odd multiple of 16 floats computes its last vector another way; a matrix
+    product of few rows differs on both (hence nets.layers.Linear). The result is kept on `owner`; a
+    count that fails only costs speed (the caller pads past it)."""
+    x0 = next(x for x in xs if x is not None)
+    param = next((p for p in owner.parameters() if p.dim() == 4), None)
+    layout = None if param is None else (param.is_contiguous(), param.is_contiguous(memory_format=torch.channels_last))
+    code = getattr(getattr(fn, "__func__", fn), "__code__", None)
+    key = (id(fn) if code is None else code, getattr(fn, "__self__", None) is not None and id(fn.__self__),
+           tuple(None if x is None else (tuple(x.shape[1:]), x.dtype, x.is_contiguous()) for x in xs),
+           x0.device, layout, torch.get_num_threads(), owner.training, torch.is_grad_enabled())
+    found = owner.__dict__.setdefault("_exact_rows", {})
+    if key not in found:
+        gen = torch.Generator().manual_seed(0)
+        idx = torch.arange(micro) % x0.shape[0]
+        probe = [None if x is None else _perturbed(x, idx, gen) for x in xs]
+        full = fn(*probe)       # under the caller's grad mode, which the key includes
+        found[key] = tuple(k for k in range(1, micro)
+                           if torch.equal(fn(*[None if p is None else p[:k] for p in probe]), full[:k])) + (micro,)
+    return found[key]
+
+
+def _perturbed(x: torch.Tensor, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """x's rows idx, in x's memory layout; float rows made distinct by a little noise (so a kernel that
+    mixed rows would show), integer rows (labels, timesteps) kept as they are, so they stay valid."""
+    y = x[idx]
+    if y.is_floating_point():
+        y = y + 0.01 * torch.randn(y.shape, generator=gen).to(y.device, y.dtype)
+    return y.contiguous(memory_format=torch.channels_last) if _is_channels_last(x) else y
 
 
 def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:

@@ -21,6 +21,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 from ..config import ranged
+from ..nets.layers import Linear
 from . import gan
 from .base import as_feature_map
 from .gan import DCGAN, dcgan_init, layout
@@ -54,7 +55,7 @@ class Generator(nn.Module):
         base, ups = layout(cfg.image_size)
         c = cfg.width * 2 ** ups
         self.base, self.c0 = base, c
-        self.project = nn.Linear(cfg.z_dim, c * base * base, bias=False)
+        self.project = Linear(cfg.z_dim, c * base * base, bias=False)
         self.convs = nn.ModuleList([nn.Conv2d(c, c, 3, 1, 1, bias=False)])
         self.norms = nn.ModuleList([ConditionalBatchNorm(c, cfg.num_classes), ConditionalBatchNorm(c, cfg.num_classes)])
         for _ in range(ups - 1):

@@ -257,7 +257,7 @@ class CycleGAN(Family):
         g = self.generator(direction)
         self._check_images(images)
         with eval_mode(self):
-            return run_fixed_batch(g, images.to(self.device, torch.float32))
+            return run_fixed_batch(g, images.to(self.device, torch.float32), owner=self)
 
     @torch.no_grad()
     def cycle(self, images: torch.Tensor, direction: str = "a2b") -> tuple[torch.Tensor, torch.Tensor]:

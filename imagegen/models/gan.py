@@ -31,6 +31,7 @@ from torch.nn.utils.parametrizations import spectral_norm
 
 from ..config import MAX_IMAGE_SIZE, MAX_WEIGHT, MAX_WIDTH, Range, ranged
 from ..errors import ConfigError
+from ..nets.layers import Linear
 from .base import Family, Flatten, Generators, adam, as_feature_map, eval_mode, per_item_normal, run_fixed_batch
 
 # Sampling options' ranges (the CLI's --truncation and --drs, and sample()).
@@ -161,7 +162,7 @@ class Generator(nn.Module):
         base, ups = layout(cfg.image_size)
         c = cfg.width * 2 ** ups                      # channels at base x base, halved per upsampling
         self.base, self.c0 = base, c
-        self.project = nn.Linear(cfg.z_dim, c * base * base, bias=False)
+        self.project = Linear(cfg.z_dim, c * base * base, bias=False)
         # In-place activations: nothing needs their inputs (batch norm's backward keeps its own input),
         # so each saves a feature map's allocation and memory traffic, with the same numbers.
         layers: list[nn.Module] = [
@@ -198,7 +199,7 @@ class Discriminator(nn.Module):
             c_in, c = c, c * 2
         layers += [*block(c_in, c, 3, 1, 1, first=False), Flatten()]
         self.features = nn.Sequential(*layers)       # N x C x S x S -> N x (c * base * base)
-        self.head = sn(nn.Linear(c * base * base, 1))
+        self.head = sn(Linear(c * base * base, 1))
         dcgan_init(self, weights=not cfg.spectral_norm)  # spectral norm rescales weights itself
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:  # N x C x S x S -> N logits
@@ -316,7 +317,7 @@ class DCGAN(Family):
         if truncation > 0:
             z = z.clamp(-truncation, truncation)
         with eval_mode(self):
-            return run_fixed_batch(self.fake, z, labels)
+            return run_fixed_batch(self.fake, z, labels, owner=self)
 
     DRS_BURN_IN = 1024      # candidates that set D's maximum and the acceptance threshold
     DRS_ROUNDS = 50         # a seed still rejected after this many candidates keeps its last one
@@ -336,8 +337,8 @@ class DCGAN(Family):
             def score(z: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
                 if truncation > 0:
                     z = z.clamp(-truncation, truncation)
-                x = run_fixed_batch(self.fake, z, y)
-                return x, run_fixed_batch(self.critic, x, y).double()
+                x = run_fixed_batch(self.fake, z, y, owner=self)
+                return x, run_fixed_batch(self.critic, x, y, owner=self).double()
 
             burn = torch.Generator().manual_seed(2**62)
             yb = (torch.arange(self.DRS_BURN_IN, device=self.device) % k) if k else None

@@ -41,6 +41,7 @@ from torch import nn
 
 from ..config import MAX_IMAGE_SIZE, MAX_WEIGHT, MAX_WIDTH, Range, ranged
 from ..errors import ConfigError
+from ..nets.layers import Linear
 from .base import Family, Flatten, Generators, adam, as_feature_map, eval_mode, per_item_normal, run_fixed_batch
 from .gan import layout
 
@@ -89,7 +90,7 @@ class Encoder(nn.Module):
             c_in, c = c, c * 2
         layers += [nn.Conv2d(c_in, c_in, 3, 1, 1), nn.LeakyReLU(0.2), Flatten()]
         self.features = nn.Sequential(*layers)                 # N x C x S x S -> N x F
-        self.head = nn.Linear(c_in * base * base + extra, 2 * cfg.z_dim)
+        self.head = Linear(c_in * base * base + extra, 2 * cfg.z_dim)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.features(x)
@@ -105,7 +106,7 @@ class Decoder(nn.Module):
         base, ups = layout(cfg.image_size)
         c = cfg.width * 2 ** (ups - 1)
         self.base, self.c0 = base, c
-        self.project = nn.Sequential(nn.Linear(cfg.z_dim + extra, c * base * base), nn.LeakyReLU(0.2))
+        self.project = nn.Sequential(Linear(cfg.z_dim + extra, c * base * base), nn.LeakyReLU(0.2))
         layers: list[nn.Module] = [nn.Conv2d(c, c, 3, 1, 1), nn.LeakyReLU(0.2)]
         for _ in range(ups - 1):
             layers += [nn.ConvTranspose2d(c, c // 2, 4, 2, 1), nn.LeakyReLU(0.2)]
@@ -155,7 +156,7 @@ class VAE(Family):
         """Encode to the posterior mean and decode: N x C x S x S in [-1, 1]."""
         labels = self.check_labels(x.shape[0], labels)
         with eval_mode(self):
-            mu = run_fixed_batch(lambda x_, y_: self.encoder(x_, self._cond(y_))[0], x.to(self.device), labels)
+            mu = run_fixed_batch(lambda x_, y_: self.encoder(x_, self._cond(y_))[0], x.to(self.device), labels, owner=self)
             return self._decode_fixed(mu, labels)
 
     def _mean(self, out: torch.Tensor) -> torch.Tensor:
@@ -163,7 +164,7 @@ class VAE(Family):
 
     def _decode_fixed(self, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         """`decode` in fixed micro-batches, so each image is independent of the batch it is drawn in."""
-        return run_fixed_batch(lambda z_, y_: self._mean(self.decoder(z_, self._cond(y_))), z, labels)
+        return run_fixed_batch(lambda z_, y_: self._mean(self.decoder(z_, self._cond(y_))), z, labels, owner=self)
 
     # --- training ------------------------------------------------------------------------------------
 
@@ -223,14 +224,14 @@ class VAE(Family):
         labels = self.check_labels(n, labels)
         x = x.to(self.device, torch.float32)
         with eval_mode(self):
-            stats = run_fixed_batch(lambda x_, y_: torch.cat(self.encoder(x_, self._cond(y_)), 1), x, labels)
+            stats = run_fixed_batch(lambda x_, y_: torch.cat(self.encoder(x_, self._cond(y_)), 1), x, labels, owner=self)
             mu, logvar = stats.chunk(2, dim=1)                                         # N x z_dim each
             eps = per_item_normal(n, (samples, self.cfg.z_dim), generator, self.device)   # N x K x z_dim
             z = mu[:, None] + torch.exp(0.5 * logvar)[:, None] * eps
             log_q = -0.5 * (eps.square() + logvar[:, None] + math.log(2 * math.pi)).sum(-1)   # N x K
             log_prior = -0.5 * (z.square() + math.log(2 * math.pi)).sum(-1)
             rep = None if labels is None else labels.repeat_interleave(samples)
-            out = run_fixed_batch(lambda z_, y_: self.decoder(z_, self._cond(y_)), z.flatten(0, 1), rep)
+            out = run_fixed_batch(lambda z_, y_: self.decoder(z_, self._cond(y_)), z.flatten(0, 1), rep, owner=self)
             log_px = self.log_px_given_z(out, x.repeat_interleave(samples, 0)).view(n, samples)
         return log_px + log_prior - log_q
 
@@ -262,7 +263,7 @@ class VAE(Family):
 
         # Fixed micro-batches keep every image independent of the others in the batch.
         def encode(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:      # -> (mu, logvar), N x z_dim
-            out = run_fixed_batch(lambda x_, y_: torch.cat(self.encoder(x_, self._cond(y_)), 1), x, labels)
+            out = run_fixed_batch(lambda x_, y_: torch.cat(self.encoder(x_, self._cond(y_)), 1), x, labels, owner=self)
             return out.chunk(2, dim=1)
 
         with eval_mode(self):

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import timestep_embedding
+from .layers import Linear, timestep_embedding
 
 
 @dataclass(frozen=True)
@@ -75,12 +75,12 @@ class Block(nn.Module):
         super().__init__()
         self.heads = heads
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = Linear(dim, 3 * dim)
+        self.proj = Linear(dim, dim)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         hidden = int(dim * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
-        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.mlp = nn.Sequential(Linear(dim, hidden), nn.GELU(approximate="tanh"), Linear(hidden, dim))
+        self.ada = nn.Sequential(nn.SiLU(), Linear(dim, 6 * dim))
         nn.init.zeros_(self.ada[-1].weight)        # adaLN-Zero: gates start at 0, the block at the identity
         nn.init.zeros_(self.ada[-1].bias)
 
@@ -106,12 +106,12 @@ class DiT(nn.Module):
             raise ValueError(f"DiT width {s.dim} must be a multiple of 4 and of its {s.heads} heads")
         self.channels, self.patch, self.dim = channels, patch, s.dim
         self.embed = nn.Conv2d(channels, s.dim, patch, stride=patch)          # a linear map of each patch
-        self.time = nn.Sequential(nn.Linear(256, s.dim), nn.SiLU(), nn.Linear(s.dim, s.dim))
+        self.time = nn.Sequential(Linear(256, s.dim), nn.SiLU(), Linear(s.dim, s.dim))
         self.label = nn.Embedding(num_classes + 1, s.dim) if num_classes else None
         self.blocks = nn.ModuleList(Block(s.dim, s.heads) for _ in range(s.depth))
         self.norm = nn.LayerNorm(s.dim, elementwise_affine=False, eps=1e-6)
-        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(s.dim, 2 * s.dim))
-        self.out = nn.Linear(s.dim, patch * patch * channels)
+        self.ada = nn.Sequential(nn.SiLU(), Linear(s.dim, 2 * s.dim))
+        self.out = Linear(s.dim, patch * patch * channels)
         self._init()
 
     def _init(self) -> None:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import timestep_embedding
+from .layers import Linear, timestep_embedding
 
 
 def _groups(c: int) -> int:
@@ -33,7 +33,7 @@ class ResBlock(nn.Module):
         super().__init__()
         self.norm1 = nn.GroupNorm(_groups(c_in), c_in)
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.emb = nn.Linear(emb_dim, 2 * c_out)
+        self.emb = Linear(emb_dim, 2 * c_out)
         self.norm2 = nn.GroupNorm(_groups(c_out), c_out)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
         nn.init.zeros_(self.conv2.weight)               # each block starts as the identity
@@ -76,7 +76,7 @@ class UNet(nn.Module):
         super().__init__()
         w, emb = width, 4 * width
         self.width = w
-        self.time = nn.Sequential(nn.Linear(w, emb), nn.SiLU(), nn.Linear(emb, emb))
+        self.time = nn.Sequential(Linear(w, emb), nn.SiLU(), Linear(emb, emb))
         # Class embedding with one extra row, the null class, for classifier-free guidance.
         self.label = nn.Embedding(num_classes + 1, emb) if num_classes else None
         self.inp = nn.Conv2d(channels, w, 3, padding=1)

@@ -1,0 +1,93 @@
+"""Sampling without a fixed 16-image micro-batch: a short chunk is padded only as far as the network
+was found to round every row as a full chunk does (models/base.run_fixed_batch, exact_rows), and a
+Linear pads its few rows at inference (nets.layers.Linear)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from imagegen.models.base import SAMPLE_MICRO_BATCH, exact_rows, run_fixed_batch
+from imagegen.nets.layers import LINEAR_MIN_ROWS, Linear
+
+
+class Owner(nn.Module):
+    pass
+
+
+def test_a_short_chunk_is_padded_to_the_next_count_that_rounds_like_a_full_chunk():
+    seen = []
+
+    def odd_rounds_differently(x):     # a stand-in for a kernel whose rounding depends on the row count
+        seen.append(x.shape[0])
+        return x * 2 + (x.shape[0] % 2) * 1e-3
+
+    owner, x = Owner(), torch.randn(20, 3)
+    rows = exact_rows(odd_rounds_differently, [x[:1]], owner)
+    assert rows == tuple(range(2, SAMPLE_MICRO_BATCH + 1, 2))
+    seen.clear()
+    full = run_fixed_batch(odd_rounds_differently, x, owner=owner)
+    assert seen == [16, 4]                                   # checked once: no probe the second time
+    assert torch.equal(full, x * 2)
+    for n in (1, 3, 5):
+        seen.clear()
+        got = run_fixed_batch(odd_rounds_differently, x[:n], owner=owner)
+        assert seen == [n + 1] and torch.equal(got, full[:n])
+
+
+def test_an_exact_function_runs_one_image_as_one_row_and_a_mixing_one_pads_to_a_full_chunk():
+    seen = []
+
+    def exact(x):
+        seen.append(x.shape[0])
+        return x.square()
+
+    def mixes_rows(x):                 # each row depends on the others: only a full chunk is right
+        seen.append(x.shape[0])
+        return x + x.mean(0, keepdim=True)
+
+    x = torch.randn(1, 4)
+    assert torch.equal(run_fixed_batch(exact, x, owner=Owner()), x.square())
+    assert seen[-1] == 1
+    owner = Owner()
+    assert exact_rows(mixes_rows, [x], owner) == (SAMPLE_MICRO_BATCH,)
+    seen.clear()
+    run_fixed_batch(mixes_rows, x, owner=owner)
+    assert seen == [SAMPLE_MICRO_BATCH]
+
+
+def test_the_check_is_kept_per_function_input_shape_and_grad_mode():
+    owner, calls = Owner(), []
+
+    def fn(x):
+        calls.append(x.shape)
+        return x + 1
+
+    exact_rows(fn, [torch.randn(1, 4)], owner)
+    n = len(calls)
+    exact_rows(fn, [torch.randn(3, 4)], owner)               # same shape per row: no new check
+    assert len(calls) == n
+    exact_rows(fn, [torch.randn(1, 5)], owner)               # another row shape: checked again
+    with torch.no_grad():
+        exact_rows(fn, [torch.randn(1, 4)], owner)           # another grad mode: checked again
+    assert len(calls) == 3 * n
+
+
+def test_linear_pads_few_rows_at_inference_only(monkeypatch):
+    torch.manual_seed(0)
+    layer, x = Linear(8, 5), torch.randn(3, 8)
+    rows = []
+    real = F.linear
+    monkeypatch.setattr(F, "linear", lambda a, w, b=None: rows.append(a.shape[0]) or real(a, w, b))
+    with torch.no_grad():
+        out = layer(x)
+        layer(torch.randn(LINEAR_MIN_ROWS + 3, 8))
+        layer(torch.randn(2, 4, 8))                          # tokens (3-D): rows are not images
+    assert rows == [LINEAR_MIN_ROWS, LINEAR_MIN_ROWS + 3, 2]
+    assert out.shape == (3, 5)
+    assert torch.equal(out, real(torch.cat([x, x.new_zeros(LINEAR_MIN_ROWS - 3, 8)]), layer.weight, layer.bias)[:3])
+    rows.clear()
+    y = layer(x)                                             # training: autograd sees the plain product
+    assert rows == [3] and y.requires_grad
+    assert set(layer.state_dict()) == set(nn.Linear(8, 5).state_dict())
