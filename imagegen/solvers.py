@@ -12,7 +12,8 @@ Flow ODEs, with `velocity(x, t) -> dx/dt` and t running up from 0 (noise) to 1 (
 flow (Liu et al., ICLR 2023) and flow matching (Lipman et al., ICLR 2023), whose straight path is
 x_t = (1 - t) x_0 + t x_1:
 - `euler` (first order), `midpoint` and `heun` (second order; Heun as in Karras et al., "Elucidating the
-  Design Space of Diffusion-Based Generative Models", NeurIPS 2022), on `steps` equal intervals;
+  Design Space of Diffusion-Based Generative Models", NeurIPS 2022), on `steps` equal intervals or on a
+  grid of times given as a list (`power_times`: intervals that shrink towards t = 0);
 - `adaptive`: Dormand-Prince 5(4) with error control, through torchdiffeq (Chen et al., "Neural Ordinary
   Differential Equations", NeurIPS 2018);
 - `flow_repaint`: RePaint's resampling carried over to the straight path, for inpainting;
@@ -26,7 +27,7 @@ Shapes: x is any tensor (images N x C x H x W); t is a Python number, the same f
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -100,14 +101,29 @@ def repaint(denoise: Denoise, x: torch.Tensor, ab: torch.Tensor, ts: list[int], 
 # --- flow ODEs ---------------------------------------------------------------------------------------
 
 
-def flow_times(steps: int) -> list[float]:
-    """steps + 1 equally spaced times from 0 to 1."""
-    if steps < 1:
-        raise ValueError(f"steps must be at least 1, got {steps}")
-    return [i / steps for i in range(steps + 1)]
+def flow_times(steps: int | Sequence[float]) -> list[float]:
+    """The grid of a fixed-step solver: steps + 1 equally spaced times from 0 to 1, or, given a sequence,
+    that sequence itself (checked: it runs up from 0 to 1)."""
+    if isinstance(steps, int):
+        if steps < 1:
+            raise ValueError(f"steps must be at least 1, got {steps}")
+        return [i / steps for i in range(steps + 1)]
+    ts = [float(t) for t in steps]
+    if len(ts) < 2 or ts[0] != 0.0 or ts[-1] != 1.0 or any(b <= a for a, b in zip(ts, ts[1:])):
+        raise ValueError(f"a time grid must increase from 0 to 1, got {ts}")
+    return ts
 
 
-def euler(velocity: Velocity, x: torch.Tensor, steps: int) -> torch.Tensor:
+def power_times(steps: int, rho: float) -> list[float]:
+    """steps + 1 times t_i = (i / steps)^rho from 0 to 1: for rho > 1, intervals that shrink towards t = 0
+    (the first is steps^-rho long), for an integrand that varies fastest there (as the time grid of
+    Karras et al. 2022 crowds its steps near the data)."""
+    if not rho > 0:
+        raise ValueError(f"rho must be positive, got {rho}")
+    return [t ** rho for t in flow_times(steps)]
+
+
+def euler(velocity: Velocity, x: torch.Tensor, steps: int | Sequence[float]) -> torch.Tensor:
     """x at t = 1 from x at t = 0, by `steps` Euler steps (one velocity call each)."""
     ts = flow_times(steps)
     for t, t_next in zip(ts, ts[1:]):
@@ -115,7 +131,7 @@ def euler(velocity: Velocity, x: torch.Tensor, steps: int) -> torch.Tensor:
     return x
 
 
-def midpoint(velocity: Velocity, x: torch.Tensor, steps: int) -> torch.Tensor:
+def midpoint(velocity: Velocity, x: torch.Tensor, steps: int | Sequence[float]) -> torch.Tensor:
     """The explicit midpoint rule: a half Euler step, then the full step with the velocity there (two calls
     a step)."""
     ts = flow_times(steps)
@@ -125,7 +141,7 @@ def midpoint(velocity: Velocity, x: torch.Tensor, steps: int) -> torch.Tensor:
     return x
 
 
-def heun(velocity: Velocity, x: torch.Tensor, steps: int) -> torch.Tensor:
+def heun(velocity: Velocity, x: torch.Tensor, steps: int | Sequence[float]) -> torch.Tensor:
     """Heun's method (explicit trapezoid): an Euler step, then the average of the velocities at both ends
     (two calls a step)."""
     ts = flow_times(steps)
@@ -200,13 +216,20 @@ def divergence(velocity: Velocity, x: torch.Tensor, t: float, probes: torch.Tens
     return v.detach(), div.detach()
 
 
-def flow_log_likelihood(velocity: Velocity, x: torch.Tensor, *, steps: int = 32, solver: str = "heun",
-                        probes: torch.Tensor | None = None) -> torch.Tensor:
+def flow_log_likelihood(velocity: Velocity, x: torch.Tensor, *, steps: int = 64, rho: float = 3.0,
+                        solver: str = "heun", probes: torch.Tensor | None = None) -> torch.Tensor:
     """log p_1(x) in nats (N) of x N x ... under the flow that carries N(0, I) at t = 0 along
     dx/dt = velocity(x, t) to t = 1:  log p_1(x_1) = log N(x_0; 0, I) - integral_0^1 div v(x_t, t) dt,
     with x_t the ODE solved backwards from x_1 = x. The state (x, the running integral) is solved in
-    s = 1 - t by `solver` (euler, midpoint, heun on `steps` intervals, or dopri5: one system, so call it
-    a row at a time where rows must not depend on each other). probes: see `divergence`."""
+    s = 1 - t by `solver`: euler, midpoint or heun on the `steps` intervals of power_times(steps, rho) in s,
+    or dopri5 (one system, so call it a row at a time where rows must not depend on each other).
+    probes: see `divergence`.
+
+    Why the grid crowds the start s = 0 (the data end): there a flow trained on dequantised pixels
+    contracts onto the data on the scale of one pixel's bin (2/256), and the divergence grows like
+    D / (1 - t) until it does; equal intervals step over that. On a Fashion-MNIST flow (configs/flow-likelihood
+    .toml after 450 s of training; 16 test images, dopri5 at 3.197 bits/dim), Heun on 32 equal intervals read 0.72 bits/dim low and on 512 still 0.012;
+    on this grid with rho = 3, 32 intervals read 0.055 low, 64 0.015 and 128 0.004. rho = 1: equal intervals."""
     n, shape = x.shape[0], x.shape[1:]
     d = x[0].numel()
 
@@ -218,6 +241,6 @@ def flow_log_likelihood(velocity: Velocity, x: torch.Tensor, *, steps: int = 32,
     if solver == "dopri5":
         state = adaptive(f, state)[0]
     else:
-        state = {"euler": euler, "midpoint": midpoint, "heun": heun}[solver](f, state, steps)
+        state = {"euler": euler, "midpoint": midpoint, "heun": heun}[solver](f, state, power_times(steps, rho))
     x0, integral = state[:, :d], state[:, d]
     return -0.5 * (x0.square().sum(1) + d * math.log(2 * math.pi)) - integral

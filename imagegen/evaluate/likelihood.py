@@ -79,8 +79,9 @@ def image_bits_per_dim(model, images: torch.Tensor, seeds: list[int], *, labels:
 def estimator(model) -> str:
     """How the family's log_likelihood estimates log p, for metrics.json."""
     if model.name == "flow":
-        from ..models.flow import LIKELIHOOD_STEPS
-        return (f"probability-flow ODE solved backwards from the image, Heun {LIKELIHOOD_STEPS} steps, divergence by "
+        from ..models.flow import LIKELIHOOD_RHO, LIKELIHOOD_STEPS
+        return (f"probability-flow ODE solved backwards from the image, Heun on {LIKELIHOOD_STEPS} intervals at "
+                f"s = 1 - t = (i / {LIKELIHOOD_STEPS})^{LIKELIHOOD_RHO:g}, divergence by "
                 "Hutchinson's estimator with 1 Rademacher probe per image (unbiased); unconditional (null class)")
     return ("importance-weighted bound (Burda et al. 2016) with 64 posterior draws, decoder scored as "
             + ("a continuous Bernoulli" if getattr(model.cfg, "likelihood", "") == "bernoulli" else "a Gaussian")

@@ -40,7 +40,10 @@ from .ddpm import GUIDANCE, RESAMPLE, STEPS
 
 SOLVERS = {"euler": euler, "midpoint": midpoint, "heun": heun}   # and "dopri5", adaptive
 TIME_SCALE = 1000.0
-LIKELIHOOD_STEPS = 32   # Heun intervals of the likelihood ODE (64 network calls, each with a backward)
+# Heun intervals of the likelihood ODE (128 network calls, each with a backward), on a grid crowded at the
+# data end (solvers.flow_log_likelihood says why and what fewer cost)
+LIKELIHOOD_STEPS = 64
+LIKELIHOOD_RHO = 3.0
 PROBES = Range(1, 64)   # Hutchinson probes per image
 
 
@@ -150,7 +153,7 @@ class Flow(BackboneFamily):    # the backbone, its optimizer, label dropout and 
         return x.clamp(-1, 1)
 
     def log_likelihood(self, x: torch.Tensor, *, generator: Generators = None, steps: int = LIKELIHOOD_STEPS,
-                       solver: str = "heun", probes: int = 1) -> torch.Tensor:
+                       rho: float = LIKELIHOOD_RHO, solver: str = "heun", probes: int = 1) -> torch.Tensor:
         """log p(x) in nats (N) of images x N x C x H x W, a density on [-1, 1]-valued pixels, under the
         model's unconditional flow (the null class of a conditional model: log p(x), not log p(x | y)).
         The divergence is Hutchinson's estimate with `probes` Rademacher vectors per image drawn from its
@@ -168,7 +171,7 @@ class Flow(BackboneFamily):    # the backbone, its optimizer, label dropout and 
             if solver == "dopri5":   # one image at a time, as in sample()
                 return torch.cat([flow_log_likelihood(v, x[i:i + 1], solver=solver, probes=eps[:, i:i + 1])
                                   for i in range(n)])
-            return flow_log_likelihood(v, x, steps=steps, solver=solver, probes=eps)
+            return flow_log_likelihood(v, x, steps=steps, rho=rho, solver=solver, probes=eps)
 
     @torch.no_grad()
     def inpaint(self, image: torch.Tensor, mask: torch.Tensor, *, labels: torch.Tensor | None = None,
