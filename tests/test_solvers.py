@@ -20,11 +20,17 @@ A = torch.tensor([[1.0, 0.0, 0.0], [0.8, 0.5, 0.0], [-0.3, 0.4, 0.2]], dtype=tor
 S = A @ A.T + 0.05 * torch.eye(3, dtype=torch.float64)
 
 
-def velocity(x: torch.Tensor, t: float) -> torch.Tensor:          # x: N x 3
-    eye = torch.eye(3, dtype=torch.float64)
-    c_t = (1 - t) ** 2 * eye + t ** 2 * S
-    gain = (t * S - (1 - t) * eye) @ torch.linalg.inv(c_t)
-    return MU + (x - t * MU) @ gain.T
+def exact_velocity(mu: torch.Tensor, cov: torch.Tensor):
+    """The exact velocity field (above) of Gaussian data N(mu, cov) in len(mu) dimensions."""
+    def v(x: torch.Tensor, t: float) -> torch.Tensor:              # x: N x len(mu)
+        eye = torch.eye(len(mu), dtype=torch.float64)
+        c_t = (1 - t) ** 2 * eye + t ** 2 * cov
+        gain = (t * cov - (1 - t) * eye) @ torch.linalg.inv(c_t)
+        return mu + (x - t * mu) @ gain.T
+    return v
+
+
+velocity = exact_velocity(MU, S)
 
 
 def pushed_law(solver, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,12 +156,7 @@ def test_the_likelihood_grid_resolves_data_as_sharp_as_a_dequantisation_bin():
     1 / (1 - t). Equal intervals step over it; the default grid, crowded at the data end, does not."""
     mu = torch.tensor([0.3, -0.2, 0.1], dtype=torch.float64)
     cov = torch.diag(torch.tensor([0.5, 0.1, 0.002 ** 2], dtype=torch.float64))
-
-    def sharp(x: torch.Tensor, t: float) -> torch.Tensor:     # the exact velocity, as `velocity` above
-        eye = torch.eye(3, dtype=torch.float64)
-        gain = (t * cov - (1 - t) * eye) @ torch.linalg.inv((1 - t) ** 2 * eye + t ** 2 * cov)
-        return mu + (x - t * mu) @ gain.T
-
+    sharp = exact_velocity(mu, cov)
     x = mu + torch.randn(6, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * cov.diag().sqrt()
     want = torch.distributions.MultivariateNormal(mu, cov).log_prob(x)
     crowded = (flow_log_likelihood(sharp, x) - want).abs().max()           # 64 intervals, rho = 3

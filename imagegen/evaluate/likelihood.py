@@ -79,7 +79,7 @@ def image_bits_per_dim(model, images: torch.Tensor, seeds: list[int], *, labels:
 def estimator(model) -> str:
     """How the family's log_likelihood estimates log p, for metrics.json."""
     if model.name == "flow":
-        from ..models.flow import LIKELIHOOD_RHO, LIKELIHOOD_STEPS
+        from ..solvers import LIKELIHOOD_RHO, LIKELIHOOD_STEPS
         return (f"probability-flow ODE solved backwards from the image, Heun on {LIKELIHOOD_STEPS} intervals at "
                 f"s = 1 - t = (i / {LIKELIHOOD_STEPS})^{LIKELIHOOD_RHO:g}, divergence by "
                 "Hutchinson's estimator with 1 Rademacher probe per image (unbiased); unconditional (null class)")

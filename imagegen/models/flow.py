@@ -33,17 +33,14 @@ import torch
 
 from ..config import MAX_WEIGHT, Range, ranged
 from ..errors import ConfigError
-from ..solvers import Velocity, adaptive, euler, flow_log_likelihood, flow_repaint, heun, midpoint
+from ..solvers import (LIKELIHOOD_RHO, LIKELIHOOD_STEPS, Velocity, adaptive, euler, flow_log_likelihood,
+                       flow_repaint, heun, midpoint)
 from .backbone import BackboneConfig, BackboneFamily, keep_known, padded_canvas
 from .base import Generators, eval_mode, per_item_normal
 from .ddpm import GUIDANCE, RESAMPLE, STEPS
 
 SOLVERS = {"euler": euler, "midpoint": midpoint, "heun": heun}   # and "dopri5", adaptive
 TIME_SCALE = 1000.0
-# Heun intervals of the likelihood ODE (128 network calls, each with a backward), on a grid crowded at the
-# data end (solvers.flow_log_likelihood says why and what fewer cost)
-LIKELIHOOD_STEPS = 64
-LIKELIHOOD_RHO = 3.0
 PROBES = Range(1, 64)   # Hutchinson probes per image
 
 
