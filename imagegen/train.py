@@ -14,8 +14,10 @@ or fp16 with a gradient scaler on CUDA); train.channels_last the memory format.
 from __future__ import annotations
 
 import copy
+import ctypes
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -171,6 +173,32 @@ def all_finite(tensors: list[torch.Tensor]) -> bool:
     return bool(torch.stack([t.abs().amax() for t in tensors]).isfinite().all())
 
 
+# glibc's malloc hands blocks above a moving threshold (at most 32 MiB) to mmap, and gives the top of its
+# heap back to the OS once more than twice that is free. A training step frees and reallocates the same
+# few-MB feature maps every time, so by default many come back as fresh pages that fault in one by one
+# (about 10,000 page faults a step for the DCGAN at batch 128, 5-7% of its CPU step). Keeping freed
+# memory in the process up to these sizes makes each step reuse the pages of the last one.
+MALLOC_KEEP_BYTES = 1 << 30
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3     # mallopt parameters (malloc.h)
+
+
+def keep_freed_memory() -> bool:
+    """On glibc, keep freed blocks of up to MALLOC_KEEP_BYTES in the heap instead of returning them to
+    the OS. Both thresholds are set together: a fixed trim threshold alone would switch off glibc's
+    adaptive mmap threshold and leave it at 128 KiB. Returns whether glibc took the setting (False
+    elsewhere: musl, macOS, Windows, where nothing is changed)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt, gnu_version = libc.mallopt, libc.gnu_get_libc_version
+    except (OSError, AttributeError):
+        return False
+    del gnu_version                                  # only glibc has it; musl's mallopt does nothing
+    return bool(mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(MALLOC_KEEP_BYTES))
+                and mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(MALLOC_KEEP_BYTES)))
+
+
 def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
     return torch.Generator(device).manual_seed(_mix(seed, step))
 
@@ -197,6 +225,7 @@ def train(cfg: RunConfig, *, out: str | Path = "runs", resume: str | Path | None
     tc = cfg.train
     if tc.threads:
         torch.set_num_threads(tc.threads)
+    keep_freed_memory()
     device = pick_device(tc.device)
     _, world, local_rank = distributed.from_env()
     if world > 1 and device.type == "cuda" and device.index is None:

@@ -236,6 +236,20 @@ def _is_channels_last(x: torch.Tensor) -> bool:
     return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
+def flat_view(h: torch.Tensor, *weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """A feature map h (N x C x H x W) as N x CHW rows, and each weight (rows x CHW, its columns in
+    h.flatten(1)'s C-major order) with its columns in the same order as those rows: x @ w.T is then
+    h.flatten(1) @ weight.T. A channels-last h is flattened in its memory order (H, W, C), as a view, and
+    the weights' columns are permuted instead: a weight is far smaller than a batch of feature maps (one
+    D head: 6272 numbers against a 3 MB map at batch 128), and the gradient comes back channels-last
+    without a copy either."""
+    if not _is_channels_last(h):
+        return (h.flatten(1), *weights)
+    n, c, rows, cols = h.shape
+    return (h.permute(0, 2, 3, 1).reshape(n, -1),
+            *(w.view(-1, c, rows, cols).permute(0, 2, 3, 1).reshape(w.shape[0], -1) for w in weights))
+
+
 class _FlattenKeepingLayout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:

@@ -17,13 +17,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 from ..config import ranged
 from ..nets.layers import Linear
 from . import gan
-from .base import as_feature_map
+from .base import as_feature_map, flat_view
 from .gan import DCGAN, dcgan_init, layout
 
 
@@ -82,8 +83,8 @@ class Discriminator(gan.Discriminator):
         nn.init.normal_(self.embed.weight if not cfg.spectral_norm else self.embed.parametrizations.weight.original, 0.0, 0.02)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:     # N x C x S x S, N -> N logits
-        h = self.features(x)                                                 # N x F
-        return self.head(h).squeeze(1) + (self.embed(y) * h).sum(1)
+        h, w, e = flat_view(self.features(x), self.head.weight, self.embed.weight)   # N x F, 1 x F, classes x F
+        return self.head(h, w).squeeze(1) + (F.embedding(y, e) * h).sum(1)
 
 
 class CGAN(DCGAN):

@@ -32,7 +32,7 @@ from torch.nn.utils.parametrizations import spectral_norm
 from ..config import MAX_IMAGE_SIZE, MAX_WEIGHT, MAX_WIDTH, Range, ranged
 from ..errors import ConfigError
 from ..nets.layers import Linear
-from .base import Family, Flatten, Generators, adam, as_feature_map, eval_mode, per_item_normal, run_fixed_batch
+from .base import Family, Generators, adam, as_feature_map, eval_mode, flat_view, per_item_normal, run_fixed_batch
 
 # Sampling options' ranges (the CLI's --truncation and --drs, and sample()).
 TRUNCATION = Range(0.0, 10.0, float)
@@ -197,13 +197,14 @@ class Discriminator(nn.Module):
         for i in range(ups):                           # S -> base, doubling channels
             layers += block(c_in, c, 4, 2, 1, first=i == 0)
             c_in, c = c, c * 2
-        layers += [*block(c_in, c, 3, 1, 1, first=False), Flatten()]
-        self.features = nn.Sequential(*layers)       # N x C x S x S -> N x (c * base * base)
-        self.head = sn(Linear(c * base * base, 1))
+        layers += block(c_in, c, 3, 1, 1, first=False)
+        self.features = nn.Sequential(*layers)       # N x C x S x S -> N x c x base x base
+        self.head = sn(Linear(c * base * base, 1))   # on the map flattened C-major (flat_view)
         dcgan_init(self, weights=not cfg.spectral_norm)  # spectral norm rescales weights itself
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:  # N x C x S x S -> N logits
-        return self.head(self.features(x)).squeeze(1)
+        h, w = flat_view(self.features(x), self.head.weight)                 # N x (c * base * base)
+        return self.head(h, w).squeeze(1)
 
 
 # --- losses: functions of the logits -------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -30,9 +31,11 @@ class Linear(nn.Linear):
     trimmed): row i of the output does not depend on how many rows came with it. Same parameters and
     state-dict keys as nn.Linear; training (grad enabled) is unchanged."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """`weight` replaces self.weight (e.g. the same weight with its columns permuted to x's order)."""
+        weight = self.weight if weight is None else weight
         n = x.shape[0] if x.dim() == 2 else LINEAR_MIN_ROWS
         if n >= LINEAR_MIN_ROWS or torch.is_grad_enabled():
-            return super().forward(x)
+            return F.linear(x, weight, self.bias)
         pad = x.new_zeros((LINEAR_MIN_ROWS - n, x.shape[1]))
-        return super().forward(torch.cat([x, pad]))[:n]
+        return F.linear(torch.cat([x, pad]), weight, self.bias)[:n]
