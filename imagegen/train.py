@@ -191,12 +191,12 @@ def keep_freed_memory() -> bool:
         return False
     try:
         libc = ctypes.CDLL(None)
-        mallopt, gnu_version = libc.mallopt, libc.gnu_get_libc_version
-    except (OSError, AttributeError):
+    except OSError:
         return False
-    del gnu_version                                  # only glibc has it; musl's mallopt does nothing
-    return bool(mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(MALLOC_KEEP_BYTES))
-                and mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(MALLOC_KEEP_BYTES)))
+    if not hasattr(libc, "gnu_get_libc_version"):   # only glibc has it; musl's mallopt does nothing
+        return False
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(MALLOC_KEEP_BYTES))
+                and libc.mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(MALLOC_KEEP_BYTES)))
 
 
 def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
