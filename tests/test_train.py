@@ -185,7 +185,10 @@ def test_discriminator_reads_channels_last_maps_without_a_copy_and_the_same_logi
 def test_keep_freed_memory_stops_the_page_faults_of_a_reallocated_block():
     # glibc by default maps a freed 40 MB block back to the OS, so allocating it again faults in every
     # page (about 10,000); once train() has called keep_freed_memory the block stays in the heap. Run in
-    # a fresh interpreter: this process may have trained already, which sets it.
+    # a fresh interpreter: this process may have trained already, which sets it. The first one or two
+    # reallocations after the call may still fault while the heap grows to take the block (seen under
+    # AVX2: [9766, 9765, 0, 0, ...]); from then on each reuses it, so the test asks the median of eight.
+    import statistics
     import subprocess
     import sys
     script = """
@@ -196,11 +199,11 @@ def faults():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     y = torch.empty(10_000_000); y.fill_(1); del y
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-print(faults(), keep_freed_memory(), faults(), faults())
+print(*[faults() for _ in range(3)], keep_freed_memory(), *[faults() for _ in range(8)])
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
-    default, took, first, again = int(out[0]), out[1] == "True", int(out[2]), int(out[3])
+    default, took, kept = [int(v) for v in out[:3]], out[3] == "True", [int(v) for v in out[4:]]
     if not took:
         pytest.skip("not glibc: keep_freed_memory changes nothing here")
-    assert default > 5000, f"expected a fresh mapping by default, got {default} page faults"
-    assert again < 500, f"the freed block should be reused: {again} page faults (the default gave {default})"
+    assert min(default) > 5000, f"expected a fresh mapping each time by default, got {default} page faults"
+    assert statistics.median(kept) < 500, f"the freed block should be reused: {kept} page faults (default {default})"
