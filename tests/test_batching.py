@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from imagegen.models.base import SAMPLE_MICRO_BATCH, exact_rows, run_fixed_batch
+from imagegen.models.base import SAMPLE_MICRO_BATCH, eval_mode, exact_rows, run_fixed_batch
 from imagegen.nets.layers import LINEAR_MIN_ROWS, Linear
 
 
@@ -91,3 +91,23 @@ def test_linear_pads_few_rows_at_inference_only(monkeypatch):
     y = layer(x)                                             # training: autograd sees the plain product
     assert rows == [3] and y.requires_grad
     assert set(layer.state_dict()) == set(nn.Linear(8, 5).state_dict())
+
+
+def test_eval_mode_switches_every_submodule_and_restores_the_mode_after():
+    net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2), nn.Sequential(nn.Dropout()))
+    for start in (True, False):
+        net.train(start)
+        with eval_mode(net):
+            assert not any(m.training for m in net.modules())
+        assert all(m.training == start for m in net.modules())
+    net.eval()
+    net[2][0].train()                  # one submodule left training: eval_mode still switches it
+    with eval_mode(net):
+        assert not any(m.training for m in net.modules())
+    assert not any(m.training for m in net.modules())   # restored to the root's mode, as module.train() does
+    net.eval()
+    calls = []
+    net.train = lambda mode=True: calls.append(mode)   # wholly in eval already: nothing is walked or set
+    with eval_mode(net):
+        pass
+    assert calls == []
