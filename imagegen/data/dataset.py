@@ -20,12 +20,19 @@ class ImageDataset:
     source: str                     # where the files came from, for `data info` and the report
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, reason) of bad files
     notes: list[str] = field(default_factory=list)                # what loading changed (e.g. channel conversions)
+    captions: list[str] = field(default_factory=list)             # one per image (text-to-image data), or none
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.ndim != 4:
             raise ValueError(f"images must be uint8 N x C x H x W, got {self.images.dtype} {tuple(self.images.shape)}")
         if self.labels.shape != (self.images.shape[0],):
             raise ValueError("labels must have one entry per image")
+        if self.captions and len(self.captions) != self.images.shape[0]:
+            raise ValueError(f"got {len(self.captions)} captions for {self.images.shape[0]} images")
+
+    @property
+    def captioned(self) -> bool:
+        return bool(self.captions)
 
     def __len__(self) -> int:
         return self.images.shape[0]

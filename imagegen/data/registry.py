@@ -1,4 +1,4 @@
-"""Data sources by name: `--data fashion-mnist | mnist | kmnist | idx:DIR | folder:PATH | shapes`, and for
+"""Data sources by name: `--data fashion-mnist | mnist | kmnist | idx:DIR | folder:PATH | shapes | scenes`, and for
 translation models two domains: `pair:DIR | pair:SOURCE:CLASS_A,CLASS_B` (data/paired.py).
 
 Named IDX datasets are looked for in $IMAGEGEN_DATA/<name>, the user cache (~/.cache/imagegen/<name>)
@@ -20,6 +20,7 @@ from ..errors import ConfigError, DataError, DownloadError
 from . import folder as folder_source
 from . import idx as idx_source
 from . import paired
+from . import scenes as scenes_source
 from . import shapes as shapes_source
 from .dataset import ImageDataset
 from .paired import PairedDataset
@@ -160,6 +161,7 @@ def load_data(cfg: DataConfig | str) -> ImageDataset | PairedDataset:
     kind, _, arg = spec.partition(":")
     skipped: list[tuple[str, str]] = []
     notes: list[str] = []
+    captions: list[str] = []
     if kind == "pair":
         return _load_pair(cfg, arg)
     if kind in IDX_DATASETS:
@@ -202,19 +204,23 @@ def load_data(cfg: DataConfig | str) -> ImageDataset | PairedDataset:
     elif kind == "shapes":
         images, labels = shapes_source.make_shapes(cfg.split, first=cfg.limit or None)
         classes, source = list(shapes_source.CLASSES), "built-in procedural shapes"
+    elif kind == "scenes":   # drawn at the asked side (not resized), captioned, no classes
+        scenes = scenes_source.make_scenes(cfg.split, size=cfg.size or 32, first=cfg.limit or None)
+        images, captions, classes = scenes.images, scenes.captions, []
+        labels, source = torch.full((images.shape[0],), -1, dtype=torch.long), "built-in captioned scenes"
     else:
         raise ConfigError(
-            f"--data {spec!r}: unknown source (use one of {', '.join(IDX_DATASETS)}, idx:DIR, folder:PATH, shapes, "
+            f"--data {spec!r}: unknown source (use one of {', '.join(IDX_DATASETS)}, idx:DIR, folder:PATH, shapes, scenes, "
             f"pair:DIR, pair:SOURCE:CLASS_A,CLASS_B)"
         )
     _refuse_if_strict(spec, skipped, cfg.strict)
     if cfg.limit:
-        images, labels = images[: cfg.limit], labels[: cfg.limit]
+        images, labels, captions = images[: cfg.limit], labels[: cfg.limit], captions[: cfg.limit]
     if cfg.size:
         images = _resize(images, cfg.size)
     images = _set_channels(images, cfg.channels)
     return ImageDataset(images=images.contiguous(), labels=labels, classes=classes, name=spec, source=source,
-                        skipped=skipped, notes=notes)
+                        skipped=skipped, notes=notes, captions=captions)
 
 
 def _load_pair(cfg: DataConfig, arg: str) -> PairedDataset:
@@ -260,6 +266,9 @@ def describe(ds: ImageDataset | PairedDataset) -> str:
         lines += [f"  {i:3d} {name:<16} {n}" for i, (name, n) in enumerate(zip(ds.classes, counts))]
     else:
         lines.append("classes:  none (unlabelled)")
+    if ds.captioned:
+        lines.append(f"captions: {len(ds.captions)} ({len(set(ds.captions))} different), e.g.")
+        lines += [f"  {c!r}" for c in ds.captions[:3]]
     lines += [f"note:     {n}" for n in ds.notes]
     if ds.skipped:
         lines.append(f"skipped:  {len(ds.skipped)} bad file(s)")
