@@ -123,7 +123,8 @@ def cmd_distill(a) -> int:
     if a.resume and a.set:
         raise ConfigError("--resume continues a run with its own config; --set cannot change it")
     run_dir = distill(a.run_dir, steps=a.steps, out=a.out, pairs=a.pairs, teacher_steps=a.teacher_steps,
-                      overrides=a.set, resume=a.resume, train_steps=a.train_steps, progress=not a.no_progress)
+                      overrides=a.set, resume=a.resume, train_steps=a.train_steps, progress=not a.no_progress,
+                      couplings_from=a.couplings_from)
     report = write_report(run_dir)
     print(f"run folder: {run_dir}\nreport:     {report}")
     return 0
@@ -386,6 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one key, e.g. model.method=reflow, model.adversarial=0.05, model.width=16")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue this distilled run up to --train-steps")
+    p.add_argument("--couplings-from", metavar="RUN_DIR",
+                   help="reuse the couplings kept in another student of this teacher (no teacher time)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = sub.add_parser("sample", help="one PNG per seed from a trained run")

@@ -124,10 +124,12 @@ def sampler_of(teacher, steps: int | None) -> str:
 
 def distill(teacher_dir: str | Path, *, steps: int = 1, out: str | Path = "runs", pairs: int = 20_000,
             teacher_steps: int | None = None, overrides: list[str] = (), resume: str | Path | None = None,
-            train_steps: int | None = None, progress: bool = True) -> Path:
+            train_steps: int | None = None, progress: bool = True, couplings_from: str | Path | None = None) -> Path:
     """A new run folder under `out` (or `resume` continued up to train_steps) whose student samples in
     `steps` steps what the teacher run at `teacher_dir` samples; `overrides` are KEY=VALUE strings
-    (model.method=reflow, model.adversarial=0.05, train.batch_size=128...)."""
+    (model.method=reflow, model.adversarial=0.05, train.batch_size=128...). `couplings_from`: another
+    student of the same teacher whose kept couplings (same pairs and teacher steps) a new student reuses,
+    so that trying another student costs no teacher time."""
     if steps not in (1, 2, 4):
         raise ConfigError(f"--steps must be 1, 2 or 4, got {steps}")
     teacher = load_run(teacher_dir)
@@ -152,9 +154,20 @@ def distill(teacher_dir: str | Path, *, steps: int = 1, out: str | Path = "runs"
         data = teacher.config.get("data", {})
         real = load_data(DataConfig(source=data.get("source", "shapes"), size=int(data.get("size", 0)),
                                     channels=int(data.get("channels", 0))))
-    kept = load_couplings(teacher, resume, pairs, real) if resume is not None else None
+    if couplings_from is not None:
+        if resume is not None:
+            raise ConfigError("--couplings-from is for a new student; a resumed one keeps its own couplings")
+        donor = read_config(couplings_from)
+        if donor.get("family") != "distilled" or int(donor["model"].get("teacher_steps", 0)) != (teacher_steps or 0):
+            raise ConfigError(f"{couplings_from} is not a student drawn at the same teacher steps "
+                              f"({teacher_steps or 'the teacher own'})")
+        kept = load_couplings(teacher, couplings_from, pairs, real)
+        if kept is None:
+            raise ConfigError(f"{couplings_from} keeps no {pairs} couplings of {teacher.path} (teacher hash or --pairs differ)")
+    else:
+        kept = load_couplings(teacher, resume, pairs, real) if resume is not None else None
     pairs_ds = kept if kept is not None else couplings(teacher, pairs, steps=teacher_steps, real=real, progress=progress)
     run_dir = train(cfg, out=out, resume=resume, progress=progress, dataset=pairs_ds)
-    if kept is None:   # freshly drawn: keep them for a resume
+    if kept is None or couplings_from is not None:   # keep them in this folder too, for a resume
         save_couplings(pairs_ds, run_dir, teacher_hash(teacher.path))
     return run_dir

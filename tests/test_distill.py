@@ -106,3 +106,20 @@ def test_train_resume_of_a_distilled_run_says_how_to_continue_it(student, tmp_pa
     run = shutil.copytree(student, tmp_path / "s")
     r = run_main("train", "--resume", str(run), "--steps", "8")
     assert r.returncode == 2 and "imagegen distill" in r.stderr
+
+
+def test_a_new_student_reuses_anothers_couplings_without_the_teacher(student, teachers, tmp_path):
+    teacher = teachers("flow")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("imagegen.distill.couplings", lambda *a, **k: pytest.fail("the couplings were drawn again"))
+        other = distill(teacher, out=tmp_path, pairs=32, train_steps=2, couplings_from=student, progress=False,
+                        overrides=STUDENT + ["model.width=4"])
+    assert (other / "couplings.safetensors").read_bytes() == (student / "couplings.safetensors").read_bytes()
+    assert imagegen.load_run(other).model.cfg.width == 4
+    with pytest.raises(ConfigError, match="keeps no 64 couplings"):
+        distill(teacher, out=tmp_path, pairs=64, train_steps=2, couplings_from=student, progress=False, overrides=STUDENT)
+    with pytest.raises(ConfigError, match="same teacher steps"):
+        distill(teacher, out=tmp_path, pairs=32, teacher_steps=3, train_steps=2, couplings_from=student,
+                progress=False, overrides=STUDENT)
+    with pytest.raises(ConfigError, match="not a student"):
+        distill(teacher, out=tmp_path, pairs=32, train_steps=2, couplings_from=teacher, progress=False, overrides=STUDENT)
