@@ -66,7 +66,7 @@ TRAIN_FLAGS = {"data": "data.source", "steps": "train.steps", "batch_size": "tra
 
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a model into a new run folder, or --resume one")
-    p.add_argument("--data", help="fashion-mnist, mnist, kmnist, idx:DIR, folder:PATH, shapes; "
+    p.add_argument("--data", help="fashion-mnist, mnist, kmnist, idx:DIR, folder:PATH, shapes, scenes (captioned); "
                    "for cyclegan pair:DIR or pair:SOURCE:CLASS_A,CLASS_B")
     p.add_argument("--model", help="model family (see `imagegen models`)")
     add_number(p, "--steps", TRAIN_RANGES["steps"], "total training steps")
@@ -176,12 +176,26 @@ def cmd_sample(a) -> int:
     run = load_run(a.run_dir, weights=a.weights)
     labels = _labels(a, run, seeds)
     images = generate(run.model, seeds, labels=labels, batch_size=a.batch_size,
-                      latent=parse_floats(a.latent) if a.latent else None, **_sample_opts(a, run.model))
+                      latent=parse_floats(a.latent) if a.latent else None, prompts=_prompts(a),
+                      negative_prompt=a.negative_prompt, **_sample_opts(a, run.model))
     paths = save_images(images, a.out, seeds)
     if a.grid:
         grid(images).save(a.grid)
     print(f"wrote {len(paths)} images to {a.out}" + (f" and a grid to {a.grid}" if a.grid else ""))
     return 0
+
+
+def _prompts(a) -> str | list[str] | None:
+    """--prompt (one for every seed) or --prompts FILE (one per line, one per seed), not both."""
+    if a.prompt is not None and a.prompts:
+        raise ConfigError("give --prompt or --prompts FILE, not both")
+    if not a.prompts:
+        return a.prompt
+    try:
+        lines = Path(a.prompts).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--prompts {a.prompts}: cannot read it ({e})") from None
+    return [line.strip() for line in lines if line.strip()]
 
 
 def cmd_interpolate(a) -> int:
@@ -400,6 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", choices=["ema", "model"], default="ema")
     p.add_argument("--labels", help=LABELS_HELP)
     p.add_argument("--latent", help="shift the first latent dimensions of every seed, e.g. 0.5,-1 (GANs, VAEs)")
+    p.add_argument("--prompt", help="what to draw, for a model trained on captions, e.g. 'a red star left of a blue circle'")
+    p.add_argument("--prompts", metavar="FILE", help="a text file with one prompt per seed, one per line")
+    p.add_argument("--negative-prompt", help="what to steer away from (replaces guidance's unconditional branch)")
     _add_sample_options(p)
 
     p = sub.add_parser("interpolate", help="a strip of images through latent space between two seeds (or two images, VAEs)")

@@ -132,13 +132,40 @@ def parse_floats(text: str) -> list[float]:
         raise ConfigError(f"--latent: expected numbers like 0.5,-1, got {text!r}") from None
 
 
+def prompt_text(model: Family, prompts: str | Sequence[str] | None, n: int,
+                negative_prompt: str | None = None) -> tuple[object, object]:
+    """(text, negative) for a text model's `sample`: the prompts (one for all n images, or one per image)
+    and the negative prompt encoded (imagegen/text.py); (None, None) when neither is given. A prompt that
+    is empty or too long, a count that is not n, or a prompt for a model without text is a ConfigError."""
+    if prompts is None and negative_prompt is None:
+        return None, None
+    if not getattr(model, "reads_text", False):
+        what = "--prompt" if prompts is not None else "--negative-prompt"
+        raise ConfigError(f"this {model.name} model was not trained on captions: it takes no {what}")
+    from .text import MAX_TOKENS, check_prompt, encode
+    text = negative = None
+    if prompts is not None:
+        prompts = [prompts] * n if isinstance(prompts, str) else list(prompts)
+        if len(prompts) != n:
+            raise ConfigError(f"got {len(prompts)} prompts for {n} seeds (give one, or one per seed)")
+        distinct = sorted({check_prompt(p) for p in prompts})
+        table = encode(distinct).padded(MAX_TOKENS)
+        text = table[torch.tensor([distinct.index(p) for p in prompts], dtype=torch.long)]
+    if negative_prompt is not None:
+        negative = encode([check_prompt(negative_prompt, "--negative-prompt")]).padded(MAX_TOKENS)[[0] * n]
+    return text, negative
+
+
 def generate(model: Family, seeds: Sequence[int], *, labels: torch.Tensor | None = None,
-             batch_size: int = 64, latent: Sequence[float] | None = None, **opts) -> torch.Tensor:
+             batch_size: int = 64, latent: Sequence[float] | None = None, prompts: str | Sequence[str] | None = None,
+             negative_prompt: str | None = None, **opts) -> torch.Tensor:
     """One image per seed: len(seeds) x C x H x W in [-1, 1], on the CPU. `latent` shifts the first
-    dimensions of each seed's latent vector (the web page's sliders), for GANs and VAEs."""
+    dimensions of each seed's latent vector (the web page's sliders), for GANs and VAEs; `prompts` (one,
+    or one per seed) and `negative_prompt` steer a text model."""
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
     latent = check_latent(model, latent)
+    text, negative = prompt_text(model, prompts, len(seeds), negative_prompt)
     if latent and opts.get("drs"):
         raise ConfigError("--latent and --drs cannot be combined (rejection sampling draws its own latents)")
     # Noise is drawn on the CPU so that a seed gives the same image on every device.
@@ -151,16 +178,23 @@ def generate(model: Family, seeds: Sequence[int], *, labels: torch.Tensor | None
             noise = model.draw_noise(len(chunk), gens)                     # chunk x z_dim, per seed
             noise[:, :len(latent)] += torch.tensor(latent, device=noise.device)
             opts = {**opts, "noise": noise}
-        out.append(model.sample(len(chunk), labels=lab, generator=gens, **opts).cpu())
+        words = {} if text is None else {"text": text[i:i + batch_size]}
+        if negative is not None:
+            words["negative"] = negative[i:i + batch_size]
+        out.append(model.sample(len(chunk), labels=lab, generator=gens, **opts, **words).cpu())
     return torch.cat(out)
 
 
 def preview(model: Family, dataset, n: int) -> tuple[torch.Tensor, int | None]:
     """The images of a run's training grids and how many per row. A translation family shows its own
     (`model.preview`: inputs, translations, reconstructions); any other draws seeds 0..n-1, for a
-    conditional family one class per column (n rounded up to a multiple of the classes)."""
+    conditional family one class per column (n rounded up to a multiple of the classes); a text model
+    draws seed i for the data's caption i."""
     if model.translates:
         return model.preview(dataset, n)
+    if getattr(model, "reads_text", False) and getattr(dataset, "captioned", False):
+        n = min(n, len(dataset.captions))
+        return generate(model, list(range(n)), prompts=dataset.captions[:n]), None
     k = model.num_classes
     n = n if not k else k * math.ceil(n / k)
     return generate(model, list(range(n)), labels=torch.arange(n) % k if k else None), k or None

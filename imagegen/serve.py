@@ -39,6 +39,7 @@ from .errors import ImagegenError, ImageTooLargeError
 from .models.ddpm import ETA
 from .models.gan import TRUNCATION
 from .models.vae import TEMPERATURE
+from .text import MAX_PROMPT_CHARS, check_prompt
 from .sample import (MAX_LATENT_SHIFT, MAX_SEED, SEED, check_latent, check_options, extend_image, generate, grid,
                      hwc_to_float, interpolate, resolve_labels, to_mask, to_pil, to_uint8)
 
@@ -86,6 +87,9 @@ class GenerateRequest(BaseModel):
     eta: float | None = Field(default=None, **ETA.bounds(), description="diffusion: DDIM eta (0 = deterministic)")
     sampler: Literal["ddim", "ddpm"] | None = Field(default=None, description="diffusion: sampler")
     solver: Literal["euler", "midpoint", "heun", "dopri5"] | None = Field(default=None, description="flow: ODE solver (dopri5: adaptive)")
+    prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS, description="what to draw (models trained on captions)")
+    negative_prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS,
+                                        description="what to steer away from (models trained on captions)")
 
 
 class InterpolateRequest(BaseModel):
@@ -119,6 +123,7 @@ class ModelInfo(BaseModel):
     options: dict[str, str]
     latent_dims: int
     domains: list[str]
+    text: bool = False     # trained on captions: takes a prompt
 
 
 OPTION_FIELDS = ("truncation", "temperature", "guidance", "steps", "eta", "sampler", "solver")
@@ -144,7 +149,7 @@ class Served:
             step=self.run.step, data=self.run.data_source,
             options={k: h for k, (_, h) in m.sample_options.items() if k in OPTION_FIELDS},
             latent_dims=int(getattr(cfg, "z_dim", 0)) if hasattr(m, "draw_noise") else 0,
-            domains=[cfg.domain_a, cfg.domain_b] if m.translates else [])
+            domains=[cfg.domain_a, cfg.domain_b] if m.translates else [], text=bool(getattr(m, "reads_text", False)))
 
 
 def find_runs(root: Path, log=print) -> dict[str, Served]:
@@ -287,12 +292,17 @@ def decode_upload(data: bytes, what: str, channels: int, size: int | None = None
         raise bad_request(str(e), 413) from None
 
 
-def sample_command(served: Served, seeds: list[int], label: str | None, opts: dict, latent: list[float]) -> str:
+def sample_command(served: Served, seeds: list[int], label: str | None, opts: dict, latent: list[float],
+                   prompt: str | None = None, negative_prompt: str | None = None) -> str:
     """The `imagegen sample` command that draws the same images."""
     seed_text = str(seeds[0]) if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]}"
     parts = ["imagegen", "sample", str(served.run.path), "--seeds", seed_text]
     if label is not None:
         parts += ["--labels", _quote(label)]
+    if prompt is not None:
+        parts += ["--prompt", _quote(prompt)]
+    if negative_prompt is not None:
+        parts += ["--negative-prompt", _quote(negative_prompt)]
     if latent:
         parts += ["--latent", ",".join(f"{v:g}" for v in latent)]
     for k, v in opts.items():
@@ -386,16 +396,25 @@ def create_app(runs_dir: str | Path, *, log=print) -> FastAPI:
         labels = labels_for(served, req.label, seeds)
         latent = check_latent(served.model, req.latent) or []
         model = served.model
+        words = {"prompts": req.prompt, "negative_prompt": req.negative_prompt}
+        for name, text in (("prompt", req.prompt), ("negative_prompt", req.negative_prompt)):
+            if text is not None:   # refused here, before any work: a model without text, empty, too long
+                if not getattr(model, "reads_text", False):
+                    raise bad_request(f"model {served.name!r} was not trained on captions: it takes no {name}")
+                check_prompt(text, name)
 
         def work(items: list[GenItem]) -> list[torch.Tensor]:
             all_seeds = [s for it in items for s in it.seeds]
             all_labels = None if items[0].labels is None else torch.cat([it.labels for it in items])
-            images = generate(model, all_seeds, labels=all_labels, batch_size=MAX_BATCH, latent=latent or None, **opts)
+            images = generate(model, all_seeds, labels=all_labels, batch_size=MAX_BATCH, latent=latent or None,
+                              **words, **opts)
             return list(torch.split(images, [it.size for it in items]))
 
-        key = (served.name, tuple(sorted(opts.items())), tuple(latent))
+        key = (served.name, tuple(sorted(opts.items())), tuple(latent), req.prompt, req.negative_prompt)
         images = await worker.batched(key, work, GenItem(seeds, labels))
-        command = sample_command(served, seeds, req.label or None, opts, latent)
+        command = sample_command(served, seeds, req.label or None, opts, latent, req.prompt, req.negative_prompt)
+        # HTTP headers are Latin-1: a prompt outside it is written with escapes there
+        command = command.encode("latin-1", "backslashreplace").decode("latin-1")
         return png_response(images, headers={"X-Imagegen-Command": command, "X-Imagegen-Seeds": f"{seeds[0]}-{seeds[-1]}"})
 
     @app.post("/api/interpolate", response_class=Response, responses={200: {"content": {"image/png": {}}}})

@@ -114,3 +114,30 @@ def test_a_dataset_refuses_a_caption_count_that_is_not_its_image_count():
     with pytest.raises(ValueError, match="2 captions for 3 images"):
         ImageDataset(images=torch.zeros(3, 1, 4, 4, dtype=torch.uint8), labels=torch.full((3,), -1),
                      classes=[], name="x", source="x", captions=["a", "b"])
+
+
+# --- captioned:SOURCE: captions made from a labelled source's classes (data/captions.py) ---------------
+
+def test_captioned_data_gives_each_image_a_caption_of_its_class():
+    from imagegen.data import captions as C
+    ds = imagegen.load_data("captioned:shapes")
+    assert ds.captioned and ds.labelled and len(ds.captions) == len(ds)
+    for caption, y in zip(ds.captions[:500], ds.labels[:500].tolist()):
+        assert caption in C.training_prompts(ds.classes[y]), caption
+    first = imagegen.load_data(imagegen.DataConfig(source="captioned:shapes", limit=10))
+    assert first.captions == ds.captions[:10]                 # image i's caption does not depend on the rest
+    assert len(set(ds.captions)) > 30                          # templates x names, not one caption per class
+
+
+def test_held_out_prompts_never_occur_in_training_captions():
+    from imagegen.data import captions as C
+    for cls in C.PHRASES:
+        held, seen = set(C.held_out_prompts(cls)), set(C.training_prompts(cls))
+        assert held and not held & seen, cls
+        assert all(not any(p in t for t in seen) for p in C.PHRASES[cls][1]), cls   # the paraphrase is new
+    assert C.held_out_prompts("some class") == [] and C.training_prompts("some_class")[0] == "a some class"
+
+
+def test_captions_need_classes():
+    with pytest.raises(imagegen.errors.ConfigError, match="captions are made from classes"):
+        imagegen.load_data("captioned:scenes")

@@ -34,6 +34,14 @@ class ImageDataset:
     def captioned(self) -> bool:
         return bool(self.captions)
 
+    def load_text(self, log=print) -> None:
+        """Encode the captions (once per distinct caption, cached: imagegen/text.caption_table), so that
+        every batch carries its captions' embeddings: text_pooled N x D, text_tokens N x T x D, text_mask
+        N x T. For text networks; other families never pay for the encoder."""
+        if self.captioned and getattr(self, "_text", None) is None:
+            from ..text import caption_table
+            self._text = caption_table(self.captions, log=log)
+
     def __len__(self) -> int:
         return self.images.shape[0]
 
@@ -57,7 +65,13 @@ class ImageDataset:
     def batch(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
         """The items at `index` as {"image": float N x C x H x W in [-1, 1], "label": long N}."""
         image = self.images[index].float().div_(127.5).sub_(1.0)
-        return {"image": image, "label": self.labels[index]}
+        out = {"image": image, "label": self.labels[index]}
+        text = getattr(self, "_text", None)
+        if text is not None:   # load_text() was called
+            table, rows = text
+            words = table[rows[index]]
+            out.update(text_pooled=words.pooled, text_tokens=words.tokens, text_mask=words.mask)
+        return out
 
     def steps_per_epoch(self, batch_size: int) -> int:
         return max(1, len(self) // batch_size)

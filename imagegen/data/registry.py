@@ -1,4 +1,5 @@
-"""Data sources by name: `--data fashion-mnist | mnist | kmnist | idx:DIR | folder:PATH | shapes | scenes`, and for
+"""Data sources by name: `--data fashion-mnist | mnist | kmnist | idx:DIR | folder:PATH | shapes | scenes`,
+`captioned:SOURCE` (a labelled source with captions made from its classes: data/captions.py), and for
 translation models two domains: `pair:DIR | pair:SOURCE:CLASS_A,CLASS_B` (data/paired.py).
 
 Named IDX datasets are looked for in $IMAGEGEN_DATA/<name>, the user cache (~/.cache/imagegen/<name>)
@@ -20,6 +21,7 @@ from ..errors import ConfigError, DataError, DownloadError
 from . import folder as folder_source
 from . import idx as idx_source
 from . import paired
+from .captions import class_captions
 from . import scenes as scenes_source
 from . import shapes as shapes_source
 from .dataset import ImageDataset
@@ -164,6 +166,13 @@ def load_data(cfg: DataConfig | str) -> ImageDataset | PairedDataset:
     captions: list[str] = []
     if kind == "pair":
         return _load_pair(cfg, arg)
+    if kind == "captioned":   # a labelled source with a caption per image from its class (data/captions.py)
+        base = load_data(replace(cfg, source=arg))
+        if isinstance(base, PairedDataset) or not base.labelled:
+            raise ConfigError(f"--data {spec!r}: captions are made from classes; {arg!r} has none "
+                              f"(use a labelled source, e.g. captioned:fashion-mnist)")
+        return replace(base, name=spec, captions=class_captions(base.labels.tolist(), base.classes,
+                                                                 seed=0 if cfg.split == "train" else 1))
     if kind in IDX_DATASETS:
         if arg:
             raise ConfigError(f"--data {spec!r}: {kind} takes no argument")

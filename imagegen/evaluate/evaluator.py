@@ -220,7 +220,10 @@ def run_data(run, data: str | None = None, split: str = "test") -> DataConfig:
     if own and not run.data_source:
         raise ConfigError(f"{run.path}: config.json names no data source; pass --data")
     saved = run.config.get("data", {}) if own else {}
-    return DataConfig(source=run.data_source if own else data, split=split,
+    source = run.data_source if own else data
+    # captioned:X has X's images: it is measured against X's test split, by X's evaluator
+    source = source.removeprefix("captioned:")
+    return DataConfig(source=source, split=split,
                       size=int(saved.get("size", 0)), channels=int(saved.get("channels", 0)))
 
 

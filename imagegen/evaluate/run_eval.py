@@ -15,6 +15,7 @@ from ..sample import default_labels, generate, to_float
 from . import metrics as M
 from .evaluator import FeatureExtractor, run_data, run_evaluator
 from .likelihood import measure, require_likelihood
+from .prompts import class_prompt_accuracy, test_prompts
 from .translation import evaluate_translation
 
 MAX_N = 100_000
@@ -51,7 +52,8 @@ def evaluate_run(run_dir: str | Path, *, n: int = 10_000, data: str | None = Non
     real = load_data(real_cfg)
     t0 = time.perf_counter()
     seeds = list(range(n))
-    fake = generate(run.model, seeds, labels=default_labels(run.model, seeds), batch_size=batch_size)
+    prompts = test_prompts(run, n)   # a text run: seed i draws the test split's caption i
+    fake = generate(run.model, seeds, labels=default_labels(run.model, seeds), batch_size=batch_size, prompts=prompts)
     sample_seconds = time.perf_counter() - t0
     real_images = to_float(real.images)
     result = compare(extractor, real_images, fake)
@@ -59,6 +61,10 @@ def evaluate_run(run_dir: str | Path, *, n: int = 10_000, data: str | None = Non
         labels = real.labels if run.model.conditional else None
         recon = run.model.reconstruct(real_images, labels).cpu()
         result["reconstruction_mse"] = float((recon - real_images).square().mean())
+    following = class_prompt_accuracy(run, extractor, batch_size=batch_size)
+    if following is not None:
+        result["prompt_accuracy_training_prompts"] = following["training_prompts"]
+        result["prompt_accuracy_held_out_prompts"] = following.get("held_out_prompts")
     bpd = None
     if likelihood:
         t1 = time.perf_counter()
@@ -74,6 +80,8 @@ def evaluate_run(run_dir: str | Path, *, n: int = 10_000, data: str | None = Non
         "protocol": {"generated": n, "seeds": f"0-{n - 1}", "labels": "seed mod classes" if run.model.conditional else None,
                      "real": len(real), "real_split": "test", "data": data, "evaluator": extractor.name,
                      "evaluator_sha256": getattr(extractor, "info", {}).get("sha256"), "weights": "ema",
+                     **({"prompts": "the test split's captions, caption i for seed i"} if prompts else {}),
+                     **({"prompt_following": following} if following else {}),
                      "sampler": sampler or "default", "kid": "50 subsets of 1000, cubic kernel on unit-length features",
                      "precision_recall_k": 3, "density_coverage_k": 5,
                      **({"likelihood": bpd} if bpd else {})},

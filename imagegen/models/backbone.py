@@ -4,12 +4,15 @@ module holds the config fields both families share, builds the network they name
 the parts of training and sampling that do not depend on the objective: the optimizer and its step,
 label dropout for guidance, the guided network call, per-image noise, inpainting canvases.
 
-Both networks map (x N x C x H x W, t N, y N or None) -> N x C x H x W and start at zero output.
+Both networks map (x N x C x H x W, t N, y N or None) -> N x C x H x W and start at zero output; a text
+network (model.text_dim > 0, set when the training data has captions) also takes a text as three tensors
+(pooled, tokens, mask: imagegen/text.py), and a caption dropped to the null text trains guidance as a
+dropped label does.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -21,6 +24,8 @@ from ..errors import ConfigError
 from ..nets.dit import DiT
 from ..nets.unet import UNet
 from ..solvers import Noise
+from ..text import DIM as TEXT_DIM
+from ..text import MAX_TOKENS, TextEmbedding, encoder_id
 from .base import Family, Generators, adam, per_item_normal, run_fixed_batch
 
 
@@ -38,6 +43,9 @@ class BackboneConfig:
     # DiT: a size from nets/dit.py SIZES (depth, width, heads) and the patch side in pixels.
     dit_size: Literal["xxs", "xs", "s", "m", "l"] = "xs"
     patch: int = ranged(4, 1, 16)   # 4: 49 tokens at 28 px, a quarter of the cost per step of 2 (75 against 285 ms)
+    # Text conditioning, filled in from the data: the encoder's width when it has captions, and its name.
+    text_dim: int = ranged(0, 1, 4096, zero="no text")
+    text_encoder: str = ""
 
     def validate_backbone(self) -> None:
         if self.backbone == "dit":
@@ -58,8 +66,9 @@ class BackboneConfig:
 
 def build_backbone(cfg: BackboneConfig) -> nn.Module:
     if cfg.backbone == "dit":
-        return DiT(cfg.channels, cfg.dit_size, patch=cfg.patch, num_classes=cfg.num_classes)
-    return UNet(cfg.channels, cfg.width, cfg.mults, attention=cfg.attention, num_classes=cfg.num_classes)
+        return DiT(cfg.channels, cfg.dit_size, patch=cfg.patch, num_classes=cfg.num_classes, text_dim=cfg.text_dim)
+    return UNet(cfg.channels, cfg.width, cfg.mults, attention=cfg.attention, num_classes=cfg.num_classes,
+                text_dim=cfg.text_dim)
 
 
 # --- inpainting canvases: the backbones take sizes that are multiples of `multiple` -------------------
@@ -92,6 +101,19 @@ class BackboneFamily(Family):
         super().__init__(cfg)
         self.net = build_backbone(cfg)
 
+    @classmethod
+    def fit_config(cls, cfg, dataset):
+        """Captioned data makes a text network, with no flag to set; its captions, not its classes (which
+        captioned:SOURCE data still has, for evaluation), condition it."""
+        cfg = super().fit_config(cfg, dataset)
+        if getattr(dataset, "captioned", False):
+            return replace(cfg, num_classes=0, text_dim=TEXT_DIM, text_encoder=encoder_id())
+        return replace(cfg, text_dim=0, text_encoder="")
+
+    @property
+    def reads_text(self) -> bool:
+        return self.cfg.text_dim > 0
+
     def configure_optimizers(self, train_cfg) -> dict[str, torch.optim.Optimizer]:
         return {"net": adam(self.net.parameters(), self.cfg.lr)}
 
@@ -104,6 +126,25 @@ class BackboneFamily(Family):
         drop = torch.rand(labels.shape[0], generator=gen, device=labels.device) < self.cfg.label_dropout
         return torch.where(drop, self.num_classes, labels)
 
+    def training_text(self, batch: dict[str, torch.Tensor], gen: torch.Generator) -> list[torch.Tensor]:
+        """The network's text inputs for a training batch ([] for a network without text): the batch's
+        caption embeddings with a `label_dropout` share replaced by the null text (all zeros, empty mask)."""
+        if not self.reads_text:
+            return []
+        mask = batch["text_mask"]
+        keep = torch.rand(mask.shape[0], generator=gen, device=mask.device) >= self.cfg.label_dropout
+        return [batch["text_pooled"] * keep[:, None], batch["text_tokens"] * keep[:, None, None], mask & keep[:, None]]
+
+    def check_text(self, n: int, text: TextEmbedding | None, what: str = "prompt") -> TextEmbedding | None:
+        """A sampling call's text, checked: n rows for a text network, refused by any other."""
+        if text is None:
+            return None
+        if not self.reads_text:
+            raise ConfigError(f"this {self.name} model was not trained on captions: it takes no {what}")
+        if len(text) != n:
+            raise ConfigError(f"got {len(text)} {what}s for {n} images")
+        return text.to(self.device)
+
     def update(self, opt: dict, loss: torch.Tensor) -> dict[str, float]:
         """Backward, clip the global gradient norm to `grad_clip` (0 = off), step."""
         opt["net"].zero_grad(set_to_none=True)
@@ -113,22 +154,37 @@ class BackboneFamily(Family):
         opt["net"].step()
         return {"loss": loss.item()}
 
-    def guided(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None, guidance: float) -> torch.Tensor:
+    def guided(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None, guidance: float,
+               text: TextEmbedding | None = None, negative: TextEmbedding | None = None) -> torch.Tensor:
         """The network's output for x N x C x H x W at times t (N), with classifier-free guidance:
-        out_null + guidance (out_label - out_null); the null class alone when labels is None. The network
-        always runs in fixed micro-batches, so a seed's image does not depend on its batch."""
+        out_null + guidance (out_cond - out_null), where the condition is the labels and/or the text, and
+        the null branch has the null class and the `negative` text (a negative prompt) or the null text.
+        Without labels or text, the null branch alone. The network always runs in fixed micro-batches,
+        and a text always has MAX_TOKENS token slots, so a seed's image does not depend on its batch."""
         n, n_cls = x.shape[0], self.num_classes
         if labels is not None and labels.shape[0] != n:
             raise ValueError(f"network call on {n} images with {labels.shape[0]} labels")
-        if labels is None or not n_cls:
-            null = torch.full((n,), n_cls, device=x.device, dtype=torch.long) if n_cls else None
-            return run_fixed_batch(self.net, x, t, null, owner=self)
+        null = torch.full((n,), n_cls, device=x.device, dtype=torch.long) if n_cls else None
+        cond = labels if labels is not None and n_cls else null
+
+        def run(branches: list[tuple[torch.Tensor | None, TextEmbedding | None]]) -> torch.Tensor:
+            k = len(branches)
+            xs, ts = (x, t) if k == 1 else (torch.cat([x] * k), torch.cat([t] * k))
+            y = None if not n_cls else branches[0][0] if k == 1 else torch.cat([b[0] for b in branches])
+            extra = []
+            if self.reads_text:
+                words = TextEmbedding.cat([TextEmbedding.null(n, MAX_TOKENS, x.device) if b[1] is None else b[1]
+                                           for b in branches]).padded(MAX_TOKENS)
+                extra = [words.pooled, words.tokens, words.mask]
+            return run_fixed_batch(self.net, xs, ts, y, *extra, owner=self)
+
+        if cond is null and text is None:
+            return run([(null, None)])
         if guidance == 1.0:
-            return run_fixed_batch(self.net, x, t, labels, owner=self)
-        null = torch.full_like(labels, n_cls)
-        both = run_fixed_batch(self.net, torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null]), owner=self)
-        cond, uncond = both[:n], both[n:]
-        return uncond + guidance * (cond - uncond)
+            return run([(cond, text)])
+        both = run([(cond, text), (null, negative)])
+        out, out_null = both[:n], both[n:]
+        return out_null + guidance * (out - out_null)
 
     def _noise(self, n: int, shape: tuple[int, ...], generator: Generators) -> Noise:
         return lambda: per_item_normal(n, shape, generator, self.device)

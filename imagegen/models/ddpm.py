@@ -119,7 +119,7 @@ class DDPM(BackboneFamily):    # the backbone, its optimizer, label dropout and 
         a = self.ab[t].view(n, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
         target = eps if self.cfg.prediction == "eps" else a.sqrt() * eps - (1 - a).sqrt() * x0
-        per_image = (self.net(xt, t, y) - target).square().mean(dim=(1, 2, 3))      # N
+        per_image = (self.net(xt, t, y, *self.training_text(batch, gen)) - target).square().mean(dim=(1, 2, 3))   # N
         snr = a.view(n) / (1 - a.view(n))
         if self.cfg.weighting == "min-snr":   # min(SNR, gamma) / SNR as an x0 loss, rewritten for the target
             w = snr.clamp(max=self.cfg.min_snr_gamma) / (snr if self.cfg.prediction == "eps" else snr + 1)
@@ -129,10 +129,11 @@ class DDPM(BackboneFamily):    # the backbone, its optimizer, label dropout and 
 
     # --- sampling ------------------------------------------------------------------------------------
 
-    def denoiser(self, labels: torch.Tensor | None, guidance: float) -> Denoise:
+    def denoiser(self, labels: torch.Tensor | None, guidance: float, text=None, negative=None) -> Denoise:
         """denoise(x, t) -> (x0, eps), with x0 clipped to [-1, 1] and classifier-free guidance applied."""
         def denoise(x: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
-            out = self.guided(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long), labels, guidance)
+            out = self.guided(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long), labels, guidance,
+                              text, negative)
             a = float(self.ab[t])
             if self.cfg.prediction == "eps":
                 x0 = (x - math.sqrt(1 - a) * out) / math.sqrt(a)
@@ -159,14 +160,16 @@ class DDPM(BackboneFamily):    # the backbone, its optimizer, label dropout and 
     @torch.no_grad()
     def sample(self, n: int, *, labels: torch.Tensor | None = None, generator: Generators = None,
                steps: int | None = None, guidance: float | None = None, eta: float | None = None,
-               sampler: str | None = None) -> torch.Tensor:
-        """n images. labels None on a conditional model samples unconditionally (the null class)."""
+               sampler: str | None = None, text=None, negative=None) -> torch.Tensor:
+        """n images. labels None on a conditional model samples unconditionally (the null class); `text`
+        (a TextEmbedding of n prompts) for a text model, `negative` its guidance's null branch."""
         labels, ts, guidance, eta, sampler = self._setup(n, labels, steps, guidance, eta, sampler)
+        text, negative = self.check_text(n, text), self.check_text(n, negative, "negative prompt")
         shape = (self.cfg.channels, self.cfg.image_size, self.cfg.image_size)
         noise = self._noise(n, shape, generator)
         with eval_mode(self):
             x = noise()
-            denoise = self.denoiser(labels, guidance)
+            denoise = self.denoiser(labels, guidance, text, negative)
             if sampler == "ddim":
                 x = ddim(denoise, x, self.ab, ts, eta=eta, noise=noise)
             else:
@@ -175,18 +178,19 @@ class DDPM(BackboneFamily):    # the backbone, its optimizer, label dropout and 
 
     @torch.no_grad()
     def from_noise(self, z: torch.Tensor, *, labels: torch.Tensor | None = None, steps: int | None = None,
-                   guidance: float | None = None) -> torch.Tensor:
+                   guidance: float | None = None, text=None, negative=None) -> torch.Tensor:
         """The images deterministic DDIM (eta = 0) makes of noise z (N x C x H x W at the last timestep):
         the map that `distill` learns in one step."""
         labels, ts, guidance, _, _ = self._setup(z.shape[0], labels, steps, guidance, 0.0, "ddim")
+        text, negative = self.check_text(z.shape[0], text), self.check_text(z.shape[0], negative, "negative prompt")
         with eval_mode(self):
-            x = ddim(self.denoiser(labels, guidance), z.to(self.device), self.ab, ts, eta=0.0)
+            x = ddim(self.denoiser(labels, guidance, text, negative), z.to(self.device), self.ab, ts, eta=0.0)
         return x.clamp(-1, 1)
 
     @torch.no_grad()
     def inpaint(self, image: torch.Tensor, mask: torch.Tensor, *, labels: torch.Tensor | None = None,
                 generator: Generators = None, steps: int | None = None, guidance: float | None = None,
-                resample: int = 5) -> torch.Tensor:
+                resample: int = 5, text=None, negative=None) -> torch.Tensor:
         """Fill the pixels where mask == 1 (mask N x 1 x H x W) of images N x C x H x W; the others are
         returned exactly as given. H and W may differ from the training size (both backbones run on larger
         canvases)."""
@@ -194,10 +198,11 @@ class DDPM(BackboneFamily):    # the backbone, its optimizer, label dropout and 
         n = image.shape[0]
         RESAMPLE.check(resample, "resample")
         labels, ts, guidance, _, _ = self._setup(n, labels, steps, guidance, 0.0, "ddpm")
+        text, negative = self.check_text(n, text), self.check_text(n, negative, "negative prompt")
         image = image.to(self.device)
         known, keep = padded_canvas(image, mask.to(self.device), self.cfg.multiple)
         noise = self._noise(n, known.shape[1:], generator)
         with eval_mode(self):
-            x = repaint(self.denoiser(labels, guidance), noise(), self.ab, ts, known=known, mask=keep,
+            x = repaint(self.denoiser(labels, guidance, text, negative), noise(), self.ab, ts, known=known, mask=keep,
                         resample=resample, noise=noise)
         return keep_known(x, image, keep)

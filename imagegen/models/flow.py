@@ -104,14 +104,16 @@ class Flow(BackboneFamily):    # the backbone, its optimizer, label dropout and 
         y = self.training_labels(batch, gen)
         tt = t.view(n, 1, 1, 1)
         xt = (1 - tt) * z + tt * x                                          # the straight path
-        return self.update(opt, (self.net(xt, TIME_SCALE * t, y) - (x - z)).square().mean())   # velocity x - z
+        v = self.net(xt, TIME_SCALE * t, y, *self.training_text(batch, gen))
+        return self.update(opt, (v - (x - z)).square().mean())                  # velocity x - z
 
     # --- sampling ------------------------------------------------------------------------------------
 
-    def velocity(self, labels: torch.Tensor | None, guidance: float) -> Velocity:
+    def velocity(self, labels: torch.Tensor | None, guidance: float, text=None, negative=None) -> Velocity:
         """velocity(x, t) -> dx/dt, with classifier-free guidance applied (BackboneFamily.guided)."""
         def v(x: torch.Tensor, t: float) -> torch.Tensor:
-            return self.guided(x, torch.full((x.shape[0],), TIME_SCALE * t, device=x.device), labels, guidance)
+            return self.guided(x, torch.full((x.shape[0],), TIME_SCALE * t, device=x.device), labels, guidance,
+                               text, negative)
 
         return v
 
@@ -128,25 +130,30 @@ class Flow(BackboneFamily):    # the backbone, its optimizer, label dropout and 
 
     @torch.no_grad()
     def sample(self, n: int, *, labels: torch.Tensor | None = None, generator: Generators = None,
-               steps: int | None = None, guidance: float | None = None, solver: str | None = None) -> torch.Tensor:
-        """n images. labels None on a conditional model samples unconditionally (the null class)."""
+               steps: int | None = None, guidance: float | None = None, solver: str | None = None,
+               text=None, negative=None) -> torch.Tensor:
+        """n images. labels None on a conditional model samples unconditionally (the null class); `text`
+        (a TextEmbedding of n prompts) for a text model, `negative` its guidance's null branch."""
         shape = (self.cfg.channels, self.cfg.image_size, self.cfg.image_size)
         return self.from_noise(self._noise(n, shape, generator)(), labels=labels, steps=steps, guidance=guidance,
-                               solver=solver)
+                               solver=solver, text=text, negative=negative)
 
     @torch.no_grad()
     def from_noise(self, z: torch.Tensor, *, labels: torch.Tensor | None = None, steps: int | None = None,
-                   guidance: float | None = None, solver: str | None = None) -> torch.Tensor:
+                   guidance: float | None = None, solver: str | None = None, text=None, negative=None) -> torch.Tensor:
         """The images the ODE carries noise z (N x C x H x W at t = 0) to: a deterministic map, which
         `distill` learns in one step."""
         labels, steps, guidance, solver = self._setup(z.shape[0], labels, steps, guidance, solver)
+        text, negative = self.check_text(z.shape[0], text), self.check_text(z.shape[0], negative, "negative prompt")
         with eval_mode(self):
             x = z.to(self.device)
             if solver == "dopri5":   # one image at a time: its step sizes must not depend on the others
-                x = torch.cat([adaptive(self.velocity(None if labels is None else labels[i:i + 1], guidance),
+                def row(c, i):
+                    return None if c is None else c[i:i + 1]
+                x = torch.cat([adaptive(self.velocity(row(labels, i), guidance, row(text, i), row(negative, i)),
                                         x[i:i + 1])[0] for i in range(x.shape[0])])
             else:
-                x = SOLVERS[solver](self.velocity(labels, guidance), x, steps)
+                x = SOLVERS[solver](self.velocity(labels, guidance, text, negative), x, steps)
         return x.clamp(-1, 1)
 
     def log_likelihood(self, x: torch.Tensor, *, generator: Generators = None, steps: int = LIKELIHOOD_STEPS,
@@ -173,17 +180,18 @@ class Flow(BackboneFamily):    # the backbone, its optimizer, label dropout and 
     @torch.no_grad()
     def inpaint(self, image: torch.Tensor, mask: torch.Tensor, *, labels: torch.Tensor | None = None,
                 generator: Generators = None, steps: int | None = None, guidance: float | None = None,
-                resample: int = 5) -> torch.Tensor:
+                resample: int = 5, text=None, negative=None) -> torch.Tensor:
         """Fill the pixels where mask == 1 (mask N x 1 x H x W) of images N x C x H x W; the others are
         returned exactly as given. H and W may differ from the training size (outpainting)."""
         self.check_inpaint(image, mask)
         n = image.shape[0]
         RESAMPLE.check(resample, "resample")
         labels, steps, guidance, _ = self._setup(n, labels, steps, guidance, "euler")
+        text, negative = self.check_text(n, text), self.check_text(n, negative, "negative prompt")
         image = image.to(self.device)
         known, keep = padded_canvas(image, mask.to(self.device), self.cfg.multiple)
         noise = self._noise(n, known.shape[1:], generator)
         with eval_mode(self):
-            x = flow_repaint(self.velocity(labels, guidance), noise(), steps, known=known, mask=keep,
+            x = flow_repaint(self.velocity(labels, guidance, text, negative), noise(), steps, known=known, mask=keep,
                              resample=resample, noise=noise)
         return keep_known(x, image, keep)

@@ -8,8 +8,10 @@ residual branch; "adaLN-Zero": the maps that produce scale, shift and gate start
 starts as the identity, and the final linear layer starts at zero, so the whole network starts at 0.
 
 Conditioning: c = embed(time) + embed(label), one N x dim vector that drives every adaptive norm. The
-label table has one extra row, the null class, for classifier-free guidance. Other conditioning (a text
-embedding) joins by being added to c in `condition`.
+label table has one extra row, the null class, for classifier-free guidance. A text (text_dim > 0:
+pooled, tokens and mask from imagegen/text.py) joins c through its pooled embedding, and every block
+cross-attends to its tokens between self-attention and MLP, as in PixArt-alpha (Chen et al. 2024); the
+cross-attention's output map starts at zero, so the blocks still start as the identity.
 
 Shapes: x N x C x H x W with H and W multiples of the patch size (not only the training size: the position
 code is computed for the grid it meets, so the network also runs on larger canvases, for outpainting);
@@ -25,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import Linear, timestep_embedding
+from .layers import CrossAttention, Linear, TextIn, timestep_embedding
 
 
 @dataclass(frozen=True)
@@ -71,9 +73,11 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 class Block(nn.Module):
     """Pre-norm self-attention and MLP, each with an adaptive LayerNorm and a gate, all six from c."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0) -> None:
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, text_dim: int = 0) -> None:
         super().__init__()
         self.heads = heads
+        self.cross = CrossAttention(dim, text_dim, heads) if text_dim else None
+        self.norm_cross = nn.LayerNorm(dim, eps=1e-6) if text_dim else None
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.qkv = Linear(dim, 3 * dim)
         self.proj = Linear(dim, dim)
@@ -90,16 +94,20 @@ class Block(nn.Module):
         a = F.scaled_dot_product_attention(q, k, v)                        # N x heads x L x D/heads
         return self.proj(a.transpose(1, 2).reshape(n, length, d))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:  # N x L x D, N x D
+    def forward(self, x: torch.Tensor, c: torch.Tensor, ctx: torch.Tensor | None = None,
+                keep: torch.Tensor | None = None) -> torch.Tensor:  # N x L x D, N x D, text context N x S x T_DIM, N x S
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c).chunk(6, dim=1)
         x = x + gate1[:, None] * self.attention(modulate(self.norm1(x), shift1, scale1))
+        if self.cross is not None:
+            x = x + self.cross(self.norm_cross(x), ctx, keep)
         return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
 
 
 class DiT(nn.Module):
     """channels -> channels at the same size, conditioned on a time and (if num_classes) a label."""
 
-    def __init__(self, channels: int, size: str | Size = "xs", *, patch: int = 2, num_classes: int = 0) -> None:
+    def __init__(self, channels: int, size: str | Size = "xs", *, patch: int = 2, num_classes: int = 0,
+                 text_dim: int = 0) -> None:
         super().__init__()
         s = SIZES[size] if isinstance(size, str) else size
         if s.dim % s.heads or s.dim % 4:
@@ -108,7 +116,8 @@ class DiT(nn.Module):
         self.embed = nn.Conv2d(channels, s.dim, patch, stride=patch)          # a linear map of each patch
         self.time = nn.Sequential(Linear(256, s.dim), nn.SiLU(), Linear(s.dim, s.dim))
         self.label = nn.Embedding(num_classes + 1, s.dim) if num_classes else None
-        self.blocks = nn.ModuleList(Block(s.dim, s.heads) for _ in range(s.depth))
+        self.text = TextIn(text_dim, s.dim) if text_dim else None
+        self.blocks = nn.ModuleList(Block(s.dim, s.heads, text_dim=text_dim) for _ in range(s.depth))
         self.norm = nn.LayerNorm(s.dim, elementwise_affine=False, eps=1e-6)
         self.ada = nn.Sequential(nn.SiLU(), Linear(s.dim, 2 * s.dim))
         self.out = Linear(s.dim, patch * patch * channels)
@@ -129,20 +138,26 @@ class DiT(nn.Module):
         if self.label is not None:
             nn.init.normal_(self.label.weight, std=0.02)
         for block in self.blocks:
-            nn.init.zeros_(block.ada[-1].weight)
-            nn.init.zeros_(block.ada[-1].bias)
+            for m in (block.ada[-1], *((block.cross.out,) if block.cross is not None else ())):
+                nn.init.zeros_(m.weight)
+                nn.init.zeros_(m.bias)
         for m in (self.ada[-1], self.out):
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
 
-    def condition(self, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:   # -> N x dim
+    def condition(self, t: torch.Tensor, y: torch.Tensor | None, pooled: torch.Tensor | None = None,
+                  mask: torch.Tensor | None = None) -> torch.Tensor:   # -> N x dim
         c = self.time(timestep_embedding(t, 256))
         if self.label is not None:
             c = c + self.label(y)
+        if self.text is not None:
+            c = c + self.text.embedding(pooled, mask)
         return c
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        """x N x C x H x W, t N times, y N labels (num_classes = null) or None -> N x C x H x W."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, pooled: torch.Tensor | None = None,
+                text_tokens: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x N x C x H x W, t N times, y N labels (num_classes = null) or None, and for a text network
+        the text (pooled, text_tokens, mask) -> N x C x H x W."""
         h, w = x.shape[-2:]
         p = self.patch
         if h % p or w % p:
@@ -150,9 +165,10 @@ class DiT(nn.Module):
         gh, gw = h // p, w // p
         tokens = self.embed(x).flatten(2).transpose(1, 2)                       # N x L x D
         tokens = tokens + sincos_2d(gh, gw, self.dim, x.device).to(tokens.dtype)
-        cond = self.condition(t, y)
+        cond = self.condition(t, y, pooled, mask)
+        ctx = self.text.context(text_tokens, mask) if self.text is not None else (None, None)
         for block in self.blocks:
-            tokens = block(tokens, cond)
+            tokens = block(tokens, cond, *ctx)
         shift, scale = self.ada(cond).chunk(2, dim=1)
         return unpatchify(self.out(modulate(self.norm(tokens), shift, scale)), p, gh, gw)
 

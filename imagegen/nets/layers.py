@@ -39,3 +39,49 @@ class Linear(nn.Linear):
             return F.linear(x, weight, self.bias)
         pad = x.new_zeros((LINEAR_MIN_ROWS - n, x.shape[1]))
         return F.linear(torch.cat([x, pad]), weight, self.bias)[:n]
+
+
+class TextIn(nn.Module):
+    """Text conditioning shared by the backbones (imagegen/text.py gives pooled N x T_DIM, tokens
+    N x T x T_DIM and a mask N x T; the null text has an all-false mask).
+
+    `embedding`: the pooled text mapped to the conditioning width, to be added to the time embedding as
+    a class is, and a learned vector in its place for the null text. `context`: the token states with a
+    learned null token in front, unmasked, so a null text still has one key to attend to."""
+
+    def __init__(self, text_dim: int, emb_dim: int) -> None:
+        super().__init__()
+        self.pool = Linear(text_dim, emb_dim)
+        self.null = nn.Parameter(torch.zeros(emb_dim))
+        self.null_token = nn.Parameter(torch.zeros(1, 1, text_dim))
+
+    def embedding(self, pooled: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:   # -> N x emb_dim
+        return torch.where(mask.any(1, keepdim=True), self.pool(pooled), self.null)
+
+    def context(self, tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n = tokens.shape[0]
+        return (torch.cat([self.null_token.expand(n, 1, -1).to(tokens.dtype), tokens], 1),   # N x (T + 1) x T_DIM
+                torch.cat([mask.new_ones(n, 1), mask], 1))                                 # N x (T + 1)
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of N x L x dim queries (already normalised) to a text context N x S x ctx_dim
+    under a key mask N x S (True = attend): N x L x dim, to be added to the queries' stream. The output
+    map starts at zero, so a network gains text without changing what it computed before."""
+
+    def __init__(self, dim: int, ctx_dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q = Linear(dim, dim)
+        self.kv = Linear(ctx_dim, 2 * dim)
+        self.out = Linear(dim, dim)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        n, length, d = x.shape
+        h = self.heads
+        q = self.q(x).view(n, length, h, d // h).transpose(1, 2)                        # N x h x L x d/h
+        k, v = self.kv(ctx).view(n, ctx.shape[1], 2, h, d // h).permute(2, 0, 3, 1, 4).unbind(0)   # N x h x S x d/h
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])
+        return self.out(a.transpose(1, 2).reshape(n, length, d))

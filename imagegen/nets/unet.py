@@ -8,6 +8,9 @@ lowest resolution, skip connections across. Every residual branch and the output
 
 Shapes: x N x C x H x W with H and W multiples of 2^(len(mults) - 1); t N integer timesteps; y N labels
 (num_classes is the null class) or None. Convolutional, so it also runs on larger canvases (outpainting).
+With text_dim, a text (pooled N x text_dim, tokens N x T x text_dim, mask N x T: imagegen/text.py) joins
+the embedding as a class does, and its tokens through cross-attention at the lowest resolution, after the
+self-attention (as in Stable Diffusion's U-Net, there at every resolution).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import Linear, timestep_embedding
+from .layers import CrossAttention, Linear, TextIn, timestep_embedding
 
 
 def _groups(c: int) -> int:
@@ -66,19 +69,34 @@ class Attention(nn.Module):
         return x + self.out(a.transpose(-1, -2).reshape(n, c, h, w))
 
 
+class TextAttention(nn.Module):
+    """Cross-attention of a feature map's positions to a text context, residual (layers.CrossAttention)."""
+
+    def __init__(self, c: int, text_dim: int, heads: int = 4) -> None:
+        super().__init__()
+        self.norm = nn.GroupNorm(_groups(c), c)
+        self.attn = CrossAttention(c, text_dim, heads)
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        a = self.attn(self.norm(x).flatten(2).transpose(1, 2), ctx, keep)              # N x HW x c
+        return x + a.transpose(1, 2).reshape(n, c, h, w)
+
+
 class UNet(nn.Module):
     """channels -> channels at the same size, conditioned on an integer time and (if num_classes) a label.
     `mults`: channel multiplier per resolution, each after the first at half the size of the previous;
     `attention`: one self-attention block at the lowest resolution."""
 
     def __init__(self, channels: int, width: int, mults: Sequence[int], *, attention: bool = True,
-                 num_classes: int = 0) -> None:
+                 num_classes: int = 0, text_dim: int = 0) -> None:
         super().__init__()
         w, emb = width, 4 * width
         self.width = w
         self.time = nn.Sequential(Linear(w, emb), nn.SiLU(), Linear(emb, emb))
         # Class embedding with one extra row, the null class, for classifier-free guidance.
         self.label = nn.Embedding(num_classes + 1, emb) if num_classes else None
+        self.text = TextIn(text_dim, emb) if text_dim else None
         self.inp = nn.Conv2d(channels, w, 3, padding=1)
         chans = [w * m for m in mults]
         self.down, self.downsample = nn.ModuleList(), nn.ModuleList()
@@ -90,6 +108,7 @@ class UNet(nn.Module):
                 self.downsample.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
         self.mid1 = ResBlock(c, c, emb)
         self.attn = Attention(c) if attention else nn.Identity()
+        self.cross = TextAttention(c, text_dim) if text_dim else None
         self.mid2 = ResBlock(c, c, emb)
         self.up, self.upsample = nn.ModuleList(), nn.ModuleList()
         for i in reversed(range(len(chans))):
@@ -102,11 +121,15 @@ class UNet(nn.Module):
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        """x N x C x H x W, t N timesteps, y N labels (num_classes = null) or None -> N x C x H x W."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, pooled: torch.Tensor | None = None,
+                text_tokens: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x N x C x H x W, t N timesteps, y N labels (num_classes = null) or None, and for a text
+        network the text (pooled, text_tokens, mask) -> N x C x H x W."""
         e = self.time(timestep_embedding(t, self.width))
         if self.label is not None:
             e = e + self.label(y)
+        if self.text is not None:
+            e = e + self.text.embedding(pooled, mask)
         h = self.inp(x)
         skips = []
         for i, block in enumerate(self.down):
@@ -114,7 +137,10 @@ class UNet(nn.Module):
             skips.append(h)
             if i < len(self.downsample):
                 h = self.downsample[i](h)
-        h = self.mid2(self.attn(self.mid1(h, e)), e)
+        h = self.attn(self.mid1(h, e))
+        if self.cross is not None:
+            h = self.cross(h, *self.text.context(text_tokens, mask))
+        h = self.mid2(h, e)
         for i, block in enumerate(self.up):
             h = block(torch.cat([h, skips.pop()], 1), e)
             if i < len(self.upsample):

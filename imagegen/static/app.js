@@ -74,6 +74,12 @@ function seedValue() {
 function request() {
   const body = { model: current.name, seed: seedValue(), n: 1 };
   if (current.classes.length) body.label = $("label").value;
+  if (current.text) {
+    // An empty prompt goes to the server too, which says why it is refused.
+    body.prompt = $("prompt").value;
+    const negative = $("negative-prompt").value.trim();
+    if (negative) body.negative_prompt = negative;
+  }
   for (const name of Object.keys(current.options)) {
     const el = $(`opt-${name}`);
     if (el) body[name] = OPTION_CHOICES[name] ? el.value : name === "steps" ? parseInt(el.value, 10) : parseFloat(el.value);
@@ -136,6 +142,7 @@ function selectModel(name) {
     (current.data ? `, ${current.data}` : "");
   const classRow = $("class-row");
   classRow.hidden = current.classes.length === 0;
+  $("prompt-row").hidden = !current.text;
   $("label").replaceChildren(...current.classes.map((c) => new Option(c, c)));
   const options = $("options");
   options.replaceChildren();
@@ -255,7 +262,7 @@ async function start() {
   }
   $("model").replaceChildren(...models.map((m) => new Option(`${m.name} (${m.family})`, m.name)));
   $("model").addEventListener("change", () => { newMask(); selectModel($("model").value); });
-  for (const id of ["seed", "label"]) $(id).addEventListener("input", scheduleGenerate);
+  for (const id of ["seed", "label", "prompt", "negative-prompt"]) $(id).addEventListener("input", scheduleGenerate);
   $("random-seed").addEventListener("click", () => {
     $("seed").value = String(Math.floor(Math.random() * 1e9));
     scheduleGenerate();

@@ -1,0 +1,181 @@
+"""Text-to-image: the frozen encoder, the caption cache, text in both backbones, and prompts through the
+library, the CLI and the API (issue 16)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import imagegen
+from imagegen import text as T
+from imagegen.cli import main as cli_main
+from imagegen.errors import ConfigError
+from imagegen.nets.dit import DiT
+from imagegen.nets.unet import UNet
+
+
+@pytest.fixture(scope="module", autouse=True)
+def private_cache(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("IMAGEGEN_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
+@pytest.fixture(scope="module")
+def text_runs(tmp_path_factory):
+    """family -> a tiny text run trained on 64 captioned scenes (made when first asked for)."""
+    made = {}
+
+    def get(family: str, backbone: str = "unet"):
+        if (family, backbone) not in made:
+            model = {"width": 8, "mults": [1, 2], "backbone": backbone, "dit_size": "xxs", "patch": 4}
+            cfg = imagegen.resolve_config({"family": family, "model": model, "data": {"source": "scenes", "limit": 64},
+                                           "train": {"steps": 6, "batch_size": 8, "sample_every": 0, "log_every": 3,
+                                                     "grid_size": 4, "checkpoint_every": 6}})
+            made[family, backbone] = imagegen.train(cfg, out=tmp_path_factory.mktemp(family), progress=False)
+        return made[family, backbone]
+    return get
+
+
+def test_a_text_encodes_to_the_same_numbers_alone_or_with_others():
+    both = T.encode(["a red circle", "a large blue star in the top left"])
+    alone = T.encode(["a red circle"])
+    n = int(alone.mask.sum())
+    assert both.mask[0].sum() == n and both.mask[1].sum() > n
+    assert torch.equal(both.tokens[0, :n], alone.tokens[0]) and torch.equal(both.pooled[0], alone.pooled[0])
+    assert not both.tokens[0, n:].any()                               # padding is zeros
+    assert torch.allclose(both.pooled.norm(dim=1), torch.ones(2), atol=1e-5)
+    assert not torch.allclose(both.pooled[0], both.pooled[1], atol=1e-2)
+
+
+@pytest.mark.parametrize("prompt, message", [("", "empty"), ("   ", "empty"), ("star " * 40, "tokens long"),
+                                             ("x" * (T.MAX_PROMPT_CHARS + 1), "characters")])
+def test_a_bad_prompt_is_a_clear_error(prompt, message):
+    with pytest.raises(ConfigError, match=message):
+        T.check_prompt(prompt)
+
+
+def test_captions_are_encoded_once_each_and_read_back_from_the_cache(monkeypatch, tmp_path):
+    captions = ["a red circle", "two squares", "a red circle", "a star"]
+    table, index = T.caption_table(captions, cache=tmp_path)
+    assert len(table) == 3 and index.tolist() == [0, 2, 0, 1]            # sorted: red circle, star, squares
+    assert torch.equal(table[index[1]].pooled, T.encode(["two squares"]).pooled[0])
+    monkeypatch.setattr(T, "encode", lambda *a, **k: pytest.fail("encoded again"))
+    again, _ = T.caption_table(captions, cache=tmp_path)
+    assert torch.equal(again.tokens, table.tokens)
+    monkeypatch.undo()
+    (cache,) = tmp_path.glob("captions-*.safetensors")
+    cache.write_bytes(b"damaged")
+    rebuilt, _ = T.caption_table(captions, cache=tmp_path, log=lambda *_: None)
+    assert torch.equal(rebuilt.tokens, table.tokens)
+
+
+def _randomised(net: torch.nn.Module) -> torch.nn.Module:
+    """The network with every parameter random (zero-initialised maps would hide where the text goes)."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.2)
+    return net.eval()
+
+
+@pytest.mark.parametrize("make", [lambda: UNet(3, 8, (1, 2), text_dim=T.DIM),
+                                  lambda: DiT(3, "xxs", patch=4, text_dim=T.DIM)], ids=["unet", "dit"])
+def test_word_order_reaches_the_output_through_cross_attention(make):
+    """"a circle left of a square" and "a square left of a circle" have nearly the same pooled embedding;
+    with the pooled part held equal, the output still differs: the tokens are read, in order."""
+    net = _randomised(make())
+    words = T.encode(["a circle left of a square", "a square left of a circle"])
+    x, t = torch.randn(1, 3, 16, 16).expand(2, -1, -1, -1), torch.full((2,), 500)
+    pooled = words.pooled[:1].expand(2, -1)
+    with torch.no_grad():
+        out = net(x, t, None, pooled, words.tokens, words.mask)
+        null = net(x, t, None, torch.zeros(2, T.DIM), torch.zeros(2, 3, T.DIM), torch.zeros(2, 3, dtype=torch.bool))
+    assert (out[0] - out[1]).abs().max() > 1e-3
+    assert torch.isfinite(null).all() and torch.equal(null[0], null[1])   # the null text: the learned null, no NaN
+
+
+def test_a_text_network_starts_where_a_network_without_text_does():
+    torch.manual_seed(0)
+    dit = DiT(3, "xxs", patch=4, text_dim=T.DIM)
+    words = T.encode(["a red circle"])
+    tokens = torch.randn(1, 16, dit.dim)
+    c = dit.condition(torch.tensor([100]), None, words.pooled, words.mask)
+    ctx = dit.text.context(words.tokens, words.mask)
+    for block in dit.blocks:                                  # adaLN-Zero, and cross-attention's map at zero
+        assert torch.equal(block(tokens, c, *ctx), tokens)
+    unet = UNet(3, 8, (1, 2), text_dim=T.DIM)
+    assert not unet(torch.randn(1, 3, 8, 8), torch.tensor([3]), None, words.pooled, words.tokens, words.mask).any()
+
+
+@pytest.mark.parametrize("family, backbone", [("flow", "unet"), ("ddpm", "dit")])
+def test_captioned_data_makes_a_text_run_and_a_seed_and_prompt_give_one_image(text_runs, family, backbone):
+    run = imagegen.load_run(text_runs(family, backbone))
+    assert run.model.reads_text and run.model.cfg.text_dim == T.DIM
+    assert run.model.cfg.text_encoder == T.encoder_id()
+    prompts = ["a red circle", "two blue squares", "a star left of a circle"]
+    many = imagegen.generate(run.model, [4, 5, 6], prompts=prompts, negative_prompt="a green star", steps=3)
+    one = imagegen.generate(run.model, [6], prompts=prompts[2:], negative_prompt="a green star", steps=3)
+    assert torch.equal(many[2], one[0])                      # the same at batch 3 and batch 1
+    other = imagegen.generate(run.model, [6], prompts="a red circle", negative_prompt="a green star", steps=3)
+    assert not torch.equal(other[0], one[0])                 # the prompt matters (a few steps of training)
+
+
+def test_a_prompt_for_a_model_without_text_and_a_wrong_count_are_errors(text_runs, tiny_run):
+    dcgan = imagegen.load_run(tiny_run).model
+    with pytest.raises(ConfigError, match="not trained on captions"):
+        imagegen.generate(dcgan, [0], prompts="a red circle")
+    model = imagegen.load_run(text_runs("flow")).model
+    with pytest.raises(ConfigError, match="2 prompts for 3 seeds"):
+        imagegen.generate(model, [0, 1, 2], prompts=["a", "b"], steps=2)
+
+
+def test_sample_takes_a_prompt_or_a_prompts_file(text_runs, tmp_path, capsys):
+    run = text_runs("flow")
+    assert cli_main(["sample", str(run), "--seeds", "0-1", "--prompt", "a red circle", "--steps", "2",
+                     "--out", str(tmp_path / "a")]) == 0
+    (tmp_path / "p.txt").write_text("a red circle\n\ntwo stars\n")
+    assert cli_main(["sample", str(run), "--seeds", "0-1", "--prompts", str(tmp_path / "p.txt"), "--steps", "2",
+                     "--out", str(tmp_path / "b")]) == 0
+    first = [(tmp_path / d / "seed000000.png").read_bytes() for d in "ab"]
+    assert first[0] == first[1]                              # seed 0 had "a red circle" both times
+    assert cli_main(["sample", str(run), "--seeds", "0-2", "--prompts", str(tmp_path / "p.txt"),
+                     "--out", str(tmp_path / "c")]) == 2
+    assert "2 prompts for 3 seeds" in capsys.readouterr().err
+
+
+def test_the_api_takes_a_prompt_and_refuses_bad_ones(text_runs, tiny_run, tmp_path):
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    from imagegen.serve import create_app
+    shutil.copytree(text_runs("flow"), tmp_path / "text")
+    shutil.copytree(tiny_run, tmp_path / "gan")
+    with TestClient(create_app(tmp_path, log=None), raise_server_exceptions=False) as c:
+        info = {m["name"]: m for m in c.get("/api/models").json()}
+        assert info["text"]["text"] and not info["gan"]["text"]
+        r = c.post("/api/generate", json={"model": "text", "seed": 3, "prompt": "a red star", "steps": 2})
+        assert r.status_code == 200 and "--prompt 'a red star'" in r.headers["X-Imagegen-Command"]
+        for body, code in [({"model": "text", "prompt": ""}, 400), ({"model": "text", "prompt": "w " * 60}, 400),
+                           ({"model": "gan", "prompt": "a red star"}, 400), ({"model": "text", "prompt": "x" * 301}, 422)]:
+            assert c.post("/api/generate", json=body).status_code == code, body
+
+
+def test_a_text_run_is_evaluated_on_test_captions_and_on_following_class_prompts(evaluators, tmp_path):
+    from imagegen.data import captions as C
+    from imagegen.evaluate.run_eval import evaluate_run
+    ev, _ = evaluators
+    cfg = imagegen.resolve_config({"family": "flow", "model": {"width": 8, "mults": [1, 2]},
+                                   "data": {"source": "captioned:shapes", "limit": 64},
+                                   "train": {"steps": 4, "batch_size": 8, "sample_every": 0, "grid_size": 4}})
+    run_dir = imagegen.train(cfg, out=tmp_path, progress=False)
+    run = imagegen.load_run(run_dir)
+    assert run.model.reads_text and run.model.num_classes == 0      # captions, not classes, condition it
+    out = evaluate_run(run_dir, n=20, extractor=ev, log=None)
+    assert out["protocol"]["prompts"].startswith("the test split's captions")
+    following = out["protocol"]["prompt_following"]
+    assert set(following["per_class"]) == set(C.PHRASES) & set(ev.info["classes"]) == {"circle", "square", "triangle", "star"}
+    for name in ("training_prompts", "held_out_prompts"):
+        assert 0 <= out["metrics"][f"prompt_accuracy_{name}"] <= 1
+        assert out["metrics"][f"prompt_accuracy_{name}"] == following[name]
