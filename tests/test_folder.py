@@ -108,3 +108,48 @@ def test_empty_or_missing_folder_is_a_clear_error(tmp_path):
         load_data(f"folder:{tmp_path}")
     with pytest.raises(DataError, match="not a folder"):
         load_data(f"folder:{tmp_path / 'nope'}")
+
+
+# --- captions (text-to-image): imagefolder metadata and sidecar files -----------------------------------
+
+def _captioned_folder(root, rng):
+    root.mkdir()
+    for i in range(6):
+        (root / f"img{i}.png").write_bytes(_png_bytes(rng))
+    return root
+
+
+def test_captions_come_from_jsonl_metadata_or_sidecars_and_an_image_without_one_is_reported(tmp_path):
+    root = _captioned_folder(tmp_path / "f", np.random.default_rng(1))
+    (root / "metadata.jsonl").write_text(
+        '{"file_name": "img0.png", "text": "a red  circle"}\n'
+        '{"file_name": "img5.png", "caption": "a  caption  key"}\n'
+        '{"file_name": "missing.png", "text": "no such file"}\n'
+        'not json\n'
+        '{"file_name": "img1.png", "text": ""}\n')
+    (root / "img2.txt").write_text("two blue squares\n")
+    (root / "img3.caption").write_text("a star")
+    (root / "img0.txt").write_text("the metadata wins")
+    (root / "notes.txt").write_text("no image of this name: still a wrong-extension file")
+    ds = load_data(DataConfig(source=f"folder:{root}", size=16))
+    assert ds.captioned and len(ds) == 4
+    assert sorted(ds.captions) == ["a caption key", "a red circle", "a star", "two blue squares"]   # spaces collapsed
+    reasons = {os.path.basename(f.split(":")[0]) + (":" + f.split(":")[1] if f.count(":") else ""): r
+               for f, r in ds.skipped}
+    assert "no such image" in reasons["metadata.jsonl:3"] and "not JSON" in reasons["metadata.jsonl:4"]
+    assert "empty" in reasons["metadata.jsonl:5"]
+    assert all("no caption" in reasons[f"img{i}.png"] for i in (1, 4))
+    assert "extension" in reasons["notes.txt"]
+    with pytest.raises(DataError, match="bad file"):
+        load_data(DataConfig(source=f"folder:{root}", size=16, strict=True))
+
+
+def test_captions_from_csv_metadata_and_a_folder_without_captions_is_not_captioned(tmp_path):
+    rng = np.random.default_rng(2)
+    root = _captioned_folder(tmp_path / "c", rng)
+    rows = ["file_name,text"] + [f'img{i}.png,"a shape, number {i}"' for i in range(6)]
+    (root / "metadata.csv").write_text("\n".join(rows) + "\n")
+    ds = load_data(DataConfig(source=f"folder:{root}", size=16))
+    assert len(ds) == 6 and not ds.skipped and "a shape, number 3" in ds.captions
+    plain = _captioned_folder(tmp_path / "p", rng)
+    assert not load_data(DataConfig(source=f"folder:{plain}", size=16)).captioned

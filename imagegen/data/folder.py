@@ -1,4 +1,8 @@
-"""Folders of images: PNG, JPEG and WebP only, labels from class subfolders when present.
+"""Folders of images: PNG, JPEG and WebP only, labels from class subfolders when present, captions when
+the folder has them (for text-to-image): a `metadata.jsonl` or `metadata.csv` at its top, in the Hugging
+Face `imagefolder` convention (a `file_name` relative to the folder, and `text` or `caption`), or a
+sidecar file beside an image with its stem and `.txt` or `.caption`. Once any image has a caption, an
+image without one is reported and skipped like a bad file.
 
 Every file is opened defensively. A corrupt, truncated, empty, wrongly named or oversized
 (decompression-bomb) file is reported with its reason and skipped; the caller decides whether that is
@@ -7,6 +11,8 @@ fatal (`--strict`). A symlink whose target lies outside the folder is refused.
 
 from __future__ import annotations
 
+import csv
+import json
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +29,9 @@ ALLOWED_FORMATS = {"PNG": {".png"}, "JPEG": {".jpg", ".jpeg"}, "WEBP": {".webp"}
 ALLOWED_SUFFIXES = set().union(*ALLOWED_FORMATS.values())
 MAX_FILE_BYTES = 32 << 20     # a single training image over 32 MiB is refused unread
 MAX_PIXELS = 40_000_000       # ... as is one that claims over 40 Mpx (decompression bombs)
+CAPTION_SUFFIXES = (".txt", ".caption")
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+MAX_CAPTION_CHARS = 1000
 
 
 def list_images(root: Path, *, classes: bool = True) -> tuple[list[tuple[Path, str | None]], list[tuple[str, str]], list[str]]:
@@ -43,6 +52,8 @@ def list_images(root: Path, *, classes: bool = True) -> tuple[list[tuple[Path, s
             if p.is_symlink():
                 skipped.append((str(p), "symlinked folder refused"))
                 dirnames.remove(d)
+        # a .txt or .caption file is a caption when an image with its stem lies beside it
+        stems = {Path(f).stem: True for f in filenames if Path(f).suffix.lower() in ALLOWED_SUFFIXES}
         for name in sorted(filenames):
             p = here / name
             rel = p.relative_to(root)
@@ -51,6 +62,8 @@ def list_images(root: Path, *, classes: bool = True) -> tuple[list[tuple[Path, s
                 if not target.is_relative_to(root):
                     skipped.append((str(p), f"symlink escapes the folder (points to {target})"))
                     continue
+            if (here == root and name in METADATA_FILES) or (p.suffix.lower() in CAPTION_SUFFIXES and stems.get(p.stem)):
+                continue                                   # captions (folder_captions), not images
             if p.suffix.lower() not in ALLOWED_SUFFIXES:
                 skipped.append((str(p), f"extension {p.suffix or '(none)'!r} is not one of {sorted(ALLOWED_SUFFIXES)}"))
                 continue
@@ -140,14 +153,21 @@ def _guess_channels(files: list[tuple[Path, str | None]]) -> int:
 
 
 def load_folder(root: str | Path, size: int, channels: int | None, *, classes: bool = True
-                ) -> tuple[torch.Tensor, torch.Tensor, list[str], list[tuple[str, str]], list[str]]:
-    """Load every good image under `root`: (uint8 N x C x H x W, labels, classes, skipped, converted),
-    where `converted` lists the files whose channel count was changed to `channels` (by default that of
-    the first images: 1 when they are all grayscale, else 3). classes=False: no class subfolders."""
+                ) -> tuple[torch.Tensor, torch.Tensor, list[str], list[tuple[str, str]], list[str], list[str]]:
+    """Load every good image under `root`: (uint8 N x C x H x W, labels, classes, skipped, converted,
+    captions), where `converted` lists the files whose channel count was changed to `channels` (by
+    default that of the first images: 1 when they are all grayscale, else 3), and `captions` has one
+    caption per image or is empty (folder_captions). classes=False: no class subfolders."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: not a folder")
     files, skipped, classes = list_images(root, classes=classes)
+    captions, problems = folder_captions(root, [path for path, _ in files])
+    skipped += problems
+    if captions:   # captioned: an image without a caption cannot be trained on
+        skipped += [(str(p), "no caption (metadata or a .txt/.caption file beside it)") for p, _ in files
+                    if p not in captions]
+        files = [(p, c) for p, c in files if p in captions]
     if channels is None:
         channels = _guess_channels(files)
     class_index = {c: i for i, c in enumerate(classes)}
@@ -157,7 +177,66 @@ def load_folder(root: str | Path, size: int, channels: int | None, *, classes: b
     if images is None:
         raise DataError(f"{root}: no readable images ({len(skipped)} skipped)")
     labels = [class_index[files[i][1]] if files[i][1] is not None else -1 for i in kept]
-    return images, torch.tensor(labels, dtype=torch.long), classes, skipped, sorted(converted)
+    texts = [captions[files[i][0]] for i in kept] if captions else []
+    return images, torch.tensor(labels, dtype=torch.long), classes, skipped, sorted(converted), texts
+
+
+def folder_captions(root: Path, paths: list[Path]) -> tuple[dict[Path, str], list[tuple[str, str]]]:
+    """({image path: caption}, [(file, problem)]) from the folder's metadata file and sidecar files (module
+    docstring). A metadata row for a file that is not among `paths`, a row without a caption, or a bad
+    line is a reported problem; the metadata wins over a sidecar."""
+    root = root.resolve()
+    known = {p.resolve(): p for p in paths}
+    captions: dict[Path, str] = {}
+    problems: list[tuple[str, str]] = []
+
+    def take(path: Path, text, where: str) -> None:
+        if not isinstance(text, str) or not text.strip():
+            problems.append((where, "empty or missing caption (text or caption)"))
+        elif len(text) > MAX_CAPTION_CHARS:
+            problems.append((where, f"caption of {len(text)} characters (at most {MAX_CAPTION_CHARS})"))
+        elif path.resolve() not in known:
+            problems.append((where, f"no such image in the folder: {path.relative_to(root) if path.is_relative_to(root) else path}"))
+        else:
+            captions.setdefault(known[path.resolve()], " ".join(text.split()))
+
+    for name in METADATA_FILES:
+        meta = root / name
+        if not meta.is_file():
+            continue
+        try:
+            lines = meta.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            problems.append((str(meta), f"unreadable ({e})"))
+            continue
+        rows: list[tuple[int, dict]] = []
+        if name.endswith(".jsonl"):
+            for i, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    problems.append((f"{meta}:{i}", f"not JSON ({e.msg})"))
+                    continue
+                rows.append((i, row if isinstance(row, dict) else {}))
+        else:
+            rows = [(i + 2, row) for i, row in enumerate(csv.DictReader(lines))]
+        for i, row in rows:
+            file_name = row.get("file_name")
+            if not isinstance(file_name, str) or not file_name:
+                problems.append((f"{meta}:{i}", "no file_name"))
+                continue
+            take(root / file_name, row.get("text", row.get("caption")), f"{meta}:{i}")
+    for path in paths:
+        for suffix in CAPTION_SUFFIXES:
+            side = path.with_suffix(suffix)
+            if side.is_file() and path not in captions:
+                try:
+                    take(path, side.read_text(encoding="utf-8"), str(side))
+                except (OSError, UnicodeDecodeError) as e:
+                    problems.append((str(side), f"unreadable ({e})"))
+    return captions, problems
 
 
 def decode_files(paths: list[Path], size: int, channels: int, converted: list[str] | None = None

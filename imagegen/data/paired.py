@@ -135,7 +135,7 @@ def from_folders(spec: str, root: str, split: str, size: int, channels: int, lim
     channels = channels or max(_guess_channels(files) for files in listed)
     notes, domains = [], []
     for f in folders:
-        images, _, _, skipped, converted = load_folder(f, size, channels, classes=False)
+        images, _, _, skipped, converted, _ = load_folder(f, size, channels, classes=False)
         if converted:
             notes.append(f"{f}: {len(converted)} image(s) with another channel count converted to {channels} "
                          f"channel(s), e.g. {converted[0]}")

@@ -205,7 +205,8 @@ def load_data(cfg: DataConfig | str) -> ImageDataset | PairedDataset:
     elif kind == "folder":
         if not arg:
             raise ConfigError("--data folder:PATH needs a path")
-        images, labels, classes, skipped, converted = folder_source.load_folder(arg, cfg.size or 64, cfg.channels or None)
+        images, labels, classes, skipped, converted, captions = folder_source.load_folder(arg, cfg.size or 64,
+                                                                                          cfg.channels or None)
         source = str(Path(arg))
         if converted:
             notes.append(f"{arg}: {len(converted)} image(s) with another channel count converted to "
