@@ -92,7 +92,10 @@ def test_word_order_reaches_the_output_through_cross_attention(make):
         out = net(x, t, None, pooled, words.tokens, words.mask)
         null = net(x, t, None, torch.zeros(2, T.DIM), torch.zeros(2, 3, T.DIM), torch.zeros(2, 3, dtype=torch.bool))
     assert (out[0] - out[1]).abs().max() > 1e-3
-    assert torch.isfinite(null).all() and torch.equal(null[0], null[1])   # the null text: the learned null, no NaN
+    # the null text (an empty mask): the learned null, no NaN; its two identical rows agree up to the
+    # rounding of their place in the batch (not bit for bit on every CPU: seen under AVX2)
+    assert torch.isfinite(null).all() and torch.allclose(null[0], null[1], atol=1e-5)
+    assert (out[0] - out[1]).abs().max() > 100 * (null[0] - null[1]).abs().max()
 
 
 def test_a_text_network_starts_where_a_network_without_text_does():
