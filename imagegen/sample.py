@@ -149,8 +149,8 @@ def prompt_text(model: Family, prompts: str | Sequence[str] | None, n: int,
         if len(prompts) != n:
             raise ConfigError(f"got {len(prompts)} prompts for {n} seeds (give one, or one per seed)")
         distinct = sorted({check_prompt(p) for p in prompts})
-        table = encode(distinct).padded(MAX_TOKENS)
-        text = table[torch.tensor([distinct.index(p) for p in prompts], dtype=torch.long)]
+        row = {p: i for i, p in enumerate(distinct)}
+        text = encode(distinct).padded(MAX_TOKENS)[torch.tensor([row[p] for p in prompts], dtype=torch.long)]
     if negative_prompt is not None:
         negative = encode([check_prompt(negative_prompt, "--negative-prompt")]).padded(MAX_TOKENS)[[0] * n]
     return text, negative
