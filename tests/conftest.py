@@ -87,6 +87,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextlib.contextmanager
+def live_server(runs_dir: Path):
+    """`imagegen serve` over runs_dir on a free port in a thread, for as long as the block runs: the port."""
+    import threading
+    import time
+
+    import uvicorn
+
+    from imagegen.serve import create_app
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(runs_dir, log=None), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        assert time.time() < deadline, "server did not start"
+        time.sleep(0.05)
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
 def private_copy(folder: Path, tmp_path: Path) -> Path:
     """A copy of a shared fixture folder that a test may write into."""
     return Path(shutil.copytree(folder, tmp_path / folder.name))

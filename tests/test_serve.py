@@ -11,7 +11,6 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 import warnings
@@ -32,7 +31,7 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
     from fastapi.testclient import TestClient
 
-from conftest import free_port, read_only
+from conftest import free_port, live_server, read_only
 from test_cyclegan import cg_config
 from test_families import family_config
 
@@ -297,18 +296,8 @@ test_schemathesis_finds_no_server_error = _schemathesis_test()
 
 @pytest.fixture(scope="module")
 def live(runs_dir):
-    import uvicorn
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(runs_dir, log=None), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started:
-        assert time.time() < deadline, "server did not start"
-        time.sleep(0.05)
-    yield port
-    server.should_exit = True
-    thread.join(10)
+    with live_server(runs_dir) as port:
+        yield port
 
 
 TRAVERSALS = [

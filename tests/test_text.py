@@ -186,43 +186,27 @@ def test_a_text_run_is_evaluated_on_test_captions_and_on_following_class_prompts
 
 def test_the_page_has_a_prompt_box_for_a_text_model(text_runs, tiny_run, tmp_path):
     import shutil
-    import threading
-    import time
 
-    import uvicorn
     from playwright.sync_api import sync_playwright
 
-    from conftest import free_port
-    from imagegen.serve import create_app
+    from conftest import live_server
     shutil.copytree(text_runs("flow"), tmp_path / "text")
     shutil.copytree(tiny_run, tmp_path / "gan")
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(tmp_path, log=None), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started:
-        assert time.time() < deadline, "server did not start"
-        time.sleep(0.05)
-    try:
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
-            page = browser.new_page()
-            page.goto(f"http://127.0.0.1:{port}/")
-            page.wait_for_function("document.querySelectorAll('#model option').length === 2")
-            page.select_option("#model", "gan")
-            assert page.is_hidden("#prompt-row")                              # a GAN takes no prompt
-            page.select_option("#model", "text")
-            page.wait_for_selector("#prompt-row", state="visible")
-            page.fill("#opt-steps", "2")
-            page.fill("#prompt", "a blue star")
-            page.wait_for_function("document.getElementById('command').textContent.includes(\"--prompt 'a blue star'\")"
-                                   " && document.getElementById('image').complete")
-            assert page.is_hidden("#error")
-            page.fill("#prompt", "")                                             # the server says why not
-            page.wait_for_selector("#error", state="visible")
-            assert "empty" in page.inner_text("#error")
-            browser.close()
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    with live_server(tmp_path) as port, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
+        page = browser.new_page()
+        page.goto(f"http://127.0.0.1:{port}/")
+        page.wait_for_function("document.querySelectorAll('#model option').length === 2")
+        page.select_option("#model", "gan")
+        assert page.is_hidden("#prompt-row")                                  # a GAN takes no prompt
+        page.select_option("#model", "text")
+        page.wait_for_selector("#prompt-row", state="visible")
+        page.fill("#opt-steps", "2")
+        page.fill("#prompt", "a blue star")
+        page.wait_for_function("document.getElementById('command').textContent.includes(\"--prompt 'a blue star'\")"
+                               " && document.getElementById('image').complete")
+        assert page.is_hidden("#error")
+        page.fill("#prompt", "")                                                 # the server says why not
+        page.wait_for_selector("#error", state="visible")
+        assert "empty" in page.inner_text("#error")
+        browser.close()
