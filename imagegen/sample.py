@@ -139,7 +139,7 @@ def prompt_text(model: Family, prompts: str | Sequence[str] | None, n: int,
     is empty or too long, a count that is not n, or a prompt for a model without text is a ConfigError."""
     if prompts is None and negative_prompt is None:
         return None, None
-    if not getattr(model, "reads_text", False):
+    if not model.reads_text:
         what = "--prompt" if prompts is not None else "--negative-prompt"
         raise ConfigError(f"this {model.name} model was not trained on captions: it takes no {what}")
     from .text import MAX_TOKENS, check_prompt, encode
@@ -192,7 +192,7 @@ def preview(model: Family, dataset, n: int) -> tuple[torch.Tensor, int | None]:
     draws seed i for the data's caption i."""
     if model.translates:
         return model.preview(dataset, n)
-    if getattr(model, "reads_text", False) and getattr(dataset, "captioned", False):
+    if model.reads_text and getattr(dataset, "captioned", False):
         n = min(n, len(dataset.captions))
         return generate(model, list(range(n)), prompts=dataset.captions[:n]), None
     k = model.num_classes

@@ -149,7 +149,7 @@ class Served:
             step=self.run.step, data=self.run.data_source,
             options={k: h for k, (_, h) in m.sample_options.items() if k in OPTION_FIELDS},
             latent_dims=int(getattr(cfg, "z_dim", 0)) if hasattr(m, "draw_noise") else 0,
-            domains=[cfg.domain_a, cfg.domain_b] if m.translates else [], text=bool(getattr(m, "reads_text", False)))
+            domains=[cfg.domain_a, cfg.domain_b] if m.translates else [], text=m.reads_text)
 
 
 def find_runs(root: Path, log=print) -> dict[str, Served]:
@@ -399,7 +399,7 @@ def create_app(runs_dir: str | Path, *, log=print) -> FastAPI:
         words = {"prompts": req.prompt, "negative_prompt": req.negative_prompt}
         for name, text in (("prompt", req.prompt), ("negative_prompt", req.negative_prompt)):
             if text is not None:   # refused here, before any work: a model without text, empty, too long
-                if not getattr(model, "reads_text", False):
+                if not model.reads_text:
                     raise bad_request(f"model {served.name!r} was not trained on captions: it takes no {name}")
                 check_prompt(text, name)
 

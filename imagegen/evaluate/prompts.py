@@ -21,13 +21,9 @@ from ..sample import generate
 PROMPT_SEEDS = 2_000_000_000   # seeds of the prompt-following images: never the 0..n-1 of FD
 
 
-def reads_text(model) -> bool:
-    return bool(getattr(model, "reads_text", False))
-
-
 def test_prompts(run, n: int) -> list[str] | None:
     """Captions of the run's data, test split, cycled to n (None for a run without text)."""
-    if not reads_text(run.model):
+    if not run.model.reads_text:
         return None
     saved = run.config.get("data", {})
     test = load_data(DataConfig(source=run.data_source, split="test", size=int(saved.get("size", 0)),
@@ -42,7 +38,7 @@ def class_prompt_accuracy(run, extractor, per_class: int = 100, batch_size: int 
     on captioned:SOURCE whose classes the evaluator knows; None otherwise."""
     source = run.data_source or ""
     classes = list(getattr(extractor, "info", {}).get("classes", []))
-    if not reads_text(run.model) or not source.startswith("captioned:") or not classes:
+    if not run.model.reads_text or not source.startswith("captioned:") or not classes:
         return None
     out: dict = {"images_per_class_and_set": per_class, "seeds": f"from {PROMPT_SEEDS}", "per_class": {}}
     totals = {"training_prompts": [], "held_out_prompts": []}

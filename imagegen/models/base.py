@@ -14,6 +14,7 @@
 | `needs_labels` (class attribute)        | True when the family cannot train on unlabelled data          |
 | `translates` (class attribute)          | True for translation families (images in, not noise in)       |
 | `made_by` (class attribute)             | the command that makes such runs when not `train` ("distill") |
+| `reads_text` (attribute)                | True when `sample` takes `text` (trained on captions: backbone.py) |
 | `preview(dataset, n)` (translation)     | (images, per row) for the training grids (sample.preview: n seeds otherwise) |
 
 A family is conditional when its config has `num_classes` > 0 (filled in from the data): `sample` then
@@ -52,6 +53,7 @@ class Family(nn.Module):
     needs_labels: ClassVar[bool] = False
     translates: ClassVar[bool] = False
     made_by: ClassVar[str | None] = None   # e.g. "distill": trained from a teacher run, not from images
+    reads_text = False                     # a property of the families that can be trained on captions
     train_defaults: ClassVar[dict[str, Any]] = {}
     sample_options: ClassVar[dict[str, tuple[Any, str]]] = {}   # a Range for numbers (config.Range)
 
