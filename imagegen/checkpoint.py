@@ -101,6 +101,25 @@ def tensors_to_bytes(tensors: dict[str, torch.Tensor], what: str) -> bytes:
     return st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
 
 
+def save_hashed_weights(path: Path, tensors: dict[str, torch.Tensor], what: str) -> str:
+    """Write tensors to `path` as safetensors, atomically; the SHA-256 of the bytes written, for a record
+    (evaluator.json, judge.json) that `load_hashed_weights` checks them against."""
+    data = tensors_to_bytes(tensors, what)
+    write_bytes_atomic(path, data)
+    return sha256_bytes(data)
+
+
+def load_hashed_weights(path: Path, sha256: str, record: str) -> dict[str, torch.Tensor]:
+    """The tensors of `path`, refused unless its SHA-256 is the one `record` holds."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e})") from None
+    if sha256_bytes(data) != sha256:
+        raise CheckpointError(f"{path}: SHA-256 does not match {record} (corrupt or replaced)")
+    return st_load(data)
+
+
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """A flat dict of tensors from `.safetensors`, or from a `.pt`/`.pth` state dict read with
     `weights_only=True` (a pickle that carries code is refused and never runs)."""

@@ -22,7 +22,7 @@ from .errors import ConfigError, DataError, ImagegenError
 from .report import write_report
 from .models import REGISTRY
 from .evaluate.evaluator import EvaluatorConfig
-from .evaluate.run_eval import N_IMAGES
+from .evaluate.run_eval import N_IMAGES, N_PROMPTS
 from .evaluate.analyse import KEEP
 from .evaluate.likelihood import N_LIKELIHOOD
 from .evaluate.synth import PER_CLASS
@@ -285,7 +285,7 @@ def cmd_evaluate(a) -> int:
     if not a.run_dir:
         raise ConfigError("evaluate needs a run folder (or --anchors --data DATA)")
     from .evaluate.run_eval import evaluate_run
-    out = evaluate_run(a.run_dir, n=a.n, data=a.data, likelihood=a.likelihood or 0)
+    out = evaluate_run(a.run_dir, n=a.n, data=a.data, likelihood=a.likelihood or 0, prompts=a.prompts or 0)
     if a.tstr:
         from .checkpoint import write_json_atomic
         from .evaluate.synth import train_on_synthetic
@@ -345,8 +345,16 @@ def cmd_synth(a) -> int:
 
 
 def cmd_evaluator(a) -> int:
+    if a.data == "scenes":   # no classes: its evaluator is the GenEval-style judge of the nine cells
+        from .evaluate.geneval import JudgeConfig, train_judge
+        judge = train_judge(JudgeConfig(epochs=a.epochs or JudgeConfig.epochs))
+        scores = judge.info["test_geneval"]
+        print(f"judge {judge.name}: {judge.info['test_cell_accuracy']:.4f} of test cells right, "
+              f"{judge.info['test_image_accuracy']:.4f} of test images with all nine right, GenEval-style score of "
+              f"the real test images {scores['overall']:.4f} ({judge.info['train_seconds']} s of training)")
+        return 0
     from .evaluate.evaluator import EvaluatorConfig, train_evaluator
-    ev = train_evaluator(EvaluatorConfig(data=a.data, epochs=a.epochs))
+    ev = train_evaluator(EvaluatorConfig(data=a.data, epochs=a.epochs or EvaluatorConfig.epochs))
     print(f"evaluator {ev.name}: test accuracy {ev.info['test_accuracy']:.4f} on {ev.info['test_images']} images "
           f"({ev.info['train_seconds']} s of training)")
     return 0
@@ -467,6 +475,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tstr", action="store_true", help="also train-on-synthetic, test-on-real (conditional runs)")
     add_number(p, "--per-class", PER_CLASS, "with --tstr: synthetic images per class", default=1000)
     add_number(p, "--likelihood", N_LIKELIHOOD, "also bits/dim of the first N test images (flow, vae, cvae)")
+    add_number(p, "--prompts", N_PROMPTS, "a text run on scenes: GenEval-style scores on the first N test captions "
+               "(default: all 2,000)")
 
     p = sub.add_parser("leaderboard", help="a table of evaluated runs and anchors (Markdown; --html FILE too)")
     p.add_argument("paths", nargs="+", help="run folders, folders of runs, or anchors-*.json files")
@@ -491,7 +501,8 @@ def build_parser() -> argparse.ArgumentParser:
     esub = p.add_subparsers(dest="evaluator_command", required=True)
     q = esub.add_parser("train", help="train (deterministically) and cache the evaluator of a dataset")
     q.add_argument("--data", required=True)
-    add_number(q, "--epochs", field_ranges(EvaluatorConfig)["epochs"], "passes over the training split", default=2)
+    add_number(q, "--epochs", field_ranges(EvaluatorConfig)["epochs"],
+               "passes over the training split (default 2; 3 for the scenes judge)")
 
     p = sub.add_parser("report", help="rebuild a run's report.html")
     p.add_argument("run_dir")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import tomllib
 import types
 import typing
@@ -17,6 +18,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .errors import ConfigError
+
+
+def cache_path(*parts: str) -> Path:
+    """A folder under imagegen's cache: $IMAGEGEN_CACHE, default ~/.cache/imagegen (evaluators, the
+    scenes judge, caption embeddings)."""
+    return Path(os.environ.get("IMAGEGEN_CACHE") or Path.home() / ".cache" / "imagegen").joinpath(*parts)
 
 
 def to_dict(cfg: Any) -> dict:

@@ -20,13 +20,13 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
+from .config import cache_path
 from .errors import ConfigError, DataError
 
 ENCODER = "all-MiniLM-L6-v2"
@@ -139,7 +139,7 @@ def encode(texts: Sequence[str], *, truncate: bool = False) -> TextEmbedding:
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("IMAGEGEN_CACHE") or Path.home() / ".cache" / "imagegen") / "text"
+    return cache_path("text")
 
 
 def caption_table(captions: Sequence[str], *, cache: Path | None = None, log=print) -> tuple[TextEmbedding, torch.Tensor]:

@@ -18,6 +18,7 @@ from imagegen.cli import build_parser, main
 from imagegen.config import Range, field_ranges
 from imagegen.data import DataConfig
 from imagegen.evaluate.evaluator import EvaluatorConfig
+from imagegen.evaluate.geneval import JudgeConfig
 from imagegen.models import REGISTRY
 from imagegen.train import TrainConfig
 
@@ -52,7 +53,7 @@ def test_every_numeric_cli_option_has_a_documented_range():
 
 
 def test_every_numeric_config_field_has_a_range():
-    classes = [TrainConfig, DataConfig, EvaluatorConfig] + [cls.Config for cls in REGISTRY.values()]
+    classes = [TrainConfig, DataConfig, EvaluatorConfig, JudgeConfig] + [cls.Config for cls in REGISTRY.values()]
     for cls in classes:
         hints = typing.get_type_hints(cls)
         numeric = {f.name for f in dataclasses.fields(cls) if hints[f.name] in (int, float)}

@@ -58,18 +58,20 @@ SUPERSAMPLE = 4
 CHUNK = 1000   # scenes drawn per call of _draw(): the random stream is consumed chunk by chunk
 
 
-def cell_code(shape: int, colour: int, size: int) -> int:
-    """The judge's class (1..64) of a cell holding this object; 0 is an empty cell."""
+def cell_code(shape, colour, size):
+    """The judge's class (1..64) of a cell holding this object; 0 is an empty cell. Ints or tensors."""
     return 1 + (shape * len(COLOURS) + colour) * len(SIZES) + size
+
+
+def cell_parts(code):
+    """(shape, colour, size) of cell classes >= 1, the inverse of cell_code. Ints or tensors."""
+    rest, size = (code - 1) // len(SIZES), (code - 1) % len(SIZES)
+    return rest // len(COLOURS), rest % len(COLOURS), size
 
 
 def decode_cell(code: int) -> tuple[int, int, int] | None:
     """(shape, colour, size) of a cell's class, None for an empty cell."""
-    if code == 0:
-        return None
-    rest, size = divmod(code - 1, len(SIZES))
-    shape, colour = divmod(rest, len(COLOURS))
-    return shape, colour, size
+    return None if code == 0 else cell_parts(code)
 
 
 @dataclass

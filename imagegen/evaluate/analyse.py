@@ -97,6 +97,9 @@ def analyse_run(run_dir: str | Path, out_dir: str | Path, *, n: int = 2000, keep
     if likelihood:
         require_likelihood(run)
     extractor = run_evaluator(run, log=log)
+    if extractor.probs is None:
+        raise ConfigError(f"{run.path}: analyse ranks images with a classifier, and {run.data_source} has no classes "
+                          "(its judge scores prompts instead: imagegen evaluate)")
     train = load_data(run_data(run, split="train"))
     train_images = to_float(train.images)
     seeds = list(range(n))

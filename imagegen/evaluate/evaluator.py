@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,13 +23,13 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..checkpoint import slug, write_json_atomic
-from ..config import MAX_BATCH, MAX_IMAGE_SIZE, MAX_SEED, MAX_WIDTH, from_dict, ranged, validate
+from ..checkpoint import load_hashed_weights, save_hashed_weights, slug, write_json_atomic
+from ..config import MAX_BATCH, MAX_IMAGE_SIZE, MAX_SEED, MAX_WIDTH, cache_path, from_dict, ranged, validate
 from ..data import DataConfig, load_data
 from ..errors import CheckpointError, ConfigError
+from .geneval import get_judge
 
 BATCH = 256  # images per forward pass when extracting features
 
@@ -40,7 +39,9 @@ class FeatureExtractor(Protocol):
 
     def features(self, images: torch.Tensor) -> torch.Tensor: ...   # N x C x H x W in [-1, 1] -> N x D
 
-    def probs(self, images: torch.Tensor) -> torch.Tensor: ...      # -> N x K class probabilities
+    # -> N x K class probabilities; None for an extractor without image classes (the scenes judge),
+    # which skips the metrics that need them
+    def probs(self, images: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclass
@@ -116,11 +117,10 @@ class Evaluator:
 def cache_dir(data: str, size: int = 0, channels: int = 0) -> Path:
     """One folder per (data, size, channels). Specs with a path also carry a hash of the spec, so two
     folders with the same name never share an evaluator."""
-    root = Path(os.environ.get("IMAGEGEN_CACHE") or Path.home() / ".cache" / "imagegen")
     name = slug(data) + (f"-{size}px" if size else "") + (f"-{channels}ch" if channels else "")
     if "/" in data:
         name += "-" + hashlib.sha256(data.encode()).hexdigest()[:8]
-    return root / "evaluators" / name
+    return cache_path("evaluators", name)
 
 
 def fit_classifier(train_ds, cfg: EvaluatorConfig, log=print) -> EvalNet:
@@ -170,10 +170,7 @@ def train_evaluator(cfg: EvaluatorConfig, *, out: Path | None = None, log=print)
 
     folder = Path(out) if out is not None else cache_dir(cfg.data, cfg.size, cfg.channels)
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / "weights.safetensors.partial"
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp))
-    digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
-    os.replace(tmp, folder / "weights.safetensors")
+    digest = save_hashed_weights(folder / "weights.safetensors", net.state_dict(), "the evaluator")
     info = {"name": f"cnn{4 * cfg.width}-{slug(train_ds.name)}-{digest[:8]}", "sha256": digest, "config": asdict(cfg),
             "classes": train_ds.classes, "image_size": train_ds.size, "channels": train_ds.channels,
             "test_accuracy": test_accuracy, "test_images": len(test_ds), "train_images": len(train_ds),
@@ -193,12 +190,10 @@ def load_evaluator(data: str, *, folder: Path | None = None, size: int = 0, chan
         info = json.loads((folder / "evaluator.json").read_text())
     except FileNotFoundError:
         raise CheckpointError(f"no evaluator for {data!r} in {folder}; run `imagegen evaluator train --data {data}`") from None
-    weights = folder / "weights.safetensors"
-    if hashlib.sha256(weights.read_bytes()).hexdigest() != info["sha256"]:
-        raise CheckpointError(f"{weights}: SHA-256 does not match evaluator.json (corrupt or replaced)")
+    weights = load_hashed_weights(folder / "weights.safetensors", info["sha256"], "evaluator.json")
     cfg = from_dict(EvaluatorConfig, info["config"], "evaluator")
     net = EvalNet(info["channels"], len(info["classes"]), cfg.width)
-    net.load_state_dict(load_file(str(weights)))
+    net.load_state_dict(weights)
     return Evaluator(net, info)
 
 
@@ -227,7 +222,10 @@ def run_data(run, data: str | None = None, split: str = "test") -> DataConfig:
                       size=int(saved.get("size", 0)), channels=int(saved.get("channels", 0)))
 
 
-def run_evaluator(run, data: str | None = None, log=print) -> Evaluator:
-    """The evaluator that matches run_data(run, data)."""
+def run_evaluator(run, data: str | None = None, log=print) -> FeatureExtractor:
+    """The evaluator that matches run_data(run, data); for `scenes`, which has no classes to train a
+    classifier on, the scenes judge (evaluate/geneval.py), whose features are its nine cells'."""
     d = run_data(run, data)
+    if d.source == "scenes":
+        return get_judge(log=log)
     return get_evaluator(d.source, size=d.size, channels=d.channels, log=log)

@@ -17,8 +17,7 @@ import torch
 from ..data import DataConfig, load_data
 from ..data.captions import held_out_prompts, training_prompts
 from ..sample import generate
-
-PROMPT_SEEDS = 2_000_000_000   # seeds of the prompt-following images: never the 0..n-1 of FD
+from .geneval import PROMPT_SEEDS
 
 
 def test_prompts(run, n: int) -> list[str] | None:

@@ -14,33 +14,41 @@ from ..data import load_data
 from ..sample import default_labels, generate, to_float
 from . import metrics as M
 from .evaluator import FeatureExtractor, run_data, run_evaluator
+from .geneval import SceneJudge, geneval
 from .likelihood import measure, require_likelihood
 from .prompts import class_prompt_accuracy, test_prompts
 from .translation import evaluate_translation
 
 MAX_N = 100_000
 N_IMAGES = Range(2, MAX_N)   # images generated for a measurement (--n)
+N_PROMPTS = Range(1, MAX_N)  # GenEval prompts (--prompts); the scenes test split has 2,000
 
 
 def compare(extractor: FeatureExtractor, real: torch.Tensor, fake: torch.Tensor) -> dict:
     """Every distribution metric between two image sets (N x C x H x W in [-1, 1]), named by the extractor."""
     fr, ff = extractor.features(real), extractor.features(fake)
-    pf = extractor.probs(fake)
     kid_mean, kid_std = M.kid(fr, ff)
     precision, recall = M.precision_recall(fr, ff)
     density, coverage = M.density_coverage(fr, ff)
     name = extractor.name
-    return {f"FD-{name}": M.frechet_distance(fr, ff), f"KID-{name}": kid_mean, f"KID-{name}-std": kid_std,
-            "precision": precision, "recall": recall, "density": density, "coverage": coverage,
-            f"IS-{name}": M.inception_score(pf), "class_coverage": M.class_coverage(pf)}
+    out = {f"FD-{name}": M.frechet_distance(fr, ff), f"KID-{name}": kid_mean, f"KID-{name}-std": kid_std,
+           "precision": precision, "recall": recall, "density": density, "coverage": coverage}
+    if extractor.probs is not None:   # a classifier (the scenes judge is not: it has no image classes)
+        pf = extractor.probs(fake)
+        out |= {f"IS-{name}": M.inception_score(pf), "class_coverage": M.class_coverage(pf)}
+    return out
 
 
 def evaluate_run(run_dir: str | Path, *, n: int = 10_000, data: str | None = None, batch_size: int = 256,
-                 extractor: FeatureExtractor | None = None, likelihood: int = 0, log=print) -> dict:
+                 extractor: FeatureExtractor | None = None, likelihood: int = 0, prompts: int = 0, log=print) -> dict:
     """metrics.json for a run: n generated images (seeds 0..n-1, default sampling options) against the
     real test split of the run's data, in the feature space of that data's evaluator; with `likelihood`
-    > 0, also the bits/dim of that many test images (evaluate/likelihood.py; flow, vae and cvae)."""
+    > 0, also the bits/dim of that many test images (evaluate/likelihood.py; flow, vae and cvae). A text
+    run on `scenes` is also scored GenEval-style (evaluate/geneval.py) on the first `prompts` test
+    captions (0 = all 2,000), one image each."""
     N_IMAGES.check(n, "--n")
+    if prompts:
+        N_PROMPTS.check(prompts, "--prompts")
     run = load_run(run_dir)
     if likelihood:
         require_likelihood(run)
@@ -52,8 +60,8 @@ def evaluate_run(run_dir: str | Path, *, n: int = 10_000, data: str | None = Non
     real = load_data(real_cfg)
     t0 = time.perf_counter()
     seeds = list(range(n))
-    prompts = test_prompts(run, n)   # a text run: seed i draws the test split's caption i
-    fake = generate(run.model, seeds, labels=default_labels(run.model, seeds), batch_size=batch_size, prompts=prompts)
+    captions = test_prompts(run, n)   # a text run: seed i draws the test split's caption i
+    fake = generate(run.model, seeds, labels=default_labels(run.model, seeds), batch_size=batch_size, prompts=captions)
     sample_seconds = time.perf_counter() - t0
     real_images = to_float(real.images)
     result = compare(extractor, real_images, fake)
@@ -65,6 +73,10 @@ def evaluate_run(run_dir: str | Path, *, n: int = 10_000, data: str | None = Non
     if following is not None:
         result["prompt_accuracy_training_prompts"] = following["training_prompts"]
         result["prompt_accuracy_held_out_prompts"] = following.get("held_out_prompts")
+    if isinstance(extractor, SceneJudge) and run.model.reads_text:   # GenEval-style, per task
+        following = geneval(run, extractor, prompts=prompts, batch_size=batch_size)
+        result |= {f"geneval_{task.replace(' ', '_')}": v for task, v in following["generated"].items() if task != "images"}
+        result["geneval_real_overall"] = following["real"]["overall"]
     bpd = None
     if likelihood:
         t1 = time.perf_counter()
@@ -80,7 +92,7 @@ def evaluate_run(run_dir: str | Path, *, n: int = 10_000, data: str | None = Non
         "protocol": {"generated": n, "seeds": f"0-{n - 1}", "labels": "seed mod classes" if run.model.conditional else None,
                      "real": len(real), "real_split": "test", "data": data, "evaluator": extractor.name,
                      "evaluator_sha256": getattr(extractor, "info", {}).get("sha256"), "weights": "ema",
-                     **({"prompts": "the test split's captions, caption i for seed i"} if prompts else {}),
+                     **({"prompts": "the test split's captions, caption i for seed i"} if captions else {}),
                      **({"prompt_following": following} if following else {}),
                      "sampler": sampler or "default", "kid": "50 subsets of 1000, cubic kernel on unit-length features",
                      "precision_recall_k": 3, "density_coverage_k": 5,
