@@ -269,6 +269,15 @@ def read_config(run_dir: Path) -> dict:
         raise CheckpointError(f"{path}: unreadable ({e})") from None
     if not isinstance(cfg, dict) or "family" not in cfg or "model" not in cfg:
         raise CheckpointError(f"{path}: missing 'family' or 'model'")
+    return _as_saved_then(cfg)
+
+
+def _as_saved_then(cfg: dict) -> dict:
+    """A config.json written before a model field existed, with the value that field stands for in it."""
+    model = cfg["model"]
+    if isinstance(model, dict) and model.get("text_dim") and "text_levels" not in model:
+        # text runs saved before these fields: cross-attention in the middle only, without position codes
+        cfg = {**cfg, "model": {**model, "text_levels": 0, "text_positions": False}}
     return cfg
 
 

@@ -98,6 +98,20 @@ def test_word_order_reaches_the_output_through_cross_attention(make):
     assert (out[0] - out[1]).abs().max() > 100 * (null[0] - null[1]).abs().max()
 
 
+def test_position_codes_let_the_text_reach_each_place_differently():
+    """With the same features at every place, cross-attention without position codes gives every place the
+    same answer; with them ("in the top left" needs it), places differ."""
+    from imagegen.nets.unet import TextAttention
+    words = T.encode(["a large red star in the top left"])
+    x = torch.randn(1, 16, 1, 1).expand(1, 16, 4, 4)                  # one feature vector, 4 x 4 places
+    for positions in (False, True):
+        layer = _randomised(TextAttention(16, T.DIM, positions=positions))
+        with torch.no_grad():
+            out = layer(x, words.tokens, words.mask)
+        spread = (out - out[:, :, :1, :1]).abs().max().item()
+        assert (spread > 1e-2) if positions else (spread < 1e-5), (positions, spread)
+
+
 def test_a_text_network_starts_where_a_network_without_text_does():
     torch.manual_seed(0)
     dit = DiT(3, "xxs", patch=4, text_dim=T.DIM)
@@ -122,6 +136,45 @@ def test_captioned_data_makes_a_text_run_and_a_seed_and_prompt_give_one_image(te
     assert torch.equal(many[2], one[0])                      # the same at batch 3 and batch 1
     other = imagegen.generate(run.model, [6], prompts="a red circle", negative_prompt="a green star", steps=3)
     assert not torch.equal(other[0], one[0])                 # the prompt matters (a few steps of training)
+
+
+def test_a_text_run_resumes_bit_identically(tmp_path):
+    """Caption dropout draws from the run's generators too: a resumed text run is the straight one."""
+    from imagegen.checkpoint import list_checkpoints, load_checkpoint
+    from test_train import _assert_same_optim, _assert_same_tensors
+
+    def cfg(steps):
+        return imagegen.resolve_config({"family": "flow", "model": {"width": 8, "mults": [1, 2]},
+                                        "data": {"source": "scenes", "limit": 64},
+                                        "train": {"steps": steps, "batch_size": 8, "sample_every": 0, "grid_size": 4,
+                                                  "checkpoint_every": 3}})
+    straight = imagegen.train(cfg(6), out=tmp_path / "a", progress=False)
+    resumed = imagegen.train(cfg(6), resume=imagegen.train(cfg(3), out=tmp_path / "b", progress=False), progress=False)
+    a, b = load_checkpoint(list_checkpoints(straight)[-1]), load_checkpoint(list_checkpoints(resumed)[-1])
+    assert a["state"]["step"] == b["state"]["step"] == 6
+    _assert_same_tensors(a["model"], b["model"], "model")
+    _assert_same_tensors(a["ema"], b["ema"], "ema")
+    _assert_same_optim(a["optimizers"], b["optimizers"])
+
+
+def test_a_text_run_saved_before_text_levels_loads_as_it_was(tmp_path):
+    """Runs saved before model.text_levels had cross-attention in the U-Net's middle only, and no position
+    codes: their config.json has neither key, and must load to the network they were, not today's default."""
+    import json
+    cfg = imagegen.resolve_config({"family": "flow", "model": {"width": 8, "mults": [1, 2], "text_levels": 0,
+                                                               "text_positions": False},
+                                   "data": {"source": "scenes", "limit": 64},
+                                   "train": {"steps": 1, "batch_size": 8, "sample_every": 0, "grid_size": 4}})
+    run_dir = imagegen.train(cfg, out=tmp_path, progress=False)
+    before = imagegen.generate(imagegen.load_run(run_dir).model, [0, 1], prompts="a red star", steps=2)
+    saved = json.loads((run_dir / "config.json").read_text())
+    del saved["model"]["text_levels"], saved["model"]["text_positions"]
+    (run_dir / "config.json").write_text(json.dumps(saved))
+    run = imagegen.load_run(run_dir)
+    assert run.model.cfg.text_levels == 0 and not run.model.net.down_text and not run.model.cfg.text_positions
+    assert torch.equal(imagegen.generate(run.model, [0, 1], prompts="a red star", steps=2), before)
+    new = imagegen.resolve_config({"family": "flow"}).model                     # a new run gets today's
+    assert new.text_levels == 2 and new.text_positions
 
 
 def test_a_prompt_for_a_model_without_text_and_a_wrong_count_are_errors(text_runs, tiny_run):

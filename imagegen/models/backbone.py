@@ -46,6 +46,10 @@ class BackboneConfig:
     # Text conditioning, filled in from the data: the encoder's width when it has captions, and its name.
     text_dim: int = ranged(0, 1, 4096, zero="no text")
     text_encoder: str = ""
+    # U-Net: the lowest resolutions whose blocks are each followed by cross-attention to the text (0: only
+    # the one in the middle, as runs saved before this field had).
+    text_levels: int = ranged(2, 0, 6)
+    text_positions: bool = True   # U-Net: each cross-attention's queries carry a 2-D position code
 
     def validate_backbone(self) -> None:
         if self.backbone == "dit":
@@ -68,7 +72,7 @@ def build_backbone(cfg: BackboneConfig) -> nn.Module:
     if cfg.backbone == "dit":
         return DiT(cfg.channels, cfg.dit_size, patch=cfg.patch, num_classes=cfg.num_classes, text_dim=cfg.text_dim)
     return UNet(cfg.channels, cfg.width, cfg.mults, attention=cfg.attention, num_classes=cfg.num_classes,
-                text_dim=cfg.text_dim)
+                text_dim=cfg.text_dim, text_levels=cfg.text_levels, text_positions=cfg.text_positions)
 
 
 # --- inpainting canvases: the backbones take sizes that are multiples of `multiple` -------------------

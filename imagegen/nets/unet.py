@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .dit import sincos_2d
 from .layers import CrossAttention, Linear, TextIn, timestep_embedding
 
 
@@ -70,16 +71,22 @@ class Attention(nn.Module):
 
 
 class TextAttention(nn.Module):
-    """Cross-attention of a feature map's positions to a text context, residual (layers.CrossAttention)."""
+    """Cross-attention of a feature map's positions to a text context, residual (layers.CrossAttention).
+    With `positions`, each query also carries the fixed 2-D sin-cos code of where it is (as a DiT's tokens
+    do): convolutions know where they are only through the padding, and "in the top left" needs it."""
 
-    def __init__(self, c: int, text_dim: int, heads: int = 4) -> None:
+    def __init__(self, c: int, text_dim: int, heads: int = 4, positions: bool = False) -> None:
         super().__init__()
         self.norm = nn.GroupNorm(_groups(c), c)
         self.attn = CrossAttention(c, text_dim, heads)
+        self.positions = positions
 
     def forward(self, x: torch.Tensor, ctx: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
-        a = self.attn(self.norm(x).flatten(2).transpose(1, 2), ctx, keep)              # N x HW x c
+        q = self.norm(x).flatten(2).transpose(1, 2)                                     # N x HW x c
+        if self.positions:
+            q = q + sincos_2d(h, w, -(-c // 4) * 4, device=x.device)[:, :c].to(q.dtype)
+        a = self.attn(q, ctx, keep)                                                     # N x HW x c
         return x + a.transpose(1, 2).reshape(n, c, h, w)
 
 
@@ -89,7 +96,7 @@ class UNet(nn.Module):
     `attention`: one self-attention block at the lowest resolution."""
 
     def __init__(self, channels: int, width: int, mults: Sequence[int], *, attention: bool = True,
-                 num_classes: int = 0, text_dim: int = 0) -> None:
+                 num_classes: int = 0, text_dim: int = 0, text_levels: int = 0, text_positions: bool = False) -> None:
         super().__init__()
         w, emb = width, 4 * width
         self.width = w
@@ -106,9 +113,15 @@ class UNet(nn.Module):
             c = co
             if i + 1 < len(chans):
                 self.downsample.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
+        # Cross-attention to the text after every down and up block of the `text_levels` lowest
+        # resolutions (keys: the level, 0 = full size), besides the one in the middle: where a word's object
+        # goes is decided at these sizes, and one attention in the middle alone binds colours to shapes poorly.
+        levels = range(len(chans) - min(text_levels, len(chans)), len(chans)) if text_dim else ()
+        self.down_text = nn.ModuleDict({str(i): TextAttention(chans[i], text_dim, positions=text_positions) for i in levels})
+        self.up_text = nn.ModuleDict({str(i): TextAttention(chans[i], text_dim, positions=text_positions) for i in levels})
         self.mid1 = ResBlock(c, c, emb)
         self.attn = Attention(c) if attention else nn.Identity()
-        self.cross = TextAttention(c, text_dim) if text_dim else None
+        self.cross = TextAttention(c, text_dim, positions=text_positions) if text_dim else None
         self.mid2 = ResBlock(c, c, emb)
         self.up, self.upsample = nn.ModuleList(), nn.ModuleList()
         for i in reversed(range(len(chans))):
@@ -130,19 +143,25 @@ class UNet(nn.Module):
             e = e + self.label(y)
         if self.text is not None:
             e = e + self.text.embedding(pooled, mask)
+        ctx = self.text.context(text_tokens, mask) if self.text is not None else None
         h = self.inp(x)
         skips = []
         for i, block in enumerate(self.down):
             h = block(h, e)
+            if str(i) in self.down_text:
+                h = self.down_text[str(i)](h, *ctx)
             skips.append(h)
             if i < len(self.downsample):
                 h = self.downsample[i](h)
         h = self.attn(self.mid1(h, e))
         if self.cross is not None:
-            h = self.cross(h, *self.text.context(text_tokens, mask))
+            h = self.cross(h, *ctx)
         h = self.mid2(h, e)
         for i, block in enumerate(self.up):
             h = block(torch.cat([h, skips.pop()], 1), e)
+            level = str(len(self.up) - 1 - i)
+            if level in self.up_text:
+                h = self.up_text[level](h, *ctx)
             if i < len(self.upsample):
                 h = self.upsample[i](F.interpolate(h, scale_factor=2.0, mode="nearest"))
         return self.out(h)
