@@ -9,8 +9,9 @@ lowest resolution, skip connections across. Every residual branch and the output
 Shapes: x N x C x H x W with H and W multiples of 2^(len(mults) - 1); t N integer timesteps; y N labels
 (num_classes is the null class) or None. Convolutional, so it also runs on larger canvases (outpainting).
 With text_dim, a text (pooled N x text_dim, tokens N x T x text_dim, mask N x T: imagegen/text.py) joins
-the embedding as a class does, and its tokens through cross-attention at the lowest resolution, after the
-self-attention (as in Stable Diffusion's U-Net, there at every resolution).
+the embedding as a class does, and its tokens through cross-attention: in the middle, after the
+self-attention, and after every block of the `text_levels` lowest resolutions (as in Stable Diffusion's
+U-Net, there at every resolution but the highest); with `text_positions`, its queries carry their place.
 """
 
 from __future__ import annotations
@@ -115,7 +116,8 @@ class UNet(nn.Module):
                 self.downsample.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
         # Cross-attention to the text after every down and up block of the `text_levels` lowest
         # resolutions (keys: the level, 0 = full size), besides the one in the middle: where a word's object
-        # goes is decided at these sizes, and one attention in the middle alone binds colours to shapes poorly.
+        # goes is decided at these sizes. (On scenes, 20 minutes: GenEval-style mean 0.45 with the middle
+        # one alone, 0.52 with these and the position codes; position and colour binding stayed low: README.)
         levels = range(len(chans) - min(text_levels, len(chans)), len(chans)) if text_dim else ()
         self.down_text = nn.ModuleDict({str(i): TextAttention(chans[i], text_dim, positions=text_positions) for i in levels})
         self.up_text = nn.ModuleDict({str(i): TextAttention(chans[i], text_dim, positions=text_positions) for i in levels})
