@@ -87,6 +87,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+
+@pytest.fixture(scope="module")
+def private_cache(tmp_path_factory):
+    """IMAGEGEN_CACHE set to a fresh folder for a whole module (caption embeddings, evaluators, the judge),
+    so its tests neither read nor fill the user's cache. Use with pytest.mark.usefixtures."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("IMAGEGEN_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
 @contextlib.contextmanager
 def live_server(runs_dir: Path):
     """`imagegen serve` over runs_dir on a free port in a thread, for as long as the block runs: the port."""

@@ -13,12 +13,8 @@ from imagegen.errors import ConfigError
 from imagegen.nets.dit import DiT
 from imagegen.nets.unet import UNet
 
-
-@pytest.fixture(scope="module", autouse=True)
-def private_cache(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("IMAGEGEN_CACHE", str(tmp_path_factory.mktemp("cache")))
-        yield
+# caption embeddings go to a cache of this module's own (conftest.private_cache)
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 @pytest.fixture(scope="module")

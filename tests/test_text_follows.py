@@ -26,14 +26,8 @@ N = 16   # noises per (colour, shape)
 # SSE4.1 (machine B): paired colour 0.66, 0.59, 0.56; paired shape 0.49, 0.47, 0.48. About 75 s on 2 cores.
 STEPS = 400
 
-pytestmark = pytest.mark.trained
-
-
-@pytest.fixture(scope="module", autouse=True)
-def private_cache(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("IMAGEGEN_CACHE", str(tmp_path_factory.mktemp("cache")))
-        yield
+# trained weights are judged; caption embeddings go to a cache of this module's own
+pytestmark = [pytest.mark.trained, pytest.mark.usefixtures("private_cache")]
 
 
 @pytest.fixture(scope="module")
