@@ -37,6 +37,7 @@ from ..checkpoint import load_hashed_weights, save_hashed_weights, write_json_at
 from ..config import MAX_BATCH, MAX_SEED, MAX_WIDTH, cache_path, from_dict, ranged, validate
 from ..data import scenes as S
 from ..errors import CheckpointError, ConfigError
+from ..sample import generate, to_float
 
 SIDE = 36        # the judge's image side: 12 px a cell
 CELL = SIDE // S.GRID
@@ -235,14 +236,10 @@ class SceneJudge:
     probs = None   # no classes for a whole image: the metrics that need them (IS, class coverage) are skipped
 
 
-def _images(scenes: S.Scenes) -> torch.Tensor:
-    return scenes.images.float() / 127.5 - 1
-
-
 def fit_judge(cfg: JudgeConfig, train: S.Scenes, log=print) -> CellNet:
     """A CellNet trained on the cells of `train`: Adam, one-cycle schedule, batches from (seed, epoch),
     so the same data, config and machine give the same weights."""
-    images, cells = _images(train), train.cells
+    images, cells = to_float(train.images), train.cells
     if cfg.limit:
         images, cells = images[:cfg.limit], cells[:cfg.limit]
     with torch.random.fork_rng(devices=[]):
@@ -284,7 +281,7 @@ def train_judge(cfg: JudgeConfig | None = None, *, out: Path | None = None, log=
             "cell_classes": S.CELL_CLASSES, "train_seconds": round(time.perf_counter() - t0, 1)}
     judge = SceneJudge(net, info)
     test = S.make_scenes("test")
-    found = judge.cells(_images(test))
+    found = judge.cells(to_float(test.images))
     info["test_cell_accuracy"] = round(float((found == test.cells).double().mean()), 5)
     info["test_image_accuracy"] = round(float((found == test.cells).all(1).double().mean()), 5)
     info["test_geneval"] = score([parse_caption(c) for c in test.captions], found)
@@ -332,15 +329,13 @@ def geneval(run, judge: SceneJudge, *, prompts: int = 0, images_per_prompt: int 
     """Score a text run trained on `scenes`: images for the first `prompts` test captions (0 = all),
     `images_per_prompt` each (seeds PROMPT_SEEDS + k), judged per task, with the real test images under
     the same captions as the reference. {"generated": scores, "real": scores, "protocol": {...}}."""
-    from ..sample import generate   # sample imports the families; keep this module light to import
-
     test = S.make_scenes("test", size=run.model.cfg.image_size)
     captions = test.captions[:prompts or None]
     asked = [c for c in captions for _ in range(images_per_prompt)]
     parsed = [parse_caption(c) for c in asked]
     images = generate(run.model, list(range(PROMPT_SEEDS, PROMPT_SEEDS + len(asked))), prompts=asked,
                       batch_size=batch_size)
-    real = score([parse_caption(c) for c in captions], judge.cells(_images(test)[:len(captions)]))
+    real = score([parse_caption(c) for c in captions], judge.cells(to_float(test.images)[:len(captions)]))
     sampler = {k: getattr(run.model.cfg, k) for k in ("sampler", "solver", "sample_steps", "eta", "guidance")
                if hasattr(run.model.cfg, k)}
     protocol = GenEvalProtocol(prompt_count=len(captions), images_per_prompt=images_per_prompt, judge=judge.name,
