@@ -9,6 +9,8 @@ The public API:
     images = imagegen.generate(run.model, seeds=range(16))   # 16 x C x H x W in [-1, 1]
     labels = imagegen.parse_labels("sneaker,bag", run.classes, 2)     # conditional families
     filled = imagegen.extend_image(run.model, image, mask, seed=0)  # diffusion inpainting
+    more = imagegen.vary(run.model, 7, seeds=range(8), strength=0.4)  # "more like seed 7's image"
+    kids = imagegen.breed(run.model, [3, 9], seeds=range(8), strength=0.5)  # variations of a blend
     report = imagegen.evaluate_run(run_dir, n=10_000)                 # metrics.json, stamped with its protocol
 """
 
@@ -21,9 +23,10 @@ from .models import REGISTRY
 from .report import write_report
 from .sample import extend_image, generate, interpolate, interpolate_images, outpaint_canvas, parse_labels
 from .train import RunConfig, TrainConfig, resolve_config, train
+from .vary import breed, vary
 
 __all__ = [
-    "DataConfig", "ImageDataset", "REGISTRY", "Run", "RunConfig", "TrainConfig", "build_model", "describe",
+    "DataConfig", "ImageDataset", "REGISTRY", "Run", "RunConfig", "TrainConfig", "breed", "build_model", "describe",
     "evaluate_run", "extend_image", "generate", "interpolate", "interpolate_images", "load_data", "load_run", "outpaint_canvas",
-    "parse_labels", "resolve_config", "train", "write_report",
+    "parse_labels", "resolve_config", "train", "vary", "write_report",
 ]

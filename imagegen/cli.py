@@ -26,11 +26,12 @@ from .evaluate.run_eval import N_IMAGES, N_PROMPTS
 from .evaluate.analyse import KEEP
 from .evaluate.likelihood import N_LIKELIHOOD
 from .evaluate.synth import PER_CLASS
-from .models.ddpm import RESAMPLE, STEPS as SAMPLE_STEPS
+from .models.ddpm import RESAMPLE, STEPS as SAMPLE_STEPS, STRENGTH
 from .sample import (BATCH_SIZE, FRAMES, PAD, SEED, SIDES, check_options, extend_image, generate, grid, interpolate, interpolate_images,
                      outpaint_canvas, parse_floats, parse_seeds, resolve_labels, read_image, read_images, read_mask, save_images,
                      save_named, to_pil, to_uint8)
 from .train import TrainConfig, resolve_config, train
+from .vary import MIX, breed
 
 
 class Parser(argparse.ArgumentParser):
@@ -219,6 +220,43 @@ def cmd_interpolate(a) -> int:
         images = interpolate(run.model, seeds[0], seeds[1], a.frames, labels)
     grid(images, nrow=a.frames).save(a.out)
     print(f"wrote a {a.frames}-frame strip to {a.out}")
+    return 0
+
+
+def _source(a, run, text: str | None, what: str) -> list:
+    """Seeds ('3' or '3,9') or image files ('a.png' or 'a.png,b.png') as vary/breed sources."""
+    if a.image_files:
+        paths = [p for p in a.image_files.split(",") if p.strip()]
+        size = run.model.cfg.image_size
+        images = []
+        for p in paths:
+            img = read_image(p, run.model.cfg.channels)
+            if img.shape[-2:] != (size, size):
+                raise ConfigError(f"{p}: image is {img.shape[-1]}x{img.shape[-2]}, the model's size is {size}x{size}")
+            images.append(img)
+        return images
+    if text is None:
+        raise ConfigError(f"give {what} or --image(s)")
+    return parse_seeds(text)
+
+
+def cmd_vary(a) -> int:
+    run = load_run(a.run_dir)
+    breeding = a.command == "breed"
+    sources = _source(a, run, a.parents if breeding else (None if a.seed is None else str(a.seed)),
+                      "--parents A,B" if breeding else "--seed S")
+    want = 2 if breeding else 1
+    if len(sources) != want:
+        raise ConfigError(f"{'breed takes two parents' if breeding else 'vary takes one source'}, got {len(sources)}")
+    seeds = parse_seeds(a.seeds)
+    labels = _labels(a, run, [s for s in sources if isinstance(s, int)][:1] or [0]) if a.labels else None
+    images = breed(run.model, sources, seeds, strength=a.strength, mix=a.mix if breeding else 0.5, labels=labels,
+                   prompt=a.prompt, negative_prompt=a.negative_prompt, batch_size=a.batch_size,
+                   **_sample_opts(a, run.model))
+    paths = save_images(images, a.out, seeds)
+    if a.grid:
+        grid(images).save(a.grid)
+    print(f"wrote {len(paths)} images to {a.out}" + (f" and a grid to {a.grid}" if a.grid else ""))
     return 0
 
 
@@ -435,6 +473,28 @@ def build_parser() -> argparse.ArgumentParser:
     add_number(p, "--frames", FRAMES, "images in the strip, both ends included", default=8)
     p.add_argument("--out", required=True, help="PNG file")
 
+    for name, what in (("vary", "variations of one image, a seed's or a file's: latent steps (GANs, VAEs), SDEdit (ddpm, flow)"),
+                       ("breed", "variations of the blend of two parents (seeds or image files)")):
+        p = sub.add_parser(name, help=what)
+        p.add_argument("run_dir")
+        if name == "vary":
+            add_number(p, "--seed", SEED, "the seed whose image to vary")
+            p.add_argument("--image", dest="image_files", help="or an image file to vary (a sketch, say)")
+        else:
+            p.add_argument("--parents", help="two seeds, e.g. 3,9")
+            p.add_argument("--images", dest="image_files", help="or two image files, e.g. a.png,b.png")
+            add_number(p, "--mix", MIX, "how far from the first parent to the second (default 0.5)", default=0.5)
+        add_number(p, "--strength", STRENGTH, "how far from the source: small = close, 1 = a new image (default 0.5)",
+                   default=0.5)
+        p.add_argument("--seeds", default="0-15", help="one variation per seed, e.g. 0-15")
+        p.add_argument("--out", required=True, help="folder for seedNNNNNN.png files")
+        p.add_argument("--grid", help="also write all images as one grid PNG")
+        add_number(p, "--batch-size", BATCH_SIZE, "images per forward pass (speed only; pixels do not change)", default=64)
+        p.add_argument("--labels", help="the class of every variation (conditional families)")
+        p.add_argument("--prompt", help="the prompt of every variation (text models)")
+        p.add_argument("--negative-prompt", help="what to steer away from (text models)")
+        _add_sample_options(p)
+
     for name, what in (("inpaint", "fill the white pixels of --mask in --image (diffusion, VAE)"),
                        ("outpaint", "extend --image by --pad pixels on the chosen --sides (diffusion)")):
         p = sub.add_parser(name, help=what)
@@ -521,6 +581,7 @@ LABELS_HELP = ("class name or index for every seed, or a comma list with one per
                "(see `imagegen data info`); default: seed mod number of classes")
 
 COMMANDS = {"train": cmd_train, "distill": cmd_distill, "demo": cmd_demo, "sample": cmd_sample, "interpolate": cmd_interpolate,
+            "vary": cmd_vary, "breed": cmd_vary,
             "inpaint": cmd_inpaint, "outpaint": cmd_outpaint, "translate": cmd_translate, "evaluate": cmd_evaluate, "evaluator": cmd_evaluator,
             "leaderboard": cmd_leaderboard, "analyse": cmd_analyse, "synth": cmd_synth,
             "data": cmd_data_info, "report": cmd_report, "models": cmd_models, "serve": cmd_serve}

@@ -103,14 +103,14 @@ def repaint(denoise: Denoise, x: torch.Tensor, ab: torch.Tensor, ts: list[int], 
 
 def flow_times(steps: int | Sequence[float]) -> list[float]:
     """The grid of a fixed-step solver: steps + 1 equally spaced times from 0 to 1, or, given a sequence,
-    that sequence itself (checked: it runs up from 0 to 1)."""
+    that sequence itself (checked: it runs up to 1 from a time in [0, 1); SDEdit starts part of the way)."""
     if isinstance(steps, int):
         if steps < 1:
             raise ValueError(f"steps must be at least 1, got {steps}")
         return [i / steps for i in range(steps + 1)]
     ts = [float(t) for t in steps]
-    if len(ts) < 2 or ts[0] != 0.0 or ts[-1] != 1.0 or any(b <= a for a, b in zip(ts, ts[1:])):
-        raise ValueError(f"a time grid must increase from 0 to 1, got {ts}")
+    if len(ts) < 2 or not 0.0 <= ts[0] or ts[-1] != 1.0 or any(b <= a for a, b in zip(ts, ts[1:])):
+        raise ValueError(f"a time grid must increase to 1 from a time in [0, 1), got {ts}")
     return ts
 
 

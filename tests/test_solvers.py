@@ -87,9 +87,12 @@ def test_solvers_call_the_velocity_once_or_twice_per_step_at_the_right_times():
     seen.clear()
     heun(spy, x, power_times(2, 3.0))                     # a grid given as a list is stepped as given
     assert seen == [0.0, 0.125, 0.125, 1.0]
-    for bad in ([0.0, 0.5], [0.2, 1.0], [0.0, 0.6, 0.4, 1.0]):
-        with pytest.raises(ValueError, match="increase from 0 to 1"):
+    for bad in ([0.0, 0.5], [-0.2, 1.0], [0.0, 0.6, 0.4, 1.0], [1.0]):
+        with pytest.raises(ValueError, match="increase to 1"):
             euler(spy, x, bad)
+    seen.clear()
+    euler(spy, x, [0.6, 0.8, 1.0])                         # part of the way, as SDEdit starts
+    assert seen == [0.6, 0.8]
 
 
 def test_the_adaptive_solver_lands_on_the_data_law_and_its_tolerance_buys_accuracy():

@@ -45,6 +45,7 @@ STEPS = Range(1, MAX_SAMPLE_STEPS)
 ETA = Range(0.0, 1.0, float)
 GUIDANCE = Range(0.0, 30.0, float)
 RESAMPLE = Range(1, 100)     # RePaint passes per step (inpainting's --resample)
+STRENGTH = Range(0.0, 1.0, float, lo_open=True)   # how far back SDEdit (edit, `imagegen vary`) re-noises an image
 
 
 @dataclass
@@ -169,6 +170,29 @@ class DDPM(BackboneFamily):    # the backbone, its optimizer, label dropout and 
         noise = self._noise(n, shape, generator)
         with eval_mode(self):
             x = noise()
+            denoise = self.denoiser(labels, guidance, text, negative)
+            if sampler == "ddim":
+                x = ddim(denoise, x, self.ab, ts, eta=eta, noise=noise)
+            else:
+                x = ddpm_ancestral(denoise, x, self.ab, ts, noise=noise)
+        return x.clamp(-1, 1)
+
+    @torch.no_grad()
+    def edit(self, image: torch.Tensor, strength: float, *, labels: torch.Tensor | None = None,
+             generator: Generators = None, steps: int | None = None, guidance: float | None = None,
+             eta: float | None = None, sampler: str | None = None, text=None, negative=None) -> torch.Tensor:
+        """SDEdit (Meng et al., ICLR 2022): images N x C x H x W noised to the timestep `strength` of the way
+        up the schedule (the first of the sampler's timesteps at or below strength (T - 1)),
+        x_k = sqrt(ab_k) x + sqrt(1 - ab_k) z, then denoised by the sampler's remaining timesteps.
+        Small strengths keep the layout and colours; 1 starts from (almost) pure noise."""
+        STRENGTH.check(strength, "strength")
+        labels, ts, guidance, eta, sampler = self._setup(image.shape[0], labels, steps, guidance, eta, sampler)
+        text, negative = self.check_text(image.shape[0], text), self.check_text(image.shape[0], negative, "negative prompt")
+        ts = [t for t in ts if t <= strength * (self.cfg.timesteps - 1) + 1e-9] or ts[-1:]
+        noise = self._noise(image.shape[0], image.shape[1:], generator)
+        with eval_mode(self):
+            a = float(self.ab[ts[0]])
+            x = math.sqrt(a) * image.to(self.device, torch.float32) + math.sqrt(1 - a) * noise()
             denoise = self.denoiser(labels, guidance, text, negative)
             if sampler == "ddim":
                 x = ddim(denoise, x, self.ab, ts, eta=eta, noise=noise)

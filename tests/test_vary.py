@@ -1,0 +1,137 @@
+"""Variations ("more like this") and breeding: imagegen.vary / imagegen.breed and `imagegen vary` /
+`imagegen breed` (issue 17): what each mechanism guarantees, seed-to-pixels at any batch size, the CLI
+giving the library's pixels, and clear errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import imagegen
+from imagegen.errors import ConfigError
+from imagegen.sample import to_uint8
+
+from conftest import run_main, run_maker
+
+VARIANTS = {   # on shapes: the diffusion families and the CVAE are class-conditional, the DCGAN and VAE not
+    "dcgan": ("dcgan", {"width": 8, "z_dim": 16}),
+    "vae": ("vae", {"z_dim": 8, "width": 8}),
+    "cvae": ("cvae", {"z_dim": 8, "width": 8}),
+    "flow": ("flow", {"width": 8, "mults": [1, 2], "sample_steps": 4}),
+    "ddpm": ("ddpm", {"width": 8, "mults": [1, 2], "sample_steps": 4}),
+    "random": ("random", {}),
+}
+
+
+@pytest.fixture(scope="module")
+def runs(request, tmp_path_factory):
+    return run_maker(request, tmp_path_factory, VARIANTS, steps=6)
+
+
+def _model(runs, variant):
+    return imagegen.load_run(runs(variant)).model
+
+
+@pytest.mark.parametrize("variant", ["dcgan", "vae", "cvae", "flow", "ddpm"])
+def test_a_variation_depends_only_on_its_seed_and_small_strengths_stay_close(runs, variant):
+    model = _model(runs, variant)
+    seeds = [0, 1, 2, 3, 4]
+    together = imagegen.vary(model, 7, seeds, strength=0.5)
+    alone = torch.cat([imagegen.vary(model, 7, [s], strength=0.5, batch_size=1) for s in seeds])
+    assert torch.equal(together, alone)                                       # any batch size, same pixels
+    assert together.shape == (5, model.cfg.channels, model.cfg.image_size, model.cfg.image_size)
+    assert together.min() >= -1 and together.max() <= 1
+    source = imagegen.generate(model, [7], labels=torch.tensor([7 % model.num_classes]) if model.conditional else None)
+    near = (imagegen.vary(model, 7, seeds, strength=0.05) - source).abs().mean()
+    far = (imagegen.vary(model, 7, seeds, strength=1.0) - source).abs().mean()
+    assert near < 0.5 * far, (near, far)
+    assert not torch.equal(together[0], together[1])                          # the seeds differ
+
+
+@pytest.mark.parametrize("variant", ["dcgan", "vae", "flow"])
+def test_strength_one_is_the_seeds_own_image(runs, variant):
+    """Latent families turn the source's latent all the way to the seed's; flow starts from the seed's
+    pure noise: both are exactly what `generate` gives for that seed. (DDPM's last timestep keeps a
+    trace of the image, so it is not exact there.)"""
+    model = _model(runs, variant)
+    labels = torch.tensor([7 % model.num_classes] * 3) if model.conditional else None
+    assert torch.equal(imagegen.vary(model, 7, [3, 4, 5], strength=1.0),
+                       imagegen.generate(model, [3, 4, 5], labels=labels))
+
+
+@pytest.mark.parametrize("variant", ["dcgan", "vae", "flow", "ddpm"])
+def test_breeding_at_mix_zero_is_varying_the_first_parent_and_the_mix_matters(runs, variant):
+    model = _model(runs, variant)
+    assert torch.equal(imagegen.breed(model, [3, 9], [0, 1], strength=0.4, mix=0.0),
+                       imagegen.vary(model, 3, [0, 1], strength=0.4))
+    half = imagegen.breed(model, [3, 9], [0, 1], strength=0.4, mix=0.5)
+    assert not torch.equal(half, imagegen.breed(model, [3, 9], [0, 1], strength=0.4, mix=1.0))
+
+
+@pytest.mark.parametrize("variant", ["vae", "flow", "ddpm"])
+def test_an_image_file_can_be_varied_by_families_that_can_read_one(runs, variant):
+    """A sketch: a flat square of colour. Diffusion and flow re-noise its pixels (SDEdit); a VAE starts
+    from its posterior mean. At low strength the result keeps the sketch's layout."""
+    model = _model(runs, variant)
+    s, c = model.cfg.image_size, model.cfg.channels
+    sketch = -torch.ones(1, c, s, s)
+    sketch[..., s // 4: 3 * s // 4, s // 4: 3 * s // 4] = 0.8
+    out = imagegen.vary(model, sketch, [0, 1, 2], strength=0.2)
+    assert torch.equal(out[1:2], imagegen.vary(model, sketch, [1], strength=0.2))
+    if variant != "vae":   # SDEdit keeps most of the pixels at strength 0.2; a 6-step VAE need not
+        inside, outside = out[..., s // 4: 3 * s // 4, s // 4: 3 * s // 4].mean(), out[..., :s // 8, :].mean()
+        assert inside > outside + 0.5, (inside, outside)
+
+
+def test_what_cannot_be_varied_is_refused_clearly(runs):
+    dcgan, random = _model(runs, "dcgan"), _model(runs, "random")
+    s = dcgan.cfg.image_size
+    with pytest.raises(ConfigError, match="no encoder"):
+        imagegen.vary(dcgan, torch.zeros(1, dcgan.cfg.channels, s, s), [0], strength=0.5)
+    with pytest.raises(ConfigError, match="cannot make variations"):
+        imagegen.vary(random, 0, [0], strength=0.5)
+    with pytest.raises(ConfigError, match="strength"):
+        imagegen.vary(dcgan, 0, [0], strength=0.0)
+    with pytest.raises(ConfigError, match="mix"):
+        imagegen.breed(dcgan, [0, 1], [0], strength=0.5, mix=1.5)
+    with pytest.raises(ConfigError, match="takes no --prompt"):
+        imagegen.vary(dcgan, 0, [0], strength=0.5, prompt="a red circle")
+    flow = _model(runs, "flow")
+    with pytest.raises(ConfigError, match="1 x 1 x 16 x 16|1 x 3 x"):
+        imagegen.vary(flow, torch.zeros(1, flow.cfg.channels, s + 4, s + 4), [0], strength=0.5)
+
+
+@pytest.mark.parametrize("variant", ["dcgan", "flow"])
+def test_the_commands_give_the_librarys_pixels(runs, variant, tmp_path):
+    run_dir = runs(variant)
+    model = imagegen.load_run(run_dir).model
+    r = run_main("vary", str(run_dir), "--seed", "7", "--strength", "0.3", "--seeds", "0-2", "--out", str(tmp_path / "v"),
+                 "--grid", str(tmp_path / "v.png"))
+    assert r.returncode == 0, r.stderr
+    want = to_uint8(imagegen.vary(model, 7, [0, 1, 2], strength=0.3))
+    for i in range(3):
+        got = np.asarray(Image.open(tmp_path / "v" / f"seed{i:06d}.png"))
+        assert np.array_equal(got.reshape(want[i].shape), want[i])
+    assert (tmp_path / "v.png").is_file()
+    r = run_main("breed", str(run_dir), "--parents", "3,9", "--mix", "0.25", "--strength", "0.6", "--seeds", "4",
+                 "--out", str(tmp_path / "b"))
+    assert r.returncode == 0, r.stderr
+    want = to_uint8(imagegen.breed(model, [3, 9], [4], strength=0.6, mix=0.25))[0]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "b" / "seed000004.png")).reshape(want.shape), want)
+    Image.fromarray(want.squeeze()).save(tmp_path / "mine.png")            # an image file as the source
+    r = run_main("vary", str(run_dir), "--image", str(tmp_path / "mine.png"), "--seeds", "0", "--out", str(tmp_path / "f"))
+    assert (r.returncode == 0) == (variant == "flow"), r.stderr
+    if variant == "dcgan":
+        assert "no encoder" in r.stderr
+
+
+def test_the_commands_refuse_bad_arguments(runs, tmp_path):
+    run_dir = str(runs("dcgan"))
+    for args, message in ((["vary", run_dir, "--out", str(tmp_path)], "--seed S"),
+                          (["breed", run_dir, "--parents", "3", "--out", str(tmp_path)], "two parents"),
+                          (["vary", run_dir, "--seed", "1", "--strength", "2", "--out", str(tmp_path)], "strength"),
+                          (["vary", run_dir, "--image", str(tmp_path / "none.png"), "--out", str(tmp_path)], "none.png")):
+        r = run_main(*args)
+        assert r.returncode != 0 and message in r.stderr, (args, r.stderr)
