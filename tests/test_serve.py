@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 import imagegen
-from imagegen import serve as S
+from imagegen.serve import app as S
 from imagegen.cli import main
 from imagegen.distill import distill
 from imagegen.serve import create_app
@@ -301,9 +301,9 @@ def live(runs_dir):
 
 
 TRAVERSALS = [
-    "../serve.py",                                   # ../
-    "..%2fserve.py",                                 # ..%2f
-    "%2e%2e/serve.py",                               # %2e%2e/
+    "../cli.py",                                     # ../
+    "..%2fcli.py",                                   # ..%2f
+    "%2e%2e/cli.py",                                 # %2e%2e/
     "..%2f..%2f..%2f..%2f..%2f..%2f..%2fetc/passwd",   # deep ..%2f
     f"../{DCGAN}-evil/secret.png",                   # sibling-prefix path
     "/etc/passwd",                                   # absolute path

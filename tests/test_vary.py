@@ -135,3 +135,53 @@ def test_the_commands_refuse_bad_arguments(runs, tmp_path):
                           (["vary", run_dir, "--image", str(tmp_path / "none.png"), "--out", str(tmp_path)], "none.png")):
         r = run_main(*args)
         assert r.returncode != 0 and message in r.stderr, (args, r.stderr)
+
+
+@pytest.fixture(scope="module")
+def client(runs, tmp_path_factory):
+    """The app over the dcgan, flow and random runs (symlinked into one runs folder)."""
+    from fastapi.testclient import TestClient
+
+    from imagegen.serve import create_app
+    root = tmp_path_factory.mktemp("served")
+    for variant in ("dcgan", "flow", "random"):
+        (root / variant).symlink_to(runs(variant).resolve())
+    return TestClient(create_app(root, log=None))
+
+
+@pytest.mark.parametrize("body", [{"model": "flow", "source": 7, "seed": 2, "n": 3, "strength": 0.3, "steps": 3},
+                                  {"model": "dcgan", "source": 3, "parent": 9, "mix": 0.25, "seed": 0, "n": 2,
+                                   "strength": 0.6}], ids=["vary-flow", "breed-dcgan"])
+def test_the_vary_route_gives_the_librarys_pixels_and_a_command_that_reproduces_them(client, runs, body, tmp_path):
+    r = client.post("/api/vary", json=body)
+    assert r.status_code == 200, r.text
+    model = imagegen.load_run(runs(body["model"])).model
+    parents = [body["source"]] + ([body["parent"]] if "parent" in body else [])
+    seeds = list(range(body["seed"], body["seed"] + body["n"]))
+    opts = {"steps": body["steps"]} if "steps" in body else {}
+    want = imagegen.breed(model, parents, seeds, strength=body["strength"], mix=body.get("mix", 0.5), **opts)
+    got = np.asarray(Image.open(__import__("io").BytesIO(r.content)))
+    assert np.array_equal(got, np.asarray(imagegen.sample.grid(want)))
+    command = r.headers["X-Imagegen-Command"].split()
+    assert command[:2] == ["imagegen", "breed" if "parent" in body else "vary"]
+    out = tmp_path / "cmd"
+    done = run_main(*command[1:command.index("--out")], "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    for i, s in enumerate(seeds):
+        png = np.asarray(Image.open(out / f"seed{s:06d}.png"))
+        assert np.array_equal(png.reshape(to_uint8(want[i:i + 1])[0].shape), to_uint8(want[i:i + 1])[0])
+
+
+@pytest.mark.parametrize("body, status, message", [
+    ({"model": "nope", "source": 1}, 404, "unknown model"),
+    ({"model": "random", "source": 1}, 400, "cannot make variations"),
+    ({"model": "dcgan", "source": 1, "strength": 0}, 422, "strength"),
+    ({"model": "dcgan", "source": 1, "mix": 2}, 422, "mix"),
+    ({"model": "dcgan", "source": 1, "latent": [1.0]}, 400, "latent"),
+    ({"model": "dcgan", "source": 1, "prompt": "a red circle"}, 400, "takes no prompt"),
+    ({"model": "flow", "source": 1, "n": 64, "steps": 100}, 400, "image-steps"),
+    ({"model": "dcgan", "source": 1, "typo": 1}, 422, "typo"),
+])
+def test_the_vary_route_refuses_bad_requests_with_a_4xx_that_names_the_problem(client, body, status, message):
+    r = client.post("/api/vary", json=body)
+    assert r.status_code == status and message in r.json()["detail"], r.text

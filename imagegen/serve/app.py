@@ -1,4 +1,5 @@
-"""`imagegen serve RUNS_DIR`: the web page and the HTTP API over trained runs (FastAPI on uvicorn).
+"""The app of `imagegen serve RUNS_DIR`: the web page and the HTTP API over trained runs (FastAPI on
+uvicorn), its limits, and the generation routes; the studio's routes are in studio.py.
 
 A thin layer over the library: every route validates its input (pydantic models, then the library's own
 checks, whose typed errors become 4xx answers), runs the library call in one worker thread, and encodes
@@ -33,17 +34,17 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 
-from .checkpoint import Run, load_run
-from .data.folder import decode_image
-from .errors import ImagegenError, ImageTooLargeError
-from .models.ddpm import ETA
-from .models.gan import TRUNCATION
-from .models.vae import TEMPERATURE
-from .text import MAX_PROMPT_CHARS, check_prompt
-from .sample import (MAX_LATENT_SHIFT, MAX_SEED, SEED, check_latent, check_options, extend_image, generate, grid,
+from ..checkpoint import Run, load_run
+from ..data.folder import decode_image
+from ..errors import ImagegenError, ImageTooLargeError
+from ..models.ddpm import ETA
+from ..models.gan import TRUNCATION
+from ..models.vae import TEMPERATURE
+from ..text import MAX_PROMPT_CHARS, check_prompt
+from ..sample import (MAX_LATENT_SHIFT, MAX_SEED, SEED, check_latent, check_options, extend_image, generate, grid,
                      hwc_to_float, interpolate, resolve_labels, to_mask, to_pil, to_uint8)
 
-STATIC = Path(__file__).parent / "static"
+STATIC = Path(__file__).resolve().parent.parent / "static"
 
 # Limits. Each is checked before any work is done, and exceeding one is a 4xx that names it.
 MAX_IMAGES = 64                 # images per request (n, seeds, frames)
@@ -316,6 +317,57 @@ def _quote(text: str) -> str:
 
 # --- the app --------------------------------------------------------------------------------------------
 
+class Api:
+    """What every route needs: the served runs, the model worker, and the checks that turn a request's
+    fields into library arguments (bad ones are 4xx answers that name them)."""
+
+    def __init__(self, runs: dict[str, Served], worker: Worker) -> None:
+        self.runs, self.worker = runs, worker
+
+    def get(self, name: str) -> Served:
+        if name not in self.runs:
+            raise bad_request(f"unknown model {name!r} (GET /api/models lists them)", 404)
+        return self.runs[name]
+
+    def labels_for(self, served: Served, label: str | None, seeds: list[int]) -> torch.Tensor | None:
+        return resolve_labels(served.model, served.run.classes, label or None, seeds, what="label")
+
+    def family_options(self, served: Served, given: dict) -> dict:
+        return check_options(served.model, given, prefix="")
+
+    def seed_range(self, seed: int, n: int) -> list[int]:
+        if seed + n - 1 > MAX_SEED:
+            raise bad_request(f"seed + n - 1 is over the largest seed {MAX_SEED}")
+        return list(range(seed, seed + n))
+
+    def check_diffusion_work(self, served: Served, n: int, opts: dict) -> None:
+        if "steps" in served.model.sample_options:
+            steps = opts.get("steps") or served.model.cfg.sample_steps
+            if (opts.get("solver") or getattr(served.model.cfg, "solver", None)) == "dopri5":
+                steps = ADAPTIVE_STEPS                  # it picks its own steps: count it as this many
+            if n * steps > MAX_DIFFUSION_WORK:
+                raise bad_request(f"{n} images x {steps} steps is over the limit of {MAX_DIFFUSION_WORK} image-steps per request")
+
+    def generator_of(self, served: Served) -> Served:
+        if served.model.translates:
+            raise bad_request(f"model {served.name!r} translates images: use POST /api/translate")
+        return served
+
+    def check_prompts(self, served: Served, **texts: str | None) -> None:
+        """Prompts refused before any work: for a model without text, empty, too long."""
+        for name, text in texts.items():
+            if text is not None:
+                if not served.model.reads_text:
+                    raise bad_request(f"model {served.name!r} was not trained on captions: it takes no {name}")
+                check_prompt(text, name)
+
+
+def latin1(text: str) -> str:
+    """A header value: HTTP headers are Latin-1, so a prompt outside it is written with escapes there."""
+    return text.encode("latin-1", "backslashreplace").decode("latin-1")
+
+
+
 def create_app(runs_dir: str | Path, *, log=print) -> FastAPI:
     root = Path(runs_dir).resolve()
     if not root.is_dir():
@@ -346,34 +398,9 @@ def create_app(runs_dir: str | Path, *, log=print) -> FastAPI:
         lines = [f"{'.'.join(str(p) for p in err.get('loc', [])[1:]) or 'body'}: {err.get('msg', 'invalid')}" for err in e.errors()]
         return JSONResponse({"detail": "; ".join(lines), "errors": _plain(e.errors())}, status_code=422)
 
-    def get(name: str) -> Served:
-        if name not in runs:
-            raise bad_request(f"unknown model {name!r} (GET /api/models lists them)", 404)
-        return runs[name]
-
-    def labels_for(served: Served, label: str | None, seeds: list[int]) -> torch.Tensor | None:
-        return resolve_labels(served.model, served.run.classes, label or None, seeds, what="label")
-
-    def family_options(served: Served, given: dict) -> dict:
-        return check_options(served.model, given, prefix="")
-
-    def seed_range(seed: int, n: int) -> list[int]:
-        if seed + n - 1 > MAX_SEED:
-            raise bad_request(f"seed + n - 1 is over the largest seed {MAX_SEED}")
-        return list(range(seed, seed + n))
-
-    def check_diffusion_work(served: Served, n: int, opts: dict) -> None:
-        if "steps" in served.model.sample_options:
-            steps = opts.get("steps") or served.model.cfg.sample_steps
-            if (opts.get("solver") or getattr(served.model.cfg, "solver", None)) == "dopri5":
-                steps = ADAPTIVE_STEPS                  # it picks its own steps: count it as this many
-            if n * steps > MAX_DIFFUSION_WORK:
-                raise bad_request(f"{n} images x {steps} steps is over the limit of {MAX_DIFFUSION_WORK} image-steps per request")
-
-    def generator_of(served: Served) -> Served:
-        if served.model.translates:
-            raise bad_request(f"model {served.name!r} translates images: use POST /api/translate")
-        return served
+    api = Api(runs, worker)
+    get, labels_for, family_options, seed_range = api.get, api.labels_for, api.family_options, api.seed_range
+    check_diffusion_work, generator_of = api.check_diffusion_work, api.generator_of
 
     @app.get("/health")
     async def health() -> dict:
@@ -397,11 +424,7 @@ def create_app(runs_dir: str | Path, *, log=print) -> FastAPI:
         latent = check_latent(served.model, req.latent) or []
         model = served.model
         words = {"prompts": req.prompt, "negative_prompt": req.negative_prompt}
-        for name, text in (("prompt", req.prompt), ("negative_prompt", req.negative_prompt)):
-            if text is not None:   # refused here, before any work: a model without text, empty, too long
-                if not model.reads_text:
-                    raise bad_request(f"model {served.name!r} was not trained on captions: it takes no {name}")
-                check_prompt(text, name)
+        api.check_prompts(served, prompt=req.prompt, negative_prompt=req.negative_prompt)
 
         def work(items: list[GenItem]) -> list[torch.Tensor]:
             all_seeds = [s for it in items for s in it.seeds]
@@ -412,9 +435,7 @@ def create_app(runs_dir: str | Path, *, log=print) -> FastAPI:
 
         key = (served.name, tuple(sorted(opts.items())), tuple(latent), req.prompt, req.negative_prompt)
         images = await worker.batched(key, work, GenItem(seeds, labels))
-        command = sample_command(served, seeds, req.label or None, opts, latent, req.prompt, req.negative_prompt)
-        # HTTP headers are Latin-1: a prompt outside it is written with escapes there
-        command = command.encode("latin-1", "backslashreplace").decode("latin-1")
+        command = latin1(sample_command(served, seeds, req.label or None, opts, latent, req.prompt, req.negative_prompt))
         return png_response(images, headers={"X-Imagegen-Command": command, "X-Imagegen-Seeds": f"{seeds[0]}-{seeds[-1]}"})
 
     @app.post("/api/interpolate", response_class=Response, responses={200: {"content": {"image/png": {}}}})
@@ -460,7 +481,7 @@ def create_app(runs_dir: str | Path, *, log=print) -> FastAPI:
     async def analyse_route(req: AnalyseRequest) -> dict:
         """Per-image scores for seeds seed .. seed + n - 1: the discriminator's score (GANs), and the
         evaluator's class and confidence when the run's dataset has a cached evaluator."""
-        from .evaluate.analyse import score_images
+        from ..evaluate.analyse import score_images
         served = generator_of(get(req.model))
         seeds = seed_range(req.seed, req.n)
         labels = labels_for(served, req.label, seeds)
@@ -494,6 +515,8 @@ def create_app(runs_dir: str | Path, *, log=print) -> FastAPI:
             app.openapi_schema = schema
         return app.openapi_schema
 
+    from .studio import add_studio_routes
+    add_studio_routes(app, api)
     app.openapi = openapi
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app

@@ -1,0 +1,63 @@
+"""The studio's routes: variations of an image ("more like this") and breeding two, over imagegen.vary
+(latent steps for GANs and VAEs, SDEdit for ddpm and flow). Every answer carries the `imagegen vary` or
+`imagegen breed` command that gives the same pixels."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+from fastapi.responses import Response
+from pydantic import Field
+
+from ..models.ddpm import STRENGTH
+from ..sample import SEED
+from ..vary import MIX, breed
+from .app import MAX_BATCH, OPTION_FIELDS, Api, GenerateRequest, _quote, bad_request, latin1, png_response
+
+
+class VaryRequest(GenerateRequest):
+    """Variations for seeds seed .. seed + n - 1 of the image of seed `source` (or, with `parent`, of the
+    blend of both parents' images, `mix` of the way to the second), `strength` away from it."""
+    source: int = Field(default=0, **SEED.bounds(), description="the seed whose image to vary (the first parent)")
+    parent: int | None = Field(default=None, **SEED.bounds(), description="breed: the second parent's seed")
+    mix: float = Field(default=0.5, **MIX.bounds(), description="breed: 0 = the first parent, 1 = the second")
+    strength: float = Field(default=0.5, **STRENGTH.bounds(),
+                            description="how far from the source: small = close, 1 = a new image")
+
+
+def vary_command(served, req: VaryRequest, seeds: list[int], opts: dict) -> str:
+    """The `imagegen vary` / `imagegen breed` command that draws the same images."""
+    seed_text = str(seeds[0]) if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]}"
+    if req.parent is None:
+        parts = ["imagegen", "vary", str(served.run.path), "--seed", str(req.source)]
+    else:
+        parts = ["imagegen", "breed", str(served.run.path), "--parents", f"{req.source},{req.parent}", "--mix", f"{req.mix:g}"]
+    parts += ["--strength", f"{req.strength:g}", "--seeds", seed_text]
+    for flag, value in (("--labels", req.label or None), ("--prompt", req.prompt), ("--negative-prompt", req.negative_prompt)):
+        if value is not None:
+            parts += [flag, _quote(value)]
+    for k, v in opts.items():
+        parts += [f"--{k}", f"{v:g}" if isinstance(v, float) else str(v)]
+    return " ".join(parts + ["--out", "variations/"])
+
+
+def add_studio_routes(app: FastAPI, api: Api) -> None:
+    @app.post("/api/vary", response_class=Response,
+              responses={200: {"content": {"image/png": {}}, "description": "one PNG (a grid when n > 1)"}})
+    async def vary_route(req: VaryRequest) -> Response:
+        """Variations of a seed's image, or (with `parent`) of two seeds' blend. The header
+        X-Imagegen-Command holds the matching `imagegen vary` or `imagegen breed` command."""
+        served = api.generator_of(api.get(req.model))
+        if req.latent:
+            raise bad_request("latent does not apply to /api/vary: vary the seed whose latent you want")
+        seeds = api.seed_range(req.seed, req.n)
+        opts = api.family_options(served, {k: getattr(req, k) for k in OPTION_FIELDS if getattr(req, k) is not None})
+        # the source image(s) are drawn too: up to two more images' worth of steps
+        api.check_diffusion_work(served, req.n + (1 if req.parent is None else 2), opts)
+        api.check_prompts(served, prompt=req.prompt, negative_prompt=req.negative_prompt)
+        labels = api.labels_for(served, req.label, [req.source]) if req.label else None
+        parents = [req.source] if req.parent is None else [req.source, req.parent]
+        images = await api.worker.call(lambda: breed(served.model, parents, seeds, strength=req.strength, mix=req.mix,
+                                                     labels=labels, prompt=req.prompt, negative_prompt=req.negative_prompt,
+                                                     batch_size=MAX_BATCH, **opts))
+        return png_response(images, headers={"X-Imagegen-Command": latin1(vary_command(served, req, seeds, opts)),
+                                             "X-Imagegen-Seeds": f"{seeds[0]}-{seeds[-1]}"})
