@@ -4,6 +4,8 @@ giving the library's pixels, and clear errors."""
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -138,15 +140,20 @@ def test_the_commands_refuse_bad_arguments(runs, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def client(runs, tmp_path_factory):
-    """The app over the dcgan, flow and random runs (symlinked into one runs folder)."""
-    from fastapi.testclient import TestClient
-
-    from imagegen.serve import create_app
+def served(runs, tmp_path_factory):
+    """A runs folder holding the dcgan, flow and random runs (symlinked)."""
     root = tmp_path_factory.mktemp("served")
     for variant in ("dcgan", "flow", "random"):
         (root / variant).symlink_to(runs(variant).resolve())
-    return TestClient(create_app(root, log=None))
+    return root
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    from fastapi.testclient import TestClient
+
+    from imagegen.serve import create_app
+    return TestClient(create_app(served, log=None))
 
 
 @pytest.mark.parametrize("body", [{"model": "flow", "source": 7, "seed": 2, "n": 3, "strength": 0.3, "steps": 3},
@@ -160,7 +167,7 @@ def test_the_vary_route_gives_the_librarys_pixels_and_a_command_that_reproduces_
     seeds = list(range(body["seed"], body["seed"] + body["n"]))
     opts = {"steps": body["steps"]} if "steps" in body else {}
     want = imagegen.breed(model, parents, seeds, strength=body["strength"], mix=body.get("mix", 0.5), **opts)
-    got = np.asarray(Image.open(__import__("io").BytesIO(r.content)))
+    got = np.asarray(Image.open(io.BytesIO(r.content)))
     assert np.array_equal(got, np.asarray(imagegen.sample.grid(want)))
     command = r.headers["X-Imagegen-Command"].split()
     assert command[:2] == ["imagegen", "breed" if "parent" in body else "vary"]
@@ -185,3 +192,53 @@ def test_the_vary_route_gives_the_librarys_pixels_and_a_command_that_reproduces_
 def test_the_vary_route_refuses_bad_requests_with_a_4xx_that_names_the_problem(client, body, status, message):
     r = client.post("/api/vary", json=body)
     assert r.status_code == status and message in r.json()["detail"], r.text
+
+
+def test_the_page_varies_and_breeds_the_image_on_screen_and_its_command_gives_the_same_pixels(served, runs, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    from conftest import live_server
+    with live_server(served) as port, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
+        page = browser.new_page()
+        page.goto(f"http://127.0.0.1:{port}/")
+        page.wait_for_function("document.querySelectorAll('#model option').length === 3")
+        page.select_option("#model", "random")
+        page.wait_for_selector("#vary-panel", state="hidden")                   # the baseline cannot vary
+        page.select_option("#model", "flow")
+        page.wait_for_selector("#vary-panel", state="visible")
+        page.fill("#seed", "7")
+        page.wait_for_function("document.getElementById('command').textContent.includes('--seeds 7 ')")
+        page.evaluate("() => { const s = document.getElementById('strength'); s.value = '0.3';"
+                      " s.dispatchEvent(new Event('input')); }")
+        page.fill("#vary-seed", "2")
+        shown = []
+        for parent in ("", "9"):
+            page.fill("#parent", parent)
+            page.click("#vary")
+            page.wait_for_function("document.getElementById('vary-command').textContent.includes("
+                                   + ("'--parents 7,9'" if parent else "'--seed 7 '") + ")"
+                                   " && document.getElementById('variations').complete")
+            data = bytes(page.evaluate("async () => Array.from(new Uint8Array(await (await fetch("
+                                       "document.getElementById('variations').src)).arrayBuffer()))"))
+            shown.append((page.inner_text("#vary-command"), data))
+        assert page.is_hidden("#error")
+        browser.close()
+    model = imagegen.load_run(runs("flow")).model
+    for i, (command, data) in enumerate(shown):
+        parts = command.split()
+        assert "--strength 0.3" in command and "--seeds 2-9" in command
+        out = tmp_path / f"c{i}"
+        done = run_main(*parts[1:parts.index("--out")], "--out", str(out))
+        assert done.returncode == 0, done.stderr
+        files = torch.stack([torch.from_numpy(np.asarray(Image.open(out / f"seed{s:06d}.png")).copy()).permute(2, 0, 1)
+                             for s in range(2, 10)])
+        page_png = np.asarray(Image.open(io.BytesIO(data)))
+        assert np.array_equal(page_png, np.asarray(imagegen.sample.grid(imagegen.sample.to_float(files))))
+    assert shown[0][1] != shown[1][1]
+    # the page's class menu starts at the first class, and its option controls at 20 steps, guidance 1.5
+    assert f"--labels {imagegen.load_run(runs('flow')).classes[0]}" in shown[0][0]
+    assert "--guidance 1.5 --steps 20 --solver heun" in shown[0][0]
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(shown[0][1]))),
+                          np.asarray(imagegen.sample.grid(imagegen.vary(
+                              model, 7, range(2, 10), strength=0.3, labels=torch.tensor([0]), steps=20, guidance=1.5))))

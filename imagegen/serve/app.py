@@ -125,6 +125,7 @@ class ModelInfo(BaseModel):
     latent_dims: int
     domains: list[str]
     text: bool = False     # trained on captions: takes a prompt
+    varies: bool = False   # POST /api/vary works for it (a latent space, or a denoiser to re-noise with)
 
 
 OPTION_FIELDS = ("truncation", "temperature", "guidance", "steps", "eta", "sampler", "solver")
@@ -150,7 +151,8 @@ class Served:
             step=self.run.step, data=self.run.data_source,
             options={k: h for k, (_, h) in m.sample_options.items() if k in OPTION_FIELDS},
             latent_dims=int(getattr(cfg, "z_dim", 0)) if hasattr(m, "draw_noise") else 0,
-            domains=[cfg.domain_a, cfg.domain_b] if m.translates else [], text=m.reads_text)
+            domains=[cfg.domain_a, cfg.domain_b] if m.translates else [], text=m.reads_text,
+            varies=not m.translates and (hasattr(m, "edit") or hasattr(m, "draw_noise")))
 
 
 def find_runs(root: Path, log=print) -> dict[str, Served]:

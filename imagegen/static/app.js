@@ -1,5 +1,5 @@
 // The imagegen page: plain JS over the HTTP API (GET /api/models, POST /api/generate, /api/interpolate,
-// /api/inpaint, /api/translate). Every control change re-requests the image; no page reloads.
+// /api/vary, /api/inpaint, /api/translate). Every control change re-requests the image; no page reloads.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -158,6 +158,7 @@ function selectModel(name) {
   $("generate-panel").hidden = current.translates;
   $("interpolate-panel").hidden = current.translates || current.latent_dims === 0;
   $("inpaint-panel").hidden = !current.inpaints;
+  $("vary-panel").hidden = !current.varies;
   $("translate-panel").hidden = !current.translates;
   if (current.translates) {
     const [a, b] = current.domains;
@@ -175,6 +176,31 @@ function interpolateNow() {
     if (current.classes.length) body.label = $("label").value;
     return body;
   });
+}
+
+// --- variations and breeding: the image above is the source (its seed, class, prompt and options) -----
+const VARIATIONS = 8;
+
+async function varyNow() {
+  try {
+    const body = request();                 // the source's model, class, prompt and sampling options
+    delete body.latent;                     // the source is the seed's own image
+    body.source = body.seed;
+    body.seed = Number($("vary-seed").value);
+    body.n = VARIATIONS;
+    body.strength = parseFloat($("strength").value);
+    const parent = $("parent").value.trim();
+    if (parent !== "") {
+      body.parent = Number(parent);
+      body.mix = parseFloat($("mix").value);
+    }
+    const response = await post("/api/vary", body);
+    const blob = await response.blob();
+    $("variations").src = URL.createObjectURL(blob);
+    $("variations").hidden = false;
+    $("vary-command").textContent = response.headers.get("X-Imagegen-Command") || "";
+    clearError();
+  } catch (e) { showError(e.message); }
 }
 
 // --- inpainting: paint a mask over the current image ---------------------------------------------------
@@ -268,6 +294,10 @@ async function start() {
     scheduleGenerate();
   });
   $("interpolate").addEventListener("click", interpolateNow);
+  $("vary").addEventListener("click", varyNow);
+  for (const id of ["strength", "mix"]) {
+    $(id).addEventListener("input", () => { $(`${id}-out`).textContent = $(id).value; });
+  }
   $("clear-mask").addEventListener("click", () => { newMask(); drawPaintBackground(); });
   $("inpaint").addEventListener("click", inpaintNow);
   $("translate").addEventListener("click", translateNow);
