@@ -5,6 +5,7 @@ giving the library's pixels, and clear errors."""
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import pytest
@@ -242,3 +243,103 @@ def test_the_page_varies_and_breeds_the_image_on_screen_and_its_command_gives_th
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(shown[0][1]))),
                           np.asarray(imagegen.sample.grid(imagegen.vary(
                               model, 7, range(2, 10), strength=0.3, labels=torch.tensor([0]), steps=20, guidance=1.5))))
+
+
+def _png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_the_sketch_route_gives_the_pixels_of_its_command_on_the_same_file(client, runs, tmp_path):
+    model = imagegen.load_run(runs("flow")).model
+    s = model.cfg.image_size
+    drawing = np.zeros((s, s, 3), np.uint8)
+    drawing[s // 4: s // 2, s // 4: 3 * s // 4] = (224, 48, 48)                 # a red bar
+    body = {"model": "flow", "seed": 3, "n": 4, "strength": 0.7, "steps": 4, "label": "0"}
+    r = client.post("/api/sketch", data={"request": json.dumps(body)},
+                    files={"image": ("sketch.png", _png(drawing), "image/png")})
+    assert r.status_code == 200, r.text
+    command = r.headers["X-Imagegen-Command"].split()
+    assert command[:2] == ["imagegen", "vary"] and command[command.index("--image") + 1] == "sketch.png"
+    (tmp_path / "sketch.png").write_bytes(_png(drawing))
+    command[command.index("--image") + 1] = str(tmp_path / "sketch.png")
+    done = run_main(*command[1:command.index("--out")], "--out", str(tmp_path / "out"))
+    assert done.returncode == 0, done.stderr
+    files = torch.stack([torch.from_numpy(np.asarray(Image.open(tmp_path / "out" / f"seed{i:06d}.png")).copy()).permute(2, 0, 1)
+                         for i in range(3, 7)])
+    page = np.asarray(Image.open(io.BytesIO(r.content)))
+    assert np.array_equal(page, np.asarray(imagegen.sample.grid(imagegen.sample.to_float(files))))
+
+
+@pytest.mark.parametrize("request_body, image_side, status, message", [
+    ({"model": "flow", "strength": 0.5}, 8, 400, "this model draws"),
+    ({"model": "flow", "strength": 0}, None, 422, "strength"),
+    ({"model": "flow", "parent": 3}, None, 400, "parent"),
+    ({"model": "dcgan"}, None, 400, "no encoder"),
+    ("not json", None, 422, "request"),
+])
+def test_the_sketch_route_refuses_bad_requests(client, runs, request_body, image_side, status, message):
+    side = image_side or imagegen.load_run(runs("flow")).model.cfg.image_size
+    data = request_body if isinstance(request_body, str) else json.dumps(request_body)
+    r = client.post("/api/sketch", data={"request": data},
+                    files={"image": ("sketch.png", _png(np.zeros((side, side, 3), np.uint8)), "image/png")})
+    assert r.status_code == status and message in r.json()["detail"], r.text
+
+
+def test_the_page_explores_16_candidates_and_turns_a_sketch_into_images_it_can_reproduce(served, runs, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    from conftest import live_server
+    with live_server(served) as port, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
+        page = browser.new_page()
+        page.goto(f"http://127.0.0.1:{port}/")
+        page.wait_for_function("document.querySelectorAll('#model option').length === 3")
+        page.select_option("#model", "dcgan")
+        page.wait_for_selector("#sketch-panel", state="hidden")                 # a GAN has no way in from pixels
+        page.fill("#explore-seed", "40")
+        page.click("#explore")
+        page.wait_for_function("Array.from(document.querySelectorAll('.candidate'))"
+                               ".filter(i => i.complete && i.dataset.command).length === 16")
+        commands = page.eval_on_selector_all(".candidate", "els => els.map(e => e.dataset.command)")
+        assert [f"--seeds {40 + i} " in c for i, c in enumerate(commands)] == [True] * 16
+        cell = page.evaluate("async () => Array.from(new Uint8Array(await (await fetch("
+                             "document.querySelectorAll('.candidate')[5].src)).arrayBuffer()))")
+        page.click(".candidate >> nth=5")                                        # the 6th becomes the image above
+        page.wait_for_function("document.getElementById('command').textContent.includes('--seeds 45 ')"
+                               " && document.getElementById('image').complete")
+        main = page.evaluate("async () => Array.from(new Uint8Array(await (await fetch("
+                             "document.getElementById('image').src)).arrayBuffer()))")
+        assert main == cell
+        # Sketch on the flow model: a stroke of the brush, then images from it.
+        page.select_option("#model", "flow")
+        page.wait_for_selector("#sketch-panel", state="visible")
+        box = page.locator("#sketch").bounding_box()
+        page.mouse.move(box["x"] + 40, box["y"] + 60)
+        page.mouse.down()
+        for k in range(12):
+            page.mouse.move(box["x"] + 40 + 12 * k, box["y"] + 60 + 4 * k)
+        page.mouse.up()
+        page.click("#sketch-go")
+        page.wait_for_function("document.getElementById('sketch-command').textContent.includes('--image sketch.png')"
+                               " && document.getElementById('sketched').complete")
+        assert page.is_hidden("#error")
+        command = page.inner_text("#sketch-command")
+        shown = bytes(page.evaluate("async () => Array.from(new Uint8Array(await (await fetch("
+                                    "document.getElementById('sketched').src)).arrayBuffer()))"))
+        drawing = bytes(page.evaluate("async () => Array.from(new Uint8Array(await (await fetch("
+                                      "document.getElementById('sketch-download').href)).arrayBuffer()))"))
+        browser.close()
+    sketch = np.asarray(Image.open(io.BytesIO(drawing)).convert("RGB"))
+    side = imagegen.load_run(runs("flow")).model.cfg.image_size
+    assert (sketch[..., 0] > 150).sum() > 10 and sketch.shape[:2] == (side, side)   # the red stroke, at the model's size
+    (tmp_path / "sketch.png").write_bytes(drawing)
+    parts = command.split()
+    parts[parts.index("--image") + 1] = str(tmp_path / "sketch.png")
+    done = run_main(*parts[1:parts.index("--out")], "--out", str(tmp_path / "out"))
+    assert done.returncode == 0, done.stderr
+    seeds = range(int(parts[parts.index("--seeds") + 1].split("-")[0]), int(parts[parts.index("--seeds") + 1].split("-")[1]) + 1)
+    files = torch.stack([torch.from_numpy(np.asarray(Image.open(tmp_path / "out" / f"seed{i:06d}.png")).copy()).permute(2, 0, 1)
+                         for i in seeds])
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(shown))), np.asarray(imagegen.sample.grid(imagegen.sample.to_float(files))))

@@ -1,17 +1,19 @@
-"""The studio's routes: variations of an image ("more like this") and breeding two, over imagegen.vary
-(latent steps for GANs and VAEs, SDEdit for ddpm and flow). Every answer carries the `imagegen vary` or
-`imagegen breed` command that gives the same pixels."""
+"""The studio's routes: variations of an image ("more like this"), breeding two, and turning a sketch into
+images, over imagegen.vary (latent steps for GANs and VAEs, SDEdit for ddpm and flow). Every answer
+carries the `imagegen vary` or `imagegen breed` command that gives the same pixels."""
 
 from __future__ import annotations
 
-from fastapi import FastAPI
+from fastapi import FastAPI, File, Form, UploadFile
 from fastapi.responses import Response
-from pydantic import Field
+from pydantic import Field, ValidationError
 
 from ..models.ddpm import STRENGTH
 from ..sample import SEED
 from ..vary import MIX, breed
-from .app import MAX_BATCH, OPTION_FIELDS, Api, GenerateRequest, _quote, bad_request, latin1, png_response
+from ..sample import hwc_to_float
+from .app import (MAX_BATCH, MAX_PROMPT_CHARS, OPTION_FIELDS, Api, GenerateRequest, _quote, bad_request, decode_upload,
+                  latin1, png_response, read_upload)
 
 
 class VaryRequest(GenerateRequest):
@@ -24,10 +26,16 @@ class VaryRequest(GenerateRequest):
                             description="how far from the source: small = close, 1 = a new image")
 
 
-def vary_command(served, req: VaryRequest, seeds: list[int], opts: dict) -> str:
-    """The `imagegen vary` / `imagegen breed` command that draws the same images."""
+SKETCH_FILE = "sketch.png"   # what the page calls the sketch it offers for download, as the command does
+
+
+def vary_command(served, req: VaryRequest, seeds: list[int], opts: dict, image: str | None = None) -> str:
+    """The `imagegen vary` / `imagegen breed` command that draws the same images (from the file `image`
+    instead of the source seed, when given)."""
     seed_text = str(seeds[0]) if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]}"
-    if req.parent is None:
+    if image is not None:
+        parts = ["imagegen", "vary", str(served.run.path), "--image", image]
+    elif req.parent is None:
         parts = ["imagegen", "vary", str(served.run.path), "--seed", str(req.source)]
     else:
         parts = ["imagegen", "breed", str(served.run.path), "--parents", f"{req.source},{req.parent}", "--mix", f"{req.mix:g}"]
@@ -60,4 +68,38 @@ def add_studio_routes(app: FastAPI, api: Api) -> None:
                                                      labels=labels, prompt=req.prompt, negative_prompt=req.negative_prompt,
                                                      batch_size=MAX_BATCH, **opts))
         return png_response(images, headers={"X-Imagegen-Command": latin1(vary_command(served, req, seeds, opts)),
+                                             "X-Imagegen-Seeds": f"{seeds[0]}-{seeds[-1]}"})
+
+    @app.post("/api/sketch", response_class=Response,
+              responses={200: {"content": {"image/png": {}}, "description": "one PNG (a grid when n > 1)"}})
+    async def sketch_route(image: UploadFile = File(...),
+                           request: str = Form(..., max_length=4 * MAX_PROMPT_CHARS,
+                                               description="a JSON /api/vary body; its source and parent are unused")) -> Response:
+        """Images made from an uploaded drawing at the model's size (SDEdit for ddpm and flow, the
+        posterior mean for VAEs), one per seed. The command in X-Imagegen-Command reads the drawing
+        from sketch.png."""
+        try:
+            req = VaryRequest.model_validate_json(request)
+        except ValidationError as e:
+            lines = [f"{'.'.join(str(p) for p in err.get('loc', [])) or 'request'}: {err.get('msg', 'invalid')}" for err in e.errors()]
+            raise bad_request("; ".join(lines), 422) from None
+        served = api.generator_of(api.get(req.model))
+        if req.latent or req.parent is not None:
+            raise bad_request("a sketch is the only source: latent and parent do not apply")
+        seeds = api.seed_range(req.seed, req.n)
+        opts = api.family_options(served, {k: getattr(req, k) for k in OPTION_FIELDS if getattr(req, k) is not None})
+        api.check_diffusion_work(served, req.n, opts)
+        api.check_prompts(served, prompt=req.prompt, negative_prompt=req.negative_prompt)
+        cfg = served.model.cfg
+        size = cfg.image_size
+        pixels = decode_upload(await read_upload(image, "image"), "image", cfg.channels)
+        if pixels.shape[:2] != (size, size):
+            raise bad_request(f"image: the sketch is {pixels.shape[1]}x{pixels.shape[0]}; this model draws {size}x{size}")
+        x = hwc_to_float(pixels)
+        labels = api.labels_for(served, req.label, [0]) if req.label else None
+        images = await api.worker.call(lambda: breed(served.model, [x], seeds, strength=req.strength, labels=labels,
+                                                     prompt=req.prompt, negative_prompt=req.negative_prompt,
+                                                     batch_size=MAX_BATCH, **opts))
+        command = vary_command(served, req, seeds, opts, image=SKETCH_FILE)
+        return png_response(images, headers={"X-Imagegen-Command": latin1(command),
                                              "X-Imagegen-Seeds": f"{seeds[0]}-{seeds[-1]}"})

@@ -1,5 +1,5 @@
 // The imagegen page: plain JS over the HTTP API (GET /api/models, POST /api/generate, /api/interpolate,
-// /api/vary, /api/inpaint, /api/translate). Every control change re-requests the image; no page reloads.
+// /api/vary, /api/sketch, /api/inpaint, /api/translate). Every control change re-requests the image; no page reloads.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -159,6 +159,10 @@ function selectModel(name) {
   $("interpolate-panel").hidden = current.translates || current.latent_dims === 0;
   $("inpaint-panel").hidden = !current.inpaints;
   $("vary-panel").hidden = !current.varies;
+  $("explore-panel").hidden = current.translates;
+  $("sketch-panel").hidden = !current.varies || !(current.inpaints);   // a file to start from: ddpm, flow, vae
+  $("explore-grid").replaceChildren();
+  newSketch();
   $("translate-panel").hidden = !current.translates;
   if (current.translates) {
     const [a, b] = current.domains;
@@ -199,6 +203,86 @@ async function varyNow() {
     $("variations").src = URL.createObjectURL(blob);
     $("variations").hidden = false;
     $("vary-command").textContent = response.headers.get("X-Imagegen-Command") || "";
+    clearError();
+  } catch (e) { showError(e.message); }
+}
+
+// --- explore: 16 candidates, each its own /api/generate request (the server batches them) ------------
+const CANDIDATES = 16;
+
+async function exploreNow(fresh) {
+  try {
+    if (fresh) $("explore-seed").value = String(Math.floor(Math.random() * 1e9));
+    const base = Number($("explore-seed").value);
+    const body = request();
+    const cells = Array.from({ length: CANDIDATES }, (_, i) => {
+      const img = Object.assign(document.createElement("img"), { className: "candidate", alt: `seed ${base + i}` });
+      img.dataset.seed = String(base + i);
+      img.addEventListener("click", () => { $("seed").value = img.dataset.seed; scheduleGenerate(); });
+      return img;
+    });
+    $("explore-grid").replaceChildren(...cells);
+    await Promise.all(cells.map(async (img) => {
+      const response = await post("/api/generate", { ...body, seed: Number(img.dataset.seed), n: 1 });
+      img.src = URL.createObjectURL(await response.blob());
+      img.title = img.dataset.command = response.headers.get("X-Imagegen-Command") || "";
+    }));
+    clearError();
+  } catch (e) { showError(e.message); }
+}
+
+// --- sketch: a colour brush on a canvas at the model's resolution, turned into images by /api/sketch ----
+const sketchView = $("sketch");
+let sketch = null;                      // a canvas at the model's resolution
+let sketching = false;
+
+function newSketch() {
+  const size = current ? current.image_size : 28;
+  sketch = Object.assign(document.createElement("canvas"), { width: size, height: size });
+  const g = sketch.getContext("2d");
+  g.fillStyle = "black";
+  g.fillRect(0, 0, size, size);
+  drawSketch();
+}
+
+function drawSketch() {
+  const g = sketchView.getContext("2d");
+  g.imageSmoothingEnabled = false;
+  g.drawImage(sketch, 0, 0, sketchView.width, sketchView.height);
+}
+
+function sketchAt(event) {
+  if (!sketching || !sketch) return;
+  const rect = sketchView.getBoundingClientRect();
+  const x = Math.floor((event.clientX - rect.left) / rect.width * sketch.width);
+  const y = Math.floor((event.clientY - rect.top) / rect.height * sketch.height);
+  const r = Math.max(1, Number($("brush-size").value) || 1);
+  const g = sketch.getContext("2d");
+  g.fillStyle = $("brush-colour").value;
+  g.fillRect(x - Math.floor(r / 2), y - Math.floor(r / 2), r, r);
+  drawSketch();
+}
+
+sketchView.addEventListener("mousedown", (e) => { sketching = true; sketchAt(e); });
+sketchView.addEventListener("mousemove", sketchAt);
+window.addEventListener("mouseup", () => { sketching = false; });
+
+async function sketchNow() {
+  try {
+    const body = request();
+    delete body.latent;
+    body.n = VARIATIONS;
+    body.strength = parseFloat($("sketch-strength").value);
+    const png = await new Promise((resolve) => sketch.toBlob(resolve, "image/png"));
+    const form = new FormData();
+    form.append("request", JSON.stringify(body));
+    form.append("image", png, "sketch.png");
+    const response = await post("/api/sketch", form, true);
+    $("sketched").src = URL.createObjectURL(await response.blob());
+    $("sketched").hidden = false;
+    $("sketch-download").href = URL.createObjectURL(png);     // the exact bytes the command reads
+    $("sketch-download").hidden = false;
+    $("sketch-command").textContent = response.headers.get("X-Imagegen-Command") || "";
     clearError();
   } catch (e) { showError(e.message); }
 }
@@ -295,7 +379,11 @@ async function start() {
   });
   $("interpolate").addEventListener("click", interpolateNow);
   $("vary").addEventListener("click", varyNow);
-  for (const id of ["strength", "mix"]) {
+  $("explore").addEventListener("click", () => exploreNow(false));
+  $("explore-new").addEventListener("click", () => exploreNow(true));
+  $("clear-sketch").addEventListener("click", newSketch);
+  $("sketch-go").addEventListener("click", sketchNow);
+  for (const id of ["strength", "mix", "sketch-strength"]) {
     $(id).addEventListener("input", () => { $(`${id}-out`).textContent = $(id).value; });
   }
   $("clear-mask").addEventListener("click", () => { newMask(); drawPaintBackground(); });
