@@ -92,6 +92,8 @@ def base_args(path: tuple[str, ...], run: Path, files: Path, out: Path) -> list[
         ("train",): ["--data", "shapes", "--model", "dcgan", "--dry-run"],
         ("sample",): [run, "--out", str(out / "s"), "--seeds", "0"],
         ("interpolate",): [run, "--seeds", "0,1", "--out", str(out / "strip.png")],
+        ("vary",): [run, "--seed", "0", "--seeds", "0", "--out", str(out / "v")],
+        ("breed",): [run, "--parents", "0,1", "--seeds", "0", "--out", str(out / "b")],
         ("inpaint",): [run, "--image", img, "--mask", mask, "--out", str(out / "i.png")],
         ("outpaint",): [run, "--image", img, "--out", str(out / "o.png")],
         ("translate",): [run, "--input", img, "--out", str(out / "t")],

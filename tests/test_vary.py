@@ -343,3 +343,58 @@ def test_the_page_explores_16_candidates_and_turns_a_sketch_into_images_it_can_r
     files = torch.stack([torch.from_numpy(np.asarray(Image.open(tmp_path / "out" / f"seed{i:06d}.png")).copy()).permute(2, 0, 1)
                          for i in seeds])
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(shown))), np.asarray(imagegen.sample.grid(imagegen.sample.to_float(files))))
+
+
+def test_a_link_to_the_page_restores_its_image_and_the_board_keeps_images_across_reloads(served, tmp_path):
+    import zipfile
+
+    from playwright.sync_api import sync_playwright
+
+    from conftest import live_server
+
+    def shown(page) -> bytes:
+        return bytes(page.evaluate("async () => Array.from(new Uint8Array(await (await fetch("
+                                   "document.getElementById('image').src)).arrayBuffer()))"))
+
+    with live_server(served) as port, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
+        context = browser.new_context(accept_downloads=True)
+        page = context.new_page()
+        page.goto(f"http://127.0.0.1:{port}/")
+        page.wait_for_function("document.querySelectorAll('#model option').length === 3")
+        page.select_option("#model", "flow")
+        page.wait_for_selector("#opt-solver")
+        page.fill("#seed", "21")
+        page.select_option("#opt-solver", "euler")
+        page.wait_for_function("document.getElementById('command').textContent.includes('--seeds 21 ')"
+                               " && document.getElementById('command').textContent.includes('--solver euler')"
+                               " && document.getElementById('image').complete")
+        url, command, image = page.url, page.inner_text("#command"), shown(page)
+        assert "seed=21" in url and "solver=euler" in url and "model=flow" in url
+        page.click("#keep")
+        page.fill("#seed", "22")
+        page.wait_for_function("document.getElementById('command').textContent.includes('--seeds 22 ')"
+                               " && document.getElementById('image').complete")
+        page.click("#keep")
+        page.wait_for_function("document.querySelectorAll('#board .kept').length === 2")
+        # A new tab at the saved link: the same controls, command and pixels; the board is still there.
+        other = context.new_page()
+        other.goto(url)
+        other.wait_for_function("document.getElementById('command').textContent.includes('--seeds 21 ')"
+                                " && document.getElementById('image').complete")
+        assert other.input_value("#model") == "flow" and other.input_value("#opt-solver") == "euler"
+        assert other.inner_text("#command") == command and shown(other) == image
+        assert other.eval_on_selector_all("#board .kept", "els => els.length") == 2
+        with other.expect_download() as download:
+            other.click("#board-download")
+        path = tmp_path / "board.zip"
+        download.value.save_as(path)
+        other.click("#board-clear")
+        other.wait_for_function("document.querySelectorAll('#board .kept').length === 0")
+        browser.close()
+    with zipfile.ZipFile(path) as z:
+        assert z.testzip() is None                                        # every CRC right
+        assert z.namelist() == ["01-seed21.png", "02-seed22.png", "commands.txt"]
+        assert z.read("01-seed21.png") == image
+        lines = z.read("commands.txt").decode().splitlines()
+        assert lines[0] == f"01-seed21.png: {command}" and "--seeds 22 " in lines[1]

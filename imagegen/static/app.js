@@ -105,6 +105,7 @@ async function generateNow() {
     $("command").textContent = response.headers.get("X-Imagegen-Command") || "";
     clearError();
     drawPaintBackground();
+    saveState(body);
   } catch (e) {
     if (id === requestId) showError(e.message);
   }
@@ -170,6 +171,132 @@ function selectModel(name) {
   }
   clearError();
   scheduleGenerate();
+}
+
+// --- the page's state in the URL: a link to it shows the same image ----------------------------------
+// The hash holds the /api/generate body of the image on screen (model, seed, class, prompt, options,
+// latent); opening the link restores each control from it, then draws that image.
+function saveState(body) {
+  const params = new URLSearchParams();
+  for (const [k, v] of Object.entries(body)) {
+    if (k !== "n") params.set(k, Array.isArray(v) ? v.join(",") : String(v));
+  }
+  history.replaceState(null, "", `#${params}`);
+}
+
+function restoreState() {
+  const params = new URLSearchParams(location.hash.slice(1));
+  const name = params.get("model");
+  if (!name || !models.some((m) => m.name === name)) return false;
+  $("model").value = name;
+  selectModel(name);
+  const set = (id, key) => { if (params.has(key) && $(id)) $(id).value = params.get(key); };
+  set("seed", "seed");
+  set("label", "label");
+  set("prompt", "prompt");
+  set("negative-prompt", "negative_prompt");
+  for (const option of Object.keys(current.options)) set(`opt-${option}`, option);
+  const latent = (params.get("latent") || "").split(",").filter((v) => v !== "");
+  latent.forEach((v, i) => { if ($(`z-${i}`)) $(`z-${i}`).value = v; });
+  for (const el of document.querySelectorAll("#options input, #sliders input")) {
+    el.nextElementSibling.textContent = el.value;        // each slider's number shows its restored value
+  }
+  scheduleGenerate();
+  return true;
+}
+
+// --- the board: kept images and their commands, in local storage; downloaded as a zip ----------------
+const BOARD_KEY = "imagegen-board";
+
+function boardItems() {
+  try { return JSON.parse(localStorage.getItem(BOARD_KEY) || "[]"); } catch (e) { return []; }
+}
+
+function blobToDataURL(blob) {
+  return new Promise((resolve) => { const r = new FileReader(); r.onload = () => resolve(r.result); r.readAsDataURL(blob); });
+}
+
+async function keepNow() {
+  if (!lastBlob) return showError("generate an image first");
+  const items = boardItems();
+  const body = request();
+  items.push({ name: `${String(items.length + 1).padStart(2, "0")}-seed${body.seed}.png`,
+               png: await blobToDataURL(lastBlob), command: $("command").textContent });
+  try { localStorage.setItem(BOARD_KEY, JSON.stringify(items)); } catch (e) { return showError(`cannot keep: ${e.message}`); }
+  showBoard();
+}
+
+function showBoard() {
+  $("board").replaceChildren(...boardItems().map((it) => {
+    const img = Object.assign(document.createElement("img"), { src: it.png, title: it.command, alt: it.name, className: "kept" });
+    img.dataset.command = it.command;
+    return img;
+  }));
+}
+
+const CRC_TABLE = Uint32Array.from({ length: 256 }, (_, n) => {
+  let c = n;
+  for (let k = 0; k < 8; k++) c = c & 1 ? 0xEDB88320 ^ (c >>> 1) : c >>> 1;
+  return c >>> 0;
+});
+
+function crc32(bytes) {
+  let c = 0xFFFFFFFF;
+  for (const b of bytes) c = CRC_TABLE[(c ^ b) & 0xFF] ^ (c >>> 8);
+  return (c ^ 0xFFFFFFFF) >>> 0;
+}
+
+// A zip of files [{name, bytes}], stored without compression (PNGs are compressed already): local
+// headers, then the central directory, then its end record (PKWARE APPNOTE 4.3), little-endian.
+function zipBlob(files) {
+  const enc = new TextEncoder();
+  const parts = [], central = [];
+  let offset = 0;
+  for (const f of files) {
+    const name = enc.encode(f.name), crc = crc32(f.bytes), size = f.bytes.length;
+    const local = new DataView(new ArrayBuffer(30));
+    local.setUint32(0, 0x04034b50, true);            // local file header
+    local.setUint16(4, 20, true);                    // version needed: 2.0
+    local.setUint16(12, 0x21, true);                 // date: 1980-01-01
+    local.setUint32(14, crc, true);
+    local.setUint32(18, size, true);                 // compressed size = size (stored)
+    local.setUint32(22, size, true);
+    local.setUint16(26, name.length, true);
+    parts.push(local, name, f.bytes);
+    const entry = new DataView(new ArrayBuffer(46));
+    entry.setUint32(0, 0x02014b50, true);            // central directory header
+    entry.setUint16(4, 20, true);
+    entry.setUint16(6, 20, true);
+    entry.setUint16(14, 0x21, true);
+    entry.setUint32(16, crc, true);
+    entry.setUint32(20, size, true);
+    entry.setUint32(24, size, true);
+    entry.setUint16(28, name.length, true);
+    entry.setUint32(42, offset, true);               // where its local header starts
+    central.push(entry, name);
+    offset += 30 + name.length + size;
+  }
+  const size = central.reduce((n, p) => n + p.byteLength, 0);
+  const end = new DataView(new ArrayBuffer(22));
+  end.setUint32(0, 0x06054b50, true);
+  end.setUint16(8, files.length, true);
+  end.setUint16(10, files.length, true);
+  end.setUint32(12, size, true);
+  end.setUint32(16, offset, true);
+  return new Blob([...parts, ...central, end], { type: "application/zip" });
+}
+
+function downloadBoard() {
+  const items = boardItems();
+  if (!items.length) return showError("the board is empty: keep an image first");
+  const files = items.map((it) => ({ name: it.name,
+    bytes: Uint8Array.from(atob(it.png.split(",")[1]), (ch) => ch.charCodeAt(0)) }));
+  const lines = items.map((it) => `${it.name}: ${it.command}`).join("\n") + "\n";
+  files.push({ name: "commands.txt", bytes: new TextEncoder().encode(lines) });
+  const link = Object.assign(document.createElement("a"), { href: URL.createObjectURL(zipBlob(files)), download: "imagegen-board.zip" });
+  document.body.append(link);
+  link.click();
+  link.remove();
 }
 
 // --- interpolation ---------------------------------------------------------------------------------
@@ -379,6 +506,10 @@ async function start() {
   });
   $("interpolate").addEventListener("click", interpolateNow);
   $("vary").addEventListener("click", varyNow);
+  $("keep").addEventListener("click", keepNow);
+  $("board-download").addEventListener("click", downloadBoard);
+  $("board-clear").addEventListener("click", () => { localStorage.removeItem(BOARD_KEY); showBoard(); });
+  showBoard();
   $("explore").addEventListener("click", () => exploreNow(false));
   $("explore-new").addEventListener("click", () => exploreNow(true));
   $("clear-sketch").addEventListener("click", newSketch);
@@ -389,7 +520,7 @@ async function start() {
   $("clear-mask").addEventListener("click", () => { newMask(); drawPaintBackground(); });
   $("inpaint").addEventListener("click", inpaintNow);
   $("translate").addEventListener("click", translateNow);
-  selectModel(models[0].name);
+  if (!restoreState()) selectModel(models[0].name);
   newMask();
 }
 
