@@ -411,7 +411,7 @@ def cmd_report(a) -> int:
 
 def cmd_serve(a) -> int:
     from .serve import serve
-    serve(a.runs_dir, host=a.host, port=a.port, threads=a.threads)
+    serve(a.runs_dir, host=a.host, port=a.port, threads=a.threads, token=a.token, no_token=a.no_token)
     return 0
 
 
@@ -572,6 +572,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
     add_number(p, "--port", Range(1, 65535), "TCP port", default=8000)
     add_number(p, "--threads", Range(1, 1024, zero="all cores but one"), "torch threads for the models", default=0)
+    p.add_argument("--token", help="the token that uploads and training need (default: a new one, printed at start)")
+    p.add_argument("--no-token", action="store_true", help="no token (allowed with a loopback --host only)")
 
     sub.add_parser("models", help="list the model families")
     return parser

@@ -98,8 +98,9 @@ def private_cache(tmp_path_factory):
 
 
 @contextlib.contextmanager
-def live_server(runs_dir: Path):
-    """`imagegen serve` over runs_dir on a free port in a thread, for as long as the block runs: the port."""
+def live_server(runs_dir: Path, token: str | None = None):
+    """`imagegen serve` over runs_dir on a free port in a thread, for as long as the block runs: the port.
+    `token`: what uploads and training need (None: no token, as `--no-token` on loopback)."""
     import threading
     import time
 
@@ -107,7 +108,7 @@ def live_server(runs_dir: Path):
 
     from imagegen.serve import create_app
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(runs_dir, log=None), host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(create_app(runs_dir, log=None, token=token), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + 30

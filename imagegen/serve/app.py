@@ -370,7 +370,9 @@ def latin1(text: str) -> str:
 
 
 
-def create_app(runs_dir: str | Path, *, log=print) -> FastAPI:
+def create_app(runs_dir: str | Path, *, log=print, token: str | None = None) -> FastAPI:
+    """The app over the runs under runs_dir. `token`: what the routes that change anything (upload,
+    train, cancel) require in their X-Imagegen-Token header; None = no token (loopback only: serve())."""
     root = Path(runs_dir).resolve()
     if not root.is_dir():
         raise ImagegenError(f"{runs_dir}: not a folder")
@@ -518,7 +520,9 @@ def create_app(runs_dir: str | Path, *, log=print) -> FastAPI:
         return app.openapi_schema
 
     from .studio import add_studio_routes
+    from .training import add_training_routes
     add_studio_routes(app, api)
+    add_training_routes(app, api, root, token)
     app.openapi = openapi
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
@@ -532,13 +536,30 @@ def _plain(errors: list) -> list:
     return out
 
 
-def serve(runs_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, threads: int = 0) -> None:
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def serve(runs_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, threads: int = 0,
+          token: str | None = None, no_token: bool = False) -> None:
+    """Serve until stopped. The routes that change anything need a token: `token`, or one made here and
+    printed in the page's address (as Jupyter does); `no_token` only on a loopback host."""
+    import secrets
+
     import uvicorn
+    if no_token and host not in LOOPBACK:
+        raise ImagegenError(f"--no-token is allowed only on a loopback host ({', '.join(LOOPBACK)}), not --host {host}: "
+                            "anyone who reaches the port could upload files and start training")
+    if no_token and token:
+        raise ImagegenError("give --token or --no-token, not both")
+    if token is not None and len(token) < 8:
+        raise ImagegenError("--token must be at least 8 characters")
+    token = None if no_token else token or secrets.token_urlsafe(24)
     # torch's threads for the model work; by default all cores but one, which stays free for the event
     # loop (HTTP parsing, validation, PNG encoding), so a request never waits for a core to parse it.
     torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) - 1))
-    app = create_app(runs_dir)
-    print(f"serving {len(app.state.runs)} run(s) from {runs_dir} at http://{host}:{port}/ (API docs at /docs)")
+    app = create_app(runs_dir, token=token)
+    where = f"http://{host}:{port}/" + (f"?token={token}" if token else "")
+    print(f"serving {len(app.state.runs)} run(s) from {runs_dir} at {where} (API docs at /docs)")
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
 

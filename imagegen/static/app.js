@@ -1,5 +1,5 @@
 // The imagegen page: plain JS over the HTTP API (GET /api/models, POST /api/generate, /api/interpolate,
-// /api/vary, /api/sketch, /api/inpaint, /api/translate). Every control change re-requests the image; no page reloads.
+// /api/vary, /api/sketch, /api/inpaint, /api/translate, and training: /api/upload, /api/train...). Every control change re-requests the image; no page reloads.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -299,6 +299,65 @@ function downloadBoard() {
   link.remove();
 }
 
+// --- training from the browser: upload a zip, train, follow the job's events, then explore the run ----
+// The token comes from the address `imagegen serve` printed (?token=...), kept for this tab.
+function tokenHeader() {
+  return { "X-Imagegen-Token": $("token").value };
+}
+
+async function sendWithToken(url, init) {
+  const response = await fetch(url, { method: "POST", ...init, headers: { ...(init.headers || {}), ...tokenHeader() } });
+  if (!response.ok) throw new Error(await explain(response));
+  return response.json();
+}
+
+function showTraining(job) {
+  const text = job.state === "running" ? `training ${job.family}: step ${job.step}, ${job.seconds} s of ${job.minutes * 60} s`
+    : job.state === "failed" ? `failed: ${job.error}` : `${job.state}${job.run ? `: ${job.run}` : ""}`;
+  $("train-status").textContent = text;
+}
+
+async function trainNow() {
+  try {
+    const file = $("train-zip").files[0];
+    if (!file) throw new Error("choose a zip of images to train on");
+    const form = new FormData();
+    form.append("archive", file, file.name);
+    $("train-status").textContent = "uploading...";
+    const up = await sendWithToken("/api/upload", { body: form });
+    const job = await sendWithToken("/api/train", {
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ upload: up.upload, family: $("train-family").value, minutes: parseFloat($("train-minutes").value) }),
+    });
+    showTraining(job);
+    clearError();
+    const events = new EventSource("/api/train/events");
+    events.onmessage = async (message) => {
+      const now = JSON.parse(message.data);
+      showTraining(now);
+      if (now.state === "running") return;
+      events.close();
+      if (now.state === "failed") showError(`training failed: ${now.error}`);
+      if (now.state === "done" && now.model) await exploreNewRun(now.model);
+    };
+  } catch (e) { showError(e.message); }
+}
+
+async function exploreNewRun(name) {
+  models = await (await fetch("/api/models")).json();
+  $("model").replaceChildren(...models.map((m) => new Option(`${m.name} (${m.family})`, m.name)));
+  $("model").value = name;
+  wireModelControls();
+  newMask();
+  selectModel(name);
+  $("explore-seed").value = "0";
+  await exploreNow(false);
+}
+
+async function cancelTraining() {
+  try { showTraining(await sendWithToken("/api/train/cancel", {})); } catch (e) { showError(e.message); }
+}
+
 // --- interpolation ---------------------------------------------------------------------------------
 function interpolateNow() {
   return showAnswer("strip", "/api/interpolate", () => {
@@ -485,6 +544,16 @@ function translateNow() {
 }
 
 async function start() {
+  // Training and the board work without any model: a first run can be trained from this page.
+  $("train-go").addEventListener("click", trainNow);
+  $("train-cancel").addEventListener("click", cancelTraining);
+  const given = new URLSearchParams(location.search).get("token");
+  if (given) sessionStorage.setItem("imagegen-token", given);
+  $("token").value = sessionStorage.getItem("imagegen-token") || "";
+  $("board-download").addEventListener("click", downloadBoard);
+  $("board-clear").addEventListener("click", () => { localStorage.removeItem(BOARD_KEY); showBoard(); });
+  showBoard();
+  $("model").addEventListener("change", () => { newMask(); selectModel($("model").value); });
   try {
     const response = await fetch("/api/models");
     if (!response.ok) throw new Error(await explain(response));
@@ -494,11 +563,23 @@ async function start() {
     return;
   }
   if (!models.length) {
-    showError("no trained runs in the served folder: train one with `imagegen train`");
+    for (const panel of document.querySelectorAll("main > section")) {
+      panel.hidden = !["train-panel", "board-panel"].includes(panel.id);
+    }
+    showError("no trained runs in the served folder yet: train one below, or with `imagegen train`");
     return;
   }
   $("model").replaceChildren(...models.map((m) => new Option(`${m.name} (${m.family})`, m.name)));
-  $("model").addEventListener("change", () => { newMask(); selectModel($("model").value); });
+  wireModelControls();
+  if (!restoreState()) selectModel(models[0].name);
+  newMask();
+}
+
+let wired = false;                      // the model controls' listeners are attached once there is a model
+
+function wireModelControls() {
+  if (wired) return;
+  wired = true;
   for (const id of ["seed", "label", "prompt", "negative-prompt"]) $(id).addEventListener("input", scheduleGenerate);
   $("random-seed").addEventListener("click", () => {
     $("seed").value = String(Math.floor(Math.random() * 1e9));
@@ -507,9 +588,6 @@ async function start() {
   $("interpolate").addEventListener("click", interpolateNow);
   $("vary").addEventListener("click", varyNow);
   $("keep").addEventListener("click", keepNow);
-  $("board-download").addEventListener("click", downloadBoard);
-  $("board-clear").addEventListener("click", () => { localStorage.removeItem(BOARD_KEY); showBoard(); });
-  showBoard();
   $("explore").addEventListener("click", () => exploreNow(false));
   $("explore-new").addEventListener("click", () => exploreNow(true));
   $("clear-sketch").addEventListener("click", newSketch);
@@ -520,8 +598,6 @@ async function start() {
   $("clear-mask").addEventListener("click", () => { newMask(); drawPaintBackground(); });
   $("inpaint").addEventListener("click", inpaintNow);
   $("translate").addEventListener("click", translateNow);
-  if (!restoreState()) selectModel(models[0].name);
-  newMask();
 }
 
 start();

@@ -1,0 +1,190 @@
+"""Uploads and the training job behind the studio's "train from the browser".
+
+An upload is a zip of images (class subfolders, or captions as metadata.jsonl / metadata.csv / sidecar
+.txt files, as `folder:` data reads them), unpacked into its own folder under the server's work folder.
+Nothing may land outside that folder, and nothing unbounded is unpacked: every member is checked before
+a byte is written (no absolute paths, no `..`, no drive letters, no links), and the number of members,
+each member's size, the total size and each member's compression ratio (zip bombs) have limits. Only
+image and caption files are kept; the images are decoded later, by the same decoder and limits as any
+`folder:` data, when training reads them (a bad image is reported and skipped there).
+
+One training job at a time runs as its own process (`python -m imagegen train ...`), so a crash in it
+cannot take the server down; its progress is the run folder's log.jsonl, and cancelling it kills the
+process group. The server's routes (routes in studio.py) only call this module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import stat
+import subprocess
+import sys
+import time
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from ..data.folder import ALLOWED_SUFFIXES, CAPTION_SUFFIXES
+from ..errors import ImagegenError
+
+MAX_ZIP_BYTES = 64 << 20          # the uploaded zip itself
+MAX_MEMBERS = 5000                # files in it
+MAX_MEMBER_BYTES = 16 << 20       # one unpacked file
+MAX_TOTAL_BYTES = 256 << 20       # all unpacked files together
+MAX_RATIO = 100                   # unpacked / packed size of one member (a zip bomb goes far beyond)
+KEPT_SUFFIXES = ALLOWED_SUFFIXES | set(CAPTION_SUFFIXES) | {".jsonl", ".csv"}
+TRAIN_FAMILIES = ("dcgan", "cgan", "vae", "cvae", "ddpm", "flow")
+MAX_TRAIN_MINUTES = 120.0
+
+
+class UploadError(ImagegenError):
+    """An upload refused: what was wrong, naming the member."""
+
+
+def _safe_member(info: zipfile.ZipInfo) -> PurePosixPath | None:
+    """The member's relative path if it is a plain file that may be unpacked; None for folders and files
+    that are not images or captions (skipped); UploadError for anything that could escape."""
+    name = info.filename
+    if "\\" in name or name.startswith("/") or (len(name) > 1 and name[1] == ":"):
+        raise UploadError(f"zip member {name!r}: absolute or Windows-style path")
+    path = PurePosixPath(name)
+    if ".." in path.parts:
+        raise UploadError(f"zip member {name!r}: a path with '..' leaves the upload folder")
+    mode = info.external_attr >> 16
+    if stat.S_ISLNK(mode):
+        raise UploadError(f"zip member {name!r}: a symbolic link")
+    if info.is_dir():
+        return None
+    if stat.S_IFMT(mode) not in (0, stat.S_IFREG):   # 0: written without a file type (zipfile.writestr, Windows)
+        raise UploadError(f"zip member {name!r}: not a regular file")
+    if any(part.startswith(".") for part in path.parts) or path.suffix.lower() not in KEPT_SUFFIXES:
+        return None
+    return path
+
+
+def unpack_upload(zip_path: Path, dest: Path) -> dict:
+    """Check every member of the zip at zip_path, then unpack the image and caption files into dest (a new
+    folder). Returns {"images": n, "captions": n, "skipped": n}. UploadError (nothing written) on any
+    unsafe member or limit; a member whose unpacked bytes exceed its declared size is caught while
+    writing, and dest is removed."""
+    try:
+        z = zipfile.ZipFile(zip_path)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise UploadError(f"not a zip file ({e})") from None
+    with z:
+        infos = z.infolist()
+        if len(infos) > MAX_MEMBERS:
+            raise UploadError(f"{len(infos)} files in the zip; at most {MAX_MEMBERS}")
+        plan, total, skipped = [], 0, 0
+        for info in infos:
+            path = _safe_member(info)
+            if path is None:
+                skipped += not info.is_dir()
+                continue
+            if info.file_size > MAX_MEMBER_BYTES:
+                raise UploadError(f"zip member {info.filename!r}: {info.file_size} bytes; at most {MAX_MEMBER_BYTES}")
+            if info.file_size > MAX_RATIO * max(info.compress_size, 1):
+                raise UploadError(f"zip member {info.filename!r}: compressed {info.file_size / max(info.compress_size, 1):.0f}:1; "
+                                  f"at most {MAX_RATIO}:1 (a zip bomb?)")
+            total += info.file_size
+            if total > MAX_TOTAL_BYTES:
+                raise UploadError(f"the zip unpacks to over {MAX_TOTAL_BYTES} bytes")
+            plan.append((info, path))
+        if not any(p.suffix.lower() in ALLOWED_SUFFIXES for _, p in plan):
+            raise UploadError("no images in the zip (PNG, JPEG, WebP, BMP, GIF)")
+        dest.mkdir(parents=True)
+        root = dest.resolve()
+        try:
+            for info, path in plan:
+                target = (root / path).resolve()
+                if not target.is_relative_to(root):    # checked above; this holds whatever the path says
+                    raise UploadError(f"zip member {info.filename!r} leaves the upload folder")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with z.open(info) as src, open(target, "xb") as out:
+                    written = 0
+                    while block := src.read(1 << 20):
+                        written += len(block)
+                        if written > info.file_size:   # the header lied about the size
+                            raise UploadError(f"zip member {info.filename!r} is larger than it says")
+                        out.write(block)
+        except BaseException:
+            import shutil
+            shutil.rmtree(dest, ignore_errors=True)
+            raise
+    images = sum(p.suffix.lower() in ALLOWED_SUFFIXES for _, p in plan)
+    return {"images": images, "captions": len(plan) - images, "skipped": skipped}
+
+
+def new_upload_id() -> str:
+    return secrets.token_hex(8)
+
+
+@dataclass
+class TrainJob:
+    """One training process and where it writes."""
+    upload: str
+    family: str
+    minutes: float
+    out: Path
+    process: subprocess.Popen
+    log: Path
+    started: float = field(default_factory=time.time)
+    cancelled: bool = False
+
+    def run_dir(self) -> Path | None:
+        dirs = sorted(p for p in self.out.iterdir() if (p / "config.json").is_file()) if self.out.is_dir() else []
+        return dirs[-1] if dirs else None
+
+    def status(self) -> dict:
+        code = self.process.poll()
+        state = "running" if code is None else "cancelled" if self.cancelled else "done" if code == 0 else "failed"
+        run = self.run_dir()
+        last = {}
+        if run is not None and (run / "log.jsonl").is_file():
+            lines = (run / "log.jsonl").read_text(encoding="utf-8", errors="replace").splitlines()
+            for line in reversed(lines):
+                try:
+                    last = json.loads(line)
+                    break
+                except ValueError:
+                    continue
+        error = ""
+        if state == "failed":   # the process's last lines say why (a typed error is one line)
+            tail = self.log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-3:] if self.log.is_file() else []
+            error = " ".join(tail)[-500:] or f"the training process exited with status {code}"
+        return {"state": state, "family": self.family, "minutes": self.minutes, "upload": self.upload,
+                "seconds": round(time.time() - self.started, 1), "step": last.get("step", 0),
+                "loss": {k: v for k, v in last.items() if k not in ("step", "images_per_s", "bad_steps")},
+                "run": run.name if run is not None else None, "error": error}
+
+    def cancel(self) -> None:
+        if self.process.poll() is None:
+            self.cancelled = True
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+
+def start_training(upload_dir: Path, upload: str, family: str, minutes: float, out: Path, logs: Path,
+                   overrides: dict | None = None) -> TrainJob:
+    """The training process for an unpacked upload: `imagegen train --data folder:DIR --model F` with a
+    time limit, into `out` (a folder the server serves runs from), its output in `logs`."""
+    if family not in TRAIN_FAMILIES:
+        raise UploadError(f"family {family!r}: one of {', '.join(TRAIN_FAMILIES)}")
+    out.mkdir(parents=True, exist_ok=True)
+    logs.mkdir(parents=True, exist_ok=True)
+    log = logs / f"train-{upload}-{int(time.time())}.log"
+    cmd = [sys.executable, "-m", "imagegen", "train", "--data", f"folder:{upload_dir}", "--model", family,
+           "--out", str(out), "--no-progress", "--set", f"train.time_limit={60 * minutes:g}"]
+    for key, value in (overrides or {}).items():
+        cmd += ["--set", f"{key}={value}"]
+    with open(log, "wb") as f:
+        process = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   start_new_session=True)
+    return TrainJob(upload, family, minutes, out, process, log)

@@ -1,0 +1,127 @@
+"""The studio's training routes: upload a zip of images, train a model on it in its own process, watch
+its progress (server-sent events), cancel it, then find the new run among the served models.
+
+Every route that changes anything (upload, train, cancel) needs the server's token in the
+X-Imagegen-Token header: `imagegen serve` makes one at start and prints it, as Jupyter does (or takes
+--token); no token is 401, a wrong one 403. Everything is written under the work folder,
+RUNS_DIR/studio/: uploads/ID/ (the unpacked files), logs/, and runs/ (the trained runs, served).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import tempfile
+from pathlib import Path
+
+from fastapi import Depends, FastAPI, File, Request, UploadFile
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from .app import Api, bad_request, find_runs
+from .jobs import MAX_TRAIN_MINUTES, MAX_ZIP_BYTES, TRAIN_FAMILIES, TrainJob, UploadError, new_upload_id, start_training, unpack_upload
+
+TOKEN_HEADER = "X-Imagegen-Token"
+EVENT_EVERY_S = 0.5
+
+
+class TrainRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    upload: str = Field(pattern=r"^[0-9a-f]{16}$", description="the id POST /api/upload answered")
+    family: str = Field(default="dcgan", description=f"one of {', '.join(TRAIN_FAMILIES)}")
+    minutes: float = Field(default=1.0, gt=0, le=MAX_TRAIN_MINUTES, description="the training time budget")
+
+
+def add_training_routes(app: FastAPI, api: Api, root: Path, token: str | None) -> None:
+    work = root / "studio"
+    state: dict = {"job": None}
+
+    def authorised(request: Request) -> None:
+        if token is None:
+            return
+        given = request.headers.get(TOKEN_HEADER)
+        if not given:
+            raise bad_request(f"this needs the server's token in the {TOKEN_HEADER} header "
+                              "(imagegen serve printed it at start)", 401)
+        if not secrets.compare_digest(given.encode(), token.encode()):
+            raise bad_request("wrong token", 403)
+
+    def refresh_runs() -> None:
+        """Serve the runs that training added (only new names are loaded)."""
+        for name, served in find_runs(root, log=None).items():
+            if name not in api.runs:
+                api.runs[name] = served
+
+    @app.post("/api/upload", dependencies=[Depends(authorised)])
+    async def upload_route(archive: UploadFile = File(..., description="a zip of images (class folders or captions)")) -> dict:
+        """Unpack a zip of images into a new upload folder; answers its id for POST /api/train."""
+        with tempfile.NamedTemporaryFile(suffix=".zip") as tmp:
+            size = 0
+            while block := await archive.read(1 << 20):
+                size += len(block)
+                if size > MAX_ZIP_BYTES:
+                    raise bad_request(f"the zip is over the upload limit of {MAX_ZIP_BYTES} bytes", 413)
+                tmp.write(block)
+            tmp.flush()
+            if size == 0:
+                raise bad_request("empty upload")
+            upload = new_upload_id()
+            try:
+                counts = await api.worker.call(lambda: unpack_upload(Path(tmp.name), work / "uploads" / upload))
+            except UploadError as e:
+                raise bad_request(str(e)) from None
+        return {"upload": upload, **counts}
+
+    @app.post("/api/train", dependencies=[Depends(authorised)])
+    async def train_route(req: TrainRequest) -> dict:
+        """Start training on an upload (one job at a time: 409 while one runs)."""
+        job: TrainJob | None = state["job"]
+        if job is not None and job.process.poll() is None:
+            raise bad_request("a training job is running; cancel it or wait for it", 409)
+        folder = work / "uploads" / req.upload
+        if not folder.is_dir():
+            raise bad_request(f"unknown upload {req.upload!r}", 404)
+        try:
+            state["job"] = start_training(folder, req.upload, req.family, req.minutes, work / "runs", work / "logs")
+        except UploadError as e:
+            raise bad_request(str(e)) from None
+        return state["job"].status()
+
+    @app.post("/api/train/cancel", dependencies=[Depends(authorised)])
+    async def cancel_route() -> dict:
+        job: TrainJob | None = state["job"]
+        if job is None:
+            raise bad_request("no training job", 404)
+        await asyncio.get_running_loop().run_in_executor(None, job.cancel)
+        return job.status()
+
+    def status() -> dict:
+        job: TrainJob | None = state["job"]
+        if job is None:
+            return {"state": "none"}
+        out = job.status()
+        if out["state"] == "done":
+            refresh_runs()
+            out["model"] = next((n for n, s in api.runs.items() if out["run"] and s.run.path.name == out["run"]), None)
+        return out
+
+    @app.get("/api/train")
+    async def train_status() -> dict:
+        """The training job: state (none, running, done, failed, cancelled), step, losses, its run."""
+        return status()
+
+    @app.get("/api/train/events")
+    async def train_events() -> StreamingResponse:
+        """Server-sent events: the job's status every half second until it stops."""
+        async def events():
+            while True:
+                now = status()
+                yield f"data: {json.dumps(now)}\n\n"
+                if now["state"] != "running":
+                    return
+                await asyncio.sleep(EVENT_EVERY_S)
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
+
+    app.state.training = state
+    app.state.work = work

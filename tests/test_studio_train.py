@@ -1,0 +1,201 @@
+"""Training from the browser (issue 17): the token on the routes that change anything, uploads that cannot
+write outside the work folder or unpack without bound, and a whole upload -> train -> serve cycle with a
+training process of its own (including one that fails and one that is cancelled)."""
+
+from __future__ import annotations
+
+import io
+import json
+import stat
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from imagegen.serve import create_app
+from imagegen.serve import jobs
+
+from conftest import run_main
+
+TOKEN = "a-test-token-0123"
+
+
+def png(seed: int, side: int = 16) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def zip_bytes(members: dict[str, bytes], links: tuple[str, ...] = ()) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+        for name in links:                      # a symbolic link member, as `zip --symlinks` writes one
+            info = zipfile.ZipInfo(name)
+            info.external_attr = (stat.S_IFLNK | 0o777) << 16
+            z.writestr(info, "/etc/passwd")
+    return buf.getvalue()
+
+
+def tiny_folder_zip(n: int = 24) -> bytes:
+    return zip_bytes({f"{cls}/img{i}.png": png(i + 100 * k) for k, cls in enumerate(("cats", "dogs")) for i in range(n // 2)})
+
+
+@pytest.fixture
+def served(tmp_path):
+    root = tmp_path / "runs"
+    root.mkdir()
+    return root
+
+
+@pytest.fixture
+def client(served):
+    with TestClient(create_app(served, log=None, token=TOKEN)) as c:
+        yield c
+
+
+def upload(client, data: bytes, token: str | None = TOKEN):
+    headers = {} if token is None else {"X-Imagegen-Token": token}
+    return client.post("/api/upload", files={"archive": ("data.zip", data, "application/zip")}, headers=headers)
+
+
+def everything_under(folder: Path) -> set[str]:
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*")}
+
+
+def test_the_routes_that_change_anything_need_the_token(client):
+    data = tiny_folder_zip(4)
+    assert upload(client, data, token=None).status_code == 401
+    r = upload(client, data, token="wrong-token-000")
+    assert r.status_code == 403 and "wrong token" in r.json()["detail"]
+    for path, body in (("/api/train", {"upload": "0" * 16}), ("/api/train/cancel", None)):
+        assert client.post(path, json=body).status_code == 401
+        assert client.post(path, json=body, headers={"X-Imagegen-Token": "nope-nope-nope"}).status_code == 403
+    r = upload(client, data)
+    assert r.status_code == 200 and r.json()["images"] == 4
+    assert client.get("/api/train").json() == {"state": "none"}             # reading needs no token
+
+
+def test_no_token_is_refused_off_loopback(tmp_path):
+    r = run_main("serve", str(tmp_path), "--no-token", "--host", "0.0.0.0")
+    assert r.returncode == 2 and "loopback" in r.stderr
+    r = run_main("serve", str(tmp_path), "--token", "short")
+    assert r.returncode == 2 and "at least 8" in r.stderr
+
+
+@pytest.mark.parametrize("members, links, message", [
+    ({"../evil.png": png(1)}, (), "'..'"),
+    ({"ok/../../evil.png": png(1)}, (), "'..'"),
+    ({"/tmp/evil.png": png(1)}, (), "absolute"),
+    ({"C:/evil.png": png(1)}, (), "absolute"),
+    ({"a.png": png(1)}, ("link.png",), "symbolic link"),
+    ({"bomb.png": b"\0" * (8 << 20)}, (), "zip bomb"),
+    ({f"f{i}.png": b"x" for i in range(jobs.MAX_MEMBERS + 1)}, (), "at most"),
+    ({"notes.md": b"hello"}, (), "no images"),
+])
+def test_unsafe_or_unbounded_zips_are_refused_and_write_nothing(client, served, tmp_path, members, links, message):
+    before = everything_under(tmp_path)
+    r = upload(client, zip_bytes(members, links))
+    assert r.status_code == 400 and message in r.json()["detail"], r.text
+    after = everything_under(tmp_path)
+    assert not [p for p in after - before if not p.startswith("runs/studio") or "evil" in p or p.endswith(".png")]
+    assert not (served / "studio" / "uploads").is_dir() or not any((served / "studio" / "uploads").iterdir())
+
+
+def test_a_zip_that_is_not_one_or_too_big_is_refused(client, monkeypatch):
+    assert upload(client, b"not a zip at all").status_code == 400
+    monkeypatch.setattr("imagegen.serve.training.MAX_ZIP_BYTES", 1000)
+    assert upload(client, tiny_folder_zip(8)).status_code == 413
+
+
+def test_only_images_and_captions_are_unpacked_inside_the_upload_folder(tmp_path):
+    data = zip_bytes({"cats/a.png": png(1), "cats/a.txt": b"a cat", "run.sh": b"rm -rf /", ".hidden/b.png": png(2),
+                      "metadata.jsonl": b'{"file_name": "cats/a.png", "text": "a cat"}\n'})
+    (tmp_path / "z.zip").write_bytes(data)
+    counts = jobs.unpack_upload(tmp_path / "z.zip", tmp_path / "out")
+    assert counts == {"images": 1, "captions": 2, "skipped": 2}
+    assert everything_under(tmp_path / "out") == {"cats", "cats/a.png", "cats/a.txt", "metadata.jsonl"}
+
+
+def wait_for(client, state: str, timeout: float = 180.0) -> dict:
+    end = time.time() + timeout
+    while time.time() < end:
+        now = client.get("/api/train").json()
+        if now["state"] == state:
+            return now
+        assert now["state"] == "running", now
+        time.sleep(0.5)
+    raise AssertionError(f"training did not reach {state!r} in {timeout} s: {now}")
+
+
+def test_upload_train_and_serve_the_new_run_and_a_failure_or_cancel_leaves_a_working_server(client):
+    headers = {"X-Imagegen-Token": TOKEN}
+    up = upload(client, tiny_folder_zip()).json()
+    assert up["images"] == 24
+    # A family that needs classes on data that has them: trains, and the new run is served.
+    r = client.post("/api/train", json={"upload": up["upload"], "family": "dcgan", "minutes": 0.1}, headers=headers)
+    assert r.status_code == 200 and r.json()["state"] == "running"
+    busy = client.post("/api/train", json={"upload": up["upload"], "family": "dcgan", "minutes": 0.1}, headers=headers)
+    assert busy.status_code == 409                                           # one job at a time
+    with client.stream("GET", "/api/train/events") as events:                # server-sent events until it stops
+        states = [json.loads(line[len("data: "):])["state"] for line in events.iter_lines() if line.startswith("data: ")]
+    assert states[-1] == "done" and set(states[:-1]) <= {"running"}
+    done = wait_for(client, "done")
+    assert done["step"] > 0 and done["model"]
+    assert done["model"] in [m["name"] for m in client.get("/api/models").json()]
+    image = client.post("/api/generate", json={"model": done["model"], "seed": 3})
+    assert image.status_code == 200 and image.content.startswith(b"\x89PNG")
+    # cgan needs labelled data: on the same upload with captions only... here a folder without classes
+    flat = upload(client, zip_bytes({f"img{i}.png": png(i) for i in range(8)})).json()
+    client.post("/api/train", json={"upload": flat["upload"], "family": "cgan", "minutes": 0.1}, headers=headers)
+    failed = wait_for(client, "failed")
+    assert "labelled" in failed["error"] or "class" in failed["error"], failed
+    # a long job, cancelled: the process goes, the server stays
+    client.post("/api/train", json={"upload": up["upload"], "family": "dcgan", "minutes": 5}, headers=headers)
+    time.sleep(1.0)
+    cancelled = client.post("/api/train/cancel", headers=headers).json()
+    assert cancelled["state"] == "cancelled"
+    assert client.get("/health").json()["status"] == "ok"
+    bad = client.post("/api/train", json={"upload": "f" * 16, "family": "dcgan"}, headers=headers)
+    assert bad.status_code == 404
+    bad = client.post("/api/train", json={"upload": up["upload"], "family": "cyclegan"}, headers=headers)
+    assert bad.status_code == 400 and "family" in bad.json()["detail"]
+
+
+def test_the_page_uploads_trains_and_explores_a_first_model_from_an_empty_folder(served, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    from conftest import live_server
+    archive = tmp_path / "pets.zip"
+    archive.write_bytes(tiny_folder_zip())
+    with live_server(served, token=TOKEN) as port, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
+        page = browser.new_page()
+        page.goto(f"http://127.0.0.1:{port}/")                                 # no token in the address
+        page.wait_for_function("document.getElementById('error').textContent.includes('train one below')")
+        assert page.is_visible("#train-panel") and page.is_hidden("#generate-panel")
+        page.set_input_files("#train-zip", str(archive))
+        page.click("#train-go")
+        page.wait_for_function("document.getElementById('error').textContent.includes('401')")
+        page.goto(f"http://127.0.0.1:{port}/?token={TOKEN}")                   # as `imagegen serve` prints it
+        page.wait_for_function(f"document.getElementById('token').value === '{TOKEN}'")
+        page.set_input_files("#train-zip", str(archive))
+        page.select_option("#train-family", "dcgan")
+        page.fill("#train-minutes", "0.1")
+        page.click("#train-go")
+        page.wait_for_function("document.getElementById('train-status').textContent.startsWith('training dcgan')")
+        page.wait_for_function("document.getElementById('train-status').textContent.startsWith('done')", timeout=180_000)
+        page.wait_for_function("Array.from(document.querySelectorAll('.candidate'))"
+                               ".filter(i => i.complete && i.dataset.command).length === 16")
+        name = page.input_value("#model")
+        assert name.startswith("studio/runs/") and page.is_visible("#generate-panel")
+        commands = page.eval_on_selector_all(".candidate", "els => els.map(e => e.dataset.command)")
+        assert all(str(served / name) in c for c in commands)
+        browser.close()
+    assert (served / name / "model.safetensors").is_file()
