@@ -32,6 +32,7 @@ from .sample import (BATCH_SIZE, FRAMES, PAD, SEED, SIDES, check_options, extend
                      save_named, to_pil, to_uint8)
 from .train import TrainConfig, resolve_config, train
 from .vary import MIX, breed
+from .directions import direction_shift
 
 
 class Parser(argparse.ArgumentParser):
@@ -176,8 +177,12 @@ def cmd_sample(a) -> int:
     seeds = parse_seeds(a.seeds)
     run = load_run(a.run_dir, weights=a.weights)
     labels = _labels(a, run, seeds)
-    images = generate(run.model, seeds, labels=labels, batch_size=a.batch_size,
-                      latent=parse_floats(a.latent) if a.latent else None, prompts=_prompts(a),
+    latent = parse_floats(a.latent) if a.latent else None
+    if a.directions:
+        if latent:
+            raise ConfigError("give --latent or --directions, not both")
+        latent = direction_shift(run.model, parse_floats(a.directions, "--directions"))
+    images = generate(run.model, seeds, labels=labels, batch_size=a.batch_size, latent=latent, prompts=_prompts(a),
                       negative_prompt=a.negative_prompt, **_sample_opts(a, run.model))
     paths = save_images(images, a.out, seeds)
     if a.grid:
@@ -460,6 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", choices=["ema", "model"], default="ema")
     p.add_argument("--labels", help=LABELS_HELP)
     p.add_argument("--latent", help="shift the first latent dimensions of every seed, e.g. 0.5,-1 (GANs, VAEs)")
+    p.add_argument("--directions", help="move every seed's latent along the model's principal directions "
+                   "(GANSpace), e.g. 1.5,0,-2 (GANs, VAEs; each in [-5, 5])")
     p.add_argument("--prompt", help="what to draw, for a model trained on captions, e.g. 'a red star left of a blue circle'")
     p.add_argument("--prompts", metavar="FILE", help="a text file with one prompt per seed, one per line")
     p.add_argument("--negative-prompt", help="what to steer away from (replaces guidance's unconditional branch)")

@@ -124,12 +124,12 @@ def check_latent(model: Family, latent: Sequence[float] | None) -> list[float] |
     return [float(v) for v in latent]
 
 
-def parse_floats(text: str) -> list[float]:
+def parse_floats(text: str, what: str = "--latent") -> list[float]:
     """'0.5,-1' -> [0.5, -1.0] (ConfigError naming the bad value otherwise)."""
     try:
         return [float(p) for p in text.split(",") if p.strip()]
     except ValueError:
-        raise ConfigError(f"--latent: expected numbers like 0.5,-1, got {text!r}") from None
+        raise ConfigError(f"{what}: expected numbers like 0.5,-1, got {text!r}") from None
 
 
 def prompt_text(model: Family, prompts: str | Sequence[str] | None, n: int,

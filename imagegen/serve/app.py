@@ -35,6 +35,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..checkpoint import Run, load_run
+from ..directions import MAX_DIRECTIONS, direction_shift
 from ..data.folder import decode_image
 from ..errors import ImagegenError, ImageTooLargeError
 from ..models.ddpm import ETA
@@ -81,6 +82,9 @@ class GenerateRequest(BaseModel):
     label: str | None = Field(default=None, max_length=200, description="class name or index (conditional models)")
     latent: list[float] = Field(default_factory=list, max_length=MAX_LATENT_DIMS,
                                 description=f"shift of the first latent dimensions, each within +-{MAX_LATENT_SHIFT:g} (GANs, VAEs)")
+    directions: list[float] = Field(default_factory=list, max_length=MAX_DIRECTIONS,
+                                    description="moves along the model's principal latent directions (GANSpace), "
+                                                "each in [-5, 5] (GANs, VAEs)")
     truncation: float | None = Field(default=None, **TRUNCATION.bounds(), description="GANs: clamp the latent to +-t (0 = off)")
     temperature: float | None = Field(default=None, **TEMPERATURE.bounds(), description="VAEs: scale of the latent noise")
     guidance: float | None = Field(default=None, ge=0, le=20, description="diffusion: classifier-free guidance scale")
@@ -296,7 +300,7 @@ def decode_upload(data: bytes, what: str, channels: int, size: int | None = None
 
 
 def sample_command(served: Served, seeds: list[int], label: str | None, opts: dict, latent: list[float],
-                   prompt: str | None = None, negative_prompt: str | None = None) -> str:
+                   prompt: str | None = None, negative_prompt: str | None = None, directions: list[float] = ()) -> str:
     """The `imagegen sample` command that draws the same images."""
     seed_text = str(seeds[0]) if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]}"
     parts = ["imagegen", "sample", str(served.run.path), "--seeds", seed_text]
@@ -306,7 +310,9 @@ def sample_command(served: Served, seeds: list[int], label: str | None, opts: di
         parts += ["--prompt", _quote(prompt)]
     if negative_prompt is not None:
         parts += ["--negative-prompt", _quote(negative_prompt)]
-    if latent:
+    if directions:
+        parts += ["--directions", ",".join(repr(float(v)) for v in directions)]
+    elif latent:
         parts += ["--latent", ",".join(f"{v:g}" for v in latent)]
     for k, v in opts.items():
         parts += [f"--{k}", f"{v:g}" if isinstance(v, float) else str(v)]
@@ -427,6 +433,10 @@ def create_app(runs_dir: str | Path, *, log=print, token: str | None = None) -> 
         labels = labels_for(served, req.label, seeds)
         latent = check_latent(served.model, req.latent) or []
         model = served.model
+        if req.directions:
+            if latent:
+                raise bad_request("give latent or directions, not both")
+            latent = check_latent(model, await worker.call(lambda: direction_shift(model, req.directions))) or []
         words = {"prompts": req.prompt, "negative_prompt": req.negative_prompt}
         api.check_prompts(served, prompt=req.prompt, negative_prompt=req.negative_prompt)
 
@@ -439,7 +449,8 @@ def create_app(runs_dir: str | Path, *, log=print, token: str | None = None) -> 
 
         key = (served.name, tuple(sorted(opts.items())), tuple(latent), req.prompt, req.negative_prompt)
         images = await worker.batched(key, work, GenItem(seeds, labels))
-        command = latin1(sample_command(served, seeds, req.label or None, opts, latent, req.prompt, req.negative_prompt))
+        command = latin1(sample_command(served, seeds, req.label or None, opts, latent, req.prompt, req.negative_prompt,
+                                        req.directions))
         return png_response(images, headers={"X-Imagegen-Command": command, "X-Imagegen-Seeds": f"{seeds[0]}-{seeds[-1]}"})
 
     @app.post("/api/interpolate", response_class=Response, responses={200: {"content": {"image/png": {}}}})

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 from fastapi import FastAPI, File, Form, UploadFile
 from fastapi.responses import Response
-from pydantic import Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ..directions import DIRECTION, MAX_DIRECTIONS, direction_shift, principal_directions
 from ..models.ddpm import STRENGTH
 from ..sample import SEED
 from ..vary import MIX, breed
-from ..sample import hwc_to_float
+from ..sample import generate, hwc_to_float
 from .app import (MAX_BATCH, MAX_PROMPT_CHARS, OPTION_FIELDS, Api, GenerateRequest, _quote, bad_request, decode_upload,
                   latin1, png_response, read_upload)
 
@@ -27,6 +28,23 @@ class VaryRequest(GenerateRequest):
 
 
 SKETCH_FILE = "sketch.png"   # what the page calls the sketch it offers for download, as the command does
+
+
+class DirectionsRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    k: int = Field(default=4, ge=1, le=MAX_DIRECTIONS, description="how many directions")
+
+
+class StripRequest(BaseModel):
+    """A strip of images of one seed moved along one direction, from -reach to +reach."""
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    index: int = Field(default=0, ge=0, lt=MAX_DIRECTIONS, description="which direction (0 = the largest)")
+    seed: int = Field(default=0, **SEED.bounds())
+    label: str | None = Field(default=None, max_length=200)
+    frames: int = Field(default=5, ge=2, le=9)
+    reach: float = Field(default=3.0, gt=0, le=DIRECTION.hi)
 
 
 def vary_command(served, req: VaryRequest, seeds: list[int], opts: dict, image: str | None = None) -> str:
@@ -55,8 +73,8 @@ def add_studio_routes(app: FastAPI, api: Api) -> None:
         """Variations of a seed's image, or (with `parent`) of two seeds' blend. The header
         X-Imagegen-Command holds the matching `imagegen vary` or `imagegen breed` command."""
         served = api.generator_of(api.get(req.model))
-        if req.latent:
-            raise bad_request("latent does not apply to /api/vary: vary the seed whose latent you want")
+        if req.latent or req.directions:
+            raise bad_request("latent and directions do not apply to /api/vary: vary the seed whose latent you want")
         seeds = api.seed_range(req.seed, req.n)
         opts = api.family_options(served, {k: getattr(req, k) for k in OPTION_FIELDS if getattr(req, k) is not None})
         # the source image(s) are drawn too: up to two more images' worth of steps
@@ -69,6 +87,33 @@ def add_studio_routes(app: FastAPI, api: Api) -> None:
                                                      batch_size=MAX_BATCH, **opts))
         return png_response(images, headers={"X-Imagegen-Command": latin1(vary_command(served, req, seeds, opts)),
                                              "X-Imagegen-Seeds": f"{seeds[0]}-{seeds[-1]}"})
+
+    @app.post("/api/directions")
+    async def directions_route(req: DirectionsRequest) -> dict:
+        """The model's k principal latent directions (GANSpace) and the share of its early features'
+        variance each explains: what the page's sliders move (GANs and VAEs)."""
+        served = api.generator_of(api.get(req.model))
+        dirs, explained = await api.worker.call(lambda: principal_directions(served.model, req.k))
+        return {"k": req.k, "explained": [round(float(v), 4) for v in explained], "z_dim": dirs.shape[1]}
+
+    @app.post("/api/direction-strip", response_class=Response, responses={200: {"content": {"image/png": {}}}})
+    async def strip_route(req: StripRequest) -> Response:
+        """What one slider does: the seed's image moved along direction `index`, frames from -reach to
+        +reach (the middle one, at 0, is the seed's own image when frames is odd)."""
+        served = api.generator_of(api.get(req.model))
+        labels = api.labels_for(served, req.label, [req.seed])
+        values = [-req.reach + 2 * req.reach * i / (req.frames - 1) for i in range(req.frames)]
+
+        def work():
+            rows = []
+            for v in values:
+                moves = [0.0] * req.index + [v]
+                rows.append(generate(served.model, [req.seed], labels=labels, latent=direction_shift(served.model, moves)
+                                     if v else None))
+            import torch
+            return torch.cat(rows)
+        images = await api.worker.call(work)
+        return png_response(images, nrow=req.frames)
 
     @app.post("/api/sketch", response_class=Response,
               responses={200: {"content": {"image/png": {}}, "description": "one PNG (a grid when n > 1)"}})
@@ -84,8 +129,8 @@ def add_studio_routes(app: FastAPI, api: Api) -> None:
             lines = [f"{'.'.join(str(p) for p in err.get('loc', [])) or 'request'}: {err.get('msg', 'invalid')}" for err in e.errors()]
             raise bad_request("; ".join(lines), 422) from None
         served = api.generator_of(api.get(req.model))
-        if req.latent or req.parent is not None:
-            raise bad_request("a sketch is the only source: latent and parent do not apply")
+        if req.latent or req.directions or req.parent is not None:
+            raise bad_request("a sketch is the only source: latent, directions and parent do not apply")
         seeds = api.seed_range(req.seed, req.n)
         opts = api.family_options(served, {k: getattr(req, k) for k in OPTION_FIELDS if getattr(req, k) is not None})
         api.check_diffusion_work(served, req.n, opts)

@@ -4,7 +4,7 @@
 
 const $ = (id) => document.getElementById(id);
 const MAX_SEED = 2 ** 53 - 1;          // what a JS number holds exactly (the API takes up to 2^63 - 1)
-const SLIDERS = 4;                     // latent dimensions offered as sliders
+const SLIDERS = 4;                     // principal latent directions offered as sliders (GANs, VAEs)
 const OPTION_RANGES = {                // slider ranges for the families' sampling options
   guidance: { min: 0, max: 5, step: 0.1, value: 1.5 },
   steps: { min: 1, max: 100, step: 1, value: 20 },
@@ -84,9 +84,9 @@ function request() {
     const el = $(`opt-${name}`);
     if (el) body[name] = OPTION_CHOICES[name] ? el.value : name === "steps" ? parseInt(el.value, 10) : parseFloat(el.value);
   }
-  const latent = [];
-  for (let i = 0; i < Math.min(SLIDERS, current.latent_dims); i++) latent.push(parseFloat($(`z-${i}`).value));
-  if (latent.some((v) => v !== 0)) body.latent = latent;
+  const moves = [];
+  for (let i = 0; i < Math.min(SLIDERS, current.latent_dims); i++) moves.push(parseFloat($(`z-${i}`).value));
+  if (moves.some((v) => v !== 0)) body.directions = moves;
   return body;
 }
 
@@ -106,8 +106,37 @@ async function generateNow() {
     clearError();
     drawPaintBackground();
     saveState(body);
+    drawStrips(body);
   } catch (e) {
     if (id === requestId) showError(e.message);
+  }
+}
+
+// --- direction sliders: their share of the variance, and a strip of the seed along each ---------------
+let stripSeed = null;                  // the seed (and class) the strips show
+
+async function labelDirections(name) {
+  try {
+    const info = await (await post("/api/directions", { model: name, k: Math.min(SLIDERS, current.latent_dims) })).json();
+    if (!current || current.name !== name) return;
+    info.explained.forEach((share, i) => {
+      const label = $(`z-${i}`) && $(`z-${i}`).parentElement.firstChild;
+      if (label) label.textContent = `direction ${i} (${(100 * share).toFixed(1)}%)`;
+    });
+  } catch (e) { showError(e.message); }
+}
+
+async function drawStrips(body) {
+  const key = `${body.model}|${body.seed}|${body.label || ""}`;
+  if (key === stripSeed || !current.latent_dims) return;
+  stripSeed = key;
+  for (let i = 0; i < Math.min(SLIDERS, current.latent_dims); i++) {
+    const req = { model: body.model, index: i, seed: body.seed, frames: 5 };
+    if (body.label !== undefined) req.label = body.label;
+    try {
+      const blob = await (await post("/api/direction-strip", req)).blob();
+      if (stripSeed === key && $(`strip-${i}`)) $(`strip-${i}`).src = URL.createObjectURL(blob);
+    } catch (e) { showError(e.message); return; }
   }
 }
 
@@ -153,9 +182,15 @@ function selectModel(name) {
   }
   const sliders = $("sliders");
   sliders.replaceChildren();
+  // Sliders along the model's principal latent directions (GANSpace), each with a strip of what it does.
   for (let i = 0; i < Math.min(SLIDERS, current.latent_dims); i++) {
-    sliders.append(slider(`z-${i}`, `latent ${i}`, { min: -3, max: 3, step: 0.1, value: 0 }, scheduleGenerate));
+    const row = slider(`z-${i}`, `direction ${i}`, { min: -3, max: 3, step: 0.1, value: 0 }, scheduleGenerate);
+    const strip = Object.assign(document.createElement("img"), { id: `strip-${i}`, className: "direction-strip",
+                                                                   alt: `what direction ${i} does` });
+    sliders.append(row, strip);
   }
+  stripSeed = null;
+  if (current.latent_dims) labelDirections(current.name);
   $("generate-panel").hidden = current.translates;
   $("interpolate-panel").hidden = current.translates || current.latent_dims === 0;
   $("inpaint-panel").hidden = !current.inpaints;
@@ -196,8 +231,8 @@ function restoreState() {
   set("prompt", "prompt");
   set("negative-prompt", "negative_prompt");
   for (const option of Object.keys(current.options)) set(`opt-${option}`, option);
-  const latent = (params.get("latent") || "").split(",").filter((v) => v !== "");
-  latent.forEach((v, i) => { if ($(`z-${i}`)) $(`z-${i}`).value = v; });
+  const moves = (params.get("directions") || "").split(",").filter((v) => v !== "");
+  moves.forEach((v, i) => { if ($(`z-${i}`)) $(`z-${i}`).value = v; });
   for (const el of document.querySelectorAll("#options input, #sliders input")) {
     el.nextElementSibling.textContent = el.value;        // each slider's number shows its restored value
   }
@@ -374,7 +409,7 @@ const VARIATIONS = 8;
 async function varyNow() {
   try {
     const body = request();                 // the source's model, class, prompt and sampling options
-    delete body.latent;                     // the source is the seed's own image
+    delete body.directions;                 // the source is the seed's own image
     body.source = body.seed;
     body.seed = Number($("vary-seed").value);
     body.n = VARIATIONS;
@@ -456,7 +491,7 @@ window.addEventListener("mouseup", () => { sketching = false; });
 async function sketchNow() {
   try {
     const body = request();
-    delete body.latent;
+    delete body.directions;
     body.n = VARIATIONS;
     body.strength = parseFloat($("sketch-strength").value);
     const png = await new Promise((resolve) => sketch.toBlob(resolve, "image/png"));
