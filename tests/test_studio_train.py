@@ -96,7 +96,7 @@ def test_no_token_is_refused_off_loopback(tmp_path):
     ({"C:/evil.png": png(1)}, (), "absolute"),
     ({"a.png": png(1)}, ("link.png",), "symbolic link"),
     ({"bomb.png": b"\0" * (8 << 20)}, (), "zip bomb"),
-    ({f"f{i}.png": b"x" for i in range(jobs.MAX_MEMBERS + 1)}, (), "at most"),
+    ({f"f{i}.png": b"x" for i in range(10_000)}, (), "at most"),                  # 10,000 tiny files
     ({"notes.md": b"hello"}, (), "no images"),
 ])
 def test_unsafe_or_unbounded_zips_are_refused_and_write_nothing(client, served, tmp_path, members, links, message):
@@ -108,8 +108,19 @@ def test_unsafe_or_unbounded_zips_are_refused_and_write_nothing(client, served, 
     assert not (served / "studio" / "uploads").is_dir() or not any((served / "studio" / "uploads").iterdir())
 
 
-def test_a_zip_that_is_not_one_or_too_big_is_refused(client, monkeypatch):
+def test_a_zip_that_is_not_one_or_too_big_is_refused(client, served, monkeypatch):
     assert upload(client, b"not a zip at all").status_code == 400
+    # unpacked sizes: each member, then all together (as stored: the ratio check cannot see these)
+    big = zip_bytes({"a.png": png(1, 64), "b.png": png(2, 64)})
+    monkeypatch.setattr(jobs, "MAX_MEMBER_BYTES", 1000)
+    r = upload(client, big)
+    assert r.status_code == 400 and "at most 1000" in r.json()["detail"]
+    monkeypatch.undo()
+    sizes = [zipfile.ZipFile(io.BytesIO(big)).getinfo(n).file_size for n in ("a.png", "b.png")]
+    monkeypatch.setattr(jobs, "MAX_TOTAL_BYTES", max(sizes) + 1)
+    r = upload(client, big)
+    assert r.status_code == 400 and "unpacks to over" in r.json()["detail"]
+    assert not (served / "studio" / "uploads").is_dir() or not any((served / "studio" / "uploads").iterdir())
     monkeypatch.setattr("imagegen.serve.training.MAX_ZIP_BYTES", 1000)
     assert upload(client, tiny_folder_zip(8)).status_code == 413
 
@@ -187,7 +198,7 @@ def test_the_page_uploads_trains_and_explores_a_first_model_from_an_empty_folder
         page.wait_for_function(f"document.getElementById('token').value === '{TOKEN}'")
         page.set_input_files("#train-zip", str(archive))
         page.select_option("#train-family", "dcgan")
-        page.fill("#train-minutes", "0.1")
+        page.fill("#train-minutes", "1")                                       # the one-minute budget
         page.click("#train-go")
         page.wait_for_function("document.getElementById('train-status').textContent.startsWith('training dcgan')")
         page.wait_for_function("document.getElementById('train-status').textContent.startsWith('done')", timeout=180_000)

@@ -1,7 +1,9 @@
 """`imagegen serve RUNS_DIR`: the web page and HTTP API over trained runs.
 
 app.py      the FastAPI app, its limits, the model worker, and the generation routes
-studio.py   the studio's routes: variations and breeding (issue 17)
+studio.py   the studio's routes: variations, breeding, sketches, latent directions
+training.py training from the browser: uploads, the training job, its events; the token
+jobs.py     safe unpacking of uploaded zips and the training process
 """
 
 from .app import create_app, serve

@@ -1,5 +1,6 @@
 """The app of `imagegen serve RUNS_DIR`: the web page and the HTTP API over trained runs (FastAPI on
-uvicorn), its limits, and the generation routes; the studio's routes are in studio.py.
+uvicorn), its limits, and the generation routes; the studio's routes (variations, sketches, directions)
+are in studio.py, training from the browser and its token in training.py.
 
 A thin layer over the library: every route validates its input (pydantic models, then the library's own
 checks, whose typed errors become 4xx answers), runs the library call in one worker thread, and encodes
