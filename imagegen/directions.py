@@ -40,7 +40,13 @@ def _generator(model: Family) -> tuple[nn.Module, callable]:
 
 
 def _early_layer(net: nn.Module) -> nn.Module:
-    """The first activation after the first convolution of net.body (the generator's first block)."""
+    """The module whose output is the generator's first block: the first activation after the first
+    convolution of net.body (DCGAN, the VAE decoders), or for the conditional GAN, whose generator applies
+    its ReLUs in place after each conditional batch norm, the norm after the first convolution."""
+    if not hasattr(net, "body"):
+        if hasattr(net, "norms") and len(net.norms) > 1:
+            return net.norms[1]
+        raise ConfigError(f"no early layer known in {type(net).__name__} to take features from")
     seen_conv = False
     for layer in net.body:
         seen_conv = seen_conv or isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d))
@@ -63,7 +69,8 @@ def principal_directions(model: Family, k: int = 4) -> tuple[torch.Tensor, torch
 def _directions(model: Family, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     net, call = _generator(model)
     feats: list[torch.Tensor] = []
-    hook = _early_layer(net).register_forward_hook(lambda _m, _i, out: feats.append(out.detach().flatten(1).float().cpu()))
+    # a copy: an in-place activation after the hooked module would change what was kept
+    hook = _early_layer(net).register_forward_hook(lambda _m, _i, out: feats.append(out.detach().flatten(1).float().cpu().clone()))
     try:
         z = model.draw_noise(SAMPLES, seed_generators(range(SEED, SEED + SAMPLES))).cpu()   # SAMPLES x z_dim
         labels = default_labels(model, range(SAMPLES))
