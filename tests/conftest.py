@@ -98,6 +98,24 @@ def private_cache(tmp_path_factory):
 
 
 @contextlib.contextmanager
+def chromium(**options):
+    """A browser context of Debian's Chromium driven by Playwright (never a browser Playwright downloads);
+    `options` go to new_context (accept_downloads=True...)."""
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
+        try:
+            yield browser.new_context(**options)
+        finally:
+            browser.close()
+
+
+def fetched(page, url_expression: str) -> bytes:
+    """The bytes behind a URL the page holds, given as a JS expression (an <img>'s src, a blob: link)."""
+    return bytes(page.evaluate(f"async () => Array.from(new Uint8Array(await (await fetch({url_expression})).arrayBuffer()))"))
+
+
+@contextlib.contextmanager
 def live_server(runs_dir: Path, token: str | None = None):
     """`imagegen serve` over runs_dir on a free port in a thread, for as long as the block runs: the port.
     `token`: what uploads and training need (None: no token, as `--no-token` on loopback)."""

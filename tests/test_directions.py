@@ -14,7 +14,7 @@ import imagegen
 from imagegen.directions import _early_layer, _generator, direction_shift, principal_directions
 from imagegen.errors import ConfigError
 
-from conftest import run_main, run_maker
+from conftest import chromium, fetched, live_server, run_main, run_maker
 
 VARIANTS = {
     "dcgan": ("dcgan", {"width": 8, "z_dim": 16}),
@@ -125,12 +125,8 @@ def test_the_api_moves_along_directions_with_a_command_that_reproduces_it(runs, 
 
 
 def test_the_page_has_direction_sliders_with_strips_and_its_command_gives_its_pixels(runs, served, tmp_path):
-    from playwright.sync_api import sync_playwright
-
-    from conftest import live_server
-    with live_server(served) as port, sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
-        page = browser.new_page()
+    with live_server(served) as port, chromium() as context:
+        page = context.new_page()
         page.goto(f"http://127.0.0.1:{port}/")
         page.wait_for_function("document.querySelectorAll('#model option').length === 2")
         page.select_option("#model", "dcgan")
@@ -143,9 +139,7 @@ def test_the_page_has_direction_sliders_with_strips_and_its_command_gives_its_pi
         page.wait_for_function("document.getElementById('command').textContent.includes('--directions 0.0,1.5,0.0,0.0')"
                                " && document.getElementById('image').complete")
         command = page.inner_text("#command")
-        shown = bytes(page.evaluate("async () => Array.from(new Uint8Array(await (await fetch("
-                                    "document.getElementById('image').src)).arrayBuffer()))"))
-        browser.close()
+        shown = fetched(page, "document.getElementById('image').src")
     parts = command.split()
     done = run_main(*parts[1:parts.index("--out")], "--out", tmp_path / "p")
     assert done.returncode == 0, done.stderr

@@ -19,7 +19,7 @@ from PIL import Image
 from imagegen.serve import create_app
 from imagegen.serve import jobs
 
-from conftest import run_main
+from conftest import chromium, live_server, run_main
 
 TOKEN = "a-test-token-0123"
 
@@ -180,14 +180,10 @@ def test_upload_train_and_serve_the_new_run_and_a_failure_or_cancel_leaves_a_wor
 
 
 def test_the_page_uploads_trains_and_explores_a_first_model_from_an_empty_folder(served, tmp_path):
-    from playwright.sync_api import sync_playwright
-
-    from conftest import live_server
     archive = tmp_path / "pets.zip"
     archive.write_bytes(tiny_folder_zip())
-    with live_server(served, token=TOKEN) as port, sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
-        page = browser.new_page()
+    with live_server(served, token=TOKEN) as port, chromium() as context:
+        page = context.new_page()
         page.goto(f"http://127.0.0.1:{port}/")                                 # no token in the address
         page.wait_for_function("document.getElementById('error').textContent.includes('train one below')")
         assert page.is_visible("#train-panel") and page.is_hidden("#generate-panel")
@@ -208,5 +204,4 @@ def test_the_page_uploads_trains_and_explores_a_first_model_from_an_empty_folder
         assert name.startswith("studio/runs/") and page.is_visible("#generate-panel")
         commands = page.eval_on_selector_all(".candidate", "els => els.map(e => e.dataset.command)")
         assert all(str(served / name) in c for c in commands)
-        browser.close()
     assert (served / name / "model.safetensors").is_file()

@@ -16,7 +16,7 @@ import imagegen
 from imagegen.errors import ConfigError
 from imagegen.sample import to_uint8
 
-from conftest import run_main, run_maker
+from conftest import chromium, fetched, live_server, run_main, run_maker
 
 VARIANTS = {   # on shapes: the diffusion families and the CVAE are class-conditional, the DCGAN and VAE not
     "dcgan": ("dcgan", {"width": 8, "z_dim": 16}),
@@ -196,12 +196,8 @@ def test_the_vary_route_refuses_bad_requests_with_a_4xx_that_names_the_problem(c
 
 
 def test_the_page_varies_and_breeds_the_image_on_screen_and_its_command_gives_the_same_pixels(served, runs, tmp_path):
-    from playwright.sync_api import sync_playwright
-
-    from conftest import live_server
-    with live_server(served) as port, sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
-        page = browser.new_page()
+    with live_server(served) as port, chromium() as context:
+        page = context.new_page()
         page.goto(f"http://127.0.0.1:{port}/")
         page.wait_for_function("document.querySelectorAll('#model option').length === 3")
         page.select_option("#model", "random")
@@ -220,11 +216,9 @@ def test_the_page_varies_and_breeds_the_image_on_screen_and_its_command_gives_th
             page.wait_for_function("document.getElementById('vary-command').textContent.includes("
                                    + ("'--parents 7,9'" if parent else "'--seed 7 '") + ")"
                                    " && document.getElementById('variations').complete")
-            data = bytes(page.evaluate("async () => Array.from(new Uint8Array(await (await fetch("
-                                       "document.getElementById('variations').src)).arrayBuffer()))"))
+            data = fetched(page, "document.getElementById('variations').src")
             shown.append((page.inner_text("#vary-command"), data))
         assert page.is_hidden("#error")
-        browser.close()
     model = imagegen.load_run(runs("flow")).model
     for i, (command, data) in enumerate(shown):
         parts = command.split()
@@ -288,12 +282,8 @@ def test_the_sketch_route_refuses_bad_requests(client, runs, request_body, image
 
 
 def test_the_page_explores_16_candidates_and_turns_a_sketch_into_images_it_can_reproduce(served, runs, tmp_path):
-    from playwright.sync_api import sync_playwright
-
-    from conftest import live_server
-    with live_server(served) as port, sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
-        page = browser.new_page()
+    with live_server(served) as port, chromium() as context:
+        page = context.new_page()
         page.goto(f"http://127.0.0.1:{port}/")
         page.wait_for_function("document.querySelectorAll('#model option').length === 3")
         page.select_option("#model", "dcgan")
@@ -304,13 +294,11 @@ def test_the_page_explores_16_candidates_and_turns_a_sketch_into_images_it_can_r
                                ".filter(i => i.complete && i.dataset.command).length === 16")
         commands = page.eval_on_selector_all(".candidate", "els => els.map(e => e.dataset.command)")
         assert [f"--seeds {40 + i} " in c for i, c in enumerate(commands)] == [True] * 16
-        cell = page.evaluate("async () => Array.from(new Uint8Array(await (await fetch("
-                             "document.querySelectorAll('.candidate')[5].src)).arrayBuffer()))")
+        cell = fetched(page, "document.querySelectorAll('.candidate')[5].src")
         page.click(".candidate >> nth=5")                                        # the 6th becomes the image above
         page.wait_for_function("document.getElementById('command').textContent.includes('--seeds 45 ')"
                                " && document.getElementById('image').complete")
-        main = page.evaluate("async () => Array.from(new Uint8Array(await (await fetch("
-                             "document.getElementById('image').src)).arrayBuffer()))")
+        main = fetched(page, "document.getElementById('image').src")
         assert main == cell
         # Sketch on the flow model: a stroke of the brush, then images from it.
         page.select_option("#model", "flow")
@@ -326,11 +314,8 @@ def test_the_page_explores_16_candidates_and_turns_a_sketch_into_images_it_can_r
                                " && document.getElementById('sketched').complete")
         assert page.is_hidden("#error")
         command = page.inner_text("#sketch-command")
-        shown = bytes(page.evaluate("async () => Array.from(new Uint8Array(await (await fetch("
-                                    "document.getElementById('sketched').src)).arrayBuffer()))"))
-        drawing = bytes(page.evaluate("async () => Array.from(new Uint8Array(await (await fetch("
-                                      "document.getElementById('sketch-download').href)).arrayBuffer()))"))
-        browser.close()
+        shown = fetched(page, "document.getElementById('sketched').src")
+        drawing = fetched(page, "document.getElementById('sketch-download').href")
     sketch = np.asarray(Image.open(io.BytesIO(drawing)).convert("RGB"))
     side = imagegen.load_run(runs("flow")).model.cfg.image_size
     assert (sketch[..., 0] > 150).sum() > 10 and sketch.shape[:2] == (side, side)   # the red stroke, at the model's size
@@ -348,17 +333,11 @@ def test_the_page_explores_16_candidates_and_turns_a_sketch_into_images_it_can_r
 def test_a_link_to_the_page_restores_its_image_and_the_board_keeps_images_across_reloads(served, tmp_path):
     import zipfile
 
-    from playwright.sync_api import sync_playwright
-
-    from conftest import live_server
 
     def shown(page) -> bytes:
-        return bytes(page.evaluate("async () => Array.from(new Uint8Array(await (await fetch("
-                                   "document.getElementById('image').src)).arrayBuffer()))"))
+        return fetched(page, "document.getElementById('image').src")
 
-    with live_server(served) as port, sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
-        context = browser.new_context(accept_downloads=True)
+    with live_server(served) as port, chromium(accept_downloads=True) as context:
         page = context.new_page()
         page.goto(f"http://127.0.0.1:{port}/")
         page.wait_for_function("document.querySelectorAll('#model option').length === 3")
@@ -391,7 +370,6 @@ def test_a_link_to_the_page_restores_its_image_and_the_board_keeps_images_across
         download.value.save_as(path)
         other.click("#board-clear")
         other.wait_for_function("document.querySelectorAll('#board .kept').length === 0")
-        browser.close()
     with zipfile.ZipFile(path) as z:
         assert z.testzip() is None                                        # every CRC right
         assert z.namelist() == ["01-seed21.png", "02-seed22.png", "commands.txt"]

@@ -169,13 +169,15 @@ class DDPM(BackboneFamily):    # the backbone, its optimizer, label dropout and 
         shape = (self.cfg.channels, self.cfg.image_size, self.cfg.image_size)
         noise = self._noise(n, shape, generator)
         with eval_mode(self):
-            x = noise()
-            denoise = self.denoiser(labels, guidance, text, negative)
-            if sampler == "ddim":
-                x = ddim(denoise, x, self.ab, ts, eta=eta, noise=noise)
-            else:
-                x = ddpm_ancestral(denoise, x, self.ab, ts, noise=noise)
+            x = self._denoise_from(noise(), ts, labels, guidance, text, negative, eta, sampler, noise)
         return x.clamp(-1, 1)
+
+    def _denoise_from(self, x, ts, labels, guidance, text, negative, eta, sampler, noise) -> torch.Tensor:
+        """x at timestep ts[0] denoised over the timesteps ts by the chosen sampler (DDIM or ancestral)."""
+        denoise = self.denoiser(labels, guidance, text, negative)
+        if sampler == "ddim":
+            return ddim(denoise, x, self.ab, ts, eta=eta, noise=noise)
+        return ddpm_ancestral(denoise, x, self.ab, ts, noise=noise)
 
     @torch.no_grad()
     def edit(self, image: torch.Tensor, strength: float, *, labels: torch.Tensor | None = None,
@@ -193,11 +195,7 @@ class DDPM(BackboneFamily):    # the backbone, its optimizer, label dropout and 
         with eval_mode(self):
             a = float(self.ab[ts[0]])
             x = math.sqrt(a) * image.to(self.device, torch.float32) + math.sqrt(1 - a) * noise()
-            denoise = self.denoiser(labels, guidance, text, negative)
-            if sampler == "ddim":
-                x = ddim(denoise, x, self.ab, ts, eta=eta, noise=noise)
-            else:
-                x = ddpm_ancestral(denoise, x, self.ab, ts, noise=noise)
+            x = self._denoise_from(x, ts, labels, guidance, text, negative, eta, sampler, noise)
         return x.clamp(-1, 1)
 
     @torch.no_grad()

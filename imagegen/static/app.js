@@ -458,11 +458,7 @@ let sketch = null;                      // a canvas at the model's resolution
 let sketching = false;
 
 function newSketch() {
-  const size = current ? current.image_size : 28;
-  sketch = Object.assign(document.createElement("canvas"), { width: size, height: size });
-  const g = sketch.getContext("2d");
-  g.fillStyle = "black";
-  g.fillRect(0, 0, size, size);
+  sketch = blackCanvas();
   drawSketch();
 }
 
@@ -474,9 +470,7 @@ function drawSketch() {
 
 function sketchAt(event) {
   if (!sketching || !sketch) return;
-  const rect = sketchView.getBoundingClientRect();
-  const x = Math.floor((event.clientX - rect.left) / rect.width * sketch.width);
-  const y = Math.floor((event.clientY - rect.top) / rect.height * sketch.height);
+  const [x, y] = canvasPoint(sketchView, sketch, event);
   const r = Math.max(1, Number($("brush-size").value) || 1);
   const g = sketch.getContext("2d");
   g.fillStyle = $("brush-colour").value;
@@ -514,12 +508,25 @@ const ctx = paint.getContext("2d");
 let mask = null;                        // a canvas at the model's resolution: white = regenerate
 let painting = false;
 
-function newMask() {
+// A canvas at the model's resolution, all black: the mask's and the sketch's.
+function blackCanvas() {
   const size = current ? current.image_size : 28;
-  mask = Object.assign(document.createElement("canvas"), { width: size, height: size });
-  const m = mask.getContext("2d");
-  m.fillStyle = "black";
-  m.fillRect(0, 0, size, size);
+  const canvas = Object.assign(document.createElement("canvas"), { width: size, height: size });
+  const g = canvas.getContext("2d");
+  g.fillStyle = "black";
+  g.fillRect(0, 0, size, size);
+  return canvas;
+}
+
+// The pixel of `target` (at the model's resolution) under the pointer on `view` (its enlarged display).
+function canvasPoint(view, target, event) {
+  const rect = view.getBoundingClientRect();
+  return [Math.floor((event.clientX - rect.left) / rect.width * target.width),
+          Math.floor((event.clientY - rect.top) / rect.height * target.height)];
+}
+
+function newMask() {
+  mask = blackCanvas();
 }
 
 function drawPaintBackground() {
@@ -538,9 +545,7 @@ function drawPaintBackground() {
 
 function brush(event) {
   if (!painting || !mask) return;
-  const rect = paint.getBoundingClientRect();
-  const x = Math.floor((event.clientX - rect.left) / rect.width * mask.width);
-  const y = Math.floor((event.clientY - rect.top) / rect.height * mask.height);
+  const [x, y] = canvasPoint(paint, mask, event);
   const m = mask.getContext("2d");
   m.fillStyle = "white";
   m.fillRect(x - 1, y - 1, 3, 3);
