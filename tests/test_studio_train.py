@@ -80,6 +80,7 @@ def test_the_routes_that_change_anything_need_the_token(client):
     r = upload(client, data)
     assert r.status_code == 200 and r.json()["images"] == 4
     assert client.get("/api/train").json() == {"state": "none"}             # reading needs no token
+    assert client.get("/api/train/grid").status_code == 404
 
 
 def test_no_token_is_refused_off_loopback(tmp_path):
@@ -158,7 +159,9 @@ def test_upload_train_and_serve_the_new_run_and_a_failure_or_cancel_leaves_a_wor
         states = [json.loads(line[len("data: "):])["state"] for line in events.iter_lines() if line.startswith("data: ")]
     assert states[-1] == "done" and set(states[:-1]) <= {"running"}
     done = wait_for(client, "done")
-    assert done["step"] > 0 and done["model"]
+    assert done["step"] > 0 and done["model"] and done["grid_step"] == done["step"]   # the last grid: at the end
+    grid = client.get("/api/train/grid")
+    assert grid.status_code == 200 and grid.content.startswith(b"\x89PNG")
     assert done["model"] in [m["name"] for m in client.get("/api/models").json()]
     image = client.post("/api/generate", json={"model": done["model"], "seed": 3})
     assert image.status_code == 200 and image.content.startswith(b"\x89PNG")
@@ -198,6 +201,8 @@ def test_the_page_uploads_trains_and_explores_a_first_model_from_an_empty_folder
         page.click("#train-go")
         page.wait_for_function("document.getElementById('train-status').textContent.startsWith('training dcgan')")
         page.wait_for_function("document.getElementById('train-status').textContent.startsWith('done')", timeout=180_000)
+        page.wait_for_function("document.getElementById('train-grid').complete"
+                               " && document.getElementById('train-grid').naturalWidth > 0")   # its sample grid
         page.wait_for_function("Array.from(document.querySelectorAll('.candidate'))"
                                ".filter(i => i.complete && i.dataset.command).length === 16")
         name = page.input_value("#model")

@@ -38,6 +38,7 @@ MAX_RATIO = 100                   # unpacked / packed size of one member (a zip 
 KEPT_SUFFIXES = ALLOWED_SUFFIXES | set(CAPTION_SUFFIXES) | {".jsonl", ".csv"}
 TRAIN_FAMILIES = ("dcgan", "cgan", "vae", "cvae", "ddpm", "flow")
 MAX_TRAIN_MINUTES = 120.0
+GRID_EVERY = 100                  # steps between the job's sample grids, so that they arrive while it runs
 
 
 class UploadError(ImagegenError):
@@ -155,10 +156,18 @@ class TrainJob:
         if state == "failed":   # the process's last lines say why (a typed error is one line)
             tail = self.log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-3:] if self.log.is_file() else []
             error = " ".join(tail)[-500:] or f"the training process exited with status {code}"
+        grid = self.latest_grid()
         return {"state": state, "family": self.family, "minutes": self.minutes, "upload": self.upload,
                 "seconds": round(time.time() - self.started, 1), "step": last.get("step", 0),
                 "loss": {k: v for k, v in last.items() if k not in ("step", "images_per_s", "bad_steps")},
-                "run": run.name if run is not None else None, "error": error}
+                "run": run.name if run is not None else None, "error": error,
+                "grid_step": int(grid.stem.split("-")[1]) if grid is not None else None}
+
+    def latest_grid(self) -> Path | None:
+        """The newest sample grid the job has written (samples/step-NNNNNNN.png), if any."""
+        run = self.run_dir()
+        grids = sorted((run / "samples").glob("step-*.png")) if run is not None else []
+        return grids[-1] if grids else None
 
     def cancel(self) -> None:
         if self.process.poll() is None:
@@ -181,7 +190,8 @@ def start_training(upload_dir: Path, upload: str, family: str, minutes: float, o
     logs.mkdir(parents=True, exist_ok=True)
     log = logs / f"train-{upload}-{int(time.time())}.log"
     cmd = [sys.executable, "-m", "imagegen", "train", "--data", f"folder:{upload_dir}", "--model", family,
-           "--out", str(out), "--no-progress", "--set", f"train.time_limit={60 * minutes:g}"]
+           "--out", str(out), "--no-progress", "--set", f"train.time_limit={60 * minutes:g}",
+           "--set", f"train.sample_every={GRID_EVERY}"]
     for key, value in (overrides or {}).items():
         cmd += ["--set", f"{key}={value}"]
     with open(log, "wb") as f:

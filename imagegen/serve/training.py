@@ -1,5 +1,6 @@
 """The studio's training routes: upload a zip of images, train a model on it in its own process, watch
-its progress (server-sent events), cancel it, then find the new run among the served models.
+its progress (server-sent events) and its sample grids, cancel it, then find the new run among the
+served models.
 
 Every route that changes anything (upload, train, cancel) needs the server's token in the
 X-Imagegen-Token header: `imagegen serve` makes one at start and prints it, as Jupyter does (or takes
@@ -16,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, File, Request, UploadFile
-from fastapi.responses import StreamingResponse
+from fastapi.responses import FileResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from .app import Api, bad_request, find_runs
@@ -110,6 +111,15 @@ def add_training_routes(app: FastAPI, api: Api, root: Path, token: str | None) -
     async def train_status() -> dict:
         """The training job: state (none, running, done, failed, cancelled), step, losses, its run."""
         return status()
+
+    @app.get("/api/train/grid", response_class=FileResponse, responses={200: {"content": {"image/png": {}}}})
+    async def train_grid() -> FileResponse:
+        """The newest sample grid of the training job (every GRID_EVERY steps, and at the end)."""
+        job: TrainJob | None = state["job"]
+        grid = job.latest_grid() if job is not None else None
+        if grid is None:
+            raise bad_request("no sample grid yet", 404)
+        return FileResponse(grid, media_type="image/png", headers={"Cache-Control": "no-store"})
 
     @app.get("/api/train/events")
     async def train_events() -> StreamingResponse:

@@ -346,7 +346,14 @@ async function sendWithToken(url, init) {
   return response.json();
 }
 
+let gridStep = null;                   // the step of the sample grid on screen
+
 function showTraining(job) {
+  if (job.grid_step !== null && job.grid_step !== undefined && job.grid_step !== gridStep) {
+    gridStep = job.grid_step;
+    $("train-grid").src = `/api/train/grid?step=${gridStep}`;   // a new URL per grid: no stale cache
+    $("train-grid").hidden = false;
+  }
   const text = job.state === "running" ? `training ${job.family}: step ${job.step}, ${job.seconds} s of ${job.minutes * 60} s`
     : job.state === "failed" ? `failed: ${job.error}` : `${job.state}${job.run ? `: ${job.run}` : ""}`;
   $("train-status").textContent = text;
