@@ -158,8 +158,8 @@ def client(served):
 
 
 @pytest.mark.parametrize("body", [{"model": "flow", "source": 7, "seed": 2, "n": 3, "strength": 0.3, "steps": 3},
-                                  {"model": "dcgan", "source": 3, "parent": 9, "mix": 0.25, "seed": 0, "n": 2,
-                                   "strength": 0.6}], ids=["vary-flow", "breed-dcgan"])
+                                  {"model": "dcgan", "source": 3, "parent": 9, "mix": 0.2512345678, "seed": 0, "n": 2,
+                                   "strength": 0.6123456789}], ids=["vary-flow", "breed-dcgan"])   # all digits kept
 def test_the_vary_route_gives_the_librarys_pixels_and_a_command_that_reproduces_them(client, runs, body, tmp_path):
     r = client.post("/api/vary", json=body)
     assert r.status_code == 200, r.text

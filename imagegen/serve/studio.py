@@ -4,15 +4,15 @@ carries the `imagegen vary` or `imagegen breed` command that gives the same pixe
 
 from __future__ import annotations
 
+import torch
 from fastapi import FastAPI, File, Form, UploadFile
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..directions import DIRECTION, MAX_DIRECTIONS, direction_shift, principal_directions
 from ..models.ddpm import STRENGTH
-from ..sample import SEED
+from ..sample import SEED, generate, hwc_to_float
 from ..vary import MIX, breed
-from ..sample import generate, hwc_to_float
 from .app import (MAX_BATCH, MAX_PROMPT_CHARS, OPTION_FIELDS, Api, GenerateRequest, _quote, bad_request, decode_upload,
                   latin1, png_response, read_upload)
 
@@ -56,8 +56,9 @@ def vary_command(served, req: VaryRequest, seeds: list[int], opts: dict, image: 
     elif req.parent is None:
         parts = ["imagegen", "vary", str(served.run.path), "--seed", str(req.source)]
     else:
-        parts = ["imagegen", "breed", str(served.run.path), "--parents", f"{req.source},{req.parent}", "--mix", f"{req.mix:g}"]
-    parts += ["--strength", f"{req.strength:g}", "--seeds", seed_text]
+        parts = ["imagegen", "breed", str(served.run.path), "--parents", f"{req.source},{req.parent}", "--mix", repr(req.mix)]
+    # repr: the shortest text that parses back to the same float, so the command draws the same pixels
+    parts += ["--strength", repr(req.strength), "--seeds", seed_text]
     for flag, value in (("--labels", req.label or None), ("--prompt", req.prompt), ("--negative-prompt", req.negative_prompt)):
         if value is not None:
             parts += [flag, _quote(value)]
@@ -110,7 +111,6 @@ def add_studio_routes(app: FastAPI, api: Api) -> None:
                 moves = [0.0] * req.index + [v]
                 rows.append(generate(served.model, [req.seed], labels=labels, latent=direction_shift(served.model, moves)
                                      if v else None))
-            import torch
             return torch.cat(rows)
         images = await api.worker.call(work)
         return png_response(images, nrow=req.frames)
