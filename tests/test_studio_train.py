@@ -126,6 +126,22 @@ def test_a_zip_that_is_not_one_or_too_big_is_refused(client, served, monkeypatch
     assert upload(client, tiny_folder_zip(8)).status_code == 413
 
 
+def test_a_damaged_or_ambiguous_zip_is_a_4xx_not_a_crash(client, served):
+    good = zip_bytes({"a.png": png(1), "b.png": png(2)})
+    damaged = bytearray(good)
+    at = damaged.index(b"a.png") + len("a.png") + 20                       # inside a.png's compressed bytes
+    damaged[at] ^= 0xFF
+    r = upload(client, bytes(damaged))
+    assert r.status_code == 400 and "cannot unpack" in r.json()["detail"], r.text
+    twice = io.BytesIO()
+    with zipfile.ZipFile(twice, "w") as z:
+        z.writestr("a.png", png(1))
+        z.writestr("A.PNG", png(2))
+    r = upload(client, twice.getvalue())
+    assert r.status_code == 400 and "same name" in r.json()["detail"], r.text
+    assert not (served / "studio" / "uploads").is_dir() or not any((served / "studio" / "uploads").iterdir())
+
+
 def test_only_images_and_captions_are_unpacked_inside_the_upload_folder(tmp_path):
     data = zip_bytes({"cats/a.png": png(1), "cats/a.txt": b"a cat", "run.sh": b"rm -rf /", ".hidden/b.png": png(2),
                       "metadata.jsonl": b'{"file_name": "cats/a.png", "text": "a cat"}\n'})

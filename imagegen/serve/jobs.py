@@ -18,12 +18,14 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import stat
 import subprocess
 import sys
 import time
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -95,7 +97,10 @@ def unpack_upload(zip_path: Path, dest: Path) -> dict:
                 raise UploadError(f"the zip unpacks to over {MAX_TOTAL_BYTES} bytes")
             plan.append((info, path))
         if not any(p.suffix.lower() in ALLOWED_SUFFIXES for _, p in plan):
-            raise UploadError("no images in the zip (PNG, JPEG, WebP, BMP, GIF)")
+            raise UploadError(f"no images in the zip ({', '.join(sorted(ALLOWED_SUFFIXES))})")
+        names = [str(p).lower() for _, p in plan]
+        if len(set(names)) < len(names):   # also "A.png" beside "a.png": one file on case-insensitive disks
+            raise UploadError("the zip holds two members with the same name")
         dest.mkdir(parents=True)
         root = dest.resolve()
         try:
@@ -111,8 +116,10 @@ def unpack_upload(zip_path: Path, dest: Path) -> dict:
                         if written > info.file_size:   # the header lied about the size
                             raise UploadError(f"zip member {info.filename!r} is larger than it says")
                         out.write(block)
+        except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as e:   # a damaged or odd member
+            shutil.rmtree(dest, ignore_errors=True)
+            raise UploadError(f"cannot unpack the zip: {e}") from None
         except BaseException:
-            import shutil
             shutil.rmtree(dest, ignore_errors=True)
             raise
     images = sum(p.suffix.lower() in ALLOWED_SUFFIXES for _, p in plan)
