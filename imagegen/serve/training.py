@@ -20,7 +20,9 @@ from fastapi import Depends, FastAPI, File, Request, UploadFile
 from fastapi.responses import FileResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from .app import Api, bad_request, find_runs
+from ..checkpoint import load_run
+from ..errors import ImagegenError
+from .app import Api, Served, bad_request
 from .jobs import MAX_TRAIN_MINUTES, MAX_ZIP_BYTES, TRAIN_FAMILIES, TrainJob, UploadError, new_upload_id, start_training, unpack_upload
 
 TOKEN_HEADER = "X-Imagegen-Token"
@@ -48,11 +50,13 @@ def add_training_routes(app: FastAPI, api: Api, root: Path, token: str | None) -
         if not secrets.compare_digest(given.encode(), token.encode()):
             raise bad_request("wrong token", 403)
 
-    def refresh_runs() -> None:
-        """Serve the runs that training added (only new names are loaded)."""
-        for name, served in find_runs(root, log=None).items():
-            if name not in api.runs:
-                api.runs[name] = served
+    def serve_run(folder: Path) -> str:
+        """The served name of a run that training finished (its path under RUNS_DIR, as find_runs names
+        runs), loading it the first time it is asked for."""
+        name = folder.relative_to(root).as_posix()
+        if name not in api.runs:
+            api.runs[name] = Served(name, load_run(folder))
+        return name
 
     @app.post("/api/upload", dependencies=[Depends(authorised)])
     async def upload_route(archive: UploadFile = File(..., description="a zip of images (class folders or captions)")) -> dict:
@@ -102,9 +106,11 @@ def add_training_routes(app: FastAPI, api: Api, root: Path, token: str | None) -
         if job is None:
             return {"state": "none"}
         out = job.status()
-        if out["state"] == "done":
-            refresh_runs()
-            out["model"] = next((n for n, s in api.runs.items() if out["run"] and s.run.path.name == out["run"]), None)
+        if out["state"] == "done" and job.run_dir() is not None:
+            try:
+                out["model"] = serve_run(job.run_dir())
+            except ImagegenError as e:   # a run folder that does not load is reported, not served
+                out["state"], out["error"] = "failed", f"the trained run does not load: {e}"
         return out
 
     @app.get("/api/train")
