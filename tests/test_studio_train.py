@@ -186,11 +186,12 @@ def test_upload_train_and_serve_the_new_run_and_a_failure_or_cancel_leaves_a_wor
     client.post("/api/train", json={"upload": flat["upload"], "family": "cgan", "minutes": 0.1}, headers=headers)
     failed = wait_for(client, "failed")
     assert "labelled" in failed["error"] or "class" in failed["error"], failed
+    assert failed["run"] != done["run"] and failed["step"] == 0            # not the earlier job's run
     # a long job, cancelled: the process goes, the server stays
     client.post("/api/train", json={"upload": up["upload"], "family": "dcgan", "minutes": 5}, headers=headers)
     time.sleep(1.0)
     cancelled = client.post("/api/train/cancel", headers=headers).json()
-    assert cancelled["state"] == "cancelled"
+    assert cancelled["state"] == "cancelled" and cancelled["run"] != done["run"]
     assert client.get("/health").json()["status"] == "ok"
     bad = client.post("/api/train", json={"upload": "f" * 16, "family": "dcgan"}, headers=headers)
     assert bad.status_code == 404

@@ -139,12 +139,18 @@ class TrainJob:
     out: Path
     process: subprocess.Popen
     log: Path
+    before: frozenset = frozenset()   # the folders in `out` when the job started: earlier jobs' runs
     started: float = field(default_factory=time.time)
     cancelled: bool = False
+    _run: Path | None = None
 
     def run_dir(self) -> Path | None:
-        dirs = sorted(p for p in self.out.iterdir() if (p / "config.json").is_file()) if self.out.is_dir() else []
-        return dirs[-1] if dirs else None
+        """The run folder this job writes: the one new folder in `out` with a config.json, once it exists
+        (earlier jobs' runs share `out`), then remembered."""
+        if self._run is None and self.out.is_dir():
+            new = sorted(p for p in self.out.iterdir() if p.name not in self.before and (p / "config.json").is_file())
+            self._run = new[-1] if new else None
+        return self._run
 
     def status(self) -> dict:
         code = self.process.poll()
@@ -194,6 +200,7 @@ def start_training(upload_dir: Path, upload: str, family: str, minutes: float, o
     if family not in TRAIN_FAMILIES:
         raise UploadError(f"family {family!r}: one of {', '.join(TRAIN_FAMILIES)}")
     out.mkdir(parents=True, exist_ok=True)
+    before = frozenset(p.name for p in out.iterdir())
     logs.mkdir(parents=True, exist_ok=True)
     log = logs / f"train-{upload}-{int(time.time())}.log"
     cmd = [sys.executable, "-m", "imagegen", "train", "--data", f"folder:{upload_dir}", "--model", family,
@@ -204,4 +211,4 @@ def start_training(upload_dir: Path, upload: str, family: str, minutes: float, o
     with open(log, "wb") as f:
         process = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    start_new_session=True)
-    return TrainJob(upload, family, minutes, out, process, log)
+    return TrainJob(upload, family, minutes, out, process, log, before)

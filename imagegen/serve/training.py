@@ -108,7 +108,7 @@ def add_training_routes(app: FastAPI, api: Api, root: Path, token: str | None) -
         out = job.status()
         if out["state"] == "done" and job.run_dir() is not None:
             try:
-                out["model"] = serve_run(job.run_dir())
+                out["model"] = serve_run(job.run_dir())   # found once, then remembered by the job
             except ImagegenError as e:   # a run folder that does not load is reported, not served
                 out["state"], out["error"] = "failed", f"the trained run does not load: {e}"
         return out
