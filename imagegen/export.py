@@ -1,0 +1,281 @@
+"""Export a run's sampling network to ONNX, for deployment outside imagegen (onnxruntime, TensorRT,
+onnxruntime-web...), checked against torch before the file is kept.
+
+What each family exports (N is a dynamic batch dimension; images are N x C x S x S floats in [-1, 1]):
+
+- dcgan / cgan: the generator, `z` (N x z_dim, standard normal) [+ `label` int64 N] -> `image`.
+- vae / cvae: the decoder's mean, `z` (N x z_dim) [+ `label`] -> `image`.
+- ddpm: one network call, `x` (N x C x S x S) and `time` (int64 N, 0..T-1) [+ `label`] -> `out`, the predicted
+  noise (prediction "eps") or v (prediction "v"). The sampler (DDIM) runs outside the graph on the schedule
+  stored in the model's metadata (`imagegen.alphas_cumprod`).
+- flow: one network call, `x` and `time` (float N in [0, 1]: 0 noise, 1 data) [+ `label`] -> `velocity`;
+  Euler from z: x += v(x, t) / K for t = 0, 1/K, ... (the run's solver and steps are in the metadata).
+- distilled: the whole sampler, its K Euler steps unrolled: `z` (N x C x S x S) [+ `label`] -> `image`.
+- cyclegan: one generator, `image` of one domain -> `image` of the other (--direction).
+
+Labels of conditional diffusion/flow networks take the null class (num_classes) for the unconditional
+branch: classifier-free guidance is out_null + g (out_cond - out_null), two calls. Text networks take
+`text_pooled` (N x 384), `text_tokens` (N x T x 384) and `text_mask` (bool N x T) from all-MiniLM-L6-v2;
+`imagegen/text.py` makes them. The random-pixel baseline has no network and is refused.
+
+The exporter is torch.onnx's (torch.export based; onnxscript writes the graph). The file is written
+beside its destination, run by onnxruntime on random inputs of batch 3 and compared with torch, and only
+renamed into place when every output is within the tolerance (1e-4).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import __version__
+from .checkpoint import Run
+from .errors import ConfigError, ImagegenError
+
+TOLERANCE = 1e-4
+CHECK_BATCH = 3
+
+
+class ExportError(ImagegenError):
+    """A model that cannot be exported, or an export whose outputs do not match torch."""
+
+
+@dataclass
+class Graph:
+    """What to export: the module, its named example inputs (batch CHECK_BATCH), its output names and
+    the metadata that tells a user how to drive it."""
+    module: nn.Module
+    inputs: dict[str, torch.Tensor]
+    outputs: list[str]
+    usage: str
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Exported:
+    path: Path
+    inputs: dict[str, tuple]      # name -> (dtype, shape with "N" for the batch)
+    outputs: dict[str, tuple]
+    max_abs_diff: float           # onnxruntime vs torch on the check inputs
+    usage: str
+
+
+# --- the graphs -------------------------------------------------------------------------------------
+
+
+class _Call(nn.Module):
+    """A module whose forward is fn(*inputs): export sees only tensors in and out."""
+
+    def __init__(self, owner: nn.Module, fn) -> None:
+        super().__init__()
+        self.owner, self.fn = owner, fn
+
+    def forward(self, *xs: torch.Tensor) -> torch.Tensor:
+        return self.fn(*xs)
+
+
+def _random_inputs(model, names: list[str], gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Example inputs of batch CHECK_BATCH, drawn from `gen`: what a user would feed, in range."""
+    cfg, n = model.cfg, CHECK_BATCH
+    image = (cfg.channels, cfg.image_size, cfg.image_size)
+    out = {}
+    for name in names:
+        if name == "z" and hasattr(cfg, "z_dim"):
+            out[name] = torch.randn(n, cfg.z_dim, generator=gen)
+        elif name in ("z", "x", "image"):
+            out[name] = torch.randn(n, *image, generator=gen).clamp(-3, 3)
+        elif name == "label":   # diffusion/flow networks also take the null class
+            k = model.num_classes + (1 if hasattr(model, "guided") else 0)
+            out[name] = torch.randint(k, (n,), generator=gen)
+        elif name == "time" and model.name == "ddpm":
+            out[name] = torch.randint(cfg.timesteps, (n,), generator=gen)
+        elif name == "time":
+            out[name] = torch.rand(n, generator=gen)
+        elif name == "text_pooled":
+            out[name] = torch.randn(n, cfg.text_dim, generator=gen) * 0.05
+        elif name == "text_tokens":
+            out[name] = torch.randn(n, TOKENS, cfg.text_dim, generator=gen) * 0.05
+        elif name == "text_mask":   # the first 1..TOKENS slots hold words
+            lengths = torch.randint(1, TOKENS + 1, (n,), generator=gen)
+            out[name] = torch.arange(TOKENS)[None] < lengths[:, None]
+        else:
+            raise AssertionError(name)
+    return out
+
+
+TOKENS = 16   # token slots of the text inputs in the check (the graph takes any number)
+
+
+def graph_for(run: Run, direction: str = "a2b") -> Graph:
+    """The exportable graph of a run's model (see the module docstring)."""
+    model, family = run.model, run.family
+    conditional = model.conditional
+    gen = torch.Generator().manual_seed(0)
+    label = ["label"] if conditional else []
+    meta = {"imagegen.family": family, "imagegen.version": __version__, "imagegen.run": run.path.name,
+            "imagegen.step": str(run.step), "imagegen.model_config": json.dumps(run.config["model"]),
+            "imagegen.classes": json.dumps(run.classes)}
+    if family in ("dcgan", "cgan"):
+        names = ["z"] + label
+        fn = (lambda z, y: model.G(z, y)) if conditional else (lambda z: model.G(z))
+        return Graph(_Call(model, fn), _random_inputs(model, names, gen), ["image"],
+                     "image = G(z[, label]); z ~ N(0, I) of z_dim values per image", meta)
+    if family in ("vae", "cvae"):
+        names = ["z"] + label
+        fn = (lambda z, y: model._mean(model.decoder(z, model._cond(y)))) if conditional else \
+            (lambda z: model._mean(model.decoder(z, None)))
+        return Graph(_Call(model, fn), _random_inputs(model, names, gen), ["image"],
+                     "image = decoder mean(z[, label]); z ~ N(0, I) (times a temperature)", meta)
+    if family in ("ddpm", "flow"):
+        text = ["text_pooled", "text_tokens", "text_mask"] if model.reads_text else []
+        # "time", not "t": the exporter names a folded weight.t() "t", and an input may not share its name.
+        names = ["x", "time"] + label + text
+        scale = 1.0 if family == "ddpm" else model_time_scale(family)
+
+        def fn(x, t, *rest):
+            y = rest[0] if conditional else None
+            extra = list(rest[1 if conditional else 0:])
+            return model.net(x, t * scale if scale != 1.0 else t, y, *extra)
+
+        cfg = model.cfg
+        meta.update({"imagegen.sample_steps": str(cfg.sample_steps), "imagegen.guidance": str(cfg.guidance),
+                     "imagegen.null_class": str(model.num_classes) if conditional else ""})
+        if family == "ddpm":
+            meta["imagegen.prediction"] = cfg.prediction
+            meta["imagegen.alphas_cumprod"] = json.dumps([round(float(a), 9) for a in model.ab])
+            usage = (f"out = net(x_t, time[, label]): the predicted {'noise' if cfg.prediction == 'eps' else 'v'} at "
+                     f"timestep `time` of {cfg.timesteps}; sample with DDIM over imagegen.alphas_cumprod")
+            outputs = ["out"]
+        else:
+            meta["imagegen.solver"] = cfg.solver
+            usage = ("velocity = net(x, time[, label]) on the straight path x_t = (1 - t) z + t x_data; "
+                     "integrate from z ~ N(0, I) at time 0 to time 1")
+            outputs = ["velocity"]
+        if text:
+            usage += ("; a prompt is text_pooled, text_tokens and text_mask from all-MiniLM-L6-v2 (imagegen/text.py), "
+                      "the null text an all-false mask")
+        return Graph(_Call(model, fn), _random_inputs(model, names, gen), outputs, usage, meta)
+    if family == "distilled":
+        names = ["z"] + label
+        k, scale = model.cfg.steps, model_time_scale(family)
+
+        def sampler(z, *rest):   # the student's K Euler steps from t = 0, as Distilled.sample
+            y = rest[0] if conditional else None
+            x = z
+            for i in range(k):
+                t = torch.full((z.shape[0],), scale * i / k, dtype=z.dtype)
+                x = x + model.net(x, t, y) / k
+            return x.clamp(-1, 1)
+
+        meta["imagegen.steps"] = str(k)
+        return Graph(_Call(model, sampler), _random_inputs(model, names, gen), ["image"],
+                     f"image = sampler(z[, label]): the student's {k} Euler step(s) from z ~ N(0, I) "
+                     f"(C x S x S per image)", meta)
+    if family == "cyclegan":
+        if direction not in ("a2b", "b2a"):
+            raise ConfigError(f"--direction must be a2b or b2a, got {direction!r}")
+        g = model.g_ab if direction == "a2b" else model.g_ba
+        meta["imagegen.direction"] = direction
+        return Graph(_Call(model, lambda x: g(x)), _random_inputs(model, ["image"], gen), ["image"],
+                     f"image = G_{direction}(image): one domain's image to the other's", meta)
+    raise ExportError(f"model {family!r} has no network to export (the random-pixel baseline draws each pixel "
+                      f"from the training histogram)")
+
+
+def model_time_scale(family: str) -> float:
+    from .models import distilled, flow
+    return flow.TIME_SCALE if family == "flow" else distilled.TIME_SCALE
+
+
+# --- export and check --------------------------------------------------------------------------------
+
+
+def _as_contiguous(module: nn.Module) -> None:
+    """Runs load in channels-last memory; the ONNX graph is plain NCHW either way."""
+    module.to(memory_format=torch.contiguous_format)
+
+
+def export_onnx(run: Run, out: str | Path, *, direction: str = "a2b", tolerance: float = TOLERANCE,
+                opset: int | None = None, log=print) -> Exported:
+    """Write the run's sampling network to `out` (ONNX), after checking it in onnxruntime against torch."""
+    try:
+        import onnxruntime as ort
+        import onnxscript  # noqa: F401  (torch.onnx's exporter writes the graph with it)
+    except ImportError as e:
+        raise ExportError(f"export needs onnx, onnxscript and onnxruntime: pip install 'imagegen[export]' ({e})") from None
+    out = Path(out)
+    if out.suffix != ".onnx":
+        raise ConfigError(f"--out {out}: an ONNX file name ends in .onnx")
+    graph = graph_for(run, direction)
+    _as_contiguous(run.model)
+    names = list(graph.inputs)
+    args = tuple(graph.inputs.values())
+    batch = torch.export.Dim("N", min=1, max=4096)
+    tokens = torch.export.Dim("T", min=1, max=512)
+    dynamic = (tuple({0: batch, 1: tokens} if n in ("text_tokens", "text_mask") else {0: batch} for n in names),)
+    # (one tuple: the *xs argument of _Call.forward)
+    graph.module.eval()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial")
+    try:
+        # Quiet: the exporter's progress lines, and its note that torchvision's operators are not there.
+        with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()), _quiet("torch.onnx"), \
+                warnings.catch_warnings():
+            warnings.simplefilter("ignore")   # torch.export's own deprecation notes, not the user's concern
+            program = torch.onnx.export(graph.module, args, input_names=names, output_names=graph.outputs,
+                                        dynamic_shapes=dynamic, dynamo=True, opset_version=opset,
+                                        external_data=False, verbose=False)
+        proto = program.model_proto
+        for key, value in graph.metadata.items():
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, value
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = "imagegen.usage", graph.usage
+        partial.write_bytes(proto.SerializeToString())
+        diff = check_onnx(partial, graph, ort)
+        if not diff <= tolerance:
+            raise ExportError(f"{out}: onnxruntime's outputs differ from torch's by {diff:.3g} (tolerance {tolerance:g})")
+        os.replace(partial, out)
+    except ImagegenError:
+        raise
+    except Exception as e:   # torch.export / onnxscript failures: name the model, keep the cause
+        raise ExportError(f"{run.path}: ONNX export of the {run.family} network failed: {e}") from e
+    finally:
+        partial.unlink(missing_ok=True)
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    shape = lambda a: tuple(d if isinstance(d, int) else str(d) for d in a.shape)   # noqa: E731
+    inputs = {a.name: (a.type, shape(a)) for a in session.get_inputs()}
+    outputs = {a.name: (a.type, shape(a)) for a in session.get_outputs()}
+    return Exported(out, inputs, outputs, diff, graph.usage)
+
+
+@contextlib.contextmanager
+def _quiet(logger: str):
+    log = logging.getLogger(logger)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def check_onnx(path: Path, graph: Graph, ort) -> float:
+    """The largest absolute difference between onnxruntime's outputs and torch's on the graph's inputs."""
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feeds = {k: v.numpy() for k, v in graph.inputs.items()}
+    got = session.run(None, feeds)
+    with torch.no_grad():
+        want = graph.module(*graph.inputs.values())
+    want = want if isinstance(want, (tuple, list)) else [want]
+    return max(float(np.abs(g - w.numpy()).max()) for g, w in zip(got, want))
