@@ -63,7 +63,8 @@ TRAIN_RANGES = field_ranges(TrainConfig)
 
 # Flags of `train` that map onto config keys; given explicitly, they override the config file.
 TRAIN_FLAGS = {"data": "data.source", "steps": "train.steps", "batch_size": "train.batch_size",
-               "seed": "train.seed", "device": "train.device", "precision": "train.precision"}
+               "seed": "train.seed", "device": "train.device", "precision": "train.precision",
+               "logger": "train.logger"}
 
 
 def _add_train(sub) -> None:
@@ -77,6 +78,8 @@ def _add_train(sub) -> None:
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto (bf16 on CUDA GPUs that have it, else fp32), fp32, bf16 (autocast), fp16 (CUDA, scaled)")
+    p.add_argument("--logger", choices=["jsonl", "tensorboard"],
+                   help="jsonl (default: log.jsonl) or tensorboard (event files in the run folder as well)")
     p.add_argument("--out", default="runs", help="folder that holds the run folders (default: runs)")
     p.add_argument("--config", help="TOML file of overrides ([model], [data], [train] tables)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one key, e.g. model.width=48")
@@ -97,7 +100,7 @@ def cmd_train(a) -> int:
         saved = read_config(a.resume)
         tree = {k: saved.get(k, {}) for k in ("family", "model", "data", "train")}
         tree["train"] = {**tree["train"], "steps": a.steps}
-        for flag in ("device", "precision"):      # how to run, not what to train: may change on resume
+        for flag in ("device", "precision", "logger"):   # how to run, not what to train: may change on resume
             if getattr(a, flag):
                 tree["train"][flag] = getattr(a, flag)
         if a.strict:

@@ -34,6 +34,7 @@ from .data.dataset import _mix
 from .errors import CheckpointError, ConfigError, TrainingError
 from .models import Family, family_class
 from .sample import grid, preview
+from .tboard import Board, check_logger
 
 
 @dataclass
@@ -54,8 +55,10 @@ class TrainConfig:
     max_bad_steps: int = ranged(10, 1, MAX_COUNT)        # stop after this many non-finite steps in a row
     time_limit: float = ranged(0.0, 0.0, 1e9)   # seconds of training, then the run ends, saved (0 = none)
     precision: str = "auto"       # auto (bf16 on CUDA GPUs that have it, else fp32), fp32, bf16, fp16 (CUDA)
+    logger: str = "jsonl"         # jsonl (log.jsonl only), or tensorboard (events in the run folder too: tboard.py)
 
     def validate(self) -> None:
+        check_logger(self.logger)
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ConfigError(f"train.precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
 
@@ -301,6 +304,7 @@ def _train(cfg: RunConfig, d: distributed.Dist | None, main: bool, device: torch
     params, ema_params = list(model.parameters()), list(ema.parameters())
     buffers, ema_buffers = list(model.buffers()), list(ema.buffers())
     log_file = (run_dir / "log.jsonl").open("a") if main else None
+    board = Board(run_dir, resume_step=start if resume is not None else None) if main and tc.logger == "tensorboard" else None
     bar = tqdm(total=tc.steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True, mininterval=1.0)
     window: dict[str, list[float]] = {}
     window_time, window_images, bad_in_a_row = 0.0, 0, 0
@@ -316,7 +320,10 @@ def _train(cfg: RunConfig, d: distributed.Dist | None, main: bool, device: torch
 
     def sample_grid(step: int) -> None:
         images, per_row = preview(ema, ds, tc.grid_size)
-        grid(images, nrow=per_row, scale=2 if images.shape[-1] < 48 else 1).save(run_dir / "samples" / f"step-{step:07d}.png")
+        picture = grid(images, nrow=per_row, scale=2 if images.shape[-1] < 48 else 1)
+        picture.save(run_dir / "samples" / f"step-{step:07d}.png")
+        if board is not None:
+            board.image(step, "samples", picture)
 
     started = time.perf_counter()
     try:
@@ -382,6 +389,10 @@ def _train(cfg: RunConfig, d: distributed.Dist | None, main: bool, device: torch
                     record["fp16_scale"] = scaler.get_scale()
                 log_file.write(json.dumps(record) + "\n")
                 log_file.flush()
+                if board is not None:
+                    board.scalars(done, means, "loss")
+                    board.scalars(done, {"images_per_s": record["images_per_s"], "bad_steps": bad_total}, "train")
+                    board.scalars(done, {k: o.param_groups[0]["lr"] for k, o in opts.items()}, "lr")
                 bar.set_postfix({**{k: f"{v:.3f}" for k, v in means.items()}, "img/s": f"{record['images_per_s']:.0f}"})
             if done % tc.log_every == 0 or last:
                 window, window_time, window_images = {}, 0.0, 0
@@ -401,6 +412,8 @@ def _train(cfg: RunConfig, d: distributed.Dist | None, main: bool, device: torch
         bar.close()
         if log_file is not None:
             log_file.close()
+        if board is not None:
+            board.close()
     return run_dir
 
 

@@ -101,4 +101,7 @@ def evaluate_run(run_dir: str | Path, *, n: int = 10_000, data: str | None = Non
         "sampling_seconds": round(sample_seconds, 2),
     }
     write_json_atomic(Path(run.path) / "metrics.json", out)
+    if run.config.get("train", {}).get("logger") == "tensorboard":
+        from ..tboard import log_metrics
+        log_metrics(run.path, run.step, result)
     return out
