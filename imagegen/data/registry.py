@@ -1,4 +1,6 @@
-"""Data sources by name: `--data fashion-mnist | mnist | kmnist | idx:DIR | folder:PATH | shapes | scenes`,
+"""Data sources by name: `--data fashion-mnist | mnist | kmnist | cifar10 | cifar100 | idx:DIR | folder:PATH |
+zip:PATH (an EDM / StyleGAN2-ADA dataset.zip: data/edmzip.py) | store:DIR (a prepared store: data/store.py) |
+shapes | scenes`,
 `captioned:SOURCE` (a labelled source with captions made from its classes: data/captions.py), and for
 translation models two domains: `pair:DIR | pair:SOURCE:CLASS_A,CLASS_B` (data/paired.py).
 
@@ -22,6 +24,7 @@ from . import folder as folder_source
 from . import idx as idx_source
 from . import paired
 from .captions import class_captions
+from .cifar import CIFAR_DATASETS, load_cifar
 from . import scenes as scenes_source
 from . import shapes as shapes_source
 from .dataset import ImageDataset
@@ -180,6 +183,10 @@ def load_data(cfg: DataConfig | str) -> ImageDataset | PairedDataset:
         img_path, lbl_path = locate_idx(ds_spec, cfg.split)
         images, labels = idx_source.read_idx_pair(img_path, lbl_path, len(ds_spec.classes))
         classes, source = list(ds_spec.classes), f"{img_path.parent}"
+    elif kind in CIFAR_DATASETS:
+        if arg:
+            raise ConfigError(f"--data {spec!r}: {kind} takes no argument")
+        images, labels, classes, source = load_cifar(kind, cfg.split)
     elif kind == "idx":
         if not arg:
             raise ConfigError("--data idx:DIR needs a directory")
@@ -220,7 +227,7 @@ def load_data(cfg: DataConfig | str) -> ImageDataset | PairedDataset:
         labels, source = torch.full((images.shape[0],), -1, dtype=torch.long), "built-in captioned scenes"
     else:
         raise ConfigError(
-            f"--data {spec!r}: unknown source (use one of {', '.join(IDX_DATASETS)}, idx:DIR, folder:PATH, shapes, scenes, "
+            f"--data {spec!r}: unknown source (use one of {', '.join([*IDX_DATASETS, *CIFAR_DATASETS])}, idx:DIR, folder:PATH, shapes, scenes, "
             f"pair:DIR, pair:SOURCE:CLASS_A,CLASS_B)"
         )
     _refuse_if_strict(spec, skipped, cfg.strict)
