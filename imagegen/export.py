@@ -26,6 +26,7 @@ renamed into place when every output is within the tolerance (1e-4).
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import json
 import logging
@@ -208,11 +209,10 @@ def _as_contiguous(module: nn.Module) -> None:
 def export_onnx(run: Run, out: str | Path, *, direction: str = "a2b", tolerance: float = TOLERANCE,
                 opset: int | None = None, log=print) -> Exported:
     """Write the run's sampling network to `out` (ONNX), after checking it in onnxruntime against torch."""
-    try:
-        import onnxruntime as ort
-        import onnxscript  # noqa: F401  (torch.onnx's exporter writes the graph with it)
-    except ImportError as e:
-        raise ExportError(f"export needs onnx, onnxscript and onnxruntime: pip install 'imagegen[export]' ({e})") from None
+    missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
+    if missing:   # torch.onnx's exporter writes the graph with onnxscript; onnxruntime checks it
+        raise ExportError(f"export needs {', '.join(missing)}: pip install 'imagegen[export]'")
+    import onnxruntime as ort
     out = Path(out)
     if out.suffix != ".onnx":
         raise ConfigError(f"--out {out}: an ONNX file name ends in .onnx")

@@ -18,7 +18,10 @@ from imagegen.data import cifar, registry
 from imagegen.errors import DataError
 
 from conftest import tiny_config
-from test_download import FILES, server  # noqa: F401 (the local http.server fixture)
+import test_download
+
+server = test_download.server   # the local http.server fixture, and the paths it serves
+FILES = test_download.FILES
 
 PER_FILE = 7   # records per batch file
 
@@ -53,7 +56,7 @@ def _archive(spec: cifar.CifarSpec, members: dict[str, bytes], *, raw_names: dic
 
 
 @pytest.fixture
-def serve_cifar(server, tmp_path, monkeypatch):   # noqa: F811
+def serve_cifar(server, tmp_path, monkeypatch):
     """use(name, archive bytes, pinned sha or None = the bytes' own) -> the cache folder: the dataset's
     URL points at the local server, nothing is installed, the cache is private."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
