@@ -69,7 +69,8 @@ TRAIN_FLAGS = {"data": "data.source", "steps": "train.steps", "batch_size": "tra
 
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a model into a new run folder, or --resume one")
-    p.add_argument("--data", help="fashion-mnist, mnist, kmnist, idx:DIR, folder:PATH, shapes, scenes (captioned); "
+    p.add_argument("--data", help="fashion-mnist, mnist, kmnist, cifar10, cifar100, idx:DIR, folder:PATH, zip:PATH (EDM "
+                   "dataset.zip), store:DIR (imagegen data prepare), shapes, scenes (captioned); "
                    "for cyclegan pair:DIR or pair:SOURCE:CLASS_A,CLASS_B")
     p.add_argument("--model", help="model family (see `imagegen models`)")
     add_number(p, "--steps", TRAIN_RANGES["steps"], "total training steps")
@@ -406,7 +407,11 @@ def cmd_evaluator(a) -> int:
     return 0
 
 
-def cmd_data_info(a) -> int:
+def cmd_data(a) -> int:
+    if a.data_command == "prepare":
+        from .data.store import prepare
+        prepare(a.data, a.out, size=a.size or 0, channels=a.channels or 0, strict=a.strict, progress=not a.no_progress)
+        return 0
     ds = load_data(DataConfig(source=a.data, split=a.split, strict=a.strict))
     print(describe(ds))
     return 0
@@ -548,6 +553,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("data")
     q.add_argument("--split", default="train", choices=["train", "test"])
     q.add_argument("--strict", action="store_true", help="any bad file is an error")
+    q = dsub.add_parser("prepare", help="decode a source once into a memory-mapped store (then --data store:DIR)")
+    q.add_argument("data", help="any --data source but pair: (folder:PATH, zip:PATH, fashion-mnist, cifar10...)")
+    q.add_argument("--out", required=True, help="the store's folder (must not exist)")
+    add_number(q, "--size", field_ranges(DataConfig)["size"], "image side in pixels (default: the source's own; 64 for folders)")
+    q.add_argument("--channels", type=int, choices=[1, 3], help="1 or 3 (default: the source's own)")
+    q.add_argument("--strict", action="store_true", help="any bad file is an error")
+    q.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = sub.add_parser("evaluate", help="metrics.json for a run: FD, KID, precision/recall... in the evaluator's features")
     p.add_argument("run_dir", nargs="?")
@@ -616,7 +628,7 @@ COMMANDS = {"train": cmd_train, "distill": cmd_distill, "demo": cmd_demo, "sampl
             "vary": cmd_vary, "breed": cmd_vary,
             "inpaint": cmd_inpaint, "outpaint": cmd_outpaint, "translate": cmd_translate, "evaluate": cmd_evaluate, "evaluator": cmd_evaluator,
             "leaderboard": cmd_leaderboard, "analyse": cmd_analyse, "synth": cmd_synth,
-            "data": cmd_data_info, "report": cmd_report, "export": cmd_export, "models": cmd_models, "serve": cmd_serve}
+            "data": cmd_data, "report": cmd_report, "export": cmd_export, "models": cmd_models, "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

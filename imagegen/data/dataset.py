@@ -21,6 +21,9 @@ class ImageDataset:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, reason) of bad files
     notes: list[str] = field(default_factory=list)                # what loading changed (e.g. channel conversions)
     captions: list[str] = field(default_factory=list)             # one per image (text-to-image data), or none
+    # A prepared store's file (data/store.Mapping) when `images` is a view of its memory map: batch()
+    # reads through it, so the pages stay in the page cache rather than resident in this process.
+    mapping: object = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.ndim != 4:
@@ -64,7 +67,8 @@ class ImageDataset:
 
     def batch(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
         """The items at `index` as {"image": float N x C x H x W in [-1, 1], "label": long N}."""
-        image = self.images[index].float().div_(127.5).sub_(1.0)
+        raw = self.images[index] if self.mapping is None else self.mapping.gather(index)
+        image = raw.float().div_(127.5).sub_(1.0)
         out = {"image": image, "label": self.labels[index]}
         text = getattr(self, "_text", None)
         if text is not None:   # load_text() was called

@@ -16,8 +16,9 @@ import json
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO, Callable, Iterator
 
 import numpy as np
 import torch
@@ -152,16 +153,53 @@ def _guess_channels(files: list[tuple[Path, str | None]]) -> int:
     return 1 if seen else 3
 
 
-def load_folder(root: str | Path, size: int, channels: int | None, *, classes: bool = True
-                ) -> tuple[torch.Tensor, torch.Tensor, list[str], list[tuple[str, str]], list[str], list[str]]:
-    """Load every good image under `root`: (uint8 N x C x H x W, labels, classes, skipped, converted,
-    captions), where `converted` lists the files whose channel count was changed to `channels` (by
-    default that of the first images: 1 when they are all grayscale, else 3), and `captions` has one
-    caption per image or is empty (folder_captions). classes=False: no class subfolders."""
+@dataclass
+class ImageFiles:
+    """Image files to decode, with what is known of them before any is decoded: a folder's files
+    (scan_folder) or an EDM zip's members (data/edmzip.py). `chunks` decodes them in order, a chunk at a
+    time, so a prepared store (data/store.py) never holds more than one chunk; `load` decodes them all."""
+    keys: list                     # what `read` takes: file paths, or zip member names
+    labels: list[int]              # one per key; -1 when unlabelled
+    captions: list[str]            # one per key, or empty
+    classes: list[str]
+    skipped: list[tuple[str, str]]  # (file, reason) found while listing
+    size: int
+    channels: int
+    read: Callable[..., np.ndarray] = None   # read(key, size, channels, converted) -> uint8 H x W x C
+    name: Callable[[Any], str] = str         # what errors call a key
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def chunks(self, n: int = 1024) -> Iterator[tuple[torch.Tensor | None, torch.Tensor, list[str], list[tuple[str, str]], list[str]]]:
+        """Per chunk of n keys, in order: (uint8 k x C x S x S of its good images or None, their labels,
+        their captions, (file, reason) of its bad ones, the files whose channel count was converted)."""
+        for start in range(0, len(self.keys), n):
+            keys = self.keys[start:start + n]
+            converted: list[str] = []
+            images, kept, bad = decode_files(keys, self.size, self.channels, converted, read=self.read, name=self.name)
+            labels = torch.tensor([self.labels[start + i] for i in kept], dtype=torch.long)
+            captions = [self.captions[start + i] for i in kept] if self.captions else []
+            yield images, labels, captions, bad, sorted(converted)
+
+    def load(self, what: str) -> tuple[torch.Tensor, torch.Tensor, list[str], list[tuple[str, str]], list[str]]:
+        """Every good image: (uint8 N x C x S x S, labels, captions, skipped, converted); `what` names the
+        source in the error when none is readable."""
+        parts = list(self.chunks())
+        skipped = self.skipped + [b for part in parts for b in part[3]]
+        good = [part for part in parts if part[0] is not None]
+        if not good:
+            raise DataError(f"{what}: no readable images ({len(skipped)} skipped)")
+        return (torch.cat([p[0] for p in good]), torch.cat([p[1] for p in good]),
+                [c for p in good for c in p[2]], skipped, sorted(c for p in parts for c in p[4]))
+
+
+def scan_folder(root: str | Path, size: int, channels: int | None, *, classes: bool = True) -> ImageFiles:
+    """The images under `root` with their classes and captions, listed but not decoded (see load_folder)."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: not a folder")
-    files, skipped, classes = list_images(root, classes=classes)
+    files, skipped, class_names = list_images(root, classes=classes)
     captions, problems = folder_captions(root, [path for path, _ in files])
     skipped += problems
     if captions:   # captioned: an image without a caption cannot be trained on
@@ -170,15 +208,21 @@ def load_folder(root: str | Path, size: int, channels: int | None, *, classes: b
         files = [(p, c) for p, c in files if p in captions]
     if channels is None:
         channels = _guess_channels(files)
-    class_index = {c: i for i, c in enumerate(classes)}
-    converted: list[str] = []
-    images, kept, bad = decode_files([path for path, _ in files], size, channels, converted)
-    skipped += bad
-    if images is None:
-        raise DataError(f"{root}: no readable images ({len(skipped)} skipped)")
-    labels = [class_index[files[i][1]] if files[i][1] is not None else -1 for i in kept]
-    texts = [captions[files[i][0]] for i in kept] if captions else []
-    return images, torch.tensor(labels, dtype=torch.long), classes, skipped, sorted(converted), texts
+    class_index = {c: i for i, c in enumerate(class_names)}
+    return ImageFiles(keys=[p for p, _ in files], labels=[class_index[c] if c is not None else -1 for _, c in files],
+                      captions=[captions[p] for p, _ in files] if captions else [], classes=class_names,
+                      skipped=skipped, size=size, channels=channels)
+
+
+def load_folder(root: str | Path, size: int, channels: int | None, *, classes: bool = True
+                ) -> tuple[torch.Tensor, torch.Tensor, list[str], list[tuple[str, str]], list[str], list[str]]:
+    """Load every good image under `root`: (uint8 N x C x H x W, labels, classes, skipped, converted,
+    captions), where `converted` lists the files whose channel count was changed to `channels` (by
+    default that of the first images: 1 when they are all grayscale, else 3), and `captions` has one
+    caption per image or is empty (folder_captions). classes=False: no class subfolders."""
+    files = scan_folder(root, size, channels, classes=classes)
+    images, labels, captions, skipped, converted = files.load(str(Path(root)))
+    return images, labels, files.classes, skipped, converted, captions
 
 
 def folder_captions(root: Path, paths: list[Path]) -> tuple[dict[Path, str], list[tuple[str, str]]]:
@@ -239,15 +283,19 @@ def folder_captions(root: Path, paths: list[Path]) -> tuple[dict[Path, str], lis
     return captions, problems
 
 
-def decode_files(paths: list[Path], size: int, channels: int, converted: list[str] | None = None
+def decode_files(paths: list, size: int, channels: int, converted: list[str] | None = None, *,
+                 read: Callable[..., np.ndarray] | None = None, name: Callable[[Any], str] = str
                  ) -> tuple[torch.Tensor | None, list[int], list[tuple[str, str]]]:
-    """Decode `paths` with `load_image`: (uint8 N x C x H x W of the good ones, or None when there are
-    none; the indices into paths of those N; (file, reason) of each bad one, skipped)."""
+    """Decode `paths` with `load_image` (or `read(key, size, channels, converted)` for other keys, such
+    as zip members): (uint8 N x C x H x W of the good ones, or None when there are none; the indices into
+    paths of those N; (file, reason) of each bad one, skipped)."""
+    read = read or load_image
+
     def work(path):
         try:
-            return load_image(path, size, channels, converted), None
+            return read(path, size, channels, converted), None
         except ImageFileError as e:
-            return None, (str(path), str(e).removeprefix(f"{path}: "))
+            return None, (name(path), str(e).removeprefix(f"{name(path)}: "))
 
     # PIL releases the GIL while decoding, so threads overlap the decode of several files.
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:

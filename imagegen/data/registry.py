@@ -25,6 +25,8 @@ from . import idx as idx_source
 from . import paired
 from .captions import class_captions
 from .cifar import CIFAR_DATASETS, load_cifar
+from .edmzip import scan_zip
+from .store import open_store
 from . import scenes as scenes_source
 from . import shapes as shapes_source
 from .dataset import ImageDataset
@@ -167,6 +169,7 @@ def load_data(cfg: DataConfig | str) -> ImageDataset | PairedDataset:
     skipped: list[tuple[str, str]] = []
     notes: list[str] = []
     captions: list[str] = []
+    mapping = None
     if kind == "pair":
         return _load_pair(cfg, arg)
     if kind == "captioned":   # a labelled source with a caption per image from its class (data/captions.py)
@@ -218,6 +221,21 @@ def load_data(cfg: DataConfig | str) -> ImageDataset | PairedDataset:
         if converted:
             notes.append(f"{arg}: {len(converted)} image(s) with another channel count converted to "
                          f"{images.shape[1]} channel(s), e.g. {converted[0]}")
+    elif kind == "store":   # a prepared store, memory-mapped (data/store.py)
+        if not arg:
+            raise ConfigError("--data store:DIR needs the folder `imagegen data prepare` wrote")
+        stored = open_store(arg, cfg.split, size=cfg.size, channels=cfg.channels, name=spec)
+        images, labels, classes, captions = stored.images, stored.labels, stored.classes, stored.captions
+        source, mapping = stored.source, stored.mapping
+    elif kind == "zip":     # an EDM / StyleGAN2-ADA dataset.zip (data/edmzip.py)
+        if not arg:
+            raise ConfigError("--data zip:PATH needs a dataset.zip")
+        files = scan_zip(arg, cfg.size, cfg.channels or None)
+        images, labels, captions, skipped, converted = files.load(arg)
+        classes, source = files.classes, str(Path(arg))
+        if converted:
+            notes.append(f"{arg}: {len(converted)} image(s) with another channel count converted to "
+                         f"{images.shape[1]} channel(s), e.g. {converted[0]}")
     elif kind == "shapes":
         images, labels = shapes_source.make_shapes(cfg.split, first=cfg.limit or None)
         classes, source = list(shapes_source.CLASSES), "built-in procedural shapes"
@@ -227,7 +245,7 @@ def load_data(cfg: DataConfig | str) -> ImageDataset | PairedDataset:
         labels, source = torch.full((images.shape[0],), -1, dtype=torch.long), "built-in captioned scenes"
     else:
         raise ConfigError(
-            f"--data {spec!r}: unknown source (use one of {', '.join([*IDX_DATASETS, *CIFAR_DATASETS])}, idx:DIR, folder:PATH, shapes, scenes, "
+            f"--data {spec!r}: unknown source (use one of {', '.join([*IDX_DATASETS, *CIFAR_DATASETS])}, idx:DIR, folder:PATH, zip:PATH, store:DIR, shapes, scenes, "
             f"pair:DIR, pair:SOURCE:CLASS_A,CLASS_B)"
         )
     _refuse_if_strict(spec, skipped, cfg.strict)
@@ -237,7 +255,7 @@ def load_data(cfg: DataConfig | str) -> ImageDataset | PairedDataset:
         images = _resize(images, cfg.size)
     images = _set_channels(images, cfg.channels)
     return ImageDataset(images=images.contiguous(), labels=labels, classes=classes, name=spec, source=source,
-                        skipped=skipped, notes=notes, captions=captions)
+                        skipped=skipped, notes=notes, captions=captions, mapping=mapping)
 
 
 def _load_pair(cfg: DataConfig, arg: str) -> PairedDataset:
@@ -275,7 +293,8 @@ def describe(ds: ImageDataset | PairedDataset) -> str:
     lines = [
         f"data:     {ds.name}",
         f"source:   {ds.source}",
-        f"images:   {len(ds)} x {ds.channels} x {ds.size} x {ds.size} (uint8 in memory, {ds.images.numel() / 2**20:.1f} MiB)",
+        f"images:   {len(ds)} x {ds.channels} x {ds.size} x {ds.size} (uint8 "
+        f"{'memory-mapped' if ds.mapping is not None else 'in memory'}, {ds.images.numel() / 2**20:.1f} MiB)",
     ]
     if ds.labelled:
         counts = ds.class_counts()
