@@ -259,3 +259,24 @@ def test_the_page_has_a_prompt_box_for_a_text_model(text_runs, tiny_run, tmp_pat
         page.wait_for_selector("#error", state="visible")
         assert "empty" in page.inner_text("#error")
         browser.close()
+
+
+@pytest.mark.trained
+def test_text_flow_exports_to_onnx_with_its_prompt_inputs(text_runs, tmp_path):
+    """The exported velocity graph takes a prompt as text_pooled, text_tokens and text_mask (any number
+    of token slots) and gives the library's guided velocity for it, to 1e-4 (issue 18)."""
+    import onnxruntime as ort
+    from imagegen.export import export_onnx
+    from imagegen.text import encode
+    run = imagegen.load_run(text_runs("flow"))
+    done = export_onnx(run, tmp_path / "t.onnx")
+    assert list(done.inputs) == ["x", "time", "text_pooled", "text_tokens", "text_mask"]
+    words = encode(["a large red star in the top left", "two blue squares"])       # its own token count
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 3, 32, 32, generator=g), torch.tensor([0.25, 0.75])
+    want = run.model.velocity(None, 1.0, words)(x, t[0].item())[:1]
+    want = torch.cat([want, run.model.velocity(None, 1.0, words)(x, t[1].item())[1:]])
+    sess = ort.InferenceSession(str(done.path), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"x": x.numpy(), "time": t.numpy(), "text_pooled": words.pooled.numpy(),
+                          "text_tokens": words.tokens.numpy(), "text_mask": words.mask.numpy()})[0]
+    assert (torch.from_numpy(got) - want).abs().max() <= 1e-4 and want.abs().max() > 1e-3

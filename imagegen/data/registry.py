@@ -226,7 +226,7 @@ def load_data(cfg: DataConfig | str) -> ImageDataset | PairedDataset:
             raise ConfigError("--data store:DIR needs the folder `imagegen data prepare` wrote")
         stored = open_store(arg, cfg.split, size=cfg.size, channels=cfg.channels, name=spec)
         images, labels, classes, captions = stored.images, stored.labels, stored.classes, stored.captions
-        source, mapping = stored.source, stored.mapping
+        source, mapping, notes = stored.source, stored.mapping, stored.notes
     elif kind == "zip":     # an EDM / StyleGAN2-ADA dataset.zip (data/edmzip.py)
         if not arg:
             raise ConfigError("--data zip:PATH needs a dataset.zip")
