@@ -228,8 +228,11 @@ def export_onnx(run: Run, out: str | Path, *, direction: str = "a2b", tolerance:
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")
     try:
-        # Quiet: the exporter's progress lines, and its note that torchvision's operators are not there.
-        with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()), _quiet("torch.onnx"), \
+        # Traced with autograd on (no parameter needs a gradient): nets/layers.Linear pads a short batch to
+        # 16 rows only outside autograd, for torch's rounding; traced that way, the graph would hold a
+        # pad of 16 - N rows and fail for N > 16. Quiet: the exporter's progress lines, and its note
+        # that torchvision's operators are not there.
+        with torch.enable_grad(), contextlib.redirect_stdout(io.StringIO()), _quiet("torch.onnx"), \
                 warnings.catch_warnings():
             warnings.simplefilter("ignore")   # torch.export's own deprecation notes, not the user's concern
             program = torch.onnx.export(graph.module, args, input_names=names, output_names=graph.outputs,
