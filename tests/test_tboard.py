@@ -59,11 +59,18 @@ def test_scalars_and_grids_read_back_with_tensorboard(board_run):
 
 
 def test_resume_appends_without_repeating_steps(tmp_path):
-    run_dir = imagegen.train(tiny_config(10, train=BOARD), out=tmp_path, progress=False)
+    """A run that logged steps 15 and 20 but crashed before their checkpoint (here: the step-20 checkpoint
+    removed) resumes from step 10; TensorBoard then shows each step once, with the resumed values."""
+    import shutil
+    run_dir = imagegen.train(tiny_config(20, train=BOARD), out=tmp_path, progress=False)
+    shutil.rmtree(run_dir / "checkpoints" / "step-0000020")
     r = run_main("train", "--resume", str(run_dir), "--steps", "20", "--no-progress")
     assert r.returncode == 0, r.stderr
-    steps = [s for s, _ in _scalars(_events(run_dir), "loss/loss_g")]
-    assert steps == [5, 10, 15, 20]
+    got = _scalars(_events(run_dir), "loss/loss_g")
+    assert [s for s, _ in got] == [5, 10, 15, 20]
+    resumed = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()][-2:]
+    assert [r["step"] for r in resumed] == [15, 20]
+    assert [v for _, v in got[2:]] == pytest.approx([r["loss_g"] for r in resumed], rel=1e-6)
 
 
 def test_evaluate_writes_its_metrics_into_the_events(board_run, evaluators, tmp_path):
