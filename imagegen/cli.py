@@ -410,7 +410,8 @@ def cmd_evaluator(a) -> int:
 def cmd_data(a) -> int:
     if a.data_command == "prepare":
         from .data.store import prepare
-        prepare(a.data, a.out, size=a.size or 0, channels=a.channels or 0, strict=a.strict, progress=not a.no_progress)
+        prepare(a.data, a.out, size=a.size or 0, channels=int(a.channels or 0), strict=a.strict,
+                progress=not a.no_progress)
         return 0
     ds = load_data(DataConfig(source=a.data, split=a.split, strict=a.strict))
     print(describe(ds))
@@ -557,7 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("data", help="any --data source but pair: (folder:PATH, zip:PATH, fashion-mnist, cifar10...)")
     q.add_argument("--out", required=True, help="the store's folder (must not exist)")
     add_number(q, "--size", field_ranges(DataConfig)["size"], "image side in pixels (default: the source's own; 64 for folders)")
-    q.add_argument("--channels", type=int, choices=[1, 3], help="1 or 3 (default: the source's own)")
+    q.add_argument("--channels", choices=["1", "3"], help="1 or 3 (default: the source's own)")
     q.add_argument("--strict", action="store_true", help="any bad file is an error")
     q.add_argument("--no-progress", action="store_true", help="no progress bar")
 

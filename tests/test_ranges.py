@@ -103,6 +103,7 @@ def base_args(path: tuple[str, ...], run: Path, files: Path, out: Path) -> list[
         ("evaluator", "train"): ["--data", "nowhere"],
         ("serve",): [str(files / "runs")],
         ("distill",): ["/nonexistent-run", "--out", str(out / "d")],
+        ("data", "prepare"): ["folder:/nonexistent-folder", "--out", str(out / "p")],
     }.get(path)
 
 
