@@ -45,6 +45,7 @@ from .errors import ConfigError, ImagegenError
 
 TOLERANCE = 1e-4
 CHECK_BATCH = 3
+TOKENS = 16   # token slots of the text inputs in the check (the graph takes any number)
 
 
 class ExportError(ImagegenError):
@@ -112,9 +113,6 @@ def _random_inputs(model, names: list[str], gen: torch.Generator) -> dict[str, t
         else:
             raise AssertionError(name)
     return out
-
-
-TOKENS = 16   # token slots of the text inputs in the check (the graph takes any number)
 
 
 def graph_for(run: Run, direction: str = "a2b") -> Graph:
@@ -245,7 +243,7 @@ def export_onnx(run: Run, out: str | Path, *, direction: str = "a2b", tolerance:
         entry = proto.metadata_props.add()
         entry.key, entry.value = "imagegen.usage", graph.usage
         partial.write_bytes(proto.SerializeToString())
-        diff = check_onnx(partial, graph, ort)
+        diff, session = check_onnx(partial, graph, ort)
         if not diff <= tolerance:
             raise ExportError(f"{out}: onnxruntime's outputs differ from torch's by {diff:.3g} (tolerance {tolerance:g})")
         os.replace(partial, out)
@@ -255,7 +253,6 @@ def export_onnx(run: Run, out: str | Path, *, direction: str = "a2b", tolerance:
         raise ExportError(f"{run.path}: ONNX export of the {run.family} network failed: {e}") from e
     finally:
         partial.unlink(missing_ok=True)
-    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     shape = lambda a: tuple(d if isinstance(d, int) else str(d) for d in a.shape)   # noqa: E731
     inputs = {a.name: (a.type, shape(a)) for a in session.get_inputs()}
     outputs = {a.name: (a.type, shape(a)) for a in session.get_outputs()}
@@ -273,12 +270,13 @@ def _quiet(logger: str):
         log.setLevel(level)
 
 
-def check_onnx(path: Path, graph: Graph, ort) -> float:
-    """The largest absolute difference between onnxruntime's outputs and torch's on the graph's inputs."""
+def check_onnx(path: Path, graph: Graph, ort):
+    """(the largest absolute difference between onnxruntime's outputs and torch's on the graph's inputs,
+    the onnxruntime session)."""
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     feeds = {k: v.numpy() for k, v in graph.inputs.items()}
     got = session.run(None, feeds)
     with torch.no_grad():
         want = graph.module(*graph.inputs.values())
     want = want if isinstance(want, (tuple, list)) else [want]
-    return max(float(np.abs(g - w.numpy()).max()) for g, w in zip(got, want))
+    return max(float(np.abs(g - w.numpy()).max()) for g, w in zip(got, want)), session

@@ -218,9 +218,7 @@ def load_data(cfg: DataConfig | str) -> ImageDataset | PairedDataset:
         images, labels, classes, skipped, converted, captions = folder_source.load_folder(arg, cfg.size or 64,
                                                                                           cfg.channels or None)
         source = str(Path(arg))
-        if converted:
-            notes.append(f"{arg}: {len(converted)} image(s) with another channel count converted to "
-                         f"{images.shape[1]} channel(s), e.g. {converted[0]}")
+        notes += _converted_note(arg, converted, images)
     elif kind == "store":   # a prepared store, memory-mapped (data/store.py)
         if not arg:
             raise ConfigError("--data store:DIR needs the folder `imagegen data prepare` wrote")
@@ -233,9 +231,7 @@ def load_data(cfg: DataConfig | str) -> ImageDataset | PairedDataset:
         files = scan_zip(arg, cfg.size, cfg.channels or None)
         images, labels, captions, skipped, converted = files.load(arg)
         classes, source = files.classes, str(Path(arg))
-        if converted:
-            notes.append(f"{arg}: {len(converted)} image(s) with another channel count converted to "
-                         f"{images.shape[1]} channel(s), e.g. {converted[0]}")
+        notes += _converted_note(arg, converted, images)
     elif kind == "shapes":
         images, labels = shapes_source.make_shapes(cfg.split, first=cfg.limit or None)
         classes, source = list(shapes_source.CLASSES), "built-in procedural shapes"
@@ -256,6 +252,14 @@ def load_data(cfg: DataConfig | str) -> ImageDataset | PairedDataset:
     images = _set_channels(images, cfg.channels)
     return ImageDataset(images=images.contiguous(), labels=labels, classes=classes, name=spec, source=source,
                         skipped=skipped, notes=notes, captions=captions, mapping=mapping)
+
+
+def _converted_note(where: str, converted: list[str], images: torch.Tensor) -> list[str]:
+    """The note a folder or zip gets when some of its images had another channel count."""
+    if not converted:
+        return []
+    return [f"{where}: {len(converted)} image(s) with another channel count converted to {images.shape[1]} "
+            f"channel(s), e.g. {converted[0]}"]
 
 
 def _load_pair(cfg: DataConfig, arg: str) -> PairedDataset:

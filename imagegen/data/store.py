@@ -81,14 +81,14 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _write_split(folder: Path, split: str, chunks, bar: tqdm) -> tuple[dict, dict]:
-    """Write one split from chunks of (images, labels, captions, bad, converted): (its manifest entry,
-    {"classes_seen", "shape", "notes"})."""
+def _write_split(folder: Path, split: str, chunks, bar: tqdm, skipped: list[tuple[str, str]]) -> tuple[dict, dict]:
+    """Write one split from chunks of (images, labels, captions, bad, converted), after `skipped` files
+    the source already reported: (its manifest entry, {"shape", "skipped": every file skipped})."""
     images_path = folder / f"{split}-images.u8"
     hasher = _ChunkHasher()
     labels: list[torch.Tensor] = []
     captions: list[str] = []
-    skipped: list[tuple[str, str]] = []
+    skipped = list(skipped)
     converted: list[str] = []
     shape = None
     count = 0
@@ -166,11 +166,7 @@ def prepare(source: str, out: str | Path, *, size: int = 0, channels: int = 0, s
                      else edmzip.scan_zip(arg, size, channels or None))
             classes, where = files.classes, str(Path(arg))
             with tqdm(total=len(files), unit="img", disable=not progress, desc="train", mininterval=1.0) as bar:
-                entry, extra = _write_split(partial, "train", files.chunks(), bar)
-            extra["skipped"] = files.skipped + extra["skipped"]
-            entry["skipped"] = len(extra["skipped"])
-            entry["skipped_files"] = [list(s) for s in extra["skipped"][:100]]
-            splits["train"], info["train"] = entry, extra
+                splits["train"], info["train"] = _write_split(partial, "train", files.chunks(), bar, files.skipped)
         else:
             classes, where = None, source
             for split in ("train", "test"):
@@ -186,10 +182,7 @@ def prepare(source: str, out: str | Path, *, size: int = 0, channels: int = 0, s
                 with tqdm(total=len(ds), unit="img", disable=not progress, desc=split, mininterval=1.0) as bar:
                     chunks = ((ds.images[i:i + 4096], ds.labels[i:i + 4096], ds.captions[i:i + 4096], [], [])
                               for i in range(0, len(ds), 4096))
-                    entry, extra = _write_split(partial, split, chunks, bar)
-                entry["skipped"], entry["skipped_files"] = len(ds.skipped), [list(s) for s in ds.skipped[:100]]
-                extra["skipped"] = ds.skipped
-                splits[split], info[split] = entry, extra
+                    splits[split], info[split] = _write_split(partial, split, chunks, bar, ds.skipped)
         skipped = info["train"]["skipped"]
         if strict and skipped:
             details = "; ".join(f"{f}: {r}" for f, r in skipped[:10])
