@@ -11,7 +11,7 @@ What each family exports (N is a dynamic batch dimension; images are N x C x S x
 - flow: one network call, `x` and `time` (float N in [0, 1]: 0 noise, 1 data) [+ `label`] -> `velocity`;
   Euler from z: x += v(x, t) / K for t = 0, 1/K, ... (the run's solver and steps are in the metadata).
 - distilled: the whole sampler, its K Euler steps unrolled: `z` (N x C x S x S) [+ `label`] -> `image`.
-- cyclegan: one generator, `image` of one domain -> `image` of the other (--direction).
+- cyclegan: one generator, `image` of one domain -> `translated`, the other's (--direction).
 
 Labels of conditional diffusion/flow networks take the null class (num_classes) for the unconditional
 branch: classifier-free guidance is out_null + g (out_cond - out_null), two calls. Text networks take
@@ -185,8 +185,9 @@ def graph_for(run: Run, direction: str = "a2b") -> Graph:
             raise ConfigError(f"--direction must be a2b or b2a, got {direction!r}")
         g = model.g_ab if direction == "a2b" else model.g_ba
         meta["imagegen.direction"] = direction
-        return Graph(_Call(model, lambda x: g(x)), _random_inputs(model, ["image"], gen), ["image"],
-                     f"image = G_{direction}(image): one domain's image to the other's", meta)
+        # The output may not share the input's name in ONNX.
+        return Graph(_Call(model, lambda x: g(x)), _random_inputs(model, ["image"], gen), ["translated"],
+                     f"translated = G_{direction}(image): one domain's image to the other's", meta)
     raise ExportError(f"model {family!r} has no network to export (the random-pixel baseline draws each pixel "
                       f"from the training histogram)")
 

@@ -204,3 +204,21 @@ def test_a_short_run_learns_to_translate(tmp_path, evaluators):
     as_square = float((judge.probs(test.a.batch(torch.arange(200))["image"]).argmax(1) == 1).double().mean())
     assert as_square < 0.05
     assert m["a2b_to_target"] > 0.3 and m["b2a_to_target"] > 0.3
+
+
+@pytest.mark.trained
+@pytest.mark.parametrize("direction", ["a2b", "b2a"])
+def test_cyclegan_exports_each_generator_to_onnx(cg_run, direction, tmp_path):
+    """`imagegen export --direction` writes that generator; onnxruntime gives `translate`'s images to 1e-4
+    (issue 18)."""
+    import onnx
+    import onnxruntime as ort
+    from imagegen.export import export_onnx
+    run = imagegen.load_run(cg_run)
+    done = export_onnx(run, tmp_path / "g.onnx", direction=direction)
+    meta = {p.key: p.value for p in onnx.load(str(done.path)).metadata_props}
+    assert meta["imagegen.direction"] == direction and list(done.inputs) == ["image"]
+    x = torch.rand(5, 3, 32, 32, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    want = run.model.translate(x, direction)
+    got = ort.InferenceSession(str(done.path), providers=["CPUExecutionProvider"]).run(None, {"image": x.numpy()})[0]
+    assert (torch.from_numpy(got) - want).abs().max() <= 1e-4 and want.std() > 0.01
