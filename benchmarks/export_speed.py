@@ -63,8 +63,7 @@ def main() -> None:
         run = imagegen.load_run(path)
         out = tmp / f"{Path(path).name}.onnx"
         done = export_onnx(run, out)
-        run.model.to(memory_format=torch.channels_last)   # torch as imagegen runs it (export made it NCHW)
-        graph = graph_for(run)
+        graph = graph_for(run)   # over the run's own model: channels-last, as imagegen runs it
         session = ort.InferenceSession(str(out), opts, providers=["CPUExecutionProvider"])
         for n in map(int, a.batches.split(",")):
             xs = inputs_at(graph, n)

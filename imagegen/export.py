@@ -26,6 +26,8 @@ renamed into place when every output is within the tolerance (1e-4).
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import importlib.util
 import io
 import json
@@ -200,14 +202,11 @@ def model_time_scale(family: str) -> float:
 # --- export and check --------------------------------------------------------------------------------
 
 
-def _as_contiguous(module: nn.Module) -> None:
-    """Runs load in channels-last memory; the ONNX graph is plain NCHW either way."""
-    module.to(memory_format=torch.contiguous_format)
-
-
 def export_onnx(run: Run, out: str | Path, *, direction: str = "a2b", tolerance: float = TOLERANCE,
-                opset: int | None = None, log=print) -> Exported:
-    """Write the run's sampling network to `out` (ONNX), after checking it in onnxruntime against torch."""
+                opset: int | None = None) -> Exported:
+    """Write the run's sampling network to `out` (ONNX), after checking it in onnxruntime against torch.
+    The run's own model is left as it was: the graph is traced from a copy in plain NCHW memory (runs
+    load channels-last, whose kernels round differently, so converting theirs would change `sample`)."""
     missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
     if missing:   # torch.onnx's exporter writes the graph with onnxscript; onnxruntime checks it
         raise ExportError(f"export needs {', '.join(missing)}: pip install 'imagegen[export]'")
@@ -215,8 +214,8 @@ def export_onnx(run: Run, out: str | Path, *, direction: str = "a2b", tolerance:
     out = Path(out)
     if out.suffix != ".onnx":
         raise ConfigError(f"--out {out}: an ONNX file name ends in .onnx")
-    graph = graph_for(run, direction)
-    _as_contiguous(run.model)
+    model = copy.deepcopy(run.model).to(memory_format=torch.contiguous_format)
+    graph = graph_for(dataclasses.replace(run, model=model), direction)
     names = list(graph.inputs)
     args = tuple(graph.inputs.values())
     batch = torch.export.Dim("N", min=1, max=4096)

@@ -53,11 +53,14 @@ def test_latent_models_export_the_library_images(runs, variant, tmp_path):
     """image = graph(z[, label]) is, to 1e-4, what `sample` draws from the same z, at a batch of 5 (the
     check inside export used 3: the batch axis is dynamic)."""
     run = imagegen.load_run(runs(variant))
-    done = export_onnx(run, tmp_path / "g.onnx")
-    assert done.max_abs_diff <= 1e-4 and done.inputs["z"][1] == ("N", run.model.cfg.z_dim)
     z = per_item_normal(5, (run.model.cfg.z_dim,), seed_generators(range(5)), "cpu")
     labels = torch.tensor([0, 1, 2, 0, 1]) if run.model.conditional else None
-    want = run.model.sample(5, noise=z, labels=labels).numpy()
+    before = run.model.sample(5, noise=z, labels=labels)
+    done = export_onnx(run, tmp_path / "g.onnx")
+    assert done.max_abs_diff <= 1e-4 and done.inputs["z"][1] == ("N", run.model.cfg.z_dim)
+    want = run.model.sample(5, noise=z, labels=labels)
+    assert torch.equal(want, before)   # the run's own model is left as it was, bit for bit
+    want = want.numpy()
     feeds = {"z": z.numpy()} | ({"label": labels.numpy()} if labels is not None else {})
     got = _session(done.path).run(None, feeds)[0]
     assert got.shape == want.shape and np.abs(got - want).max() <= 1e-4

@@ -247,10 +247,10 @@ def folder_captions(root: Path, paths: list[Path]) -> tuple[dict[Path, str], lis
             problems.append((where, "empty or missing caption (text or caption)"))
         elif len(text) > MAX_CAPTION_CHARS:
             problems.append((where, f"caption of {len(text)} characters (at most {MAX_CAPTION_CHARS})"))
-        elif listed(path) is None:
+        elif (found := listed(path)) is None:
             problems.append((where, f"no such image in the folder: {path.relative_to(root) if path.is_relative_to(root) else path}"))
         else:
-            captions.setdefault(listed(path), " ".join(text.split()))
+            captions.setdefault(found, " ".join(text.split()))
 
     for name in METADATA_FILES:
         meta = root / name
