@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from imagegen.models.base import SAMPLE_MICRO_BATCH, eval_mode, exact_rows, run_fixed_batch
+from imagegen.models import base
+from imagegen.models.base import SAMPLE_MICRO_BATCH, eval_mode, exact_rows, run_fixed_batch, wide_rows
 from imagegen.nets.layers import LINEAR_MIN_ROWS, Linear
 
 
@@ -55,6 +56,40 @@ def test_an_exact_function_runs_one_image_as_one_row_and_a_mixing_one_pads_to_a_
     seen.clear()
     run_fixed_batch(mixes_rows, x, owner=owner)
     assert seen == [SAMPLE_MICRO_BATCH]
+
+
+def test_a_large_batch_runs_wide_chunks_only_where_they_round_like_16_row_chunks():
+    seen = []
+
+    def exact(x):
+        seen.append(x.shape[0])
+        return x.square()
+
+    def wide_rounds_differently(x):    # a kernel that blocks more than 16 rows another way
+        seen.append(x.shape[0])
+        return x * 2 + (x.shape[0] > SAMPLE_MICRO_BATCH) * 1e-3
+
+    x = torch.randn(150, 3)
+    owner = Owner()
+    assert wide_rows(exact, [x], owner) == max(base.WIDE_ROWS)
+    run_fixed_batch(exact, x, owner=owner)                   # the short chunk's own check, once
+    seen.clear()
+    assert torch.equal(run_fixed_batch(exact, x, owner=owner), x.square())
+    assert seen == [64, 64, 16, 6]                           # the short chunk: exact at 6 rows, no padding
+    owner = Owner()
+    assert wide_rows(wide_rounds_differently, [x], owner) == SAMPLE_MICRO_BATCH
+    run_fixed_batch(wide_rounds_differently, x, owner=owner)
+    seen.clear()
+    assert torch.equal(run_fixed_batch(wide_rounds_differently, x, owner=owner), x * 2)
+    assert seen == [16] * 9 + [6]
+    owner = Owner()
+    run_fixed_batch(exact, x[:31], owner=owner)
+    seen.clear()
+    assert torch.equal(run_fixed_batch(exact, x[:31], owner=owner), x[:31].square())
+    assert seen == [16, 15]
+    assert not any(key[0] == "wide" for key in owner._exact_rows)   # under 32 rows: no wide check at all
+    big = torch.randn(40, base.WIDE_MAX_NUMEL // 32 + 1)     # 32 rows of it would pass the memory cap
+    assert wide_rows(exact, [big], Owner()) == SAMPLE_MICRO_BATCH
 
 
 def test_the_check_is_kept_per_function_input_shape_and_grad_mode():

@@ -4,6 +4,7 @@ ends the run, resume is exact, torchrun works, and mixed precision is chosen and
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -156,6 +157,13 @@ def test_precision_choices(tmp_path):
     run = imagegen.train(imagegen.resolve_config(with_train(TINY_DCGAN, steps=3, precision="bf16")), out=tmp_path, progress=False)
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert records[-1]["bad_steps"] == 0 and all(torch.isfinite(torch.tensor(r["loss_d"])) for r in records)
+    # ... and so does issue 14's GPU configuration, flow with the DiT backbone (on the CPU here).
+    dit = {"family": "flow", "model": {"backbone": "dit", "dit_size": "xxs", "patch": 4},
+           "data": {"source": "shapes", "limit": 64}, "train": {**TINY_DCGAN["train"], "steps": 3, "precision": "bf16"}}
+    run = imagegen.train(imagegen.resolve_config(dit), out=tmp_path / "dit", progress=False)
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert records[-1]["bad_steps"] == 0 and all(math.isfinite(r["loss"]) for r in records)
+    assert imagegen.generate(imagegen.load_run(run).model, [0, 1], steps=2).isfinite().all()
 
 
 def test_global_batch_must_divide_over_ranks(tmp_path, monkeypatch):

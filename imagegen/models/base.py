@@ -37,9 +37,10 @@ from torch import nn
 
 from ..errors import ConfigError
 
-# Networks run at most this many images at a time when sampling (run_fixed_batch), because CPU kernels
-# pick different blockings, hence different float rounding, for different batch sizes. Every image is
-# rounded as in a chunk of this size, so it is bit-identical whatever batch size the user asks for.
+# Networks run this many images at a time when sampling (run_fixed_batch), because CPU kernels pick
+# different blockings, hence different float rounding, for different batch sizes. Every image is rounded
+# as in a chunk of this size, so it is bit-identical whatever batch size the user asks for (fewer rows,
+# or several chunks in one call, only where a check found the same bits: exact_rows, wide_rows).
 SAMPLE_MICRO_BATCH = 16
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
@@ -172,19 +173,48 @@ def run_fixed_batch(fn: Callable[..., torch.Tensor], *xs: torch.Tensor | None, o
 
     A full chunk runs as it is. The last, short chunk of k rows (one image, say) is padded with zero
     rows only up to the least row count >= k that `exact_rows` found to round each row as a full chunk
-    does, not to `micro`, so one image costs a fraction of a full chunk. Either way an image is the same
-    whatever batch it is drawn in. `owner` (the family) keeps the checks; `fn` must be the same
-    computation each time it is given with the same code."""
+    does, not to `micro`, so one image costs a fraction of a full chunk. A large batch runs several full
+    chunks in one call where `wide_rows` found that call to give every row the bits of its own chunk.
+    Either way an image is the same whatever batch it is drawn in. `owner` (the family) keeps the
+    checks; `fn` must be the same computation each time it is given with the same code."""
     n = next(x for x in xs if x is not None).shape[0]
-    outs = []
-    for i in range(0, n, micro):
-        k = min(micro, n - i)
+    wide = wide_rows(fn, xs, owner, micro) if n >= min(WIDE_ROWS) else micro
+    outs, i = [], 0
+    while i < n:
+        k = wide if n - i >= wide else min(micro, n - i)
         chunks = [None if x is None else x[i:i + k] for x in xs]
         if k < micro:
             rows = next(r for r in exact_rows(fn, chunks, owner, micro) if r >= k)
             chunks = [None if x is None else _pad_rows(x, rows) for x in chunks]
         outs.append(fn(*chunks)[:k])
+        i += k
     return torch.cat(outs)
+
+
+# Row counts, multiples of SAMPLE_MICRO_BATCH, that run_fixed_batch tries as one call for a large batch:
+# the distilled student runs 256 images 1.4x faster in calls of 64 rows than of 16 (machine B), with the
+# same bits. Only for inputs of at most WIDE_MAX_NUMEL numbers in all, so that memory stays bounded.
+WIDE_ROWS = (64, 32)
+WIDE_MAX_NUMEL = 64 * 3 * 64 * 64
+
+
+def _check_key(fn: Callable[..., torch.Tensor], xs: Sequence[torch.Tensor | None], owner: nn.Module) -> tuple:
+    """What a rounding check depends on: fn's code and owner, the inputs' row shapes, dtypes and layouts,
+    the device, the weights' layout, the thread count, train and grad modes."""
+    x0 = next(x for x in xs if x is not None)
+    param = next((p for p in owner.parameters() if p.dim() == 4), None)
+    layout = None if param is None else (param.is_contiguous(), param.is_contiguous(memory_format=torch.channels_last))
+    code = getattr(getattr(fn, "__func__", fn), "__code__", None)
+    return (id(fn) if code is None else code, getattr(fn, "__self__", None) is not None and id(fn.__self__),
+            tuple(None if x is None else (tuple(x.shape[1:]), x.dtype, x.is_contiguous()) for x in xs),
+            x0.device, layout, torch.get_num_threads(), owner.training, torch.is_grad_enabled())
+
+
+def _probe(xs: Sequence[torch.Tensor | None], rows: int) -> list[torch.Tensor | None]:
+    x0 = next(x for x in xs if x is not None)
+    gen = torch.Generator().manual_seed(0)
+    idx = torch.arange(rows) % x0.shape[0]
+    return [None if x is None else _perturbed(x, idx, gen) for x in xs]
 
 
 def exact_rows(fn: Callable[..., torch.Tensor], xs: Sequence[torch.Tensor | None], owner: nn.Module,
@@ -192,28 +222,40 @@ def exact_rows(fn: Callable[..., torch.Tensor], xs: Sequence[torch.Tensor | None
     """The row counts k (ascending, `micro` always last) for which fn on a k-row input gives bit for bit
     the first k rows of its output on a `micro`-row input.
 
-    Found once per (fn, input shapes and dtypes, device, weight layout, thread count, train and grad
-    modes) on a probe of `micro` rows made from the given rows, by running every prefix. The answer
-    depends on the CPU: on a 2-core AMD EPYC every channels-last convolution passed at one image; on a
-    2-core Intel Xeon with AMX a convolution of one image rounds differently, and an elementwise
-    sigmoid whose length is an odd multiple of 16 floats computes its last vector another way; a matrix
-    product of few rows differs on both (hence nets.layers.Linear). The result is kept on `owner`; a
-    count that fails only costs speed (the caller pads past it)."""
-    x0 = next(x for x in xs if x is not None)
-    param = next((p for p in owner.parameters() if p.dim() == 4), None)
-    layout = None if param is None else (param.is_contiguous(), param.is_contiguous(memory_format=torch.channels_last))
-    code = getattr(getattr(fn, "__func__", fn), "__code__", None)
-    key = (id(fn) if code is None else code, getattr(fn, "__self__", None) is not None and id(fn.__self__),
-           tuple(None if x is None else (tuple(x.shape[1:]), x.dtype, x.is_contiguous()) for x in xs),
-           x0.device, layout, torch.get_num_threads(), owner.training, torch.is_grad_enabled())
+    Found once per `_check_key` on a probe of `micro` rows made from the given rows, by running every
+    prefix. The answer depends on the CPU: on a 2-core AMD EPYC every channels-last convolution passed at
+    one image; on a 2-core Intel Xeon with AMX a convolution of one image rounds differently, and an
+    elementwise sigmoid whose length is an odd multiple of 16 floats computes its last vector another
+    way; a matrix product of few rows differs on both (hence nets.layers.Linear). The result is kept on
+    `owner`; a count that fails only costs speed (the caller pads past it)."""
+    key = ("exact", micro, *_check_key(fn, xs, owner))
     found = owner.__dict__.setdefault("_exact_rows", {})
     if key not in found:
-        gen = torch.Generator().manual_seed(0)
-        idx = torch.arange(micro) % x0.shape[0]
-        probe = [None if x is None else _perturbed(x, idx, gen) for x in xs]
+        probe = _probe(xs, micro)
         full = fn(*probe)       # under the caller's grad mode, which the key includes
         found[key] = tuple(k for k in range(1, micro)
                            if torch.equal(fn(*[None if p is None else p[:k] for p in probe]), full[:k])) + (micro,)
+    return found[key]
+
+
+def wide_rows(fn: Callable[..., torch.Tensor], xs: Sequence[torch.Tensor | None], owner: nn.Module,
+              micro: int = SAMPLE_MICRO_BATCH) -> int:
+    """The largest of WIDE_ROWS for which fn on that many rows gives every row bit for bit what fn gives
+    it in its own chunk of `micro` rows, or `micro` when none does (or the input is too large). Found
+    once per `_check_key` on a probe made from the given rows (a matrix product or a convolution may
+    block a larger batch otherwise, hence round otherwise); kept on `owner` beside exact_rows."""
+    key = ("wide", micro, *_check_key(fn, xs, owner))
+    found = owner.__dict__.setdefault("_exact_rows", {})
+    if key not in found:
+        per_row = sum(x[0].numel() for x in xs if x is not None)
+        sizes = [w for w in WIDE_ROWS if w % micro == 0 and w > micro and w * per_row <= WIDE_MAX_NUMEL]
+        found[key] = micro
+        if sizes:
+            probe = _probe(xs, max(sizes))
+            own = torch.cat([fn(*[None if p is None else p[j:j + micro] for p in probe])
+                             for j in range(0, max(sizes), micro)])
+            found[key] = next((w for w in sorted(sizes, reverse=True)
+                               if torch.equal(fn(*[None if p is None else p[:w] for p in probe]), own[:w])), micro)
     return found[key]
 
 
