@@ -475,7 +475,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override one key, e.g. model.method=reflow, model.adversarial=0.05, model.width=16")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue this distilled run up to --train-steps")
     p.add_argument("--couplings-from", metavar="RUN_DIR",
-                   help="reuse the couplings kept in another student of this teacher (no teacher time)")
+                   help="reuse the couplings kept in another student of this teacher (no teacher time), "
+                        "drawing only the missing ones when --pairs asks for more")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = sub.add_parser("sample", help="one PNG per seed from a trained run")

@@ -63,7 +63,7 @@ def couplings(teacher, n: int, *, steps: int | None = None, batch_size: int = 25
     model = teacher.model
     if not hasattr(model, "from_noise"):
         raise ConfigError(f"distill takes a flow or ddpm run; {teacher.path} is {teacher.family!r}")
-    PAIRS.check(n, "--pairs")
+    PAIRS.check(first + n, "--pairs")
     seeds = list(range(COUPLING_SEEDS + first, COUPLING_SEEDS + first + n))
     labels = default_labels(model, seeds)
     shape = (model.cfg.channels, model.cfg.image_size, model.cfg.image_size)
@@ -96,8 +96,10 @@ def save_couplings(ds: CouplingDataset, run_dir: Path, sha256: str) -> None:
                                                       metadata={"teacher_sha256": sha256}))
 
 
-def load_couplings(teacher, run_dir: Path, n: int, real: ImageDataset | None) -> CouplingDataset | None:
-    """The couplings kept in a student's folder, or None when there are none for this teacher and n."""
+def load_couplings(teacher, run_dir: Path, n: int, real: ImageDataset | None, *,
+                   fewer: bool = False) -> CouplingDataset | None:
+    """The couplings kept in a student's folder, or None when there are none for this teacher and n (with
+    `fewer`, also the first m < n of them: the caller draws the rest)."""
     from safetensors import safe_open
     path = Path(run_dir) / COUPLINGS
     if not path.exists():
@@ -106,9 +108,9 @@ def load_couplings(teacher, run_dir: Path, n: int, real: ImageDataset | None) ->
         if f.metadata().get("teacher_sha256") != teacher_hash(teacher.path):
             return None
         images, labels = f.get_tensor("images"), f.get_tensor("labels")
-    if images.shape[0] != n:
+    if images.shape[0] != n and not (fewer and images.shape[0] < n):
         return None
-    noise = coupling_noise(list(range(COUPLING_SEEDS, COUPLING_SEEDS + n)), tuple(images.shape[1:]))
+    noise = coupling_noise(list(range(COUPLING_SEEDS, COUPLING_SEEDS + images.shape[0])), tuple(images.shape[1:]))
     return _dataset(teacher, images, labels, noise, real)
 
 
@@ -161,9 +163,15 @@ def distill(teacher_dir: str | Path, *, steps: int = 1, out: str | Path = "runs"
         if donor.get("family") != "distilled" or int(donor["model"].get("teacher_steps", 0)) != (teacher_steps or 0):
             raise ConfigError(f"{couplings_from} is not a student drawn at the same teacher steps "
                               f"({teacher_steps or 'the teacher own'})")
-        kept = load_couplings(teacher, couplings_from, pairs, real)
+        kept = load_couplings(teacher, couplings_from, pairs, real, fewer=True)
         if kept is None:
-            raise ConfigError(f"{couplings_from} keeps no {pairs} couplings of {teacher.path} (teacher hash or --pairs differ)")
+            raise ConfigError(f"{couplings_from} keeps no couplings of {teacher.path} up to --pairs {pairs} "
+                              "(teacher hash differs, or it keeps more)")
+        if len(kept) < pairs:   # draw only the missing ones: couplings len(kept) .. pairs - 1
+            more = couplings(teacher, pairs - len(kept), steps=teacher_steps, real=real, progress=progress,
+                             first=len(kept))
+            kept = _dataset(teacher, torch.cat([kept.images, more.images]), torch.cat([kept.labels, more.labels]),
+                            torch.cat([kept.noise, more.noise]), real)
     else:
         kept = load_couplings(teacher, resume, pairs, real) if resume is not None else None
     pairs_ds = kept if kept is not None else couplings(teacher, pairs, steps=teacher_steps, real=real, progress=progress)

@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import imagegen
 from imagegen.distill import COUPLING_SEEDS, couplings, distill, teacher_hash
@@ -116,8 +117,18 @@ def test_a_new_student_reuses_anothers_couplings_without_the_teacher(student, te
                         overrides=STUDENT + ["model.width=4"])
     assert (other / "couplings.safetensors").read_bytes() == (student / "couplings.safetensors").read_bytes()
     assert imagegen.load_run(other).model.cfg.width == 4
-    with pytest.raises(ConfigError, match="keeps no 64 couplings"):
-        distill(teacher, out=tmp_path, pairs=64, train_steps=2, couplings_from=student, progress=False, overrides=STUDENT)
+    # More pairs than it keeps: only the missing ones are drawn, and the whole set is what one draw gives.
+    drawn, real_couplings = [], couplings
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("imagegen.distill.couplings", lambda *a, **k: drawn.append((a[1], k["first"])) or real_couplings(*a, **k))
+        more = distill(teacher, out=tmp_path / "more", pairs=48, train_steps=2, couplings_from=student, progress=False,
+                       overrides=STUDENT)
+    assert drawn == [(16, 32)]
+    kept = load_file(more / "couplings.safetensors")
+    whole = couplings(imagegen.load_run(teacher), 48, progress=False)
+    assert torch.equal(kept["images"], whole.images) and torch.equal(kept["labels"], whole.labels)
+    with pytest.raises(ConfigError, match="keeps no couplings .* up to --pairs 16"):
+        distill(teacher, out=tmp_path, pairs=16, train_steps=2, couplings_from=student, progress=False, overrides=STUDENT)
     with pytest.raises(ConfigError, match="same teacher steps"):
         distill(teacher, out=tmp_path, pairs=32, teacher_steps=3, train_steps=2, couplings_from=student,
                 progress=False, overrides=STUDENT)
