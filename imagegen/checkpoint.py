@@ -278,6 +278,9 @@ def _as_saved_then(cfg: dict) -> dict:
     if isinstance(model, dict) and model.get("text_dim") and "text_levels" not in model:
         # text runs saved before these fields: cross-attention in the middle only, without position codes
         cfg = {**cfg, "model": {**model, "text_levels": 0, "text_positions": False}}
+    model = cfg["model"]
+    if isinstance(model, dict) and "mults" in model and "unet_patch" not in model:
+        cfg = {**cfg, "model": {**model, "unet_patch": 1}}   # U-Nets saved before the field: no patches
     return cfg
 
 

@@ -104,3 +104,28 @@ def test_the_config_picks_the_backbone_and_checks_its_sizes(family):
         imagegen.resolve_config({"family": family, "model": {"backbone": "dit", "patch": 0}})
     with pytest.raises(ConfigError, match="dit_size"):
         imagegen.resolve_config({"family": family, "model": {"backbone": "dit", "dit_size": "huge"}})
+
+
+def test_a_unet_with_patches_folds_pixel_blocks_into_channels_and_back():
+    """model.unet_patch = 2: the U-Net runs on 2 x 2 pixel blocks folded into channels (28 px at 14 px),
+    starts at zero output like the plain one, keeps images apart in a batch, and sizes are checked
+    against the patch times the downsampling."""
+    torch.manual_seed(0)
+    net = UNet(3, 8, (1, 2), attention=False, num_classes=4, patch=2)
+    assert net.inp.out_channels == 2 and net.down[0].conv1.in_channels == 8 and net.head.in_channels == 4
+    x, t, y = torch.randn(3, 3, 16, 16), torch.tensor([5, 500, 900]), torch.tensor([0, 1, 4])
+    assert torch.equal(net(x, t, y), torch.zeros_like(x))
+    for p in net.parameters():                                 # leave the zero start behind
+        p.data.add_(0.05 * torch.randn_like(p))
+    out = net(x, t, y)
+    assert out.shape == x.shape
+    moved = x.clone()
+    moved[1] += 1
+    again = net(moved, t, y)
+    assert torch.equal(again[[0, 2]], out[[0, 2]]) and not torch.equal(again[1], out[1])
+    model = imagegen.build_model("flow", {"image_size": 28, "mults": [1, 2], "unet_patch": 2})
+    assert model.net.patch == 2 and model.cfg.multiple == 4
+    with pytest.raises(ConfigError, match="not a multiple of 8"):
+        imagegen.resolve_config({"family": "flow", "model": {"mults": [1, 2, 2], "unet_patch": 2}})
+    # a run saved before the field had none: it means 1
+    assert imagegen.checkpoint._as_saved_then({"family": "flow", "model": {"mults": [1, 2]}})["model"]["unet_patch"] == 1

@@ -94,21 +94,26 @@ class TextAttention(nn.Module):
 class UNet(nn.Module):
     """channels -> channels at the same size, conditioned on an integer time and (if num_classes) a label.
     `mults`: channel multiplier per resolution, each after the first at half the size of the previous;
-    `attention`: one self-attention block at the lowest resolution."""
+    `attention`: one self-attention block at the lowest resolution; `patch`: the side of the pixel blocks
+    folded into channels after a thin full-size stem and unfolded before a full-size head (1: none)."""
 
     def __init__(self, channels: int, width: int, mults: Sequence[int], *, attention: bool = True,
-                 num_classes: int = 0, text_dim: int = 0, text_levels: int = 0, text_positions: bool = False) -> None:
+                 num_classes: int = 0, patch: int = 1, text_dim: int = 0, text_levels: int = 0, text_positions: bool = False) -> None:
         super().__init__()
         w, emb = width, 4 * width
-        self.width = w
+        self.width, self.patch = w, patch
         self.time = nn.Sequential(Linear(w, emb), nn.SiLU(), Linear(emb, emb))
         # Class embedding with one extra row, the null class, for classifier-free guidance.
         self.label = nn.Embedding(num_classes + 1, emb) if num_classes else None
         self.text = TextIn(text_dim, emb) if text_dim else None
-        self.inp = nn.Conv2d(channels, w, 3, padding=1)
+        # With patches, a stem of w / p^2 channels at full size, folded into w channels at 1/p size, and
+        # (below) a head that unfolds the last level and mixes it with the stem at full size, so that no
+        # seam runs along the blocks.
+        stem = w if patch == 1 else -(-w // patch ** 2)
+        self.inp = nn.Conv2d(channels, stem, 3, padding=1)
         chans = [w * m for m in mults]
         self.down, self.downsample = nn.ModuleList(), nn.ModuleList()
-        c = w
+        c = stem * patch ** 2
         for i, co in enumerate(chans):
             self.down.append(ResBlock(c, co, emb))
             c = co
@@ -132,9 +137,12 @@ class UNet(nn.Module):
             if i > 0:
                 self.upsample.append(nn.Conv2d(c, chans[i - 1], 3, padding=1))   # after a nearest 2x
                 c = chans[i - 1]
-        self.out = nn.Sequential(nn.GroupNorm(_groups(c), c), nn.SiLU(), nn.Conv2d(c, channels, 3, padding=1))
-        nn.init.zeros_(self.out[-1].weight)
-        nn.init.zeros_(self.out[-1].bias)
+        self.out = nn.Sequential(nn.GroupNorm(_groups(c), c), nn.SiLU(),
+                                 nn.Conv2d(c, channels if patch == 1 else stem * patch ** 2, 3, padding=1))
+        self.head = nn.Conv2d(2 * stem, channels, 3, padding=1) if patch > 1 else None
+        last = self.out[-1] if patch == 1 else self.head
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, pooled: torch.Tensor | None = None,
                 text_tokens: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -147,6 +155,9 @@ class UNet(nn.Module):
             e = e + self.text.embedding(pooled, mask)
         ctx = self.text.context(text_tokens, mask) if self.text is not None else None
         h = self.inp(x)
+        if self.patch > 1:   # N x stem x H x W -> N x stem p^2 x H/p x W/p
+            stem = h
+            h = F.pixel_unshuffle(h, self.patch)
         skips = []
         for i, block in enumerate(self.down):
             h = block(h, e)
@@ -166,4 +177,7 @@ class UNet(nn.Module):
                 h = self.up_text[level](h, *ctx)
             if i < len(self.upsample):
                 h = self.upsample[i](F.interpolate(h, scale_factor=2.0, mode="nearest"))
-        return self.out(h)
+        if self.patch == 1:
+            return self.out(h)
+        h = F.pixel_shuffle(self.out(h), self.patch)                  # N x stem x H x W
+        return self.head(F.silu(torch.cat([h, stem], 1)))
