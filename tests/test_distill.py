@@ -84,10 +84,11 @@ def test_a_distilled_run_resumes_exactly(teachers, tmp_path):
 @pytest.mark.trained
 def test_the_student_learns_the_teachers_map(teachers, tmp_path):
     # Regression onto 32 fixed couplings: the squared error of the student's one step, x1 - z against its
-    # velocity, falls as it fits them (measured: 0.139 -> 0.029 in 150 steps, a factor 4.7).
+    # velocity, falls as it fits them (measured, default student at width 16: 0.149 -> 0.041 in 150 steps,
+    # a factor 3.6, under AVX-512, AVX2 and SSE4.1 alike).
     overrides = [o for o in STUDENT if not o.startswith(("train.batch_size", "train.log_every"))]
     run = distill(teachers("flow"), out=tmp_path, pairs=32, train_steps=150, progress=False,
-                  overrides=overrides + ["train.batch_size=32", "train.log_every=10", "model.adversarial=0"])
+                  overrides=overrides + ["model.width=16", "train.batch_size=32", "train.log_every=10", "model.adversarial=0"])
     losses = [json.loads(line)["loss"] for line in (run / "log.jsonl").read_text().splitlines()]
     assert losses[-1] < losses[0] / 2.5, losses
 
