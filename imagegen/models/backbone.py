@@ -40,8 +40,8 @@ class BackboneConfig:
     width: int = ranged(32, 1, MAX_WIDTH)
     mults: tuple[int, ...] = (1, 2, 2)
     attention: bool = True
-    # U-Net: the side of the pixel blocks folded into channels before the first convolution (and unfolded
-    # after the last): 2 runs a 28 px image at 14 px with 4 times the channels, for a fast one-step student.
+    # U-Net: the side of the pixel blocks folded into channels after a thin full-size stem (and unfolded
+    # before a full-size head): 2 runs a 28 px image's levels at 14 and 7 px, for a fast one-step student.
     unet_patch: int = ranged(1, 1, 8)
     # DiT: a size from nets/dit.py SIZES (depth, width, heads) and the patch side in pixels.
     dit_size: Literal["xxs", "xs", "s", "m", "l"] = "xs"
