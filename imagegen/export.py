@@ -226,10 +226,9 @@ def export_onnx(run: Run, out: str | Path, *, direction: str = "a2b", tolerance:
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")
     try:
-        # Traced with autograd on (no parameter needs a gradient): nets/layers.Linear pads a short batch to
-        # 16 rows only outside autograd, for torch's rounding; traced that way, the graph would hold a
-        # pad of 16 - N rows and fail for N > 16. Quiet: the exporter's progress lines, and its note
-        # that torchvision's operators are not there.
+        # Traced with autograd on (no parameter needs a gradient): outside autograd nets/layers.Linear runs
+        # a batched product per sample, for torch's rounding; the graph holds the plain product. Quiet: the
+        # exporter's progress lines, and its note that torchvision's operators are not there.
         with torch.enable_grad(), contextlib.redirect_stdout(io.StringIO()), _quiet("torch.onnx"), \
                 warnings.catch_warnings():
             warnings.simplefilter("ignore")   # torch.export's own deprecation notes, not the user's concern

@@ -65,7 +65,7 @@ def test_latent_models_export_the_library_images(runs, variant, tmp_path):
     got = _session(done.path).run(None, feeds)[0]
     assert got.shape == want.shape and np.abs(got - want).max() <= 1e-4
     assert want.std() > 0.01      # a real image, not a constant that any graph would match
-    # Past the 16 rows that a short batch is padded to in torch (nets/layers.Linear): the graph holds no pad.
+    # Past 16 rows: the graph holds neither the old 16-row pad nor a per-sample product (nets/layers.Linear).
     z = per_item_normal(40, (run.model.cfg.z_dim,), seed_generators(range(40)), "cpu")
     labels = torch.arange(40) % run.model.num_classes if run.model.conditional else None
     want = run.model.sample(40, noise=z, labels=labels).numpy()

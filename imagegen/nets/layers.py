@@ -18,27 +18,32 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
 
 
-# CPU matrix-multiply libraries pick a different kernel (and so a different float rounding of each row)
-# for a matrix of 1 to ~12 rows than for 16; the threshold depends on the CPU and the thread count.
-# Sampling runs a network on as few rows as the user asks for (models/base.run_fixed_batch), so at
-# inference a Linear pads its input to at least this many rows: each row is then rounded as it is in a
-# 16-image batch, and costs almost nothing more (a small GEMM is bound by reading the weights).
-LINEAR_MIN_ROWS = 16
-
-
 class Linear(nn.Linear):
-    """nn.Linear whose 2-D input, outside autograd, is padded with zero rows to LINEAR_MIN_ROWS (then
-    trimmed): row i of the output does not depend on how many rows came with it. Same parameters and
-    state-dict keys as nn.Linear; training (grad enabled) is unchanged."""
+    """nn.Linear whose every sample, at inference (grad disabled), is its own matrix product: a 2-D input
+    N x in as N products of one row, a 3-D input N x L x in (tokens) as N products of L rows, all in one
+    batched product whose items are alike. Same parameters and state-dict keys as nn.Linear; training
+    (grad enabled) and export (traced with grad on) use the plain product.
+
+    Why: one product of many rows rounds a row according to where it sits. Under MKL's AVX2 kernels on
+    2 threads, a 16-row product of a 256-wide input rounds rows 4-7 and 12-15 otherwise than rows 0-3
+    and 8-11, and more than a third of the layer sizes we tried gave a row other bits in a 64-row
+    product than in a 16-row one; a product of 1 to ~12 rows picks other kernels again. A sample's place
+    in a chunk changes with the batch (a list of seeds that starts elsewhere; guidance, which stacks the
+    null rows after the conditioned ones), so its image would too. The items of a batched product are
+    computed alike, wherever they sit and however many there are (checked on AVX-512, AVX2 and SSE4.1,
+    1 and 2 threads: tests/test_batching.py). The price: a wide 2-D layer reads its weights once per
+    row, e.g. 100 -> 8192 on 64 rows takes 4.0 ms against 0.6 ms for one product (machine B), while one
+    row is as fast as before."""
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         """`weight` replaces self.weight (e.g. the same weight with its columns permuted to x's order)."""
         weight = self.weight if weight is None else weight
-        n = x.shape[0] if x.dim() == 2 else LINEAR_MIN_ROWS
-        if n >= LINEAR_MIN_ROWS or torch.is_grad_enabled():
+        if torch.is_grad_enabled() or x.dim() not in (2, 3):
             return F.linear(x, weight, self.bias)
-        pad = x.new_zeros((LINEAR_MIN_ROWS - n, x.shape[1]))
-        return F.linear(torch.cat([x, pad]), weight, self.bias)[:n]
+        rows = x[:, None] if x.dim() == 2 else x                                   # N x L x in
+        out = torch.bmm(rows, weight.t().expand(x.shape[0], -1, -1))               # N x L x out
+        out = out if self.bias is None else out + self.bias
+        return out[:, 0] if x.dim() == 2 else out
 
 
 class TextIn(nn.Module):
@@ -81,15 +86,7 @@ class CrossAttention(nn.Module):
     def forward(self, x: torch.Tensor, ctx: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         n, length, d = x.shape
         h = self.heads
-        q = per_sample(self.q, x).view(n, length, h, d // h).transpose(1, 2)            # N x h x L x d/h
-        k, v = per_sample(self.kv, ctx).view(n, ctx.shape[1], 2, h, d // h).permute(2, 0, 3, 1, 4).unbind(0)  # N x h x S x d/h
+        q = self.q(x).view(n, length, h, d // h).transpose(1, 2)            # N x h x L x d/h
+        k, v = self.kv(ctx).view(n, ctx.shape[1], 2, h, d // h).permute(2, 0, 3, 1, 4).unbind(0)  # N x h x S x d/h
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])
-        return per_sample(self.out, a.transpose(1, 2).reshape(n, length, d))
-
-
-def per_sample(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """layer(x) for x N x L x in as N matrix products of L rows (a batched product), not one of N L rows:
-    a product's rounding of a row can depend on how many rows it has (seen with MKL under AVX2 for the
-    U-Net's 16 x 16 queries), and N L changes with the batch, L does not."""
-    out = torch.bmm(x, layer.weight.t().expand(x.shape[0], -1, -1))
-    return out if layer.bias is None else out + layer.bias
+        return self.out(a.transpose(1, 2).reshape(n, length, d))
