@@ -38,9 +38,10 @@ browser:
 demo: install
 	$(VENV)/bin/imagegen demo
 
-# The tests whose outcome depends on trained weights (marker `trained`) run a second time under a lower
+# The tests whose outcome depends on trained weights (marker `trained`), and those that check that an
+# image's bits do not depend on its batch (marker `rounding`), run a second time under a lower
 # instruction set than this machine's, as on a CPU without AVX-512 (most laptops) or without AVX2: float
-# rounding differs there, and a test must hold on every CPU. PyTorch reads ATEN_CPU_CAPABILITY, oneDNN
+# rounding and the kernels chosen differ there, and a test must hold on every CPU. PyTorch reads ATEN_CPU_CAPABILITY, oneDNN
 # (convolutions) ONEDNN_MAX_CPU_ISA and MKL (matmul) MKL_ENABLE_INSTRUCTIONS.
 LOWER_ISA ?= $(shell if grep -qw avx512f /proc/cpuinfo 2>/dev/null; \
 	then echo "ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2"; \
@@ -52,8 +53,8 @@ XDIST ?= -n auto --dist loadscope
 
 test: install
 	$(PY) -m pytest -q $(XDIST)
-	@echo "second pass, the tests marked trained under $(LOWER_ISA):"
-	env $(LOWER_ISA) $(PY) -m pytest -q $(XDIST) -m trained
+	@echo "second pass, the tests marked trained or rounding under $(LOWER_ISA):"
+	env $(LOWER_ISA) $(PY) -m pytest -q $(XDIST) -m "trained or rounding"
 
 # Line coverage of imagegen/ by the suite (in-process code; commands the tests start as subprocesses
 # are not counted). Serial, so that one process holds all the data.

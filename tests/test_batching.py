@@ -4,6 +4,7 @@ Linear makes each sample its own matrix product at inference (nets.layers.Linear
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -109,6 +110,7 @@ def test_the_check_is_kept_per_function_input_shape_and_grad_mode():
     assert len(calls) == 3 * n
 
 
+@pytest.mark.rounding
 def test_a_linear_row_at_inference_has_the_same_bits_wherever_it_sits_and_however_many_come_with_it():
     """The sizes include those seen to fail as one product under MKL's AVX2 kernels on 2 threads (256
     inputs to 32 or 64 outputs: rows 4-7 of 16 rounded otherwise), so under ATEN_CPU_CAPABILITY=avx2

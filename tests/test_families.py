@@ -54,6 +54,7 @@ def test_every_registered_family_has_a_tiny_config():
             assert {name, f"{name}-dit"} <= set(TINY_MODELS), name
 
 
+@pytest.mark.rounding
 @pytest.mark.parametrize("family", sorted(TINY_MODELS))
 def test_train_save_reload_gives_the_same_samples(tmp_path, family):
     run_dir = imagegen.train(family_config(family, 6), out=tmp_path, progress=False)
