@@ -11,7 +11,8 @@ from torch import nn
 
 from imagegen.models import base
 from imagegen.models.base import SAMPLE_MICRO_BATCH, eval_mode, exact_rows, run_fixed_batch, wide_rows
-from imagegen.nets.layers import Linear
+from imagegen.nets import layers
+from imagegen.nets.layers import ONEDNN_MIN_WEIGHTS, Linear
 
 
 class Owner(nn.Module):
@@ -111,12 +112,16 @@ def test_the_check_is_kept_per_function_input_shape_and_grad_mode():
 
 
 @pytest.mark.rounding
-def test_a_linear_row_at_inference_has_the_same_bits_wherever_it_sits_and_however_many_come_with_it():
-    """The sizes include those seen to fail as one product under MKL's AVX2 kernels on 2 threads (256
+@pytest.mark.parametrize("onednn", [True, False])
+def test_a_linear_row_at_inference_has_the_same_bits_wherever_it_sits_and_however_many_come_with_it(onednn, monkeypatch):
+    """The sizes include those seen to fail as one MKL product under its AVX2 kernels on 2 threads (256
     inputs to 32 or 64 outputs: rows 4-7 of 16 rounded otherwise), so under ATEN_CPU_CAPABILITY=avx2
-    MKL_ENABLE_INSTRUCTIONS=AVX2 this checks what the batched product is there for. Token inputs
-    (3-D) from two samples on: one sample of many rows may be split across threads (base.exact_rows
-    then pads it)."""
+    MKL_ENABLE_INSTRUCTIONS=AVX2 this checks what Linear's products are there for; 2-D inputs take
+    oneDNN's inner product, or (onednn=False, as without oneDNN) the batched product. Token inputs (3-D)
+    from two samples on: one sample of many rows may be split across threads (base.exact_rows then pads
+    it)."""
+    if not onednn:
+        monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
     torch.manual_seed(0)
     threads = torch.get_num_threads()
     try:
@@ -133,6 +138,25 @@ def test_a_linear_row_at_inference_has_the_same_bits_wherever_it_sits_and_howeve
                         assert torch.equal(layer(x[idx]), ref[idx]), (rows, d_in, d_out, t, n)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_a_linear_sees_its_weights_change_in_place_and_a_new_weight():
+    """oneDNN's copy of a wide layer's weights is kept between calls: an update in place (training, EMA,
+    load_state_dict) or another weight tensor must be seen."""
+    torch.manual_seed(0)
+    d_in, d_out = 256, ONEDNN_MIN_WEIGHTS // 256
+    layer, x = Linear(d_in, d_out), torch.randn(4, d_in)
+    with torch.no_grad():
+        before = layer(x)
+        if torch.backends.mkldnn.is_available():
+            assert id(layer.weight) in layers._ONEDNN            # the wide layer took oneDNN's product
+        layer.weight.mul_(2)
+        assert torch.allclose(layer(x) - layer.bias, 2 * (before - layer.bias), atol=1e-4)
+        layer.load_state_dict({"weight": torch.zeros(d_out, d_in), "bias": torch.ones(d_out)})
+        assert torch.equal(layer(x), torch.ones(4, d_out))
+        assert torch.equal(layer(x, weight=torch.eye(d_out, d_in)), x[:, :d_out] + 1)
+        layer.bias = None
+        assert torch.equal(layer(x), torch.zeros(4, d_out))
 
 
 def test_a_linear_trains_and_exports_with_the_plain_product(monkeypatch):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -18,32 +19,67 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
 
 
+# The weight count from which a 2-D Linear at inference takes oneDNN's product, not the batched one (see
+# Linear): about where the two cost the same at 16 rows on machine B (256 x 256: 68 against 42 us; 256 x
+# 1024: 104 against 153 us).
+ONEDNN_MIN_WEIGHTS = 2 ** 16
+
+
 class Linear(nn.Linear):
-    """nn.Linear whose every sample, at inference (grad disabled), is its own matrix product: a 2-D input
-    N x in as N products of one row, a 3-D input N x L x in (tokens) as N products of L rows, all in one
-    batched product whose items are alike. Same parameters and state-dict keys as nn.Linear; training
+    """nn.Linear whose rows, at inference (grad disabled), are rounded alike wherever they sit in the
+    batch and however many come with them. Same parameters and state-dict keys as nn.Linear; training
     (grad enabled) and export (traced with grad on) use the plain product.
 
-    Why: one product of many rows rounds a row according to where it sits. Under MKL's AVX2 kernels on
-    2 threads, a 16-row product of a 256-wide input rounds rows 4-7 and 12-15 otherwise than rows 0-3
-    and 8-11, and more than a third of the layer sizes we tried gave a row other bits in a 64-row
-    product than in a 16-row one; a product of 1 to ~12 rows picks other kernels again. A sample's place
-    in a chunk changes with the batch (a list of seeds that starts elsewhere; guidance, which stacks the
-    null rows after the conditioned ones), so its image would too. The items of a batched product are
-    computed alike, wherever they sit and however many there are (checked on AVX-512, AVX2 and SSE4.1,
-    1 and 2 threads: tests/test_batching.py). The price: a wide 2-D layer reads its weights once per
-    row, e.g. 100 -> 8192 on 64 rows takes 4.0 ms against 0.6 ms for one product (machine B), while one
-    row is as fast as before."""
+    Why: one MKL product of many rows rounds a row according to where it sits. Under MKL's AVX2 kernels
+    on 2 threads, a 16-row product of a 256-wide input rounds rows 4-7 and 12-15 otherwise than rows 0-3
+    and 8-11, and more than a third of the layer sizes we tried gave a row other bits in a 64-row product
+    than in a 16-row one; 1 to ~12 rows pick other kernels again. A sample's place in a chunk changes
+    with the batch (a list of seeds that starts elsewhere; guidance, which stacks the null rows after the
+    conditioned ones), so its image would too. Two products that do not do this (checked on AVX-512,
+    AVX2 and SSE4.1, 1 and 2 threads, 2 to 300 rows: tests/test_batching.py):
+      - one batched product of N items (of 1 row, or of L token rows), which computes its items alike.
+        It reads the weights once per item, cheap for a small layer but not for a wide one (100 ->
+        12544 on 64 rows: 5.9 ms against 0.8 ms for MKL's one product, machine B).
+      - oneDNN's inner product, whose accumulation order does not depend on how the rows are blocked;
+        it has a one-row path of its own, so one row is padded to two. Nearly as fast as MKL for a wide
+        layer (that one: 1.0 ms), but a fixed ~45 us a call for the conversions to its layout.
+    So a 2-D input on the CPU in float32 takes oneDNN where the weight has ONEDNN_MIN_WEIGHTS numbers or
+    more; everything else (small layers, tokens, other devices and dtypes) the batched product. The
+    choice depends on the layer alone, never on the batch."""
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         """`weight` replaces self.weight (e.g. the same weight with its columns permuted to x's order)."""
         weight = self.weight if weight is None else weight
         if torch.is_grad_enabled() or x.dim() not in (2, 3):
             return F.linear(x, weight, self.bias)
+        if x.dim() == 2 and weight.numel() >= ONEDNN_MIN_WEIGHTS and x.device.type == "cpu" \
+                and x.dtype == weight.dtype == torch.float32 and torch.backends.mkldnn.is_available():
+            return _onednn_rows(x, weight, self.bias)
         rows = x[:, None] if x.dim() == 2 else x                                   # N x L x in
         out = torch.bmm(rows, weight.t().expand(x.shape[0], -1, -1))               # N x L x out
         out = out if self.bias is None else out + self.bias
         return out[:, 0] if x.dim() == 2 else out
+
+
+# id(weight) -> (the weight, its version, bias, bias version, weight and bias in oneDNN's layout). An
+# entry goes when its weight does (a spectral-normed weight is new every call); a weight or bias updated
+# in place (training, EMA, load_state_dict) has a new version and is converted again.
+_ONEDNN: dict[int, tuple] = {}
+
+
+def _onednn_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x N x in -> N x out by oneDNN's inner product (see Linear)."""
+    entry = _ONEDNN.get(id(weight))
+    if entry is None or entry[0]() is not weight or entry[1] != weight._version or entry[2] is not bias \
+            or (bias is not None and entry[3] != bias._version):
+        entry = (weakref.ref(weight), weight._version, bias, None if bias is None else bias._version,
+                 weight.detach().contiguous().to_mkldnn(), None if bias is None else bias.detach().contiguous().to_mkldnn())
+        if id(weight) not in _ONEDNN:
+            weakref.finalize(weight, _ONEDNN.pop, id(weight), None)
+        _ONEDNN[id(weight)] = entry
+    n = x.shape[0]
+    rows = x if n > 1 else torch.cat([x, x.new_zeros(1, x.shape[1])])           # its one-row path rounds otherwise
+    return torch._C._nn.mkldnn_linear(rows.contiguous().to_mkldnn(), entry[4], entry[5]).to_dense()[:n]
 
 
 class TextIn(nn.Module):
