@@ -41,8 +41,8 @@ demo: install
 # The tests whose outcome depends on trained weights (marker `trained`), and those that check that an
 # image's bits do not depend on its batch (marker `rounding`), run a second time under a lower
 # instruction set than this machine's, as on a CPU without AVX-512 (most laptops) or without AVX2: float
-# rounding and the kernels chosen differ there, and a test must hold on every CPU. PyTorch reads ATEN_CPU_CAPABILITY, oneDNN
-# (convolutions) ONEDNN_MAX_CPU_ISA and MKL (matmul) MKL_ENABLE_INSTRUCTIONS.
+# rounding and the kernels chosen differ there, and a test must hold on every CPU. PyTorch reads
+# ATEN_CPU_CAPABILITY, oneDNN (convolutions) ONEDNN_MAX_CPU_ISA and MKL (matmul) MKL_ENABLE_INSTRUCTIONS.
 LOWER_ISA ?= $(shell if grep -qw avx512f /proc/cpuinfo 2>/dev/null; \
 	then echo "ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2"; \
 	else echo "ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41 MKL_ENABLE_INSTRUCTIONS=SSE4_2"; fi)

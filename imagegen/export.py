@@ -226,8 +226,8 @@ def export_onnx(run: Run, out: str | Path, *, direction: str = "a2b", tolerance:
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")
     try:
-        # Traced with autograd on (no parameter needs a gradient): outside autograd nets/layers.Linear runs
-        # a batched product per sample, for torch's rounding; the graph holds the plain product. Quiet: the
+        # Traced with autograd on (no parameter needs a gradient): outside autograd nets/layers.Linear takes
+        # products that round a row alike wherever it sits; the graph holds the plain product. Quiet: the
         # exporter's progress lines, and its note that torchvision's operators are not there.
         with torch.enable_grad(), contextlib.redirect_stdout(io.StringIO()), _quiet("torch.onnx"), \
                 warnings.catch_warnings():

@@ -1,6 +1,6 @@
 """Sampling without a fixed 16-image micro-batch: a short chunk is padded only as far as the network
 was found to round every row as a full chunk does (models/base.run_fixed_batch, exact_rows), and a
-Linear makes each sample its own matrix product at inference (nets.layers.Linear)."""
+Linear's products at inference round a row alike wherever it sits (nets.layers.Linear)."""
 
 from __future__ import annotations
 

@@ -226,9 +226,9 @@ def exact_rows(fn: Callable[..., torch.Tensor], xs: Sequence[torch.Tensor | None
     prefix. The answer depends on the CPU: on a 2-core AMD EPYC every channels-last convolution passed at
     one image; on a 2-core Intel Xeon with AMX a convolution of one image rounds differently, and an
     elementwise sigmoid whose length is an odd multiple of 16 floats computes its last vector another
-    way; one matrix product of few rows differed on both (nets.layers.Linear now makes each sample its
-    own product). The result is kept on `owner`; a count that fails only costs speed (the caller pads
-    past it)."""
+    way; one matrix product of few rows differed on both (nets.layers.Linear now takes products that
+    round a row alike wherever it sits). The result is kept on `owner`; a count that fails only costs
+    speed (the caller pads past it)."""
     key = ("exact", micro, *_check_key(fn, xs, owner))
     found = owner.__dict__.setdefault("_exact_rows", {})
     if key not in found:
