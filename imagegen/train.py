@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import ctypes
+import io
 import json
 import math
 import sys
@@ -321,7 +322,10 @@ def _train(cfg: RunConfig, d: distributed.Dist | None, main: bool, device: torch
     def sample_grid(step: int) -> None:
         images, per_row = preview(ema, ds, tc.grid_size)
         picture = grid(images, nrow=per_row, scale=2 if images.shape[-1] < 48 else 1)
-        picture.save(run_dir / "samples" / f"step-{step:07d}.png")
+        buf = io.BytesIO()
+        picture.save(buf, format="PNG")
+        # Atomically: the page's training panel serves the newest grid while the job runs.
+        ckpt.write_bytes_atomic(run_dir / "samples" / f"step-{step:07d}.png", buf.getvalue())
         if board is not None:
             board.image(step, "samples", picture)
 

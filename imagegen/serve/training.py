@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, File, Request, UploadFile
-from fastapi.responses import FileResponse, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..checkpoint import load_run
@@ -118,14 +118,15 @@ def add_training_routes(app: FastAPI, api: Api, root: Path, token: str | None) -
         """The training job: state (none, running, done, failed, cancelled), step, losses, its run."""
         return status()
 
-    @app.get("/api/train/grid", response_class=FileResponse, responses={200: {"content": {"image/png": {}}}})
-    async def train_grid() -> FileResponse:
+    @app.get("/api/train/grid", response_class=Response, responses={200: {"content": {"image/png": {}}}})
+    async def train_grid() -> Response:
         """The newest sample grid of the training job (every GRID_EVERY steps, and at the end)."""
         job: TrainJob | None = state["job"]
         grid = job.latest_grid() if job is not None else None
         if grid is None:
             raise bad_request("no sample grid yet", 404)
-        return FileResponse(grid, media_type="image/png", headers={"Cache-Control": "no-store"})
+        # The bytes, read once: a FileResponse takes the length and the body in two looks at the file.
+        return Response(grid.read_bytes(), media_type="image/png", headers={"Cache-Control": "no-store"})
 
     @app.get("/api/train/events")
     async def train_events() -> StreamingResponse:
