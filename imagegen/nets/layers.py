@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import weakref
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -61,25 +62,39 @@ class Linear(nn.Linear):
         return out[:, 0] if x.dim() == 2 else out
 
 
-# id(weight) -> (the weight, its version, bias, bias version, weight and bias in oneDNN's layout). An
-# entry goes when its weight does (a spectral-normed weight is new every call); a weight or bias updated
-# in place (training, EMA, load_state_dict) has a new version and is converted again.
-_ONEDNN: dict[int, tuple] = {}
+class _Packed(NamedTuple):
+    """A weight and bias in oneDNN's layout, with what they were made from."""
+    weight: weakref.ref
+    version: int
+    bias: torch.Tensor | None
+    bias_version: int | None
+    w: torch.Tensor
+    b: torch.Tensor | None
+
+    def made_from(self, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+        return (self.weight() is weight and self.version == weight._version and self.bias is bias
+                and (bias is None or self.bias_version == bias._version))
+
+
+# id(weight) -> its _Packed. An entry goes when its weight does (a spectral-normed weight is new every
+# call); a weight or bias updated in place (training, EMA, load_state_dict) has a new version and is
+# converted again.
+_ONEDNN: dict[int, _Packed] = {}
 
 
 def _onednn_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x N x in -> N x out by oneDNN's inner product (see Linear)."""
-    entry = _ONEDNN.get(id(weight))
-    if entry is None or entry[0]() is not weight or entry[1] != weight._version or entry[2] is not bias \
-            or (bias is not None and entry[3] != bias._version):
-        entry = (weakref.ref(weight), weight._version, bias, None if bias is None else bias._version,
-                 weight.detach().contiguous().to_mkldnn(), None if bias is None else bias.detach().contiguous().to_mkldnn())
+    packed = _ONEDNN.get(id(weight))
+    if packed is None or not packed.made_from(weight, bias):
+        packed = _Packed(weakref.ref(weight), weight._version, bias, None if bias is None else bias._version,
+                         weight.detach().contiguous().to_mkldnn(),
+                         None if bias is None else bias.detach().contiguous().to_mkldnn())
         if id(weight) not in _ONEDNN:
             weakref.finalize(weight, _ONEDNN.pop, id(weight), None)
-        _ONEDNN[id(weight)] = entry
+        _ONEDNN[id(weight)] = packed
     n = x.shape[0]
     rows = x if n > 1 else torch.cat([x, x.new_zeros(1, x.shape[1])])           # its one-row path rounds otherwise
-    return torch._C._nn.mkldnn_linear(rows.contiguous().to_mkldnn(), entry[4], entry[5]).to_dense()[:n]
+    return torch._C._nn.mkldnn_linear(rows.contiguous().to_mkldnn(), packed.w, packed.b).to_dense()[:n]
 
 
 class TextIn(nn.Module):
