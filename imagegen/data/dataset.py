@@ -21,6 +21,13 @@ class ImageDataset:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, reason) of bad files
     notes: list[str] = field(default_factory=list)                # what loading changed (e.g. channel conversions)
     captions: list[str] = field(default_factory=list)             # one per image (text-to-image data), or none
+    # A ground-truth layout per captioned image (nets/layout.py), where the source has one (`scenes`):
+    # N x layout_grid^2 cell classes in reading order, 0 empty, < layout_classes; and N x S cells of the
+    # objects in the order the caption names them, -1 after the last.
+    layout: torch.Tensor | None = field(default=None, repr=False)
+    layout_order: torch.Tensor | None = field(default=None, repr=False)
+    layout_grid: int = 0
+    layout_classes: int = 0
     # A prepared store's file (data/store.Mapping) when `images` is a view of its memory map: batch()
     # reads through it, so the pages stay in the page cache rather than resident in this process.
     mapping: object = field(default=None, repr=False, compare=False)
@@ -32,6 +39,11 @@ class ImageDataset:
             raise ValueError("labels must have one entry per image")
         if self.captions and len(self.captions) != self.images.shape[0]:
             raise ValueError(f"got {len(self.captions)} captions for {self.images.shape[0]} images")
+        if self.layout is not None and (self.layout.shape != (self.images.shape[0], self.layout_grid ** 2)
+                                        or not self.captions or int(self.layout.max()) >= self.layout_classes
+                                        or self.layout_order is None or self.layout_order.shape[0] != self.images.shape[0]):
+            raise ValueError(f"layout must be N x {self.layout_grid ** 2} classes below {self.layout_classes}, one "
+                             f"row per captioned image, with the order of its objects; got {tuple(self.layout.shape)}")
 
     @property
     def captioned(self) -> bool:
@@ -66,10 +78,13 @@ class ImageDataset:
         return torch.bincount(self.labels, minlength=len(self.classes)).tolist()
 
     def batch(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The items at `index` as {"image": float N x C x H x W in [-1, 1], "label": long N}."""
+        """The items at `index` as {"image": float N x C x H x W in [-1, 1], "label": long N}, with the
+        text (load_text) and the layouts where the data has them."""
         raw = self.images[index] if self.mapping is None else self.mapping.gather(index)
         image = raw.float().div_(127.5).sub_(1.0)
         out = {"image": image, "label": self.labels[index]}
+        if self.layout is not None:
+            out.update(layout=self.layout[index], layout_order=self.layout_order[index])
         text = getattr(self, "_text", None)
         if text is not None:   # load_text() was called
             table, rows = text

@@ -169,6 +169,7 @@ def load_data(cfg: DataConfig | str) -> ImageDataset | PairedDataset:
     skipped: list[tuple[str, str]] = []
     notes: list[str] = []
     captions: list[str] = []
+    layout, order, grid, layout_classes = None, None, 0, 0
     mapping = None
     if kind == "pair":
         return _load_pair(cfg, arg)
@@ -238,6 +239,7 @@ def load_data(cfg: DataConfig | str) -> ImageDataset | PairedDataset:
     elif kind == "scenes":   # drawn at the asked side (not resized), captioned, no classes
         scenes = scenes_source.make_scenes(cfg.split, size=cfg.size or 32, first=cfg.limit or None)
         images, captions, classes = scenes.images, scenes.captions, []
+        layout, order, grid, layout_classes = scenes.cells, scenes.order, scenes_source.GRID, scenes_source.CELL_CLASSES
         labels, source = torch.full((images.shape[0],), -1, dtype=torch.long), "built-in captioned scenes"
     else:
         raise ConfigError(
@@ -247,11 +249,13 @@ def load_data(cfg: DataConfig | str) -> ImageDataset | PairedDataset:
     _refuse_if_strict(spec, skipped, cfg.strict)
     if cfg.limit:
         images, labels, captions = images[: cfg.limit], labels[: cfg.limit], captions[: cfg.limit]
+        layout, order = (None, None) if layout is None else (layout[: cfg.limit], order[: cfg.limit])
     if cfg.size:
         images = _resize(images, cfg.size)
     images = _set_channels(images, cfg.channels)
     return ImageDataset(images=images.contiguous(), labels=labels, classes=classes, name=spec, source=source,
-                        skipped=skipped, notes=notes, captions=captions, mapping=mapping)
+                        skipped=skipped, notes=notes, captions=captions, mapping=mapping, layout=layout,
+                        layout_order=order, layout_grid=grid, layout_classes=layout_classes)
 
 
 def _converted_note(where: str, converted: list[str], images: torch.Tensor) -> list[str]:

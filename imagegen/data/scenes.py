@@ -19,7 +19,8 @@ Evaluating Text-to-Image Alignment", NeurIPS 2023), and the caption is drawn fro
 | colour attribution | 2 of different shapes and colours     | "a purple star and an orange square"       |
 
 Ground truth per image (`Scenes.cells`, N x 9, cells in reading order): 0 for an empty cell, else
-1 + cell_code(shape, colour, size); a judge that classifies each cell into these 1 + 64 classes can score
+cell_code(shape, colour, size), and (`Scenes.order`) the cells of the objects in the order the caption
+names them, which a layout prior learns from (nets/layout.py); a judge that classifies each cell into these 1 + 64 classes can score
 any generated image against any caption's intent. The same seed always gives the same images and
 captions; the train and test splits use different seeds.
 """
@@ -50,6 +51,7 @@ PLACES = ("in the top left", "at the top", "in the top right", "on the left", "i
           "in the bottom left", "at the bottom", "in the bottom right")   # a position as captions say it
 TASKS = ("single object", "two objects", "counting", "colours", "position", "colour attribution")
 NUMBERS = {2: "two", 3: "three"}
+MAX_OBJECTS = 3
 CELL_CLASSES = 1 + len(SHAPES) * len(COLOURS) * len(SIZES)   # empty + every (shape, colour, size)
 
 SPLIT_SIZE = {"train": 20_000, "test": 2_000}
@@ -78,6 +80,7 @@ def decode_cell(code: int) -> tuple[int, int, int] | None:
 class Scenes:
     images: torch.Tensor     # N x 3 x size x size, uint8
     cells: torch.Tensor      # N x 9, int64: 0 empty, else cell_code(shape, colour, size)
+    order: torch.Tensor      # N x MAX_OBJECTS, int64: the cells of the objects in the order the caption names them, -1 after
     tasks: torch.Tensor      # N, int64: index into TASKS
     captions: list[str]      # N
 
@@ -155,15 +158,17 @@ def _masks(shape: str, cx, cy, r, theta, px, py) -> np.ndarray:
     return m
 
 
-def _draw(rng: np.random.Generator, n: int, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
-    """n scenes: (uint8 n x 3 x size x size, cells n x 9, tasks n, captions)."""
+def _draw(rng: np.random.Generator, n: int, size: int) -> tuple[np.ndarray, ...]:
+    """n scenes: (uint8 n x 3 x size x size, cells n x 9, order n x MAX_OBJECTS, tasks n, captions)."""
     tasks = rng.integers(len(TASKS), size=n)
     scenes = [_scene(rng, int(t)) for t in tasks]
     cells = np.zeros((n, GRID * GRID), dtype=np.int64)
+    order = np.full((n, MAX_OBJECTS), -1, dtype=np.int64)
     objs = []   # (image, shape, colour, size, cell) of every object
     for i, (found, _) in enumerate(scenes):
-        for shape, colour, sz, cell in found:
+        for k, (shape, colour, sz, cell) in enumerate(found):   # in the order the caption names them
             cells[i, cell] = cell_code(shape, colour, sz)
+            order[i, k] = cell
             objs.append((i, shape, colour, sz, cell))
     o = np.array(objs, dtype=np.int64).reshape(-1, 5)
     side = size / GRID
@@ -193,7 +198,7 @@ def _draw(rng: np.random.Generator, n: int, size: int) -> tuple[np.ndarray, np.n
         i, win = o[j, 0], np.s_[oy[j]:oy[j] + w, ox[j]:ox[j] + w]
         img[i][:, win[0], win[1]] += (rgb[j][:, None, None] - img[i][:, win[0], win[1]]) * cover[j][None]
     images = np.clip(np.rint(img * 255), 0, 255).astype(np.uint8)
-    return images, cells, tasks.astype(np.int64), [caption for _, caption in scenes]
+    return images, cells, order, tasks.astype(np.int64), [caption for _, caption in scenes]
 
 
 def make_scenes(split: str = "train", size: int = 32, first: int | None = None, n: int | None = None,
@@ -212,5 +217,6 @@ def _render_split(split: str, n: int, size: int, seed: int, stop: int) -> Scenes
     parts = [_draw(rng, min(CHUNK, stop - i), size) for i in range(0, stop, CHUNK)]
     return Scenes(images=torch.from_numpy(np.concatenate([p[0] for p in parts])),
                   cells=torch.from_numpy(np.concatenate([p[1] for p in parts])),
-                  tasks=torch.from_numpy(np.concatenate([p[2] for p in parts])),
-                  captions=[c for p in parts for c in p[3]])
+                  order=torch.from_numpy(np.concatenate([p[2] for p in parts])),
+                  tasks=torch.from_numpy(np.concatenate([p[3] for p in parts])),
+                  captions=[c for p in parts for c in p[4]])
