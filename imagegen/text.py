@@ -37,19 +37,23 @@ MAX_PROMPT_CHARS = 300   # refused before tokenising
 
 @dataclass
 class TextEmbedding:
-    """Texts as the networks read them: pooled N x DIM, tokens N x T x DIM, mask N x T (bool)."""
+    """Texts as the networks read them: pooled N x DIM, tokens N x T x DIM, mask N x T (bool); and, for a
+    model that draws a layout first (nets/layout.py), the layouts drawn for them, N x G^2, or None."""
     pooled: torch.Tensor
     tokens: torch.Tensor
     mask: torch.Tensor
+    layout: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.pooled.shape[0]
 
     def __getitem__(self, index) -> TextEmbedding:
-        return TextEmbedding(self.pooled[index], self.tokens[index], self.mask[index])
+        return TextEmbedding(self.pooled[index], self.tokens[index], self.mask[index],
+                             None if self.layout is None else self.layout[index])
 
     def to(self, device) -> TextEmbedding:
-        return TextEmbedding(self.pooled.to(device), self.tokens.to(device), self.mask.to(device))
+        return TextEmbedding(self.pooled.to(device), self.tokens.to(device), self.mask.to(device),
+                             None if self.layout is None else self.layout.to(device))
 
     @staticmethod
     def null(n: int, length: int = 1, device=None) -> TextEmbedding:
@@ -59,14 +63,18 @@ class TextEmbedding:
 
     @staticmethod
     def cat(parts: Sequence[TextEmbedding]) -> TextEmbedding:
-        """Row-wise concatenation; token axes are padded to the longest."""
+        """Row-wise concatenation; token axes are padded to the longest. Layouts are dropped (the caller
+        that needs them, BackboneFamily.guided, joins them itself)."""
         t = max(p.tokens.shape[1] for p in parts)
         return TextEmbedding(torch.cat([p.pooled for p in parts]),
                              torch.cat([_pad_tokens(p.tokens, t) for p in parts]),
                              torch.cat([_pad_tokens(p.mask, t) for p in parts]))
 
     def padded(self, length: int) -> TextEmbedding:
-        return TextEmbedding(self.pooled, _pad_tokens(self.tokens, length), _pad_tokens(self.mask, length))
+        return TextEmbedding(self.pooled, _pad_tokens(self.tokens, length), _pad_tokens(self.mask, length), self.layout)
+
+    def with_layout(self, layout: torch.Tensor | None) -> TextEmbedding:
+        return TextEmbedding(self.pooled, self.tokens, self.mask, layout)
 
 
 def _pad_tokens(x: torch.Tensor, length: int) -> torch.Tensor:

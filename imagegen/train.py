@@ -292,6 +292,7 @@ def _train(cfg: RunConfig, d: distributed.Dist | None, main: bool, device: torch
         if start >= tc.steps:
             raise ConfigError(f"{run_dir} is already at step {start}; ask for more with --steps N > {start}")
     else:
+        prepared = time.perf_counter()   # what prepare() fits counts against train.time_limit too
         model.prepare(ds)
         ema.load_state_dict(model.state_dict())  # what prepare() computed (buffers) goes into the EMA copy too
         run_dir = ckpt.new_run_dir(Path(out), cfg.data.source, cfg.family) if main else None
@@ -329,7 +330,7 @@ def _train(cfg: RunConfig, d: distributed.Dist | None, main: bool, device: torch
         if board is not None:
             board.image(step, "samples", picture)
 
-    started = time.perf_counter()
+    started = time.perf_counter() if resume is not None else prepared
     try:
         model.train()
         for step in range(start, tc.steps):

@@ -37,7 +37,7 @@ from ..checkpoint import load_hashed_weights, save_hashed_weights, write_json_at
 from ..config import MAX_BATCH, MAX_SEED, MAX_WIDTH, cache_path, from_dict, ranged, validate
 from ..data import scenes as S
 from ..errors import CheckpointError, ConfigError
-from ..sample import generate, to_float
+from ..sample import generate, prompt_text, seed_generators, to_float
 
 SIDE = 36        # the judge's image side: 12 px a cell
 CELL = SIDE // S.GRID
@@ -340,4 +340,14 @@ def geneval(run, judge: SceneJudge, *, prompts: int = 0, images_per_prompt: int 
                if hasattr(run.model.cfg, k)}
     protocol = GenEvalProtocol(prompt_count=len(captions), images_per_prompt=images_per_prompt, judge=judge.name,
                                judge_sha256=judge.info["sha256"], sampler=sampler)
-    return {"generated": score(parsed, judge.cells(images)), "real": real, "protocol": asdict(protocol)}
+    out = {"generated": score(parsed, judge.cells(images)), "real": real, "protocol": asdict(protocol)}
+    if getattr(run.model, "layout_prior", None) is not None:
+        # A grounded model's layouts, scored as if they were the judged cells: drawn from the same seeds
+        # as the images' (sampling draws each image's layout first), they tell a wrong plan from a
+        # plan drawn wrong.
+        seeds = list(range(PROMPT_SEEDS, PROMPT_SEEDS + len(asked)))
+        text, _ = prompt_text(run.model, asked, len(asked))
+        layouts = torch.cat([run.model.ground(text[i:i + batch_size], seed_generators(seeds[i:i + batch_size])).layout.cpu()
+                             for i in range(0, len(asked), batch_size)])
+        out["layouts"] = score(parsed, layouts)
+    return out

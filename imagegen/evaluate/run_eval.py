@@ -77,6 +77,9 @@ def evaluate_run(run_dir: str | Path, *, n: int = 10_000, data: str | None = Non
         following = geneval(run, extractor, prompts=prompts, batch_size=batch_size)
         result |= {f"geneval_{task.replace(' ', '_')}": v for task, v in following["generated"].items() if task != "images"}
         result["geneval_real_overall"] = following["real"]["overall"]
+        if "layouts" in following:   # a grounded model's drawn layouts, scored alone
+            result |= {f"geneval_layout_{task.replace(' ', '_')}": v for task, v in following["layouts"].items()
+                       if task != "images"}
     bpd = None
     if likelihood:
         t1 = time.perf_counter()

@@ -159,11 +159,20 @@ def eval_mode(module: nn.Module):
 
 def per_item_normal(n: int, shape: tuple[int, ...], generator: Generators, device: torch.device) -> torch.Tensor:
     """n x *shape standard normal noise. With a list of n generators, item i comes from generator i only."""
+    return _per_item(torch.randn, n, shape, generator, device)
+
+
+def per_item_uniform(n: int, shape: tuple[int, ...], generator: Generators, device: torch.device) -> torch.Tensor:
+    """n x *shape uniforms in [0, 1), drawn as per_item_normal draws its noise."""
+    return _per_item(torch.rand, n, shape, generator, device)
+
+
+def _per_item(draw, n: int, shape: tuple[int, ...], generator: Generators, device: torch.device) -> torch.Tensor:
     if generator is None or isinstance(generator, torch.Generator):
-        return torch.randn((n, *shape), generator=generator, device=device)
+        return draw((n, *shape), generator=generator, device=device)
     if len(generator) != n:
         raise ValueError(f"got {len(generator)} generators for {n} images")
-    return torch.stack([torch.randn(shape, generator=g, device=g.device) for g in generator]).to(device)
+    return torch.stack([draw(shape, generator=g, device=g.device) for g in generator]).to(device)
 
 
 def run_fixed_batch(fn: Callable[..., torch.Tensor], *xs: torch.Tensor | None, owner: nn.Module,

@@ -126,7 +126,7 @@ class DDPM(BackboneFamily):    # the backbone, its optimizer, label dropout and 
             w = snr.clamp(max=self.cfg.min_snr_gamma) / (snr if self.cfg.prediction == "eps" else snr + 1)
         else:
             w = torch.ones_like(snr)
-        return self.update(opt, (w * per_image).mean())
+        return self.update(opt, (w * per_image).mean(), batch)
 
     # --- sampling ------------------------------------------------------------------------------------
 
@@ -166,6 +166,7 @@ class DDPM(BackboneFamily):    # the backbone, its optimizer, label dropout and 
         (a TextEmbedding of n prompts) for a text model, `negative` its guidance's null branch."""
         labels, ts, guidance, eta, sampler = self._setup(n, labels, steps, guidance, eta, sampler)
         text, negative = self.check_text(n, text), self.check_text(n, negative, "negative prompt")
+        text = self.ground(text, generator)   # a grounded model's layouts, before the noise
         shape = (self.cfg.channels, self.cfg.image_size, self.cfg.image_size)
         noise = self._noise(n, shape, generator)
         with eval_mode(self):
@@ -190,6 +191,7 @@ class DDPM(BackboneFamily):    # the backbone, its optimizer, label dropout and 
         STRENGTH.check(strength, "strength")
         labels, ts, guidance, eta, sampler = self._setup(image.shape[0], labels, steps, guidance, eta, sampler)
         text, negative = self.check_text(image.shape[0], text), self.check_text(image.shape[0], negative, "negative prompt")
+        text = self.ground(text, generator)
         ts = [t for t in ts if t <= strength * (self.cfg.timesteps - 1) + 1e-9] or ts[-1:]
         noise = self._noise(image.shape[0], image.shape[1:], generator)
         with eval_mode(self):
@@ -205,6 +207,7 @@ class DDPM(BackboneFamily):    # the backbone, its optimizer, label dropout and 
         the map that `distill` learns in one step."""
         labels, ts, guidance, _, _ = self._setup(z.shape[0], labels, steps, guidance, 0.0, "ddim")
         text, negative = self.check_text(z.shape[0], text), self.check_text(z.shape[0], negative, "negative prompt")
+        text = self.ground(text, None, draw=False)
         with eval_mode(self):
             x = ddim(self.denoiser(labels, guidance, text, negative), z.to(self.device), self.ab, ts, eta=0.0)
         return x.clamp(-1, 1)
@@ -221,6 +224,7 @@ class DDPM(BackboneFamily):    # the backbone, its optimizer, label dropout and 
         RESAMPLE.check(resample, "resample")
         labels, ts, guidance, _, _ = self._setup(n, labels, steps, guidance, 0.0, "ddpm")
         text, negative = self.check_text(n, text), self.check_text(n, negative, "negative prompt")
+        text = self.ground(text, generator)
         image = image.to(self.device)
         known, keep = padded_canvas(image, mask.to(self.device), self.cfg.multiple)
         noise = self._noise(n, known.shape[1:], generator)

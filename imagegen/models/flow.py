@@ -106,7 +106,7 @@ class Flow(BackboneFamily):    # the backbone, its optimizer, label dropout and 
         tt = t.view(n, 1, 1, 1)
         xt = (1 - tt) * z + tt * x                                          # the straight path
         v = self.net(xt, TIME_SCALE * t, y, *self.training_text(batch, gen))
-        return self.update(opt, (v - (x - z)).square().mean())                  # velocity x - z
+        return self.update(opt, (v - (x - z)).square().mean(), batch)           # velocity x - z
 
     # --- sampling ------------------------------------------------------------------------------------
 
@@ -136,6 +136,7 @@ class Flow(BackboneFamily):    # the backbone, its optimizer, label dropout and 
         """n images. labels None on a conditional model samples unconditionally (the null class); `text`
         (a TextEmbedding of n prompts) for a text model, `negative` its guidance's null branch."""
         shape = (self.cfg.channels, self.cfg.image_size, self.cfg.image_size)
+        text = self.ground(self.check_text(n, text), generator)   # a grounded model's layouts, then the noise
         return self.from_noise(self._noise(n, shape, generator)(), labels=labels, steps=steps, guidance=guidance,
                                solver=solver, text=text, negative=negative)
 
@@ -143,9 +144,10 @@ class Flow(BackboneFamily):    # the backbone, its optimizer, label dropout and 
     def from_noise(self, z: torch.Tensor, *, labels: torch.Tensor | None = None, steps: int | None = None,
                    guidance: float | None = None, solver: str | None = None, text=None, negative=None) -> torch.Tensor:
         """The images the ODE carries noise z (N x C x H x W at t = 0) to: a deterministic map, which
-        `distill` learns in one step."""
+        `distill` learns in one step (a grounded model's texts without layouts get their most likely ones)."""
         labels, steps, guidance, solver = self._setup(z.shape[0], labels, steps, guidance, solver)
         text, negative = self.check_text(z.shape[0], text), self.check_text(z.shape[0], negative, "negative prompt")
+        text = self.ground(text, None, draw=False)
         with eval_mode(self):
             x = z.to(self.device)
             if solver == "dopri5":   # one image at a time: its step sizes must not depend on the others
@@ -171,6 +173,7 @@ class Flow(BackboneFamily):    # the backbone, its optimizer, label dropout and 
         if solver == "dopri5":
             raise ConfigError("edit takes a fixed-step solver (euler, midpoint or heun), not dopri5")
         text, negative = self.check_text(image.shape[0], text), self.check_text(image.shape[0], negative, "negative prompt")
+        text = self.ground(text, generator)
         t0 = 1.0 - strength
         k = max(1, math.ceil(strength * steps - 1e-9))
         grid = [t0 + (1 - t0) * i / k for i in range(k + 1)]
@@ -213,6 +216,7 @@ class Flow(BackboneFamily):    # the backbone, its optimizer, label dropout and 
         RESAMPLE.check(resample, "resample")
         labels, steps, guidance, _ = self._setup(n, labels, steps, guidance, "euler")
         text, negative = self.check_text(n, text), self.check_text(n, negative, "negative prompt")
+        text = self.ground(text, generator)
         image = image.to(self.device)
         known, keep = padded_canvas(image, mask.to(self.device), self.cfg.multiple)
         noise = self._noise(n, known.shape[1:], generator)

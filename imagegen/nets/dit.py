@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layers import CrossAttention, Linear, TextIn, timestep_embedding
+from .layout import LayoutIn
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,7 @@ class DiT(nn.Module):
     """channels -> channels at the same size, conditioned on a time and (if num_classes) a label."""
 
     def __init__(self, channels: int, size: str | Size = "xs", *, patch: int = 2, num_classes: int = 0,
-                 text_dim: int = 0) -> None:
+                 text_dim: int = 0, layout: tuple[int, int] | None = None) -> None:
         super().__init__()
         s = SIZES[size] if isinstance(size, str) else size
         if s.dim % s.heads or s.dim % 4:
@@ -117,6 +118,7 @@ class DiT(nn.Module):
         self.time = nn.Sequential(Linear(256, s.dim), nn.SiLU(), Linear(s.dim, s.dim))
         self.label = nn.Embedding(num_classes + 1, s.dim) if num_classes else None
         self.text = TextIn(text_dim, s.dim) if text_dim else None
+        self.layout = LayoutIn(*layout, s.dim) if layout else None   # a layout's cells join their patches' tokens
         self.blocks = nn.ModuleList(Block(s.dim, s.heads, text_dim=text_dim) for _ in range(s.depth))
         self.norm = nn.LayerNorm(s.dim, elementwise_affine=False, eps=1e-6)
         self.ada = nn.Sequential(nn.SiLU(), Linear(s.dim, 2 * s.dim))
@@ -155,9 +157,11 @@ class DiT(nn.Module):
         return c
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, pooled: torch.Tensor | None = None,
-                text_tokens: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+                text_tokens: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                layout: torch.Tensor | None = None) -> torch.Tensor:
         """x N x C x H x W, t N times, y N labels (num_classes = null) or None, and for a text network
-        the text (pooled, text_tokens, mask) -> N x C x H x W."""
+        the text (pooled, text_tokens, mask) and, if it has one, its layout (N x G^2, None = the null
+        layout) -> N x C x H x W."""
         h, w = x.shape[-2:]
         p = self.patch
         if h % p or w % p:
@@ -165,6 +169,10 @@ class DiT(nn.Module):
         gh, gw = h // p, w // p
         tokens = self.embed(x).flatten(2).transpose(1, 2)                       # N x L x D
         tokens = tokens + sincos_2d(gh, gw, self.dim, x.device).to(tokens.dtype)
+        if self.layout is not None:
+            if layout is None:
+                layout = torch.full((x.shape[0], self.layout.grid ** 2), self.layout.null, device=x.device)
+            tokens = tokens + self.layout(layout, gh, gw).flatten(2).transpose(1, 2).to(tokens.dtype)
         cond = self.condition(t, y, pooled, mask)
         ctx = self.text.context(text_tokens, mask) if self.text is not None else (None, None)
         for block in self.blocks:

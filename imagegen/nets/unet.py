@@ -25,6 +25,7 @@ from torch import nn
 
 from .dit import sincos_2d
 from .layers import CrossAttention, Linear, TextIn, timestep_embedding
+from .layout import LayoutIn
 
 
 def _groups(c: int) -> int:
@@ -98,7 +99,8 @@ class UNet(nn.Module):
     folded into channels after a thin full-size stem and unfolded before a full-size head (1: none)."""
 
     def __init__(self, channels: int, width: int, mults: Sequence[int], *, attention: bool = True,
-                 num_classes: int = 0, patch: int = 1, text_dim: int = 0, text_levels: int = 0, text_positions: bool = False) -> None:
+                 num_classes: int = 0, patch: int = 1, text_dim: int = 0, text_levels: int = 0, text_positions: bool = False,
+                 layout: tuple[int, int] | None = None) -> None:
         super().__init__()
         w, emb = width, 4 * width
         self.width, self.patch = w, patch
@@ -113,8 +115,12 @@ class UNet(nn.Module):
         self.inp = nn.Conv2d(channels, stem, 3, padding=1)
         chans = [w * m for m in mults]
         self.down, self.downsample = nn.ModuleList(), nn.ModuleList()
+        # A layout (grid side, cell classes: nets/layout.py) joins the features entering every down block.
+        self.layout = nn.ModuleList() if layout else None
         c = stem * patch ** 2
         for i, co in enumerate(chans):
+            if layout:
+                self.layout.append(LayoutIn(*layout, c))
             self.down.append(ResBlock(c, co, emb))
             c = co
             if i + 1 < len(chans):
@@ -145,9 +151,11 @@ class UNet(nn.Module):
         nn.init.zeros_(last.bias)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, pooled: torch.Tensor | None = None,
-                text_tokens: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+                text_tokens: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                layout: torch.Tensor | None = None) -> torch.Tensor:
         """x N x C x H x W, t N timesteps, y N labels (num_classes = null) or None, and for a text
-        network the text (pooled, text_tokens, mask) -> N x C x H x W."""
+        network the text (pooled, text_tokens, mask) and, if it has one, its layout (N x G^2, None =
+        the null layout) -> N x C x H x W."""
         e = self.time(timestep_embedding(t, self.width))
         if self.label is not None:
             e = e + self.label(y)
@@ -158,8 +166,12 @@ class UNet(nn.Module):
         if self.patch > 1:   # N x stem x H x W -> N x stem p^2 x H/p x W/p
             stem = h
             h = F.pixel_unshuffle(h, self.patch)
+        if self.layout is not None and layout is None:
+            layout = torch.full((x.shape[0], self.layout[0].grid ** 2), self.layout[0].null, device=x.device)
         skips = []
         for i, block in enumerate(self.down):
+            if self.layout is not None:
+                h = h + self.layout[i](layout, *h.shape[-2:]).to(h.dtype)
             h = block(h, e)
             if str(i) in self.down_text:
                 h = self.down_text[str(i)](h, *ctx)
