@@ -109,6 +109,7 @@ def test_a_backbone_draws_each_cell_where_its_layout_puts_it(make):
     assert inside > 3 * outside, (inside.item(), outside.item())
 
 
+@pytest.mark.rounding
 def test_a_grounded_run_draws_a_layout_per_seed_at_any_batch_size(grounded_run):
     run = imagegen.load_run(grounded_run)
     m = run.model
