@@ -133,7 +133,8 @@ def test_the_layout_is_learnt_with_the_images_and_resumes_bit_identically(tmp_pa
     from imagegen.checkpoint import list_checkpoints, load_checkpoint
     from test_train import _assert_same_optim, _assert_same_tensors
     straight = imagegen.train(_cfg(6), out=tmp_path / "a", progress=False)
-    resumed = imagegen.train(_cfg(6), resume=imagegen.train(_cfg(3), out=tmp_path / "b", progress=False), progress=False)
+    half = imagegen.train(_cfg(3), out=tmp_path / "b", progress=False)
+    resumed = imagegen.train(_cfg(6), resume=half, progress=False)
     a, b = load_checkpoint(list_checkpoints(straight)[-1]), load_checkpoint(list_checkpoints(resumed)[-1])
     assert set(a["optimizers"]) == {"net", "layout"}
     assert any(k.startswith("layout_prior.") for k in a["model"])

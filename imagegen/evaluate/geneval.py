@@ -347,7 +347,7 @@ def geneval(run, judge: SceneJudge, *, prompts: int = 0, images_per_prompt: int 
         # plan drawn wrong.
         seeds = list(range(PROMPT_SEEDS, PROMPT_SEEDS + len(asked)))
         text, _ = prompt_text(run.model, asked, len(asked))
-        layouts = torch.cat([run.model.ground(text[i:i + batch_size], seed_generators(seeds[i:i + batch_size])).layout.cpu()
-                             for i in range(0, len(asked), batch_size)])
+        layouts = torch.cat([run.model.ground(text[i:i + batch_size], seed_generators(seeds[i:i + batch_size]))
+                             .layout.cpu() for i in range(0, len(asked), batch_size)])
         out["layouts"] = score(parsed, layouts)
     return out

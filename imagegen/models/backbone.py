@@ -192,12 +192,11 @@ class BackboneFamily(Family):
         gen = torch.Generator().manual_seed(0)
         opt = adam(self.layout_prior.parameters(), self.cfg.lr)
         for _ in tqdm(range(steps), desc="layout prior", leave=False, disable=None):
-            batch = {k: v.to(self.device) for k, v in dataset.batch(torch.randint(len(dataset), (LAYOUT_BATCH,), generator=gen)).items()}
+            rows = torch.randint(len(dataset), (LAYOUT_BATCH,), generator=gen)
+            batch = {k: v.to(self.device) for k, v in dataset.batch(rows).items()}
             opt.zero_grad(set_to_none=True)
             self.layout_loss(batch).backward()
-            if self.cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(self.layout_prior.parameters(), self.cfg.grad_clip)
-            opt.step()
+            self._clipped_step(self.layout_prior, opt)
 
     def layout_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """The layout prior's cross-entropy on the batch's captions and true layouts (None without one)."""
@@ -208,9 +207,9 @@ class BackboneFamily(Family):
 
     def ground(self, text: TextEmbedding | None, generator: Generators, draw: bool = True) -> TextEmbedding | None:
         """The prompts with their layouts drawn by the layout prior (a grounded model; others: as given).
-        Each image's layout comes from one uniform per slot from its own generator, drawn before its noise, or, with
-        `draw` False, is the most likely layout (from_noise: a deterministic map of the noise). A text that
-        already has its layouts keeps them."""
+        Each image's layout comes from one uniform per slot of its own generator, drawn before its noise,
+        or, with `draw` False, is the most likely layout (from_noise: a deterministic map of the noise). A
+        text that already has its layouts keeps them."""
         if text is None or self.layout_prior is None or text.layout is not None:
             return text
         n = len(text)
@@ -239,12 +238,16 @@ class BackboneFamily(Family):
         for o in opt.values():
             o.zero_grad(set_to_none=True)
         self.backward(total)
-        parts = [(self.net, opt["net"])] + ([(self.layout_prior, opt["layout"])] if prior is not None else [])
-        for module, o in parts:
-            if self.cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(module.parameters(), self.cfg.grad_clip)
-            o.step()
+        self._clipped_step(self.net, opt["net"])
+        if prior is not None:
+            self._clipped_step(self.layout_prior, opt["layout"])
         return {"loss": loss.item()} | ({} if prior is None else {"layout": prior.item()})
+
+    def _clipped_step(self, module: nn.Module, opt) -> None:
+        """Clip the module's global gradient norm to `grad_clip` (0 = off), then step its optimizer."""
+        if self.cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(module.parameters(), self.cfg.grad_clip)
+        opt.step()
 
     def guided(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None, guidance: float,
                text: TextEmbedding | None = None, negative: TextEmbedding | None = None) -> torch.Tensor:

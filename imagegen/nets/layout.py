@@ -86,8 +86,8 @@ class LayoutPrior(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.head = Linear(dim, 1 + self.cells + classes - 1)   # STOP, each cell, each class
         # cell of each choice (STOP: -1), to forbid a cell already taken
-        self.register_buffer("cell_of", torch.cat([torch.tensor([-1]), torch.arange(self.cells).repeat_interleave(classes - 1)]),
-                             persistent=False)
+        cell_of = torch.cat([torch.tensor([-1]), torch.arange(self.cells).repeat_interleave(classes - 1)])
+        self.register_buffer("cell_of", cell_of, persistent=False)
 
     def codes(self, layout: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
         """The slot codes N x S of layouts N x G^2 whose objects are named in `order` (N x S cells,
@@ -95,7 +95,8 @@ class LayoutPrior(nn.Module):
         cls = layout.gather(1, order.clamp(min=0))                                             # N x S
         return torch.where(order >= 0, 1 + order * (self.classes - 1) + cls - 1, 0)
 
-    def forward(self, pooled: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    def forward(self, pooled: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor,
+                codes: torch.Tensor) -> torch.Tensor:
         """Teacher-forced logits N x S x choices: entry s is p(slot s | text, codes[:, :s])."""
         n = codes.shape[0]
         prev = torch.cat([codes.new_full((n, 1), -1), codes[:, :-1]], 1)                      # N x S, -1 = start
@@ -144,7 +145,8 @@ class LayoutPrior(nn.Module):
             stopped |= pick == 0
             codes[:, s] = pick
             cell, cls = (pick - 1).clamp(min=0) // (self.classes - 1), (pick - 1).clamp(min=0) % (self.classes - 1) + 1
-            layout.scatter_(1, cell[:, None], torch.where(pick > 0, cls, layout.gather(1, cell[:, None])[:, 0])[:, None])
+            kept = layout.gather(1, cell[:, None])[:, 0]                                      # STOP writes nothing new
+            layout.scatter_(1, cell[:, None], torch.where(pick > 0, cls, kept)[:, None])
         return layout
 
 
