@@ -170,8 +170,7 @@ class DiT(nn.Module):
         tokens = self.embed(x).flatten(2).transpose(1, 2)                       # N x L x D
         tokens = tokens + sincos_2d(gh, gw, self.dim, x.device).to(tokens.dtype)
         if self.layout is not None:
-            if layout is None:
-                layout = torch.full((x.shape[0], self.layout.grid ** 2), self.layout.null, device=x.device)
+            layout = self.layout.or_null(layout, x.shape[0], x.device)
             tokens = tokens + self.layout(layout, gh, gw).flatten(2).transpose(1, 2).to(tokens.dtype)
         cond = self.condition(t, y, pooled, mask)
         ctx = self.text.context(text_tokens, mask) if self.text is not None else (None, None)

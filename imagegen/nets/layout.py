@@ -161,6 +161,10 @@ class LayoutIn(nn.Module):
         self.embed = nn.Embedding(classes + 1, dim)
         nn.init.zeros_(self.embed.weight)
 
+    def or_null(self, layout: torch.Tensor | None, n: int, device) -> torch.Tensor:
+        """The layout, or n null layouts where there is none (a caller that passes no layout)."""
+        return torch.full((n, self.grid ** 2), self.null, device=device) if layout is None else layout
+
     def forward(self, layout: torch.Tensor, h: int, w: int) -> torch.Tensor:
         n, g = layout.shape[0], self.grid
         cells = self.embed(layout).transpose(1, 2).reshape(n, -1, g, g)                  # N x dim x G x G

@@ -166,8 +166,8 @@ class UNet(nn.Module):
         if self.patch > 1:   # N x stem x H x W -> N x stem p^2 x H/p x W/p
             stem = h
             h = F.pixel_unshuffle(h, self.patch)
-        if self.layout is not None and layout is None:
-            layout = torch.full((x.shape[0], self.layout[0].grid ** 2), self.layout[0].null, device=x.device)
+        if self.layout is not None:
+            layout = self.layout[0].or_null(layout, x.shape[0], x.device)
         skips = []
         for i, block in enumerate(self.down):
             if self.layout is not None:
