@@ -126,7 +126,7 @@ def test_a_linear_row_at_inference_has_the_same_bits_wherever_it_sits_and_howeve
     threads = torch.get_num_threads()
     try:
         for rows, d_in, d_out in [(1, 256, 32), (1, 256, 64), (1, 100, 4096), (1, 8, 5), (49, 256, 64), (49, 64, 256)]:
-            layer = Linear(d_in, d_out)
+            layer = Linear(d_in, d_out).eval()
             x = torch.randn(16, d_in) if rows == 1 else torch.randn(16, rows, d_in)
             for t in sorted({1, min(2, threads)}):
                 torch.set_num_threads(t)
@@ -145,7 +145,7 @@ def test_a_linear_sees_its_weights_change_in_place_and_a_new_weight():
     load_state_dict) or another weight tensor must be seen."""
     torch.manual_seed(0)
     d_in, d_out = 256, ONEDNN_MIN_WEIGHTS // 256
-    layer, x = Linear(d_in, d_out), torch.randn(4, d_in)
+    layer, x = Linear(d_in, d_out).eval(), torch.randn(4, d_in)
     with torch.no_grad():
         before = layer(x)
         if torch.backends.mkldnn.is_available():
@@ -159,16 +159,105 @@ def test_a_linear_sees_its_weights_change_in_place_and_a_new_weight():
         assert torch.equal(layer(x), torch.zeros(4, d_out))
 
 
+def _packed_layers():
+    """A wide Linear and the two convolutions, each with an input, in the layouts sampling uses."""
+    torch.manual_seed(0)
+    cl = torch.channels_last
+    return [(Linear(256, ONEDNN_MIN_WEIGHTS // 256).eval(), torch.randn(3, 256)),
+            (layers.Conv2d(8, 16, 3, 1, 1).to(memory_format=cl).eval(), torch.randn(3, 8, 7, 7).contiguous(memory_format=cl)),
+            (layers.ConvTranspose2d(8, 4, 4, 2, 1).to(memory_format=cl).eval(), torch.randn(3, 8, 7, 7).contiguous(memory_format=cl))]
+
+
+def _plain(layer, x):
+    if isinstance(layer, nn.Linear):
+        return F.linear(x, layer.weight, layer.bias)
+    if isinstance(layer, nn.ConvTranspose2d):
+        return F.conv_transpose2d(x, layer.weight, layer.bias, layer.stride, layer.padding)
+    return F.conv2d(x, layer.weight, layer.bias, layer.stride, layer.padding)
+
+
+@pytest.mark.parametrize("change", ["fused-adam-step", "foreach-adam-step", "in-place", "data-swap", "load_state_dict"])
+def test_a_packed_weight_is_packed_again_after_any_change(change):
+    """The packed copy must follow its weight, however it changes. A fused optimizer step changes the
+    weight in place without bumping its version counter: a copy kept by version alone fed a GAN's
+    discriminator step (fakes drawn under no_grad) the generator's first-step projection for the whole
+    run; the optimizer-step count catches it."""
+    for layer, x in _packed_layers():
+        with torch.no_grad():
+            before = layer(x)
+        if change.endswith("adam-step"):
+            opt = torch.optim.Adam(layer.parameters(), lr=0.1, fused=change == "fused-adam-step",
+                                   foreach=change == "foreach-adam-step")
+            layer(x).square().sum().backward()
+            opt.step()
+        elif change == "in-place":
+            with torch.no_grad():
+                layer.weight.mul_(-1)
+        elif change == "data-swap":                     # what module.to() does to a parameter
+            layer.weight.data = -layer.weight.detach().clone()
+        else:
+            layer.load_state_dict({k: -v for k, v in layer.state_dict().items()})
+        with torch.no_grad():
+            after, plain = layer(x), _plain(layer, x)
+        assert not torch.allclose(after, before, atol=1e-3), (type(layer).__name__, change)
+        assert torch.allclose(after, plain, atol=1e-5), (type(layer).__name__, change)
+
+
+@pytest.mark.rounding
+def test_a_convolution_at_inference_gives_an_image_the_same_bits_in_any_batch_and_keeps_the_layout():
+    """Conv2d and ConvTranspose2d at inference run oneDNN on packed weights: numbers within rounding of
+    the plain op, the layout the plain op gives back, and through run_fixed_batch each image's bits do
+    not depend on its batch or place. (oneDNN may round one image otherwise than a batch, packed or not:
+    a 32 -> 16 transposed convolution does on machine B; exact_rows then pads that image.)"""
+    torch.manual_seed(0)
+    cl = torch.channels_last
+    for layer, shape in [(layers.Conv2d(32, 32, 3, 1, 1), (16, 32, 7, 7)), (layers.Conv2d(8, 16, 4, 2, 1), (16, 8, 14, 14)),
+                         (layers.ConvTranspose2d(32, 16, 4, 2, 1), (16, 32, 7, 7)),
+                         (layers.ConvTranspose2d(16, 1, 4, 2, 1), (16, 16, 14, 14)),
+                         (layers.Conv2d(1, 8, 4, 2, 1), (16, 1, 28, 28))]:      # a one-channel input: both layouts at once
+        for fmt in (cl, torch.contiguous_format):
+            layer.to(memory_format=fmt).eval()
+            x = torch.randn(shape).contiguous(memory_format=fmt)
+            with torch.no_grad():
+                ref = run_fixed_batch(layer, x, owner=layer)
+                assert torch.allclose(ref, _plain(layer, x), atol=1e-5)
+                got, plain = layer(x), _plain(layer, x)      # a one-channel map's size-1 stride may differ
+                assert (got.is_contiguous(), got.is_contiguous(memory_format=cl)) == \
+                    (plain.is_contiguous(), plain.is_contiguous(memory_format=cl))
+                for n in (1, 2, 3, 7, 16, 17, 40):
+                    idx = (torch.arange(n) * 5 + 3) % 16
+                    got = run_fixed_batch(layer, x[idx].contiguous(memory_format=fmt), owner=layer)
+                    assert torch.equal(got, ref[idx]), (layer, fmt, n)
+
+
+def test_a_convolution_trains_with_the_plain_op():
+    """Packed weights are for sampling only: a training step, or a no-grad step of training (a GAN's
+    discriminator step draws its fakes so), runs the plain op and packs nothing."""
+    for layer in (layers.Conv2d(4, 4, 3, 1, 1), layers.ConvTranspose2d(4, 4, 4, 2, 1)):
+        x, packs = torch.randn(2, 4, 5, 5), len(layers._ONEDNN)
+        assert layer(x).requires_grad
+        with torch.no_grad():
+            layer(x)
+        assert len(layers._ONEDNN) == packs and id(layer.weight) not in layers._ONEDNN
+        with torch.no_grad():
+            layer.eval()(x)
+        if torch.backends.mkldnn.is_available():
+            assert id(layer.weight) in layers._ONEDNN
+    assert set(layer.state_dict()) == set(nn.ConvTranspose2d(4, 4, 4, 2, 1).state_dict())
+
+
 def test_a_linear_trains_and_exports_with_the_plain_product(monkeypatch):
     layer, x = Linear(8, 5), torch.randn(3, 8)
     rows = []
     real = F.linear
     monkeypatch.setattr(F, "linear", lambda a, w, b=None: rows.append(a.shape[0]) or real(a, w, b))
     with torch.no_grad():
-        layer(x)
-    assert rows == []                                        # inference: the batched product
+        layer.eval()(x)
+        assert rows == []                                    # inference: the batched product
+        layer.train()(x)                                     # a no-grad step of training: the plain product
+        assert rows == [3]
     y = layer(x)                                             # training: autograd sees the plain product
-    assert rows == [3] and y.requires_grad
+    assert rows == [3, 3] and y.requires_grad
     assert set(layer.state_dict()) == set(nn.Linear(8, 5).state_dict())
 
 

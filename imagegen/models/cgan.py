@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 from ..config import ranged
-from ..nets.layers import Linear
+from ..nets.layers import Conv2d, ConvTranspose2d, Linear
 from . import gan
 from .base import as_feature_map, flat_view
 from .gan import DCGAN, dcgan_init, layout
@@ -57,13 +57,13 @@ class Generator(nn.Module):
         c = cfg.width * 2 ** ups
         self.base, self.c0 = base, c
         self.project = Linear(cfg.z_dim, c * base * base, bias=False)
-        self.convs = nn.ModuleList([nn.Conv2d(c, c, 3, 1, 1, bias=False)])
+        self.convs = nn.ModuleList([Conv2d(c, c, 3, 1, 1, bias=False)])
         self.norms = nn.ModuleList([ConditionalBatchNorm(c, cfg.num_classes), ConditionalBatchNorm(c, cfg.num_classes)])
         for _ in range(ups - 1):
-            self.convs.append(nn.ConvTranspose2d(c, c // 2, 4, 2, 1, bias=False))
+            self.convs.append(ConvTranspose2d(c, c // 2, 4, 2, 1, bias=False))
             self.norms.append(ConditionalBatchNorm(c // 2, cfg.num_classes))
             c //= 2
-        self.out = nn.ConvTranspose2d(c, cfg.channels, 4, 2, 1)
+        self.out = ConvTranspose2d(c, cfg.channels, 4, 2, 1)
         dcgan_init(self)
 
     def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:     # N x z_dim, N -> N x C x S x S

@@ -36,6 +36,7 @@ from torch import nn
 
 from ..config import MAX_COUNT, MAX_IMAGE_SIZE, MAX_WEIGHT, MAX_WIDTH, ranged
 from ..errors import ConfigError
+from ..nets.layers import Conv2d, ConvTranspose2d
 from .base import Family, Generators, adam, eval_mode, run_fixed_batch
 
 Direction = Literal["a2b", "b2a"]
@@ -87,8 +88,8 @@ class ResBlock(nn.Module):
     def __init__(self, ch: int) -> None:
         super().__init__()
         self.body = nn.Sequential(
-            nn.ReflectionPad2d(1), nn.Conv2d(ch, ch, 3, bias=False), _norm(ch), nn.ReLU(inplace=True),
-            nn.ReflectionPad2d(1), nn.Conv2d(ch, ch, 3, bias=False), _norm(ch),
+            nn.ReflectionPad2d(1), Conv2d(ch, ch, 3, bias=False), _norm(ch), nn.ReLU(inplace=True),
+            nn.ReflectionPad2d(1), Conv2d(ch, ch, 3, bias=False), _norm(ch),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -102,15 +103,15 @@ class Generator(nn.Module):
     def __init__(self, cfg: Config) -> None:
         super().__init__()
         w, c = cfg.width, cfg.channels
-        layers: list[nn.Module] = [nn.ReflectionPad2d(3), nn.Conv2d(c, w, 7, bias=False), _norm(w), nn.ReLU(inplace=True)]
+        layers: list[nn.Module] = [nn.ReflectionPad2d(3), Conv2d(c, w, 7, bias=False), _norm(w), nn.ReLU(inplace=True)]
         for i in range(cfg.downsample):
-            layers += [nn.Conv2d(w * 2 ** i, w * 2 ** (i + 1), 3, stride=2, padding=1, bias=False),
+            layers += [Conv2d(w * 2 ** i, w * 2 ** (i + 1), 3, stride=2, padding=1, bias=False),
                        _norm(w * 2 ** (i + 1)), nn.ReLU(inplace=True)]
         layers += [ResBlock(w * 2 ** cfg.downsample) for _ in range(cfg.blocks)]
         for i in reversed(range(cfg.downsample)):
-            layers += [nn.ConvTranspose2d(w * 2 ** (i + 1), w * 2 ** i, 3, stride=2, padding=1, output_padding=1, bias=False),
+            layers += [ConvTranspose2d(w * 2 ** (i + 1), w * 2 ** i, 3, stride=2, padding=1, output_padding=1, bias=False),
                        _norm(w * 2 ** i), nn.ReLU(inplace=True)]
-        layers += [nn.ReflectionPad2d(3), nn.Conv2d(w, c, 7), nn.Tanh()]
+        layers += [nn.ReflectionPad2d(3), Conv2d(w, c, 7), nn.Tanh()]
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -123,13 +124,13 @@ class PatchDiscriminator(nn.Module):
     def __init__(self, cfg: Config) -> None:
         super().__init__()
         w = cfg.width
-        layers: list[nn.Module] = [nn.Conv2d(cfg.channels, w, 4, stride=2, padding=1), nn.LeakyReLU(0.2, inplace=True)]
+        layers: list[nn.Module] = [Conv2d(cfg.channels, w, 4, stride=2, padding=1), nn.LeakyReLU(0.2, inplace=True)]
         ch = w
         for _ in range(cfg.d_layers - 1):
-            layers += [nn.Conv2d(ch, ch * 2, 4, stride=2, padding=1, bias=False), _norm(ch * 2), nn.LeakyReLU(0.2, inplace=True)]
+            layers += [Conv2d(ch, ch * 2, 4, stride=2, padding=1, bias=False), _norm(ch * 2), nn.LeakyReLU(0.2, inplace=True)]
             ch *= 2
-        layers += [nn.Conv2d(ch, ch * 2, 4, stride=1, padding=1, bias=False), _norm(ch * 2), nn.LeakyReLU(0.2, inplace=True),
-                   nn.Conv2d(ch * 2, 1, 4, stride=1, padding=1)]
+        layers += [Conv2d(ch, ch * 2, 4, stride=1, padding=1, bias=False), _norm(ch * 2), nn.LeakyReLU(0.2, inplace=True),
+                   Conv2d(ch * 2, 1, 4, stride=1, padding=1)]
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,7 @@ from torch.nn.utils.parametrizations import spectral_norm
 
 from ..config import MAX_IMAGE_SIZE, MAX_WEIGHT, MAX_WIDTH, Range, ranged
 from ..errors import ConfigError
-from ..nets.layers import Linear
+from ..nets.layers import Conv2d, ConvTranspose2d, Linear
 from .base import Family, Generators, adam, as_feature_map, eval_mode, flat_view, per_item_normal, run_fixed_batch
 
 # Sampling options' ranges (the CLI's --truncation and --drs, and sample()).
@@ -167,12 +167,12 @@ class Generator(nn.Module):
         # so each saves a feature map's allocation and memory traffic, with the same numbers.
         layers: list[nn.Module] = [
             nn.BatchNorm2d(c), nn.ReLU(inplace=True),
-            nn.Conv2d(c, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True),
+            Conv2d(c, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True),
         ]
         for _ in range(ups - 1):
-            layers += [nn.ConvTranspose2d(c, c // 2, 4, 2, 1, bias=False), nn.BatchNorm2d(c // 2), nn.ReLU(inplace=True)]
+            layers += [ConvTranspose2d(c, c // 2, 4, 2, 1, bias=False), nn.BatchNorm2d(c // 2), nn.ReLU(inplace=True)]
             c //= 2
-        layers += [nn.ConvTranspose2d(c, cfg.channels, 4, 2, 1), nn.Tanh()]
+        layers += [ConvTranspose2d(c, cfg.channels, 4, 2, 1), nn.Tanh()]
         self.body = nn.Sequential(*layers)
         dcgan_init(self)
 
@@ -189,7 +189,7 @@ class Discriminator(nn.Module):
 
         def block(c_in: int, c_out: int, k: int, s: int, p: int, first: bool) -> list[nn.Module]:
             norm = bn and not first
-            return [sn(nn.Conv2d(c_in, c_out, k, s, p, bias=not norm)),
+            return [sn(Conv2d(c_in, c_out, k, s, p, bias=not norm)),
                     *([nn.BatchNorm2d(c_out)] if norm else []), nn.LeakyReLU(0.2, inplace=True)]
 
         layers: list[nn.Module] = []

@@ -41,7 +41,7 @@ from torch import nn
 
 from ..config import MAX_IMAGE_SIZE, MAX_WEIGHT, MAX_WIDTH, Range, ranged
 from ..errors import ConfigError
-from ..nets.layers import Linear
+from ..nets.layers import Conv2d, ConvTranspose2d, Linear
 from .base import Family, Flatten, Generators, adam, as_feature_map, eval_mode, per_item_normal, run_fixed_batch
 from .gan import layout
 
@@ -86,9 +86,9 @@ class Encoder(nn.Module):
         layers: list[nn.Module] = []
         c_in, c = cfg.channels, cfg.width
         for _ in range(ups):                                   # S -> base, doubling channels
-            layers += [nn.Conv2d(c_in, c, 4, 2, 1), nn.LeakyReLU(0.2)]
+            layers += [Conv2d(c_in, c, 4, 2, 1), nn.LeakyReLU(0.2)]
             c_in, c = c, c * 2
-        layers += [nn.Conv2d(c_in, c_in, 3, 1, 1), nn.LeakyReLU(0.2), Flatten()]
+        layers += [Conv2d(c_in, c_in, 3, 1, 1), nn.LeakyReLU(0.2), Flatten()]
         self.features = nn.Sequential(*layers)                 # N x C x S x S -> N x F
         self.head = Linear(c_in * base * base + extra, 2 * cfg.z_dim)
 
@@ -107,11 +107,11 @@ class Decoder(nn.Module):
         c = cfg.width * 2 ** (ups - 1)
         self.base, self.c0 = base, c
         self.project = nn.Sequential(Linear(cfg.z_dim + extra, c * base * base), nn.LeakyReLU(0.2))
-        layers: list[nn.Module] = [nn.Conv2d(c, c, 3, 1, 1), nn.LeakyReLU(0.2)]
+        layers: list[nn.Module] = [Conv2d(c, c, 3, 1, 1), nn.LeakyReLU(0.2)]
         for _ in range(ups - 1):
-            layers += [nn.ConvTranspose2d(c, c // 2, 4, 2, 1), nn.LeakyReLU(0.2)]
+            layers += [ConvTranspose2d(c, c // 2, 4, 2, 1), nn.LeakyReLU(0.2)]
             c //= 2
-        layers += [nn.ConvTranspose2d(c, cfg.channels, 4, 2, 1)]
+        layers += [ConvTranspose2d(c, cfg.channels, 4, 2, 1)]
         self.body = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:   # -> N x C x S x S logits/means

@@ -9,6 +9,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -21,15 +22,45 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 # The weight count from which a 2-D Linear at inference takes oneDNN's product, not the batched one (see
-# Linear): about where the two cost the same at 16 rows on machine B (256 x 256: 68 against 42 us; 256 x
-# 1024: 104 against 153 us).
+# Linear): about where the two cost the same at 16 rows on machine B.
 ONEDNN_MIN_WEIGHTS = 2 ** 16
+
+# The batch size oneDNN is told to expect when it lays out a weight (its packing takes an input size). A
+# constant, so that the layout, like every other choice here, depends on the layer alone.
+PACK_ROWS = 16
+
+
+def inference(layer: nn.Module) -> bool:
+    """Whether `layer` samples: grad disabled and the layer in eval mode, as every family's sampling runs
+    (base.eval_mode). Training keeps the plain ops, its no-grad steps too (a GAN's discriminator step
+    draws fakes under no_grad in train mode), and so does export (traced with grad on)."""
+    return not (torch.is_grad_enabled() or layer.training)
+
+
+def _packed_inference(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether x through `weight` runs on oneDNN with the weight packed once (see _pack): at inference,
+    on the CPU, in float32, where this torch build has oneDNN. Depends on the layer and the mode, never
+    on the batch."""
+    return (inference(layer) and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+            and torch.backends.mkldnn.is_available() and _HAS_PACKED_OPS)
+
+
+def _has_packed_ops() -> bool:
+    try:
+        return all(hasattr(torch.ops.mkldnn, op) for op in (
+            "_linear_pointwise", "_reorder_linear_weight", "_convolution_pointwise",
+            "_convolution_transpose_pointwise", "_reorder_convolution_transpose_weight"))
+    except (AttributeError, RuntimeError):
+        return False
+
+
+_HAS_PACKED_OPS = _has_packed_ops()
 
 
 class Linear(nn.Linear):
-    """nn.Linear whose rows, at inference (grad disabled), are rounded alike wherever they sit in the
+    """nn.Linear whose rows, at inference (`inference`), are rounded alike wherever they sit in the
     batch and however many come with them. Same parameters and state-dict keys as nn.Linear; training
-    (grad enabled) and export (traced with grad on) use the plain product.
+    and export use the plain product.
 
     Why: one MKL product of many rows rounds a row according to where it sits. Under MKL's AVX2 kernels
     on 2 threads, a 16-row product of a 256-wide input rounds rows 4-7 and 12-15 otherwise than rows 0-3
@@ -38,23 +69,22 @@ class Linear(nn.Linear):
     with the batch (a list of seeds that starts elsewhere; guidance, which stacks the null rows after the
     conditioned ones), so its image would too. Two products that do not do this (checked on AVX-512,
     AVX2 and SSE4.1, 1 and 2 threads, 2 to 300 rows: tests/test_batching.py):
-      - one batched product of N items (of 1 row, or of L token rows), which computes its items alike.
-        It reads the weights once per item, cheap for a small layer but not for a wide one (100 ->
-        12544 on 64 rows: 5.9 ms against 0.8 ms for MKL's one product, machine B).
       - oneDNN's inner product, whose accumulation order does not depend on how the rows are blocked;
-        it has a one-row path of its own, so one row is padded to two. Nearly as fast as MKL for a wide
-        layer (that one: 1.0 ms), but a fixed ~45 us a call for the conversions to its layout.
-    So a 2-D input on the CPU in float32 takes oneDNN where the weight has ONEDNN_MIN_WEIGHTS numbers or
+        it has a one-row path of its own, so one row is padded to two. Its weights are packed into
+        oneDNN's layout once (_pack) and the rows go in and out as ordinary tensors: 128 -> 6272 costs
+        56 us for one row against 176 us when the weights were re-laid out on every call (machine B).
+      - one batched product of N items (of 1 row, or of L token rows), which computes its items alike.
+        It reads the weights once per item: cheap for a small layer, not for a wide one.
+    So a 2-D input (see _packed_inference) takes oneDNN where the weight has ONEDNN_MIN_WEIGHTS numbers or
     more; everything else (small layers, tokens, other devices and dtypes) the batched product. The
     choice depends on the layer alone, never on the batch."""
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         """`weight` replaces self.weight (e.g. the same weight with its columns permuted to x's order)."""
         weight = self.weight if weight is None else weight
-        if torch.is_grad_enabled() or x.dim() not in (2, 3):
+        if not inference(self) or x.dim() not in (2, 3):
             return F.linear(x, weight, self.bias)
-        if x.dim() == 2 and weight.numel() >= ONEDNN_MIN_WEIGHTS and x.device.type == "cpu" \
-                and x.dtype == weight.dtype == torch.float32 and torch.backends.mkldnn.is_available():
+        if x.dim() == 2 and weight.numel() >= ONEDNN_MIN_WEIGHTS and _packed_inference(self, x, weight):
             return _onednn_rows(x, weight, self.bias)
         rows = x[:, None] if x.dim() == 2 else x                                   # N x L x in
         out = torch.bmm(rows, weight.t().expand(x.shape[0], -1, -1))               # N x L x out
@@ -62,39 +92,105 @@ class Linear(nn.Linear):
         return out[:, 0] if x.dim() == 2 else out
 
 
-class _Packed(NamedTuple):
-    """A weight and bias in oneDNN's layout, with what they were made from."""
-    weight: weakref.ref
-    version: int
-    bias: torch.Tensor | None
-    bias_version: int | None
-    w: torch.Tensor
-    b: torch.Tensor | None
-
-    def made_from(self, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-        return (self.weight() is weight and self.version == weight._version and self.bias is bias
-                and (bias is None or self.bias_version == bias._version))
-
-
-# id(weight) -> its _Packed. An entry goes when its weight does (a spectral-normed weight is new every
-# call); a weight or bias updated in place (training, EMA, load_state_dict) has a new version and is
-# converted again.
-_ONEDNN: dict[int, _Packed] = {}
-
-
 def _onednn_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x N x in -> N x out by oneDNN's inner product (see Linear)."""
-    packed = _ONEDNN.get(id(weight))
-    if packed is None or not packed.made_from(weight, bias):
-        packed = _Packed(weakref.ref(weight), weight._version, bias, None if bias is None else bias._version,
-                         weight.detach().contiguous().to_mkldnn(),
-                         None if bias is None else bias.detach().contiguous().to_mkldnn())
-        if id(weight) not in _ONEDNN:
-            weakref.finalize(weight, _ONEDNN.pop, id(weight), None)
-        _ONEDNN[id(weight)] = packed
+    w = _pack(weight, ("linear",), lambda w: torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS))
     n = x.shape[0]
     rows = x if n > 1 else torch.cat([x, x.new_zeros(1, x.shape[1])])           # its one-row path rounds otherwise
-    return torch._C._nn.mkldnn_linear(rows.contiguous().to_mkldnn(), packed.w, packed.b).to_dense()[:n]
+    return torch.ops.mkldnn._linear_pointwise(rows.contiguous(), w, bias, "none", [], "")[:n]
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d that at inference (_packed_inference) runs oneDNN's convolution on weights packed once
+    into its layout, instead of re-laying them out on every call as the plain op does. Same parameters and
+    state-dict keys; numbers within rounding of the plain op (bit for bit for the DCGAN's layers on
+    machine B). One image gains most: the DCGAN's 3x3 128 -> 128 convolution at 7 x 7 takes 78 us for it,
+    and the plain op, which rounds one image otherwise than a batch there, needed two (214 us), where the
+    packed op rounds it as in a batch. Where oneDNN does round one image otherwise, packed or not (a 32 ->
+    16 transposed convolution on machine B), base.exact_rows still pads it. Training and export use the
+    plain op; so does a weight that is not a parameter (spectral norm makes a new one every call)."""
+
+    def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if (self.padding_mode != "zeros" or isinstance(self.padding, str) or x.dim() != 4
+                or not isinstance(weight, nn.Parameter) or not _packed_inference(self, x, weight)):
+            return super()._conv_forward(x, weight, bias)
+        geometry = (list(self.padding), list(self.stride), list(self.dilation), self.groups)
+        w = _pack(weight, ("conv", *map(tuple, geometry[:3]), self.groups, *x.shape[1:]),
+                  lambda w: torch._C._nn.mkldnn_reorder_conv2d_weight(
+                      w.contiguous().to_mkldnn(), *geometry, [PACK_ROWS, *x.shape[1:]]))
+        return _in_layout_of(x, weight, torch.ops.mkldnn._convolution_pointwise(x, w, bias, *geometry, "none", [], ""))
+
+
+class ConvTranspose2d(nn.ConvTranspose2d):
+    """nn.ConvTranspose2d with Conv2d's packed inference path (one image through a 64 -> 1 layer at 14 x 14:
+    60 against 87 us on machine B)."""
+
+    def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+        if (output_size is not None or self.padding_mode != "zeros" or x.dim() != 4
+                or not isinstance(self.weight, nn.Parameter) or not _packed_inference(self, x, self.weight)):
+            return super().forward(x, output_size)
+        geometry = (list(self.padding), list(self.output_padding), list(self.stride), list(self.dilation), self.groups)
+        w = _pack(self.weight, ("deconv", *map(tuple, geometry[:4]), self.groups, *x.shape[1:]),
+                  lambda w: torch.ops.mkldnn._reorder_convolution_transpose_weight(
+                      w.contiguous(), *geometry, [PACK_ROWS, *x.shape[1:]]))
+        y = torch.ops.mkldnn._convolution_transpose_pointwise(x, w, self.bias, *geometry, "none", [], "")
+        return _in_layout_of(x, self.weight, y)
+
+
+def _in_layout_of(x: torch.Tensor, weight: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """oneDNN's convolutions answer channels-last; the plain op answers channels-last only where the input
+    or the weight is laid out so, and NCHW otherwise. y in the plain op's layout."""
+    return y if _channels_last(x) or _channels_last(weight) else y.contiguous()
+
+
+def _channels_last(t: torch.Tensor) -> bool:
+    """What torch's suggest_memory_format says of a 4-D tensor: channels-last strides, including those of
+    a one-channel map converted to channels-last (which is contiguous both ways; a plain one-channel map,
+    also contiguous both ways, is not channels-last)."""
+    return t.is_contiguous(memory_format=torch.channels_last) and (not t.is_contiguous() or t.stride(1) == 1)
+
+
+class _Packed(NamedTuple):
+    """A weight in oneDNN's layout, with what it was made from."""
+    weight: weakref.ref
+    version: int
+    data_ptr: int
+    steps: int
+    key: tuple
+    packed: torch.Tensor
+
+    def made_from(self, weight: torch.Tensor, key: tuple) -> bool:
+        return (self.weight() is weight and self.version == weight._version and self.data_ptr == weight.data_ptr()
+                and self.steps == _OPTIMIZER_STEPS[0] and self.key == key)
+
+
+# id(weight) -> its _Packed. An entry goes when its weight does. A weight changed in place is packed
+# again: by an in-place op (EMA, load_state_dict: a new version), by `.data =` (module.to: a new data
+# pointer, the version may stay), or by any optimizer step, which the count below sees: a fused optimizer
+# (base.adam) updates weights in place without touching their version counters.
+_ONEDNN: dict[int, _Packed] = {}
+_OPTIMIZER_STEPS = [0]
+
+
+def _count_step(optimizer, args, kwargs) -> None:
+    _OPTIMIZER_STEPS[0] += 1
+
+
+register_optimizer_step_post_hook(_count_step)
+
+
+def _pack(weight: torch.Tensor, key: tuple, pack) -> torch.Tensor:
+    """pack(weight), made once per weight tensor and key (the layer's geometry and input shape, on which
+    oneDNN's choice of layout depends) and again after any change to the weight (_Packed.made_from); kept
+    until the weight goes."""
+    entry = _ONEDNN.get(id(weight))
+    if entry is None or not entry.made_from(weight, key):
+        entry = _Packed(weakref.ref(weight), weight._version, weight.data_ptr(), _OPTIMIZER_STEPS[0], key,
+                        pack(weight.detach()))
+        if id(weight) not in _ONEDNN:
+            weakref.finalize(weight, _ONEDNN.pop, id(weight), None)
+        _ONEDNN[id(weight)] = entry
+    return entry.packed
 
 
 class TextIn(nn.Module):

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .dit import sincos_2d
-from .layers import CrossAttention, Linear, TextIn, timestep_embedding
+from .layers import Conv2d, CrossAttention, Linear, TextIn, timestep_embedding
 from .layout import LayoutIn
 
 
@@ -38,13 +38,13 @@ class ResBlock(nn.Module):
     def __init__(self, c_in: int, c_out: int, emb_dim: int) -> None:
         super().__init__()
         self.norm1 = nn.GroupNorm(_groups(c_in), c_in)
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.conv1 = Conv2d(c_in, c_out, 3, padding=1)
         self.emb = Linear(emb_dim, 2 * c_out)
         self.norm2 = nn.GroupNorm(_groups(c_out), c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.conv2 = Conv2d(c_out, c_out, 3, padding=1)
         nn.init.zeros_(self.conv2.weight)               # each block starts as the identity
         nn.init.zeros_(self.conv2.bias)
-        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+        self.skip = Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:   # N x c_in x H x W, N x E
         h = self.conv1(F.silu(self.norm1(x)))
@@ -60,8 +60,8 @@ class Attention(nn.Module):
         super().__init__()
         self.heads = heads
         self.norm = nn.GroupNorm(_groups(c), c)
-        self.qkv = nn.Conv2d(c, 3 * c, 1)
-        self.out = nn.Conv2d(c, c, 1)
+        self.qkv = Conv2d(c, 3 * c, 1)
+        self.out = Conv2d(c, c, 1)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
@@ -112,7 +112,7 @@ class UNet(nn.Module):
         # (below) a head that unfolds the last level and mixes it with the stem at full size, so that no
         # seam runs along the blocks.
         stem = w if patch == 1 else -(-w // patch ** 2)
-        self.inp = nn.Conv2d(channels, stem, 3, padding=1)
+        self.inp = Conv2d(channels, stem, 3, padding=1)
         chans = [w * m for m in mults]
         self.down, self.downsample = nn.ModuleList(), nn.ModuleList()
         # A layout (grid side, cell classes: nets/layout.py) joins the features entering every down block.
@@ -124,7 +124,7 @@ class UNet(nn.Module):
             self.down.append(ResBlock(c, co, emb))
             c = co
             if i + 1 < len(chans):
-                self.downsample.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
+                self.downsample.append(Conv2d(c, c, 3, stride=2, padding=1))
         # Cross-attention to the text after every down and up block of the `text_levels` lowest
         # resolutions (keys: the level, 0 = full size), besides the one in the middle: where a word's object
         # goes is decided at these sizes. (On scenes, 20 minutes: GenEval-style mean 0.45 with the middle
@@ -141,11 +141,11 @@ class UNet(nn.Module):
             self.up.append(ResBlock(c + chans[i], chans[i], emb))   # input: previous level + the skip
             c = chans[i]
             if i > 0:
-                self.upsample.append(nn.Conv2d(c, chans[i - 1], 3, padding=1))   # after a nearest 2x
+                self.upsample.append(Conv2d(c, chans[i - 1], 3, padding=1))   # after a nearest 2x
                 c = chans[i - 1]
         self.out = nn.Sequential(nn.GroupNorm(_groups(c), c), nn.SiLU(),
-                                 nn.Conv2d(c, channels if patch == 1 else stem * patch ** 2, 3, padding=1))
-        self.head = nn.Conv2d(2 * stem, channels, 3, padding=1) if patch > 1 else None
+                                 Conv2d(c, channels if patch == 1 else stem * patch ** 2, 3, padding=1))
+        self.head = Conv2d(2 * stem, channels, 3, padding=1) if patch > 1 else None
         last = self.out[-1] if patch == 1 else self.head
         nn.init.zeros_(last.weight)
         nn.init.zeros_(last.bias)
