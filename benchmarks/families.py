@@ -9,7 +9,9 @@ Prints one Markdown table row per family:
   - the time for 16 samples (for ddpm with the default DDIM settings: the issue's 2 s target);
   - one image's latency over the per-image time at batch 16 (issue 15: at most 3x);
   - the same ratio for the sampling network alone (the function `generate` hands run_fixed_batch, timed
-    on 1 row and on 16): the floor that no saving around the network can go below.
+    on 1 row and on 16): the floor that no saving around the network can go below;
+  - the same ratio for that network's operators alone (their own time in torch's profiler, without the
+    Python that calls them): the floor that no saving in Python can go below.
 For cyclegan (a translation family) the data is two classes of the dataset (sneaker -> ankle boot on
 Fashion-MNIST), training speed is in image pairs (one A and one B image) per second, and the sampling
 columns time `translate` on real test images instead of `generate`.
@@ -79,10 +81,9 @@ def timed(fn, reps: int, budget_s: float = 1.0) -> float:
     return statistics.median(times)
 
 
-def network_floor(draw16) -> float:
-    """16 t(1 row) / t(16 rows) of the first network call that `draw16()` (16 images) makes through
-    models.base.run_fixed_batch, with that call's own inputs: what one image would cost against the
-    per-image time at batch 16 if nothing but the network ran."""
+def _first_network_call(draw16):
+    """(fn, inputs) of the first network call that `draw16()` (16 images) makes through
+    models.base.run_fixed_batch."""
     import imagegen.models.base as base
     real, seen = base.run_fixed_batch, []
 
@@ -95,11 +96,27 @@ def network_floor(draw16) -> float:
             if name.startswith("imagegen.models.") and getattr(module, "run_fixed_batch", None) is real:
                 stack.enter_context(mock.patch.object(module, "run_fixed_batch", spy))
         draw16()
-    fn, xs = seen[0]
+    return seen[0]
+
+
+def network_floor(draw16) -> tuple[float, float]:
+    """16 t(1 row) / t(16 rows) of the first network call that `draw16()` makes, with that call's own
+    inputs: what one image would cost against the per-image time at batch 16 if nothing but the network
+    ran; and the same ratio of the time its operators spend in themselves (torch.profiler's self CPU
+    time, summed), which leaves out the Python around them."""
+    fn, xs = _first_network_call(draw16)
+    rows = {k: [None if x is None else x[:k] for x in xs] for k in (1, 16)}
     with torch.no_grad():
-        one = timed(lambda: fn(*[None if x is None else x[:1] for x in xs]), reps=20)
-        full = timed(lambda: fn(*[None if x is None else x[:16] for x in xs]), reps=10)
-    return one / (full / 16)
+        one = timed(lambda: fn(*rows[1]), reps=20)
+        full = timed(lambda: fn(*rows[16]), reps=10)
+        ops = {}
+        for k, reps in ((1, 50), (16, 20)):
+            fn(*rows[k])
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                for _ in range(reps):
+                    fn(*rows[k])
+            ops[k] = sum(e.self_cpu_time_total for e in prof.key_averages()) / reps
+    return one / (full / 16), ops[1] / (ops[16] / 16)
 
 
 def main() -> None:
@@ -118,8 +135,8 @@ def main() -> None:
     print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"data {ds.name} {ds.size}x{ds.size}x{ds.channels}")
     print("| family | train batch | train images/s | sample 1 image (ms) | sample batch 256 (images/s) | 16 samples (s) "
-          "| 1 image / per-image at 16 | network alone: 1 row / per-row at 16 |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| 1 image / per-image at 16 | network alone: 1 row / per-row at 16 | its operators alone |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for family in args.families.split(","):
         steps = 1 if family == "random" else args.steps
         if REGISTRY[family].translates:
@@ -129,9 +146,9 @@ def main() -> None:
             one = timed(lambda: model.translate(x[:1]), reps=5)
             big = timed(lambda: model.translate(x), reps=1)
             sixteen = timed(lambda: model.translate(x[:16]), reps=3)
-            floor = network_floor(lambda: model.translate(x[:16]))
+            net, ops = network_floor(lambda: model.translate(x[:16]))
             print(f"| {family} ({pair.name}, translate) | {bs} pairs | {ips:.0f} pairs | {one * 1000:.1f} | {256 / big:.0f} "
-                  f"| {sixteen:.2f} | {one / (sixteen / 16):.1f}x | {floor:.1f}x |", flush=True)
+                  f"| {sixteen:.2f} | {one / (sixteen / 16):.1f}x | {net:.1f}x | {ops:.1f}x |", flush=True)
             continue
         if REGISTRY[family].made_by == "distill":
             ips, bs, model = distilled_speed(ds, steps, args.teacher)
@@ -145,8 +162,8 @@ def main() -> None:
         one = timed(lambda: imagegen.generate(model, [0], labels=labels(1)), reps=5)
         big = timed(lambda: imagegen.generate(model, list(range(256)), labels=labels(256), batch_size=256), reps=1)
         sixteen = timed(lambda: imagegen.generate(model, list(range(16)), labels=labels(16), batch_size=16), reps=3)
-        floor = "no network" if family == "random" else \
-            f"{network_floor(lambda: imagegen.generate(model, list(range(16)), labels=labels(16))):.1f}x"
+        floor = "no network | no network" if family == "random" else \
+            "{:.1f}x | {:.1f}x".format(*network_floor(lambda: imagegen.generate(model, list(range(16)), labels=labels(16))))
         train_txt = "one pass" if family == "random" else f"{ips:.0f}"
         print(f"| {family} | {bs} | {train_txt} | {one * 1000:.1f} | {256 / big:.0f} | {sixteen:.2f} "
               f"| {one / (sixteen / 16):.1f}x | {floor} |", flush=True)
