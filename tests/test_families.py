@@ -123,6 +123,24 @@ def test_random_baseline_fits_per_pixel_histograms():
     assert abs(float(uniform.sample(500, generator=torch.Generator().manual_seed(0)).mean())) < 0.02
 
 
+def test_random_baseline_samples_from_its_current_counts():
+    """The baseline keeps its per-pixel CDFs between calls; counts changed by prepare or a loaded state
+    must be seen on the next call."""
+    model = imagegen.build_model("random", {"image_size": 8, "channels": 1, "smoothing": 0.0})
+    draw = lambda: model.sample(3, generator=torch.Generator().manual_seed(0))   # noqa: E731
+    white = torch.zeros(64, 256)
+    white[:, 255] = 1
+    model.load_state_dict({"counts": white})
+    assert torch.equal(draw(), torch.ones(3, 1, 8, 8))
+    black = torch.zeros(64, 256)
+    black[:, 0] = 1
+    model.load_state_dict({"counts": black})
+    assert torch.equal(draw(), -torch.ones(3, 1, 8, 8))
+    ds = type("DS", (), {"images": torch.full((5, 1, 8, 8), 255, dtype=torch.uint8), "__len__": lambda s: 5})()
+    model.prepare(ds)
+    assert torch.equal(draw(), torch.ones(3, 1, 8, 8))
+
+
 def test_diffaugment_is_on_below_ten_thousand_images_and_recorded(tmp_path):
     run_dir = imagegen.train(family_config("dcgan", 2), out=tmp_path, progress=False)
     assert json.loads((run_dir / "config.json").read_text())["model"]["diffaugment"] == "on"   # 256 images
