@@ -208,6 +208,17 @@ MUTATIONS = [
              "        return F.softplus(real).mean() + F.softplus(-fake).mean()",
              ("tests/test_conditional.py::test_samples_follow_their_labels[cgan]",),
              "the discriminator's NS loss has its signs swapped (D learns backwards)"),
+    # --- packed weights and cached tables: nets/layers.py, models/baseline.py ----------------------------
+    Mutation("imagegen/nets/layers.py",
+             "                and self.steps == _OPTIMIZER_STEPS[0] and self.key == key)",
+             "                and self.key == key)",
+             ("tests/test_batching.py",),
+             "a packed weight kept across a fused optimizer step (a GAN's D step saw a stale generator)"),
+    Mutation("imagegen/models/baseline.py",
+             '        if getattr(self, "_cdf_key", None) != key:',
+             '        if getattr(self, "_cdf_key", None) is None:',
+             ("tests/test_families.py::test_random_baseline_samples_from_its_current_counts",),
+             "the random baseline samples from the counts it first saw"),
 ]
 
 
