@@ -22,7 +22,10 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 # The weight count from which a 2-D Linear at inference takes oneDNN's product, not the batched one (see
-# Linear): about where the two cost the same at 16 rows on machine B.
+# Linear): where the two cost the same at 16 rows on machine B when oneDNN still re-laid its weights out on
+# every call (256 x 256: 68 against 42 us; 256 x 1024: 104 against 153 us). Packed, oneDNN is cheaper
+# now (256 x 256: 39 against 66 us for the batched product, a slower day); a lower threshold would change
+# the rounding, hence the images, of the layers in between, so it stays.
 ONEDNN_MIN_WEIGHTS = 2 ** 16
 
 # The batch size oneDNN is told to expect when it lays out a weight (its packing takes an input size). A
@@ -45,16 +48,10 @@ def _packed_inference(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor) -
             and torch.backends.mkldnn.is_available() and _HAS_PACKED_OPS)
 
 
-def _has_packed_ops() -> bool:
-    try:
-        return all(hasattr(torch.ops.mkldnn, op) for op in (
-            "_linear_pointwise", "_reorder_linear_weight", "_convolution_pointwise",
-            "_convolution_transpose_pointwise", "_reorder_convolution_transpose_weight"))
-    except (AttributeError, RuntimeError):
-        return False
-
-
-_HAS_PACKED_OPS = _has_packed_ops()
+# The oneDNN operators on packed weights, which x86 builds of torch register (torch._inductor uses them).
+_HAS_PACKED_OPS = all(hasattr(torch.ops.mkldnn, op) for op in (
+    "_linear_pointwise", "_reorder_linear_weight", "_convolution_pointwise",
+    "_convolution_transpose_pointwise", "_reorder_convolution_transpose_weight"))
 
 
 class Linear(nn.Linear):
