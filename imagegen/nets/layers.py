@@ -40,11 +40,11 @@ def inference(layer: nn.Module) -> bool:
     return not (torch.is_grad_enabled() or layer.training)
 
 
-def _packed_inference(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether x through `weight` runs on oneDNN with the weight packed once (see _pack): at inference,
-    on the CPU, in float32, where this torch build has oneDNN. Depends on the layer and the mode, never
-    on the batch."""
-    return (inference(layer) and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+def _packable(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether x through `weight`, at inference, can run on oneDNN with the weight packed once (see
+    _pack): on the CPU, in float32, where this torch build has oneDNN. Depends on the layer, never on
+    the batch."""
+    return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
             and torch.backends.mkldnn.is_available() and _HAS_PACKED_OPS)
 
 
@@ -72,7 +72,7 @@ class Linear(nn.Linear):
         56 us for one row against 176 us when the weights were re-laid out on every call (machine B).
       - one batched product of N items (of 1 row, or of L token rows), which computes its items alike.
         It reads the weights once per item: cheap for a small layer, not for a wide one.
-    So a 2-D input (see _packed_inference) takes oneDNN where the weight has ONEDNN_MIN_WEIGHTS numbers or
+    So a 2-D input (see _packable) takes oneDNN where the weight has ONEDNN_MIN_WEIGHTS numbers or
     more; everything else (small layers, tokens, other devices and dtypes) the batched product. The
     choice depends on the layer alone, never on the batch."""
 
@@ -81,7 +81,7 @@ class Linear(nn.Linear):
         weight = self.weight if weight is None else weight
         if not inference(self) or x.dim() not in (2, 3):
             return F.linear(x, weight, self.bias)
-        if x.dim() == 2 and weight.numel() >= ONEDNN_MIN_WEIGHTS and _packed_inference(self, x, weight):
+        if x.dim() == 2 and weight.numel() >= ONEDNN_MIN_WEIGHTS and _packable(x, weight):
             return _onednn_rows(x, weight, self.bias)
         rows = x[:, None] if x.dim() == 2 else x                                   # N x L x in
         out = torch.bmm(rows, weight.t().expand(x.shape[0], -1, -1))               # N x L x out
@@ -98,7 +98,7 @@ def _onednn_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 
 class Conv2d(nn.Conv2d):
-    """nn.Conv2d that at inference (_packed_inference) runs oneDNN's convolution on weights packed once
+    """nn.Conv2d that at inference (`inference`, `_packable`) runs oneDNN's convolution on weights packed once
     into its layout, instead of re-laying them out on every call as the plain op does. Same parameters and
     state-dict keys; numbers within rounding of the plain op (bit for bit for the DCGAN's layers on
     machine B). One image gains most: the DCGAN's 3x3 128 -> 128 convolution at 7 x 7 takes 78 us for it,
@@ -109,7 +109,7 @@ class Conv2d(nn.Conv2d):
 
     def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if (self.padding_mode != "zeros" or isinstance(self.padding, str) or x.dim() != 4
-                or not isinstance(weight, nn.Parameter) or not _packed_inference(self, x, weight)):
+                or not isinstance(weight, nn.Parameter) or not inference(self) or not _packable(x, weight)):
             return super()._conv_forward(x, weight, bias)
         geometry = (list(self.padding), list(self.stride), list(self.dilation), self.groups)
         w = _pack(weight, ("conv", *map(tuple, geometry[:3]), self.groups, *x.shape[1:]),
@@ -124,7 +124,8 @@ class ConvTranspose2d(nn.ConvTranspose2d):
 
     def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
         if (output_size is not None or self.padding_mode != "zeros" or x.dim() != 4
-                or not isinstance(self.weight, nn.Parameter) or not _packed_inference(self, x, self.weight)):
+                or not isinstance(self.weight, nn.Parameter) or not inference(self)
+                or not _packable(x, self.weight)):
             return super().forward(x, output_size)
         geometry = (list(self.padding), list(self.output_padding), list(self.stride), list(self.dilation), self.groups)
         w = _pack(self.weight, ("deconv", *map(tuple, geometry[:4]), self.groups, *x.shape[1:]),
