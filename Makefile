@@ -48,8 +48,9 @@ LOWER_ISA ?= $(shell if grep -qw avx512f /proc/cpuinfo 2>/dev/null; \
 	else echo "ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41 MKL_ENABLE_INSTRUCTIONS=SSE4_2"; fi)
 
 # Test modules run side by side, one per core (pytest-xdist; --dist loadscope keeps a module's tests, and
-# so its fixtures, in one worker), each worker with its share of torch threads (tests/conftest.py).
-XDIST ?= -n auto --dist loadscope
+# so its fixtures, in one worker), each worker with its share of torch threads (tests/conftest.py), the
+# slowest modules first (conftest.SLOWEST_FIRST, in place of xdist's own order: most tests first).
+XDIST ?= -n auto --dist loadscope --no-loadscope-reorder
 
 test: install
 	$(PY) -m pytest -q $(XDIST)
