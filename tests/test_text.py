@@ -218,7 +218,8 @@ def test_a_text_run_is_evaluated_on_test_captions_and_on_following_class_prompts
     from imagegen.data import captions as C
     from imagegen.evaluate.run_eval import evaluate_run
     ev, _ = evaluators
-    cfg = imagegen.resolve_config({"family": "flow", "model": {"width": 8, "mults": [1, 2]},
+    # two solver steps: the evaluation draws 100 images per class and prompt set, which is what is tested
+    cfg = imagegen.resolve_config({"family": "flow", "model": {"width": 8, "mults": [1, 2], "sample_steps": 2},
                                    "data": {"source": "captioned:shapes", "limit": 64},
                                    "train": {"steps": 4, "batch_size": 8, "sample_every": 0, "grid_size": 4}})
     run_dir = imagegen.train(cfg, out=tmp_path, progress=False)
