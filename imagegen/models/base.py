@@ -72,7 +72,7 @@ class Family(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return next(itertools.chain(self.parameters(), self.buffers())).device
+        return _first_tensor(self).device
 
     @classmethod
     def fit_config(cls, cfg, dataset):
@@ -141,12 +141,36 @@ def adam(params, lr: float, betas: tuple[float, float] = (0.9, 0.999)) -> torch.
     return torch.optim.Adam(params, lr=lr, betas=betas, fused=True)
 
 
+# A family's modules and tensors are made with it: weights change in place (optimizer steps, EMA,
+# load_state_dict) or have their data swapped (module.to), but stay the same tensor objects. So what a
+# sampling call looks up in them on every call (at one image, a DCGAN's network takes under 0.5 ms under
+# the onnxruntime engine, and each walk over the modules about 10 us) is found once and kept on the module.
+
+def _kept(module: nn.Module, name: str, find):
+    if name not in module.__dict__:
+        module.__dict__[name] = find()
+    return module.__dict__[name]
+
+
+def _all_modules(module: nn.Module) -> list[nn.Module]:
+    return _kept(module, "_all_modules", lambda: list(module.modules()))
+
+
+def _first_tensor(module: nn.Module) -> torch.Tensor:
+    return _kept(module, "_first_tensor", lambda: next(itertools.chain(module.parameters(), module.buffers())))
+
+
+def _first_conv(module: nn.Module) -> torch.Tensor | None:
+    """The first 4-D parameter (a convolution's weight), whose memory layout the rounding checks key on."""
+    return _kept(module, "_first_conv", lambda: next((p for p in module.parameters() if p.dim() == 4), None))
+
+
 @contextlib.contextmanager
 def eval_mode(module: nn.Module):
     """Eval mode (batch norm uses its running statistics) for the duration, then the previous mode. A
     module already wholly in eval mode (a loaded run) is left alone: module.train() walks and sets every
     submodule, about 0.1 ms a call for a DCGAN, most of what one sampled image costs beyond its network."""
-    if not any(m.training for m in module.modules()):
+    if not any(m.training for m in _all_modules(module)):
         yield module
         return
     was_training = module.training
@@ -186,14 +210,18 @@ def run_fixed_batch(fn: Callable[..., torch.Tensor], *xs: torch.Tensor | None, o
     chunks in one call where `wide_rows` found that call to give every row the bits of its own chunk.
     Either way an image is the same whatever batch it is drawn in. `owner` (the family) keeps the
     checks; `fn` must be the same computation each time it is given with the same code."""
+    key = _check_key(fn, xs, owner)
+    engine = owner.__dict__.get("engine")   # imagegen.engine.use_engine: another engine runs fn at inference
+    if engine is not None and not (torch.is_grad_enabled() or owner.training):
+        fn, key = engine.graph(fn, xs, owner, key), (engine.name, *key)   # the checks are of the graph
     n = next(x for x in xs if x is not None).shape[0]
-    wide = wide_rows(fn, xs, owner, micro) if n >= min(WIDE_ROWS) else micro
+    wide = wide_rows(fn, xs, owner, micro, key) if n >= min(WIDE_ROWS) else micro
     outs, i = [], 0
     while i < n:
         k = wide if n - i >= wide else min(micro, n - i)
         chunks = [None if x is None else x[i:i + k] for x in xs]
         if k < micro:
-            rows = next(r for r in exact_rows(fn, chunks, owner, micro) if r >= k)
+            rows = next(r for r in exact_rows(fn, chunks, owner, micro, key) if r >= k)
             chunks = [None if x is None else _pad_rows(x, rows) for x in chunks]
         outs.append(fn(*chunks)[:k])
         i += k
@@ -211,7 +239,7 @@ def _check_key(fn: Callable[..., torch.Tensor], xs: Sequence[torch.Tensor | None
     """What a rounding check depends on: fn's code and owner, the inputs' row shapes, dtypes and layouts,
     the device, the weights' layout, the thread count, train and grad modes."""
     x0 = next(x for x in xs if x is not None)
-    param = next((p for p in owner.parameters() if p.dim() == 4), None)
+    param = _first_conv(owner)
     layout = None if param is None else (param.is_contiguous(), param.is_contiguous(memory_format=torch.channels_last))
     code = getattr(getattr(fn, "__func__", fn), "__code__", None)
     return (id(fn) if code is None else code, getattr(fn, "__self__", None) is not None and id(fn.__self__),
@@ -219,7 +247,8 @@ def _check_key(fn: Callable[..., torch.Tensor], xs: Sequence[torch.Tensor | None
             x0.device, layout, torch.get_num_threads(), owner.training, torch.is_grad_enabled())
 
 
-def _probe(xs: Sequence[torch.Tensor | None], rows: int) -> list[torch.Tensor | None]:
+def probe_rows(xs: Sequence[torch.Tensor | None], rows: int) -> list[torch.Tensor | None]:
+    """`rows` rows made from xs's (cycled, floats perturbed: _perturbed), to check or trace a function on."""
     x0 = next(x for x in xs if x is not None)
     gen = torch.Generator().manual_seed(0)
     idx = torch.arange(rows) % x0.shape[0]
@@ -227,7 +256,7 @@ def _probe(xs: Sequence[torch.Tensor | None], rows: int) -> list[torch.Tensor | 
 
 
 def exact_rows(fn: Callable[..., torch.Tensor], xs: Sequence[torch.Tensor | None], owner: nn.Module,
-               micro: int = SAMPLE_MICRO_BATCH) -> tuple[int, ...]:
+               micro: int = SAMPLE_MICRO_BATCH, key: tuple | None = None) -> tuple[int, ...]:
     """The row counts k (ascending, `micro` always last) for which fn on a k-row input gives bit for bit
     the first k rows of its output on a `micro`-row input.
 
@@ -237,11 +266,11 @@ def exact_rows(fn: Callable[..., torch.Tensor], xs: Sequence[torch.Tensor | None
     elementwise sigmoid whose length is an odd multiple of 16 floats computes its last vector another
     way; one matrix product of few rows differed on both (nets.layers.Linear now takes products that
     round a row alike wherever it sits). The result is kept on `owner`; a count that fails only costs
-    speed (the caller pads past it)."""
-    key = ("exact", micro, *_check_key(fn, xs, owner))
+    speed (the caller pads past it). `key`: fn's and xs's `_check_key`, where the caller has it."""
+    key = ("exact", micro, *(key or _check_key(fn, xs, owner)))
     found = owner.__dict__.setdefault("_exact_rows", {})
     if key not in found:
-        probe = _probe(xs, micro)
+        probe = probe_rows(xs, micro)
         full = fn(*probe)       # under the caller's grad mode, which the key includes
         found[key] = tuple(k for k in range(1, micro)
                            if torch.equal(fn(*[None if p is None else p[:k] for p in probe]), full[:k])) + (micro,)
@@ -249,19 +278,19 @@ def exact_rows(fn: Callable[..., torch.Tensor], xs: Sequence[torch.Tensor | None
 
 
 def wide_rows(fn: Callable[..., torch.Tensor], xs: Sequence[torch.Tensor | None], owner: nn.Module,
-              micro: int = SAMPLE_MICRO_BATCH) -> int:
+              micro: int = SAMPLE_MICRO_BATCH, key: tuple | None = None) -> int:
     """The largest of WIDE_ROWS for which fn on that many rows gives every row bit for bit what fn gives
     it in its own chunk of `micro` rows, or `micro` when none does (or the input is too large). Found
     once per `_check_key` on a probe made from the given rows (a matrix product or a convolution may
     block a larger batch otherwise, hence round otherwise); kept on `owner` beside exact_rows."""
-    key = ("wide", micro, *_check_key(fn, xs, owner))
+    key = ("wide", micro, *(key or _check_key(fn, xs, owner)))
     found = owner.__dict__.setdefault("_exact_rows", {})
     if key not in found:
         per_row = sum(x[0].numel() for x in xs if x is not None)
         sizes = [w for w in WIDE_ROWS if w % micro == 0 and w > micro and w * per_row <= WIDE_MAX_NUMEL]
         found[key] = micro
         if sizes:
-            probe = _probe(xs, max(sizes))
+            probe = probe_rows(xs, max(sizes))
             own = torch.cat([fn(*[None if p is None else p[j:j + micro] for p in probe])
                              for j in range(0, max(sizes), micro)])
             found[key] = next((w for w in sorted(sizes, reverse=True)
