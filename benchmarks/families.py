@@ -12,11 +12,13 @@ Prints one Markdown table row per family:
     on 1 row and on 16): the floor that no saving around the network can go below;
   - the same ratio for that network's operators alone (their own time in torch's profiler, without the
     Python that calls them): the floor that no saving in Python can go below.
-For cyclegan (a translation family) the data is two classes of the dataset (sneaker -> ankle boot on
+With --engine torch,onnxruntime each family gets a row per engine, sampling from the same trained model
+(the floors are of torch's operators, so only its rows have them; an onnxruntime network is exported
+once, in the warm-up call, not timed). For cyclegan (a translation family) the data is two classes of the dataset (sneaker -> ankle boot on
 Fashion-MNIST), training speed is in image pairs (one A and one B image) per second, and the sampling
 columns time `translate` on real test images instead of `generate`.
 
-    python benchmarks/families.py [--data fashion-mnist] [--steps 60] [--families dcgan,ddpm]
+    python benchmarks/families.py [--data fashion-mnist] [--steps 60] [--families dcgan,ddpm] [--engine torch,onnxruntime]
 """
 
 from __future__ import annotations
@@ -124,6 +126,9 @@ def main() -> None:
     ap.add_argument("--data", default="fashion-mnist")
     ap.add_argument("--steps", type=int, default=60, help="training steps to time per family")
     ap.add_argument("--families", default=",".join(REGISTRY))
+    ap.add_argument("--engine", default="torch",
+                    help="what runs the networks (imagegen.engine): torch, onnxruntime, or both as torch,onnxruntime "
+                         "(a row each, on the same trained model)")
     ap.add_argument("--teacher", help="for distilled: the flow or ddpm run to distil (default: a flow trained --steps here)")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -134,40 +139,38 @@ def main() -> None:
         ds = imagegen.load_data("shapes")
     print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"data {ds.name} {ds.size}x{ds.size}x{ds.channels}")
-    print("| family | train batch | train images/s | sample 1 image (ms) | sample batch 256 (images/s) | 16 samples (s) "
-          "| 1 image / per-image at 16 | network alone: 1 row / per-row at 16 | its operators alone |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| family | engine | train batch | train images/s | sample 1 image (ms) | sample batch 256 (images/s) "
+          "| 16 samples (s) | 1 image / per-image at 16 | network alone: 1 row / per-row at 16 | its operators alone |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for family in args.families.split(","):
         steps = 1 if family == "random" else args.steps
         if REGISTRY[family].translates:
             pair = imagegen.load_data(PAIRS.get(ds.name, "pair:shapes:circle,square"))
             ips, bs, model = train_speed(family, pair, steps)
             x = imagegen.load_data(imagegen.DataConfig(source=pair.name, split="test")).a.batch(torch.arange(256))["image"]
-            one = timed(lambda: model.translate(x[:1]), reps=5)
-            big = timed(lambda: model.translate(x), reps=1)
-            sixteen = timed(lambda: model.translate(x[:16]), reps=3)
-            net, ops = network_floor(lambda: model.translate(x[:16]))
-            print(f"| {family} ({pair.name}, translate) | {bs} pairs | {ips:.0f} pairs | {one * 1000:.1f} | {256 / big:.0f} "
-                  f"| {sixteen:.2f} | {one / (sixteen / 16):.1f}x | {net:.1f}x | {ops:.1f}x |", flush=True)
-            continue
-        if REGISTRY[family].made_by == "distill":
-            ips, bs, model = distilled_speed(ds, steps, args.teacher)
+            name, train_txt, draw = f"{family} ({pair.name}, translate)", f"{bs} pairs | {ips:.0f} pairs", \
+                lambda n: model.translate(x[:n])
         else:
-            ips, bs, model = train_speed(family, ds, steps)
-        k = model.num_classes
+            if REGISTRY[family].made_by == "distill":
+                ips, bs, model = distilled_speed(ds, steps, args.teacher)
+            else:
+                ips, bs, model = train_speed(family, ds, steps)
+            k = model.num_classes
+            name, train_txt = family, f"{bs} | " + ("one pass" if family == "random" else f"{ips:.0f}")
 
-        def labels(n):
-            return torch.arange(n) % k if k else None
-
-        one = timed(lambda: imagegen.generate(model, [0], labels=labels(1)), reps=5)
-        big = timed(lambda: imagegen.generate(model, list(range(256)), labels=labels(256), batch_size=256), reps=1)
-        sixteen = timed(lambda: imagegen.generate(model, list(range(16)), labels=labels(16), batch_size=16), reps=3)
-        floor = "no network | no network" if family == "random" else \
-            "{:.1f}x | {:.1f}x".format(*network_floor(lambda: imagegen.generate(model, list(range(16)), labels=labels(16))))
-        train_txt = "one pass" if family == "random" else f"{ips:.0f}"
-        print(f"| {family} | {bs} | {train_txt} | {one * 1000:.1f} | {256 / big:.0f} | {sixteen:.2f} "
-              f"| {one / (sixteen / 16):.1f}x | {floor} |", flush=True)
-
+            def draw(n, model=model, k=k):
+                return imagegen.generate(model, list(range(n)), labels=torch.arange(n) % k if k else None, batch_size=n)
+        for engine in args.engine.split(","):
+            if family == "random" and engine != "torch":
+                continue   # no network to run
+            imagegen.use_engine(model, engine)
+            one = timed(lambda: draw(1), reps=5)
+            big = timed(lambda: draw(256), reps=1)
+            sixteen = timed(lambda: draw(16), reps=3)
+            floor = "no network | no network" if family == "random" else "- | -" if engine != "torch" else \
+                "{:.1f}x | {:.1f}x".format(*network_floor(lambda: draw(16)))
+            print(f"| {name} | {engine} | {train_txt} | {one * 1000:.1f} | {256 / big:.0f} | {sixteen:.2f} "
+                  f"| {one / (sixteen / 16):.1f}x | {floor} |", flush=True)
 
 if __name__ == "__main__":
     main()

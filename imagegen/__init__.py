@@ -7,6 +7,7 @@ The public API:
     run_dir = imagegen.train(cfg)                            # a self-describing run folder
     run = imagegen.load_run(run_dir)                         # model rebuilt from the folder alone
     images = imagegen.generate(run.model, seeds=range(16))   # 16 x C x H x W in [-1, 1]
+    imagegen.use_engine(run.model, "onnxruntime")            # its network as one ONNX graph: cheap single images
     labels = imagegen.parse_labels("sneaker,bag", run.classes, 2)     # conditional families
     filled = imagegen.extend_image(run.model, image, mask, seed=0)  # diffusion inpainting
     more = imagegen.vary(run.model, 7, seeds=range(8), strength=0.4)  # "more like seed 7's image"
@@ -18,6 +19,7 @@ __version__ = "0.1.0"
 
 from .checkpoint import Run, build_model, load_run
 from .data import DataConfig, ImageDataset, describe, load_data
+from .engine import use_engine
 from .evaluate.run_eval import evaluate_run
 from .models import REGISTRY
 from .report import write_report
@@ -28,5 +30,5 @@ from .vary import breed, vary
 __all__ = [
     "DataConfig", "ImageDataset", "REGISTRY", "Run", "RunConfig", "TrainConfig", "breed", "build_model", "describe",
     "evaluate_run", "extend_image", "generate", "interpolate", "interpolate_images", "load_data", "load_run", "outpaint_canvas",
-    "parse_labels", "resolve_config", "train", "vary", "write_report",
+    "parse_labels", "resolve_config", "train", "use_engine", "vary", "write_report",
 ]

@@ -18,6 +18,7 @@ from . import __version__
 from .checkpoint import load_run, read_config
 from .config import Range, apply_overrides, field_ranges, load_toml
 from .data import DataConfig, describe, load_data
+from .engine import ENGINES, use_engine
 from .errors import ConfigError, DataError, ImagegenError
 from .report import write_report
 from .models import REGISTRY
@@ -169,6 +170,13 @@ def _add_sample_options(p, only: tuple[str, ...] | None = None) -> None:
                 p.add_argument(f"--{name}", type=tp, help=help_text)
 
 
+def _add_engine(p) -> None:
+    p.add_argument("--engine", choices=ENGINES, default="torch",
+                   help="what runs the network: torch (default) or onnxruntime, one graph, whose single images cost "
+                        "little more than their share of a batch (exported on first use, seconds; needs "
+                        "imagegen[export]; pixels may differ from torch's by one level)")
+
+
 def _sample_opts(a, model) -> dict:
     return check_options(model, {k: getattr(a, k) for k in SAMPLE_OPTIONS if getattr(a, k, None) is not None})
 
@@ -180,6 +188,7 @@ def _labels(a, run, seeds: list[int]):
 def cmd_sample(a) -> int:
     seeds = parse_seeds(a.seeds)
     run = load_run(a.run_dir, weights=a.weights)
+    use_engine(run.model, a.engine)
     labels = _labels(a, run, seeds)
     latent = parse_floats(a.latent) if a.latent else None
     if a.directions:
@@ -294,6 +303,7 @@ def cmd_translate(a) -> int:
     run = load_run(a.run_dir)
     if not run.model.translates:
         raise ConfigError(f"{a.run_dir} is a {run.family} model, which draws images from seeds: use `imagegen sample`")
+    use_engine(run.model, a.engine)
     cfg = run.model.cfg
     names, images, skipped, converted = read_images(a.input, cfg.image_size, cfg.channels)
     for f, reason in skipped:
@@ -438,7 +448,7 @@ def cmd_export(a) -> int:
 
 def cmd_serve(a) -> int:
     from .serve import serve
-    serve(a.runs_dir, host=a.host, port=a.port, threads=a.threads, token=a.token, no_token=a.no_token)
+    serve(a.runs_dir, host=a.host, port=a.port, threads=a.threads, token=a.token, no_token=a.no_token, engine=a.engine)
     return 0
 
 
@@ -493,6 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", help="what to draw, for a model trained on captions, e.g. 'a red star left of a blue circle'")
     p.add_argument("--prompts", metavar="FILE", help="a text file with one prompt per seed, one per line")
     p.add_argument("--negative-prompt", help="what to steer away from (replaces guidance's unconditional branch)")
+    _add_engine(p)
     _add_sample_options(p)
 
     p = sub.add_parser("interpolate", help="a strip of images through latent space between two seeds (or two images, VAEs)")
@@ -548,6 +559,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for the translated images (same file names)")
     p.add_argument("--grid", help="also write a PNG with rows input / translated / reconstructed")
     add_number(p, "--grid-images", Range(1, 256), "images in the --grid (default 16)", default=16)
+    _add_engine(p)
 
     p = sub.add_parser("data", help="inspect data sources")
     dsub = p.add_subparsers(dest="data_command", required=True)
@@ -618,6 +630,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_number(p, "--threads", Range(1, 1024, zero="all cores but one"), "torch threads for the models", default=0)
     p.add_argument("--token", help="the token that uploads and training need (default: a new one, printed at start)")
     p.add_argument("--no-token", action="store_true", help="no token (allowed with a loopback --host only)")
+    _add_engine(p)
 
     sub.add_parser("models", help="list the model families")
     return parser

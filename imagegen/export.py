@@ -207,10 +207,7 @@ def export_onnx(run: Run, out: str | Path, *, direction: str = "a2b", tolerance:
     """Write the run's sampling network to `out` (ONNX), after checking it in onnxruntime against torch.
     The run's own model is left as it was: the graph is traced from a copy in plain NCHW memory (runs
     load channels-last, whose kernels round differently, so converting theirs would change `sample`)."""
-    missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
-    if missing:   # torch.onnx's exporter writes the graph with onnxscript; onnxruntime checks it
-        raise ExportError(f"export needs {', '.join(missing)}: pip install 'imagegen[export]'")
-    import onnxruntime as ort
+    ort = require_onnx("export")
     out = Path(out)
     if out.suffix != ".onnx":
         raise ConfigError(f"--out {out}: an ONNX file name ends in .onnx")
@@ -226,16 +223,7 @@ def export_onnx(run: Run, out: str | Path, *, direction: str = "a2b", tolerance:
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")
     try:
-        # Traced with autograd on (no parameter needs a gradient): outside autograd nets/layers.Linear takes
-        # products that round a row alike wherever it sits; the graph holds the plain product. Quiet: the
-        # exporter's progress lines, and its note that torchvision's operators are not there.
-        with torch.enable_grad(), contextlib.redirect_stdout(io.StringIO()), _quiet("torch.onnx"), \
-                warnings.catch_warnings():
-            warnings.simplefilter("ignore")   # torch.export's own deprecation notes, not the user's concern
-            program = torch.onnx.export(graph.module, args, input_names=names, output_names=graph.outputs,
-                                        dynamic_shapes=dynamic, dynamo=True, opset_version=opset,
-                                        external_data=False, verbose=False)
-        proto = program.model_proto
+        proto = onnx_proto(graph.module, args, names, graph.outputs, dynamic, opset)
         for key, value in graph.metadata.items():
             entry = proto.metadata_props.add()
             entry.key, entry.value = key, value
@@ -256,6 +244,33 @@ def export_onnx(run: Run, out: str | Path, *, direction: str = "a2b", tolerance:
     inputs = {a.name: (a.type, shape(a)) for a in session.get_inputs()}
     outputs = {a.name: (a.type, shape(a)) for a in session.get_outputs()}
     return Exported(out, inputs, outputs, diff, graph.usage)
+
+
+def require_onnx(what: str):
+    """The onnxruntime module, or an ExportError that names what `what` needs: torch.onnx's exporter
+    writes a graph with onnxscript (and onnx), and onnxruntime runs it."""
+    missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ExportError(f"{what} needs {', '.join(missing)}: pip install 'imagegen[export]'")
+    import onnxruntime
+    return onnxruntime
+
+
+def onnx_proto(module: nn.Module, args: tuple, names: list[str], outputs: list[str], dynamic: tuple,
+               opset: int | None = None):
+    """module(*args) as an ONNX ModelProto (torch.onnx's exporter, torch.export based), with the named
+    inputs and outputs and the dynamic dimensions `dynamic` (torch.export's dynamic_shapes).
+
+    Traced with autograd on (no parameter needs a gradient): outside autograd nets/layers.Linear takes
+    products that round a row alike wherever it sits; the graph holds the plain product. Quiet: the
+    exporter's progress lines, and its note that torchvision's operators are not there."""
+    with torch.enable_grad(), contextlib.redirect_stdout(io.StringIO()), _quiet("torch.onnx"), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # torch.export's own deprecation notes, not the user's concern
+        program = torch.onnx.export(module, args, input_names=names, output_names=outputs,
+                                    dynamic_shapes=dynamic, dynamo=True, opset_version=opset,
+                                    external_data=False, verbose=False)
+    return program.model_proto
 
 
 @contextlib.contextmanager

@@ -177,6 +177,12 @@ def _count_step(optimizer, args, kwargs) -> None:
 register_optimizer_step_post_hook(_count_step)
 
 
+def optimizer_steps() -> int:
+    """How many optimizer steps this process has taken (any optimizer): one more means weights may have
+    changed, in place, without their version counters knowing."""
+    return _OPTIMIZER_STEPS[0]
+
+
 def _pack(weight: torch.Tensor, key: tuple, pack) -> torch.Tensor:
     """pack(weight), made once per weight tensor and key (the layer's geometry and input shape, on which
     oneDNN's choice of layout depends) and again after any change to the weight (_Packed.made_from); kept

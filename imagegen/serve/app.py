@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..checkpoint import Run, load_run
 from ..directions import MAX_DIRECTIONS, direction_shift
+from ..engine import check_engine, engine_of, use_engine
 from ..data.folder import decode_image
 from ..errors import ImagegenError, ImageTooLargeError
 from ..models.ddpm import ETA
@@ -160,7 +161,15 @@ class Served:
             varies=not m.translates and (hasattr(m, "edit") or hasattr(m, "draw_noise")))
 
 
-def find_runs(root: Path, log=print) -> dict[str, Served]:
+def load_served(name: str, folder: Path, engine: str = "torch") -> Served:
+    """The run in `folder`, served as `name`, sampling with `engine` (imagegen.engine; onnxruntime exports
+    each network the first time a request needs it)."""
+    run = load_run(folder)
+    use_engine(run.model, engine)
+    return Served(name, run)
+
+
+def find_runs(root: Path, log=print, engine: str = "torch") -> dict[str, Served]:
     """Every loadable run folder at or under root, up to RUN_SEARCH_DEPTH deep, named by its path relative
     to root (root itself by its folder name). Broken runs are reported and left out."""
     folders = [root] + [p.parent for d in range(1, RUN_SEARCH_DEPTH + 1) for p in sorted(root.glob("*/" * d + "config.json"))]
@@ -170,7 +179,7 @@ def find_runs(root: Path, log=print) -> dict[str, Served]:
             continue
         name = root.name if folder == root else folder.relative_to(root).as_posix()
         try:
-            runs[name] = Served(name, load_run(folder))
+            runs[name] = load_served(name, folder, engine)
         except ImagegenError as e:
             if log:
                 log(f"not serving {folder}: {e}")
@@ -305,6 +314,8 @@ def sample_command(served: Served, seeds: list[int], label: str | None, opts: di
     """The `imagegen sample` command that draws the same images."""
     seed_text = str(seeds[0]) if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]}"
     parts = ["imagegen", "sample", str(served.run.path), "--seeds", seed_text]
+    if engine_of(served.model) != "torch":
+        parts += ["--engine", engine_of(served.model)]
     if label is not None:
         parts += ["--labels", _quote(label)]
     if prompt is not None:
@@ -330,8 +341,8 @@ class Api:
     """What every route needs: the served runs, the model worker, and the checks that turn a request's
     fields into library arguments (bad ones are 4xx answers that name them)."""
 
-    def __init__(self, runs: dict[str, Served], worker: Worker) -> None:
-        self.runs, self.worker = runs, worker
+    def __init__(self, runs: dict[str, Served], worker: Worker, engine: str = "torch") -> None:
+        self.runs, self.worker, self.engine = runs, worker, engine
 
     def get(self, name: str) -> Served:
         if name not in self.runs:
@@ -377,13 +388,14 @@ def latin1(text: str) -> str:
 
 
 
-def create_app(runs_dir: str | Path, *, log=print, token: str | None = None) -> FastAPI:
+def create_app(runs_dir: str | Path, *, log=print, token: str | None = None, engine: str = "torch") -> FastAPI:
     """The app over the runs under runs_dir. `token`: what the routes that change anything (upload,
-    train, cancel) require in their X-Imagegen-Token header; None = no token (loopback only: serve())."""
+    train, cancel) require in their X-Imagegen-Token header; None = no token (loopback only: serve()).
+    `engine`: what runs the networks (imagegen.engine)."""
     root = Path(runs_dir).resolve()
     if not root.is_dir():
         raise ImagegenError(f"{runs_dir}: not a folder")
-    runs = find_runs(root, log=log)
+    runs = find_runs(root, log=log, engine=check_engine(engine))
     worker = Worker()
     app = FastAPI(title="imagegen", version=__import__("imagegen").__version__,
                   description="Generate, interpolate, translate, inpaint and score images with trained imagegen runs.")
@@ -409,7 +421,7 @@ def create_app(runs_dir: str | Path, *, log=print, token: str | None = None) -> 
         lines = [f"{'.'.join(str(p) for p in err.get('loc', [])[1:]) or 'body'}: {err.get('msg', 'invalid')}" for err in e.errors()]
         return JSONResponse({"detail": "; ".join(lines), "errors": _plain(e.errors())}, status_code=422)
 
-    api = Api(runs, worker)
+    api = Api(runs, worker, engine)
     get, labels_for, family_options, seed_range = api.get, api.labels_for, api.family_options, api.seed_range
     check_diffusion_work, generator_of = api.check_diffusion_work, api.generator_of
 
@@ -552,7 +564,7 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def serve(runs_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, threads: int = 0,
-          token: str | None = None, no_token: bool = False) -> None:
+          token: str | None = None, no_token: bool = False, engine: str = "torch") -> None:
     """Serve until stopped. The routes that change anything need a token: `token`, or one made here and
     printed in the page's address (as Jupyter does); `no_token` only on a loopback host."""
     import secrets
@@ -569,7 +581,7 @@ def serve(runs_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, threa
     # torch's threads for the model work; by default all cores but one, which stays free for the event
     # loop (HTTP parsing, validation, PNG encoding), so a request never waits for a core to parse it.
     torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) - 1))
-    app = create_app(runs_dir, token=token)
+    app = create_app(runs_dir, token=token, engine=engine)
     where = f"http://{host}:{port}/" + (f"?token={token}" if token else "")
     print(f"serving {len(app.state.runs)} run(s) from {runs_dir} at {where} (API docs at /docs)")
     uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -20,9 +20,8 @@ from fastapi import Depends, FastAPI, File, Request, UploadFile
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..checkpoint import load_run
 from ..errors import ImagegenError
-from .app import Api, Served, bad_request
+from .app import Api, bad_request, load_served
 from .jobs import MAX_TRAIN_MINUTES, MAX_ZIP_BYTES, TRAIN_FAMILIES, TrainJob, UploadError, new_upload_id, start_training, unpack_upload
 
 TOKEN_HEADER = "X-Imagegen-Token"
@@ -55,7 +54,7 @@ def add_training_routes(app: FastAPI, api: Api, root: Path, token: str | None) -
         runs), loading it the first time it is asked for."""
         name = folder.relative_to(root).as_posix()
         if name not in api.runs:
-            api.runs[name] = Served(name, load_run(folder))
+            api.runs[name] = load_served(name, folder, api.engine)
         return name
 
     @app.post("/api/upload", dependencies=[Depends(authorised)])
