@@ -219,6 +219,17 @@ MUTATIONS = [
              '        if getattr(self, "_cdf_key", None) is None:',
              ("tests/test_families.py::test_random_baseline_samples_from_its_current_counts",),
              "the random baseline samples from the counts it first saw"),
+    # --- the onnxruntime engine: engine.py -----------------------------------------------------------------
+    Mutation("imagegen/engine.py",
+             "    return (optimizer_steps(),) + tuple((t._version, t.data_ptr()) for t in tensors)",
+             "    return tuple((t._version, t.data_ptr()) for t in tensors)",
+             ("tests/test_engine.py::test_the_engine_exports_again_after_the_weights_change",),
+             "the engine keeps its graph across a fused optimizer step (stale weights in onnxruntime)"),
+    Mutation("imagegen/engine.py",
+             "    return (optimizer_steps(),) + tuple((t._version, t.data_ptr()) for t in tensors)",
+             "    return (optimizer_steps(),) + tuple(t.data_ptr() for t in tensors)",
+             ("tests/test_engine.py::test_the_engine_exports_again_after_the_weights_change",),
+             "the engine keeps its graph across an in-place change of a weight (load_state_dict, EMA)"),
 ]
 
 
