@@ -3,8 +3,9 @@ operators; `onnxruntime` runs it as one ONNX graph in onnxruntime, which costs f
 so one image is nearly as cheap as its share of a batch.
 
 Why an engine: in eager torch every convolution and product is one oneDNN call with a fixed cost of tens
-of microseconds, which one image pays alone and a batch of 16 shares, so one DCGAN image cost 5-9x its
-share of a 16-image batch (README, "Speed"), however little Python ran around it. onnxruntime runs each
+of microseconds, which one image pays alone and a batch of 16 shares, so one image of a GAN, a VAE or the
+distilled student costs 4-9x its share of a 16-image batch (README, "Sampling engines"), however little
+Python runs around it. onnxruntime runs each
 convolution of one image as one matrix product of its own, with little around it.
 
 The promise holds under either engine: an image depends only on its seed, the weights and the engine.
@@ -15,8 +16,8 @@ own, so on the CPUs tested every count passes and one image runs alone). The two
 by float rounding (about 1e-6; the export check allows 1e-4), so the same seed can differ by one level in
 a few pixels between them: the engine is part of the command that draws an image (`--engine`).
 
-Each function is exported once per input signature (`base.check_key`: its code, the rows' shapes, dtypes,
-threads...) with a dynamic batch dimension, checked against torch on a probe, and exported again after
+Each function is exported once per input signature (`base._check_key`: its code, the rows' shapes,
+dtypes, threads...) with a dynamic batch dimension, checked against torch on a probe, and exported again after
 any change to the weights (an optimizer step included). Exporting costs seconds (a DCGAN's generator
 about 3 s, a U-Net more), so the engine is for a model that samples many times: `imagegen sample`,
 `imagegen serve`, a benchmark; training's own grids use torch."""
