@@ -5,7 +5,9 @@ concurrency level runs that many clients for --seconds, each sending POST /api/g
 with a fresh seed over its own keep-alive connection, back to back. Prints p50 / p99 latency of the 200
 answers, the count of each status, connection errors, and how long /health takes once the load stops.
 
-    python benchmarks/serve_load.py RUNS_DIR [--model NAME] [--levels 8,400] [--seconds 10]
+    python benchmarks/serve_load.py RUNS_DIR [--model NAME] [--levels 8,400] [--seconds 10] [--engine onnxruntime]
+
+One request is answered before the levels start (an onnxruntime engine exports the network then).
 
 The clients are raw asyncio HTTP/1.1 (no client library in the measured path), in one process that
 shares the 2 cores with the server: the figures include that contention, as a real local client would.
@@ -105,9 +107,11 @@ def main() -> None:
     ap.add_argument("--model", help="run name to load (default: the first dcgan run)")
     ap.add_argument("--levels", default="8,400", help="comma list of concurrent clients")
     ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--engine", default="torch", help="the server's --engine: torch or onnxruntime")
     args = ap.parse_args()
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "imagegen", "serve", args.runs_dir, "--port", str(port)],
+    server = subprocess.Popen([sys.executable, "-m", "imagegen", "serve", args.runs_dir, "--port", str(port),
+                               "--engine", args.engine],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ})
     try:
         import urllib.request
@@ -122,7 +126,13 @@ def main() -> None:
                     raise SystemExit(f"server did not start: {server.stdout.read() if server.poll() is not None else ''}")
                 time.sleep(0.2)
         model = args.model or next((m["name"] for m in models if m["family"] == "dcgan"), models[0]["name"])
-        print(f"# server pid {server.pid} on 127.0.0.1:{port}; model {model}; {args.seconds:g} s per level; "
+        warm = urllib.request.Request(f"http://127.0.0.1:{port}/api/generate", method="POST",
+                                      data=json.dumps({"model": model, "seed": 0}).encode(),
+                                      headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(warm, timeout=120) as r:
+            r.read()
+        print(f"# server pid {server.pid} on 127.0.0.1:{port}; model {model}; engine {args.engine}; "
+              f"{args.seconds:g} s per level; "
               f"{os.cpu_count()} cores shared by server and clients")
         print("| clients | p50 (ms) | p99 (ms) | images/s | answers by status | connection errors | /health after (ms) |")
         print("|---|---|---|---|---|---|---|")
