@@ -53,16 +53,15 @@ def use_engine(model: nn.Module, engine: str) -> nn.Module:
     if check_engine(engine) == "torch":
         model.__dict__.pop("engine", None)
         return model
-    device = next(itertools.chain(model.parameters(), model.buffers())).device
-    if device.type != "cpu":
-        raise ConfigError(f"--engine onnxruntime runs on the CPU; this model is on {device} (use --engine torch)")
+    if model.device.type != "cpu":
+        raise ConfigError(f"--engine onnxruntime runs on the CPU; this model is on {model.device} (use --engine torch)")
     model.__dict__["engine"] = OnnxEngine()
     return model
 
 
 def engine_of(model: nn.Module) -> str:
     """The name of the engine `model` samples with."""
-    return "torch" if model.__dict__.get("engine") is None else "onnxruntime"
+    return getattr(model.__dict__.get("engine"), "name", "torch")
 
 
 class OnnxEngine:
