@@ -14,9 +14,9 @@ Prints one Markdown table row per family:
     Python that calls them): the floor that no saving in Python can go below.
 With --engine torch,onnxruntime each family gets a row per engine, sampling from the same trained model
 (the floors are of torch's operators, so only its rows have them; an onnxruntime network is exported
-once, in the warm-up call, not timed). For cyclegan (a translation family) the data is two classes of the dataset (sneaker -> ankle boot on
-Fashion-MNIST), training speed is in image pairs (one A and one B image) per second, and the sampling
-columns time `translate` on real test images instead of `generate`.
+once, in the warm-up call, not timed). For cyclegan (a translation family) the data is two classes of
+the dataset (sneaker -> ankle boot on Fashion-MNIST), training speed is in image pairs (one A and one B
+image) per second, and the sampling columns time `translate` on real test images instead of `generate`.
 
     python benchmarks/families.py [--data fashion-mnist] [--steps 60] [--families dcgan,ddpm] [--engine torch,onnxruntime]
 """
@@ -171,6 +171,7 @@ def main() -> None:
                 "{:.1f}x | {:.1f}x".format(*network_floor(lambda: draw(16)))
             print(f"| {name} | {engine} | {train_txt} | {one * 1000:.1f} | {256 / big:.0f} | {sixteen:.2f} "
                   f"| {one / (sixteen / 16):.1f}x | {floor} |", flush=True)
+
 
 if __name__ == "__main__":
     main()

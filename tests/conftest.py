@@ -34,8 +34,9 @@ def pytest_configure(config):
 
 
 # The modules that take longest (in seconds of one worker in `make test` on machine A, 2026-12-06: 170,
-# 108, 90, about 100, 55, 60, 32, 31, 26 and 26), which run first: xdist hands each worker the next module (--dist loadscope) as it finishes one, so a long
-# module started last leaves the other worker idle while it runs. Its own ordering (most tests first;
+# 108, 90, about 100, 55, 60, 32, 31, 26 and 26), which run first: xdist hands each worker the next
+# module (--dist loadscope) as it finishes one, so a long module started last leaves the other worker
+# idle while it runs. Its own ordering (most tests first;
 # the Makefile turns it off) put the 170-second text_follows, one test, last. The rest keep their order.
 SLOWEST_FIRST = ("test_text_follows.py", "test_conditional.py", "test_studio_train.py", "test_engine.py",
                  "test_likelihood.py", "test_text.py", "test_distributed.py", "test_serve.py", "test_ddpm.py",
