@@ -164,6 +164,8 @@ def generate(model: Family, seeds: Sequence[int], *, labels: torch.Tensor | None
     or one per seed) and `negative_prompt` steer a text model."""
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
+    if len(seeds) == 0:
+        raise ConfigError("no seeds given: generate draws one image per seed")
     latent = check_latent(model, latent)
     text, negative = prompt_text(model, prompts, len(seeds), negative_prompt)
     if latent and opts.get("drs"):
@@ -182,7 +184,7 @@ def generate(model: Family, seeds: Sequence[int], *, labels: torch.Tensor | None
         if negative is not None:
             words["negative"] = negative[i:i + batch_size]
         out.append(model.sample(len(chunk), labels=lab, generator=gens, **opts, **words).cpu())
-    return torch.cat(out)
+    return out[0] if len(out) == 1 else torch.cat(out)
 
 
 def preview(model: Family, dataset, n: int) -> tuple[torch.Tensor, int | None]:

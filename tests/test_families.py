@@ -191,8 +191,9 @@ def test_bad_labels_are_config_errors(family):
     cfg = {**TINY_MODELS[family], "image_size": 32, "channels": 3, "num_classes": 4}
     model = imagegen.build_model(family.split("-")[0], cfg)
     gens = [torch.Generator().manual_seed(0)]
-    with pytest.raises(ConfigError, match="out of range"):
-        model.sample(1, labels=torch.tensor([4]), generator=gens)
+    for bad in ([4], [-1], [0, 4], [-1, 3]):     # above or below, alone or beside a good label
+        with pytest.raises(ConfigError, match="out of range"):
+            model.sample(len(bad), labels=torch.tensor(bad), generator=gens * len(bad))
     with pytest.raises(ConfigError, match="2 labels for 1"):
         model.sample(1, labels=torch.tensor([0, 1]), generator=gens)
 

@@ -62,3 +62,11 @@ def test_parse_seeds():
     for bad in ("", "a-b", "5-2", "-1", "1,,2", "0-99999999999"):
         with pytest.raises(ConfigError):
             parse_seeds(bad)
+
+
+def test_generate_refuses_no_seeds_and_a_bad_batch_size(tiny_run):
+    model = imagegen.load_run(tiny_run).model
+    with pytest.raises(ConfigError, match="no seeds"):
+        imagegen.generate(model, [])
+    with pytest.raises(ConfigError, match="batch-size"):
+        imagegen.generate(model, [1], batch_size=0)

@@ -104,8 +104,10 @@ class Family(nn.Module):
         labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
         if labels.numel() != n:
             raise ConfigError(f"got {labels.numel()} labels for {n} images")
-        if labels.numel() and not (0 <= int(labels.min()) and int(labels.max()) < self.num_classes):
-            raise ConfigError(f"label out of range: labels must be in 0..{self.num_classes - 1}")
+        if labels.numel():
+            low, high = labels.aminmax()    # one pass, not two: this runs for every sampled image
+            if not (0 <= int(low) and int(high) < self.num_classes):
+                raise ConfigError(f"label out of range: labels must be in 0..{self.num_classes - 1}")
         return labels.to(self.device)
 
     def check_inpaint(self, image: torch.Tensor, mask: torch.Tensor) -> None:
@@ -196,6 +198,8 @@ def _per_item(draw, n: int, shape: tuple[int, ...], generator: Generators, devic
         return draw((n, *shape), generator=generator, device=device)
     if len(generator) != n:
         raise ValueError(f"got {len(generator)} generators for {n} images")
+    if n == 1:   # one image (the page's case): the same numbers without the stack
+        return draw((1, *shape), generator=generator[0], device=generator[0].device).to(device)
     return torch.stack([draw(shape, generator=g, device=g.device) for g in generator]).to(device)
 
 
@@ -225,7 +229,7 @@ def run_fixed_batch(fn: Callable[..., torch.Tensor], *xs: torch.Tensor | None, o
             chunks = [None if x is None else _pad_rows(x, rows) for x in chunks]
         outs.append(fn(*chunks)[:k])
         i += k
-    return torch.cat(outs)
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 # Row counts, multiples of SAMPLE_MICRO_BATCH, that run_fixed_batch tries as one call for a large batch:

@@ -198,7 +198,8 @@ class VAE(Family):
                noise: torch.Tensor | None = None, temperature: float = 1.0) -> torch.Tensor:
         labels = self.check_labels(n, labels)
         TEMPERATURE.check(temperature, "temperature")
-        z = (self.draw_noise(n, generator) if noise is None else noise.to(self.device)) * temperature
+        z = self.draw_noise(n, generator) if noise is None else noise.to(self.device)
+        z = z if temperature == 1 else z * temperature
         with eval_mode(self):
             return self._decode_fixed(z, labels)
 
