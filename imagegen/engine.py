@@ -12,7 +12,7 @@ The promise holds under either engine: an image depends only on its seed, the we
 `models/base.run_fixed_batch` hands this engine the function it would call (the sampling network) and
 checks what comes back as it checks torch: `exact_rows` finds the row counts that round each row as in a
 full chunk, `wide_rows` the larger calls that do (onnxruntime computes each image of a convolution on its
-own, so on machine A of the README every count passed and one image runs alone). The two engines' images differ
+own, so on machines A and B of the README every count passed and one image runs alone). The two engines' images differ
 by float rounding (about 1e-6; the export check allows 1e-4), so the same seed can differ by one level in
 a few pixels between them: the engine is part of the command that draws an image (`--engine`).
 
