@@ -17,6 +17,16 @@ The public API:
 
 __version__ = "0.1.0"
 
+import torch as _torch
+
+# On a CPU without AVX2, ATen computes tanh, exp and the like through MKL's vector math. If its first
+# call in a process comes from two threads at once (a tensor large enough for at::parallel_for to
+# split), that first result sometimes rounds differently from every later one, with one thread or two
+# (machine B under ATEN_CPU_CAPABILITY=default: the first tanh of a 16 x 3 x 32 x 32 tensor differed in
+# 11 of 40 processes, the first exp in 8 of 30), which broke exact resume there. One small call, on
+# this thread alone, comes first: 0 of 40 and 0 of 30 with it.
+_torch.tanh(_torch.zeros(8))
+
 from .checkpoint import Run, build_model, load_run
 from .data import DataConfig, ImageDataset, describe, load_data
 from .engine import use_engine
