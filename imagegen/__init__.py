@@ -21,10 +21,10 @@ import torch as _torch
 
 # On a CPU without AVX2, ATen computes tanh, exp and the like through MKL's vector math. If its first
 # call in a process comes from two threads at once (a tensor large enough for at::parallel_for to
-# split), that first result sometimes rounds differently from every later one, with one thread or two
+# split), that first result sometimes rounds otherwise than every later call, on one thread or two
 # (machine B under ATEN_CPU_CAPABILITY=default: the first tanh of a 16 x 3 x 32 x 32 tensor differed in
-# 11 of 40 processes, the first exp in 8 of 30), which broke exact resume there. One small call, on
-# this thread alone, comes first: 0 of 40 and 0 of 30 with it.
+# 11 of 40 processes, a first exp in 8 of 30), which broke exact resume there. So one small call, on
+# this thread alone, comes first: with it, 0 of 30 for each.
 _torch.tanh(_torch.zeros(8))
 
 from .checkpoint import Run, build_model, load_run

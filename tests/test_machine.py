@@ -1,4 +1,5 @@
-"""The instruction-set limits that `make test` uses for its second pass are really in force."""
+"""The instruction-set limits that `make test` uses for its second pass are really in force, and the first
+vector-math call of a process rounds as later ones do."""
 
 import os
 import subprocess
