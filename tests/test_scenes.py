@@ -96,7 +96,7 @@ def test_the_pixels_show_the_ground_truth(test_split):
             if code == 0:
                 assert inner.max() < 60
             else:
-                shape, colour, size_, _ = (*S.decode_cell(code), cell)
+                _, colour, _ = S.decode_cell(code)          # (shape, colour, size)
                 nearest = (inner - palette[colour]).abs().max(1).values.min()
                 assert nearest < 30, (cell, S.COLOUR_NAMES[colour])
 
