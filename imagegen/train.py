@@ -40,19 +40,19 @@ from .tboard import Board, check_logger
 
 @dataclass
 class TrainConfig:
-    # Numbers carry their documented range (`ranged`), checked before anything is built.
+    """The [train] table. Numbers carry their documented range (`ranged`), checked before anything is built."""
     steps: int = ranged(1600, 1, MAX_COUNT)       # total optimisation steps (a GAN step updates D then G)
-    batch_size: int = ranged(64, 1, MAX_BATCH)
-    seed: int = ranged(0, 0, MAX_SEED)
+    batch_size: int = ranged(64, 1, MAX_BATCH)    # images per step, over all processes of a distributed run
+    seed: int = ranged(0, 0, MAX_SEED)            # the run seed: data order, initial weights, every step's noise
     device: str = "auto"          # auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps
     channels_last: bool = True    # NHWC activations: faster convolutions on CPU (oneDNN) and tensor cores
     threads: int = ranged(0, 1, 1024, zero="torch's default: all cores")   # torch CPU threads
     ema_decay: float = ranged(0.995, 0.0, 1.0, hi_open=True)   # EMA of the weights; sampling uses them
-    log_every: int = ranged(25, 1, MAX_COUNT)
+    log_every: int = ranged(25, 1, MAX_COUNT)      # steps between lines of log.jsonl (and TensorBoard points)
     sample_every: int = ranged(400, 1, MAX_COUNT, zero="only at the end")   # sample grid from fixed seeds
-    grid_size: int = ranged(64, 1, 1024)
+    grid_size: int = ranged(64, 1, 1024)           # images in each sample grid
     checkpoint_every: int = ranged(1000, 1, MAX_COUNT)   # and always at the end of a run
-    keep_checkpoints: int = ranged(3, 1, 1000)
+    keep_checkpoints: int = ranged(3, 1, 1000)     # the newest this many are kept
     max_bad_steps: int = ranged(10, 1, MAX_COUNT)        # stop after this many non-finite steps in a row
     time_limit: float = ranged(0.0, 0.0, 1e9)   # seconds of training, then the run ends, saved (0 = none)
     precision: str = "auto"       # auto (bf16 on CUDA GPUs that have it, else fp32), fp32, bf16, fp16 (CUDA)
@@ -203,6 +203,26 @@ def keep_freed_memory() -> bool:
                 and libc.mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(MALLOC_KEEP_BYTES)))
 
 
+def progress_bar(tc: TrainConfig, start: int, progress: bool) -> tqdm:
+    """The training bar: steps out of train.steps, or, under a time budget (train.time_limit), seconds out
+    of it, since such runs are usually given far more steps than they will make (`--steps 1000000`), and
+    a bar over those would show an ETA of days."""
+    if tc.time_limit:
+        return tqdm(total=tc.time_limit, disable=not progress, unit="s", desc="time budget", dynamic_ncols=True,
+                    mininterval=1.0, bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s "
+                                                "[{elapsed}<{remaining}{postfix}]")
+    return tqdm(total=tc.steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True, mininterval=1.0)
+
+
+def advance(bar: tqdm, tc: TrainConfig, done: int, elapsed: float) -> None:
+    """Move the bar to step `done`, or to `elapsed` seconds of the time budget (the bar ends full either way
+    when the run ends early)."""
+    if tc.time_limit:
+        bar.update(min(elapsed, tc.time_limit) - bar.n)
+    else:
+        bar.update(1)
+
+
 def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
     return torch.Generator(device).manual_seed(_mix(seed, step))
 
@@ -293,7 +313,7 @@ def _train(cfg: RunConfig, d: distributed.Dist | None, main: bool, device: torch
             raise ConfigError(f"{run_dir} is already at step {start}; ask for more with --steps N > {start}")
     else:
         prepared = time.perf_counter()   # what prepare() fits counts against train.time_limit too
-        model.prepare(ds)
+        model.prepare(ds, steps=tc.steps)
         ema.load_state_dict(model.state_dict())  # what prepare() computed (buffers) goes into the EMA copy too
         run_dir = ckpt.new_run_dir(Path(out), cfg.data.source, cfg.family) if main else None
         run_dir = Path(distributed.broadcast_text(str(run_dir), d, device))
@@ -307,7 +327,7 @@ def _train(cfg: RunConfig, d: distributed.Dist | None, main: bool, device: torch
     buffers, ema_buffers = list(model.buffers()), list(ema.buffers())
     log_file = (run_dir / "log.jsonl").open("a") if main else None
     board = Board(run_dir, resume_step=start if resume is not None else None) if main and tc.logger == "tensorboard" else None
-    bar = tqdm(total=tc.steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True, mininterval=1.0)
+    bar = progress_bar(tc, start, progress)
     window: dict[str, list[float]] = {}
     window_time, window_images, bad_in_a_row = 0.0, 0, 0
     # Each rank draws its own noise: generators seeded by (run seed, rank, step) in a distributed run.
@@ -379,7 +399,7 @@ def _train(cfg: RunConfig, d: distributed.Dist | None, main: bool, device: torch
 
             # Logs, grids and checkpoints (rank 0).
             done = step + 1
-            bar.update(1)
+            advance(bar, tc, done, time.perf_counter() - started)
             # A time budget ends the run at this step, with the log, grid and checkpoint of a normal end
             # (in a distributed run, when any rank's clock says so: ranks must stop at the same step).
             over = bool(tc.time_limit and time.perf_counter() - started >= tc.time_limit)
@@ -398,7 +418,8 @@ def _train(cfg: RunConfig, d: distributed.Dist | None, main: bool, device: torch
                     board.scalars(done, means, "loss")
                     board.scalars(done, {"images_per_s": record["images_per_s"], "bad_steps": bad_total}, "train")
                     board.scalars(done, {k: o.param_groups[0]["lr"] for k, o in opts.items()}, "lr")
-                bar.set_postfix({**{k: f"{v:.3f}" for k, v in means.items()}, "img/s": f"{record['images_per_s']:.0f}"})
+                bar.set_postfix({**({"step": done} if tc.time_limit else {}), **{k: f"{v:.3f}" for k, v in means.items()},
+                                 "img/s": f"{record['images_per_s']:.0f}"})
             if done % tc.log_every == 0 or last:
                 window, window_time, window_images = {}, 0.0, 0
             if main and ((tc.sample_every and done % tc.sample_every == 0) or last):

@@ -163,3 +163,21 @@ def test_layout_fields_without_text_or_incomplete_are_refused():
     from imagegen.errors import ConfigError
     with pytest.raises(ConfigError, match="layout_grid"):
         imagegen.resolve_config({"family": "flow", "model": {"layout_grid": 3}})
+
+
+def test_the_layout_priors_first_stage_scales_with_the_runs_steps(monkeypatch):
+    """`layout_epochs` passes, but at most LAYOUT_UPDATES_PER_STEP updates per step of the run's budget
+    (and at least LAYOUT_MIN_UPDATES): a 3-step smoke run does not fit the prior for minutes first."""
+    from imagegen.models import backbone
+    from imagegen.train import fit_model_to_data
+    cfg = _cfg(layout_epochs=100.0)      # 64 captions, 32 a batch: 200 updates
+    ds = load_data(cfg.data)
+    cfg = fit_model_to_data(cfg, ds)
+    ds.load_text(log=lambda *_: None)
+    counted = []
+    real = backbone.BackboneFamily.layout_loss
+    monkeypatch.setattr(backbone.BackboneFamily, "layout_loss", lambda self, b: counted.append(1) or real(self, b))
+    for steps, updates in ((None, 200), (30, 4 * 30), (3, backbone.LAYOUT_MIN_UPDATES), (1000, 200)):
+        counted.clear()
+        imagegen.REGISTRY["flow"](cfg.model).prepare(ds, steps=steps)
+        assert len(counted) == updates, (steps, len(counted))

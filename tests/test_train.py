@@ -207,3 +207,16 @@ print(*[faults() for _ in range(3)], keep_freed_memory(), *[faults() for _ in ra
         pytest.skip("not glibc: keep_freed_memory changes nothing here")
     assert min(default) > 5000, f"expected a fresh mapping each time by default, got {default} page faults"
     assert statistics.median(kept) < 500, f"the freed block should be reused: {kept} page faults (default {default})"
+
+
+def test_a_time_budget_shows_its_progress_in_seconds(tmp_path, capsys):
+    """Under train.time_limit the bar counts the budget's seconds, not the (usually far too many) steps,
+    so its ETA is the time left, and the run still ends at the budget."""
+    cfg = tiny_config(steps=1_000_000, train={"time_limit": 2.0})
+    run_dir = imagegen.train(cfg, out=tmp_path, progress=True)
+    err = capsys.readouterr().err
+    assert "time budget" in err and "/2 s" in err and "1000000" not in err
+    steps = [json.loads(line)["step"] for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert 0 < steps[-1] < 1_000_000
+    run_dir = imagegen.train(tiny_config(steps=3), out=tmp_path, progress=True)
+    assert "3/3" in capsys.readouterr().err                   # no budget: steps, as before

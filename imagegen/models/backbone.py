@@ -34,6 +34,11 @@ from .base import Family, Generators, adam, eval_mode, per_item_normal, per_item
 
 
 LAYOUT_BATCH = 32   # captions per update of the layout prior's first stage (BackboneFamily.prepare)
+# The first stage makes at most this many updates per training step of the run (and at least
+# LAYOUT_MIN_UPDATES), so that a smoke run (`--steps 3`) does not fit the prior for minutes first. A prior
+# update costs about a tenth of a backbone step; a full run on `scenes` (3,000 steps or more) keeps its
+# `layout_epochs` passes.
+LAYOUT_UPDATES_PER_STEP, LAYOUT_MIN_UPDATES = 4, 64
 
 
 @dataclass
@@ -181,17 +186,21 @@ class BackboneFamily(Family):
             return words
         return [*words, torch.where(keep[:, None], batch["layout"], self.cfg.layout_classes)]
 
-    def prepare(self, dataset) -> None:
+    def prepare(self, dataset, steps: int | None = None) -> None:
         """A grounded model's first stage: the layout prior alone, `layout_epochs` passes over the data in
-        random batches (a generator of its own), before the backbone starts."""
-        super().prepare(dataset)
-        steps = math.ceil(self.cfg.layout_epochs * len(dataset) / LAYOUT_BATCH) if self.layout_prior is not None else 0
-        if not steps:
+        random batches (a generator of its own), before the backbone starts; no more than
+        LAYOUT_UPDATES_PER_STEP updates per step of the run's budget `steps` (at least LAYOUT_MIN_UPDATES)."""
+        super().prepare(dataset, steps)
+        updates = math.ceil(self.cfg.layout_epochs * len(dataset) / LAYOUT_BATCH) if self.layout_prior is not None else 0
+        if steps is not None:
+            updates = min(updates, max(LAYOUT_MIN_UPDATES, LAYOUT_UPDATES_PER_STEP * steps))
+        if not updates:
             return
         from tqdm import tqdm
         gen = torch.Generator().manual_seed(0)
         opt = adam(self.layout_prior.parameters(), self.cfg.lr)
-        for _ in tqdm(range(steps), desc="layout prior", leave=False, disable=None):
+        for _ in tqdm(range(updates), desc="first stage: the layout prior alone", unit="update", leave=False,
+                      disable=None, mininterval=1.0):
             rows = torch.randint(len(dataset), (LAYOUT_BATCH,), generator=gen)
             batch = {k: v.to(self.device) for k, v in dataset.batch(rows).items()}
             opt.zero_grad(set_to_none=True)

@@ -90,8 +90,9 @@ class Family(nn.Module):
             updates["num_classes"] = len(dataset.classes)
         return dataclasses.replace(cfg, **updates)
 
-    def prepare(self, dataset) -> None:
-        """Called once before the first training step of a new run (not on resume)."""
+    def prepare(self, dataset, steps: int | None = None) -> None:
+        """Called once before the first training step of a new run (not on resume). `steps` is the run's
+        own budget (train.steps), for a first stage that should scale with it; None: no budget given."""
 
     def check_labels(self, n: int, labels: torch.Tensor | None) -> torch.Tensor | None:
         """The labels `sample` was given, checked: n class indices for a conditional family, else None."""

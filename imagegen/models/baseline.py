@@ -46,7 +46,7 @@ class RandomPixels(Family):
         return {}
 
     @torch.no_grad()
-    def prepare(self, dataset) -> None:
+    def prepare(self, dataset, steps: int | None = None) -> None:
         counts = torch.zeros_like(self.counts, device="cpu")
         for i in range(0, len(dataset), CHUNK):
             values = dataset.images[i:i + CHUNK].flatten(1).long()           # n x P in 0..255
