@@ -17,7 +17,7 @@ import torch
 from . import __version__
 from .checkpoint import load_run, read_config
 from .config import Range, apply_overrides, field_ranges, load_toml
-from .data import DataConfig, describe, load_data
+from .data import DataConfig, describe, expand_path, load_data
 from .engine import ENGINES, use_engine
 from .errors import ConfigError, DataError, ImagegenError
 from .report import write_report
@@ -462,10 +462,48 @@ def cmd_models(a) -> int:
     return 0
 
 
+# `imagegen --help` lists the commands in these groups, one line each; the CLI reference follows them.
+COMMAND_GROUPS = {
+    "Train": ("train", "demo", "distill", "models"),
+    "Make images": ("sample", "interpolate", "vary", "breed", "inpaint", "outpaint", "translate"),
+    "Data": ("data",),
+    "Evaluate and analyse": ("evaluate", "evaluator", "analyse", "leaderboard", "synth", "report"),
+    "Deploy and serve": ("export", "serve"),
+}
+
+# The page of the docs (docs/ in the source, or the built site) that covers each command: the last line
+# of its --help.
+DOCS_PAGES = {
+    "train": "guides/your-images.md", "demo": "quickstart.md", "distill": "guides/distillation.md",
+    "models": "concepts/families.md", "sample": "guides/sampling.md", "interpolate": "guides/sampling.md",
+    "vary": "guides/sampling.md", "breed": "guides/sampling.md", "inpaint": "guides/sampling.md",
+    "outpaint": "guides/sampling.md", "translate": "guides/translation.md", "data": "concepts/data.md",
+    "evaluate": "guides/evaluation.md", "evaluator": "guides/evaluation.md", "analyse": "guides/evaluation.md",
+    "leaderboard": "guides/evaluation.md", "synth": "guides/evaluation.md", "report": "concepts/run-folders.md",
+    "export": "guides/deploy-onnx.md", "serve": "guides/studio.md",
+}
+
+
+def docs_page(command: str) -> str | None:
+    return DOCS_PAGES.get(command)
+
+
+def _grouped_commands(sub) -> str:
+    """The command list of `imagegen --help`: a heading per group, one line per command."""
+    helps = {a.dest: a.help for a in sub._choices_actions}
+    lines = []
+    for group, names in COMMAND_GROUPS.items():
+        lines.append(f"{group}:")
+        lines += [f"  {name:13s}{helps[name]}" for name in names]
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="imagegen", description="Train, sample and inspect image-generative models.")
+    parser = Parser(prog="imagegen", usage="imagegen COMMAND [options]  (imagegen COMMAND --help for one)",
+                    description="Train, sample, evaluate and serve image-generative models.",
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"imagegen {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help=argparse.SUPPRESS, prog="imagegen")
     _add_train(sub)
 
     p = sub.add_parser("demo", help="the main job: train the DCGAN on Fashion-MNIST (or shapes) and write the report")
@@ -561,7 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_number(p, "--grid-images", Range(1, 256), "images in the --grid (default 16)", default=16)
     _add_engine(p)
 
-    p = sub.add_parser("data", help="inspect data sources")
+    p = sub.add_parser("data", help="inspect a data source (info), or decode one into a store (prepare)")
     dsub = p.add_subparsers(dest="data_command", required=True)
     q = dsub.add_parser("info", help="counts, shape, classes and where the files came from")
     q.add_argument("data")
@@ -632,7 +670,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-token", action="store_true", help="no token (allowed with a loopback --host only)")
     _add_engine(p)
 
-    sub.add_parser("models", help="list the model families")
+    sub.add_parser("models", help="list the model families and their sampling options")
+    parser.epilog = (_grouped_commands(sub) + "\n\nDocs: the docs/ folder of the source, or the site it builds "
+                     "(make docs-serve); start with docs/quickstart.md.")
+    for name, p in sub.choices.items():
+        for q in [p, *(c for a in p._actions if isinstance(a, argparse._SubParsersAction) for c in a.choices.values())]:
+            q.epilog = f"Docs: docs/{DOCS_PAGES[name]}"
     return parser
 
 
@@ -646,9 +689,27 @@ COMMANDS = {"train": cmd_train, "distill": cmd_distill, "demo": cmd_demo, "sampl
             "data": cmd_data, "report": cmd_report, "export": cmd_export, "models": cmd_models, "serve": cmd_serve}
 
 
+# Arguments that name files or folders: `~` and `$VARIABLES` in them are expanded (as the shell would not
+# in `--out=~/x` or a quoted path). `--data` specs are expanded by the data layer (data.expand_source).
+PATH_ARGS = ("run_dir", "runs_dir", "out", "grid", "config", "resume", "input", "image", "mask", "images",
+             "image_files", "prompts", "html", "couplings_from", "paths")
+
+
+def expand_paths(args: argparse.Namespace) -> argparse.Namespace:
+    for name in PATH_ARGS:
+        value = getattr(args, name, None)
+        if isinstance(value, str) and name in ("images", "image_files"):   # a comma list: a.png,b.png
+            setattr(args, name, ",".join(expand_path(v) for v in value.split(",")))
+        elif isinstance(value, str):
+            setattr(args, name, expand_path(value))
+        elif isinstance(value, list):
+            setattr(args, name, [expand_path(v) for v in value])
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        args = expand_paths(build_parser().parse_args(argv))
     except SystemExit as e:    # a bad argument (already reported on one line), --help or --version
         return int(e.code or 0)
     try:

@@ -44,11 +44,31 @@ class DataConfig:
     limit: int = ranged(0, 1, 2**31 - 1, zero="all")   # use only the first N images; handy for quick runs
     strict: bool = False          # any bad file is an error instead of a reported skip
 
+    def __post_init__(self) -> None:
+        self.source = expand_source(self.source)   # so the run's config.json names the real path
+
     def validate(self) -> None:
         if self.split not in ("train", "test"):
             raise ConfigError(f"data.split must be 'train' or 'test', got {self.split!r}")
         if self.channels not in (0, 1, 3):
             raise ConfigError(f"data.channels must be 0, 1 or 3, got {self.channels}")
+
+
+def expand_path(text: str) -> str:
+    """`~`, `~user` and `$VARIABLES` expanded, as a shell would at the start of a word ("~/photos")."""
+    return os.path.expanduser(os.path.expandvars(text))
+
+
+def expand_source(spec: str) -> str:
+    """A --data spec with `~` and `$VARIABLES` expanded in its path: 'folder:~/photos' ->
+    'folder:/home/me/photos'; 'captioned:' and 'pair:' specs are expanded inside. Names without a
+    path ('fashion-mnist', 'pair:shapes:circle,square') come back as they are."""
+    kind, sep, arg = spec.partition(":")
+    if not sep:
+        return expand_path(spec) if spec.startswith(("~", "$")) else spec
+    if kind in ("captioned", "pair"):
+        return f"{kind}:{expand_source(arg)}"
+    return f"{kind}:{expand_path(arg)}"
 
 
 @dataclass(frozen=True)

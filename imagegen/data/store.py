@@ -146,8 +146,8 @@ def prepare(source: str, out: str | Path, *, size: int = 0, channels: int = 0, s
             progress: bool = True, log=print) -> Path:
     """Decode `source` (any --data spec but pair:) once into a store at `out` (module docstring)."""
     from . import edmzip, folder as folder_source
-    from .registry import DataConfig, load_data
-    out = Path(out)
+    from .registry import DataConfig, expand_path, expand_source, load_data
+    source, out = expand_source(source), Path(expand_path(str(out)))
     if out.exists():
         raise ConfigError(f"--out {out} exists; remove it or choose another folder")
     kind, _, arg = source.partition(":")
