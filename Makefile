@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: install data browser demo test coverage bench clean
+.PHONY: install data browser demo test docs docs-serve coverage bench clean
 
 # torch is pinned and installed first: a bare `torch` requirement would pull several GB of CUDA wheels.
 $(VENV)/.installed: pyproject.toml
@@ -65,9 +65,19 @@ coverage: install
 	$(PY) -m coverage run -m pytest -q -p no:xdist
 	$(PY) -m coverage report --skip-covered
 
+# The docs site (mkdocs.yml, docs/): the generated reference pages are rewritten from the code first, then
+# `mkdocs build --strict` fails on any warning (a broken link or anchor, a page missing from the nav).
+docs: $(VENV)/.installed
+	$(PY) -m imagegen.reference
+	$(VENV)/bin/mkdocs build --strict
+	@echo "the site is in site/ (open site/index.html, or run make docs-serve)"
+
+docs-serve: $(VENV)/.installed
+	$(VENV)/bin/mkdocs serve --dev-addr 127.0.0.1:8001
+
 bench: install
 	$(PY) benchmarks/train_speed.py
 	$(PY) benchmarks/families.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .coverage
+	rm -rf $(VENV) runs site .pytest_cache .coverage
