@@ -484,10 +484,6 @@ DOCS_PAGES = {
 }
 
 
-def docs_page(command: str) -> str | None:
-    return DOCS_PAGES.get(command)
-
-
 def _grouped_commands(sub) -> str:
     """The command list of `imagegen --help`: a heading per group, one line per command."""
     helps = {a.dest: a.help for a in sub._choices_actions}
@@ -503,7 +499,9 @@ def build_parser() -> argparse.ArgumentParser:
                     description="Train, sample, evaluate and serve image-generative models.",
                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"imagegen {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help=argparse.SUPPRESS, prog="imagegen")
+    # The list of commands is the epilog's, in groups (below); prog keeps each command's usage line short.
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help=argparse.SUPPRESS,
+                                prog="imagegen")
     _add_train(sub)
 
     p = sub.add_parser("demo", help="the main job: train the DCGAN on Fashion-MNIST (or shapes) and write the report")

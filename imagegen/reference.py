@@ -1,7 +1,7 @@
 """The reference pages of the docs site, generated from the code: the CLI page from the argument parser,
 the config page from the config dataclasses (every key with its type, default, choices or range, and the
-comment beside it in the source), the HTTP page from the server's OpenAPI schema. `tests/test_docs.py` fails when a committed page differs from what this
-module writes, so the pages cannot drift from the code.
+comment beside it in the source), the HTTP page from the server's OpenAPI schema. `tests/test_docs.py`
+fails when a committed page differs from what this module writes, so the pages cannot drift from the code.
 
     python -m imagegen.reference            # rewrite docs/reference/cli.md, config.md and http-api.md
     python -m imagegen.reference --check    # exit 1, naming the stale pages, instead of writing
@@ -20,7 +20,7 @@ import typing
 from pathlib import Path
 from typing import Literal
 
-from .cli import COMMAND_GROUPS, build_parser, docs_page
+from .cli import COMMAND_GROUPS, DOCS_PAGES, build_parser
 from .config import field_ranges
 from .data import DataConfig
 from .models import REGISTRY
@@ -80,7 +80,7 @@ def _command_section(words: list[str], parser: argparse.ArgumentParser, help_lin
     rows = _option_rows(parser)
     if rows:
         out += ["| argument | required | default | choices | what |", "|---|---|---|---|---|", *rows, ""]
-    page = docs_page(words[0])
+    page = DOCS_PAGES.get(words[0])
     if page:
         out += [f"Guide: [{page}](../{page})", ""]
     for name, child in _subparsers(parser).items():
@@ -149,7 +149,7 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _config_rows(section: str, cls: type, defaults: dict | None = None) -> list[str]:
+def _config_rows(section: str, cls: type) -> list[str]:
     hints = typing.get_type_hints(cls)
     ranges = field_ranges(cls)
     comments = field_comments(cls)
@@ -158,9 +158,7 @@ def _config_rows(section: str, cls: type, defaults: dict | None = None) -> list[
         if not f.init:
             continue
         tp = hints[f.name]
-        if defaults and f.name in defaults:
-            default = defaults[f.name]
-        elif f.default is not dataclasses.MISSING:
+        if f.default is not dataclasses.MISSING:
             default = f.default
         elif f.default_factory is not dataclasses.MISSING:
             default = f.default_factory()
@@ -248,7 +246,11 @@ def http_page() -> str:
     import tempfile
     from .serve.app import create_app
     with tempfile.TemporaryDirectory() as empty:
-        spec = create_app(empty, log=lambda *_: None, token="reference-token").openapi()
+        app = create_app(empty, log=lambda *_: None, token="reference-token")
+    spec = app.openapi()
+    # The routes that change anything carry the token check as their one route-level dependency.
+    guarded = {(route.path, method.lower()) for route in app.routes if getattr(route, "dependencies", None)
+               for method in route.methods}
     schemas = spec["components"]["schemas"]
     out = ["# HTTP API reference", "", GENERATED, "",
            "`imagegen serve RUNS_DIR` serves these routes ([Deploy over HTTP](../guides/deploy-http.md)); a "
@@ -258,8 +260,9 @@ def http_page() -> str:
            "server's token in the `X-Imagegen-Token` header (401 without it, 403 if wrong).", ""]
     for path, methods in spec["paths"].items():
         for method, op in methods.items():
-            token = " (*token*)" if path in ("/api/upload", "/api/train", "/api/train/cancel") and method == "post" else ""
-            out += [f"## {method.upper()} `{path}`{token}", "", op.get("description", op.get("summary", "")).replace("\n", " "), ""]
+            token = " (*token*)" if (path, method) in guarded else ""
+            about = op.get("description", op.get("summary", "")).replace("\n", " ")
+            out += [f"## {method.upper()} `{path}`{token}", "", about, ""]
             body = op.get("requestBody", {}).get("content", {})
             for kind, content in body.items():
                 ref = content["schema"].get("$ref", "").rsplit("/", 1)[-1]
