@@ -15,7 +15,7 @@ The public API:
     report = imagegen.evaluate_run(run_dir, n=10_000)                 # metrics.json, stamped with its protocol
 """
 
-__version__ = "0.1.0"
+from .version import __version__
 
 import torch as _torch
 

@@ -18,14 +18,12 @@ half-written checkpoint under its final name; a non-finite tensor is never writt
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -33,6 +31,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from .config import from_dict
+from .files import sha256_bytes, sha256_file, write_bytes_atomic, write_json_atomic  # noqa: F401 (re-exported)
 from .errors import CheckpointError, ConfigError
 from .models import Family, family_class
 
@@ -40,32 +39,7 @@ MANIFEST = "MANIFEST.json"
 CKPT_RE = re.compile(r"^step-(\d{7,})$")
 
 
-# --- atomic files ----------------------------------------------------------------------------------
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+# --- atomic files and hashes: files.py (re-exported: run-folder code calls them through this module)
 
 
 def verify_manifest(folder: Path) -> dict[str, str]:

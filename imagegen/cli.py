@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
+from .version import __version__
 from .checkpoint import load_run, read_config
 from .config import Range, apply_overrides, field_ranges, load_toml
 from .data import DataConfig, describe, expand_path, load_data
@@ -419,7 +419,7 @@ def cmd_evaluator(a) -> int:
 
 def cmd_data(a) -> int:
     if a.data_command == "prepare":
-        from .data.store import prepare
+        from .data.prepare import prepare
         prepare(a.data, a.out, size=a.size or 0, channels=int(a.channels or 0), strict=a.strict,
                 progress=not a.no_progress)
         return 0

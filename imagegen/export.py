@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import __version__
+from .version import __version__
 from .checkpoint import Run
 from .errors import ConfigError, ImagegenError
 

@@ -27,6 +27,7 @@ from typing import Sequence
 import torch
 
 from .config import cache_path
+from .files import write_bytes_atomic
 from .errors import ConfigError, DataError
 
 ENCODER = "all-MiniLM-L6-v2"
@@ -175,7 +176,6 @@ def caption_table(captions: Sequence[str], *, cache: Path | None = None, log=pri
         log(f"# {long} caption(s) longer than {MAX_TOKENS} tokens are cut to {MAX_TOKENS}")
     table = encode(distinct, truncate=True)
     from safetensors.torch import save
-    from .checkpoint import write_bytes_atomic
     path.parent.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(path, save({"pooled": table.pooled.contiguous(), "tokens": table.tokens.contiguous(),
                                    "mask": table.mask.contiguous()}, metadata={"encoder": encoder_id()}))

@@ -444,5 +444,5 @@ def _train(cfg: RunConfig, d: distributed.Dist | None, main: bool, device: torch
 
 
 def _version() -> str:
-    from . import __version__
+    from .version import __version__
     return __version__

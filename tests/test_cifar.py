@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import imagegen
-from imagegen.data import cifar, registry
+from imagegen.data import cifar, locate, registry
 from imagegen.errors import DataError
 
 from conftest import tiny_config
@@ -59,8 +59,8 @@ def _archive(spec: cifar.CifarSpec, members: dict[str, bytes], *, raw_names: dic
 def serve_cifar(server, tmp_path, monkeypatch):
     """use(name, archive bytes, pinned sha or None = the bytes' own) -> the cache folder: the dataset's
     URL points at the local server, nothing is installed, the cache is private."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setattr(registry, "search_dirs", lambda name: [tmp_path / "empty" / name,
+    monkeypatch.setenv("IMAGEGEN_CACHE", str(tmp_path / "cache" / "imagegen"))
+    monkeypatch.setattr(locate, "search_dirs", lambda name: [tmp_path / "empty" / name,
                                                                tmp_path / "cache" / "imagegen" / name])
 
     def use(name: str, body: bytes, sha: str | None = None):

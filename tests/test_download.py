@@ -89,14 +89,14 @@ def mirrors(server, tmp_path, monkeypatch):
     """fashion-mnist made downloadable from the local server only: /good/ serves a valid MNIST-style
     train split (20 images) whose SHA-256 the spec pins, /bad/ the same names with other bytes."""
     from conftest import write_idx_set
-    from imagegen.data import registry
+    from imagegen.data import locate, registry
     files = write_idx_set(tmp_path / "served", n=20)
     names = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz")
     for name in names:
         FILES[f"/good/{name}"] = (files / name).read_bytes()
         FILES[f"/bad/{name}"] = bytes(len(FILES[f"/good/{name}"]))        # right length, wrong bytes
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setattr(registry, "search_dirs", lambda name: [tmp_path / "empty" / name, tmp_path / "cache" / "imagegen" / name])
+    monkeypatch.setenv("IMAGEGEN_CACHE", str(tmp_path / "cache" / "imagegen"))
+    monkeypatch.setattr(locate, "search_dirs", lambda name: [tmp_path / "empty" / name, tmp_path / "cache" / "imagegen" / name])
     sha = {name: hashlib.sha256(FILES[f"/good/{name}"]).hexdigest() for name in names}
 
     def use(*paths):

@@ -23,6 +23,8 @@ from PIL import Image
 
 import imagegen
 from imagegen.serve import app as S
+from imagegen.serve import common as C
+from imagegen.serve import worker as W
 from imagegen.cli import main
 from imagegen.distill import distill
 from imagegen.serve import create_app
@@ -141,7 +143,7 @@ def test_generate_is_per_seed_and_reproducible(client, runs_dir, tmp_path):
 
 @pytest.mark.parametrize("body,status,fragment", [
     ({"model": DCGAN, "n": 0}, 422, "n: Input should be greater than or equal to 1"),
-    ({"model": DCGAN, "n": S.MAX_IMAGES + 1}, 422, "n: Input should be less than or equal to 64"),
+    ({"model": DCGAN, "n": C.MAX_IMAGES + 1}, 422, "n: Input should be less than or equal to 64"),
     ({"model": DCGAN, "seed": -1}, 422, "seed"),
     ({"model": DCGAN, "seed": 2**63}, 422, "seed"),
     ({"model": DCGAN, "seed": 10**40}, 422, "seed"),
@@ -152,14 +154,14 @@ def test_generate_is_per_seed_and_reproducible(client, runs_dir, tmp_path):
     ({"model": CGAN, "label": "9"}, 400, "out of range"),
     ({"model": DCGAN, "label": "circle"}, 400, "not class-conditional"),
     ({"model": DCGAN, "steps": 5}, 400, "steps does not apply to a dcgan model"),
-    ({"model": DDPM, "steps": S.MAX_STEPS + 1}, 422, "steps"),
+    ({"model": DDPM, "steps": C.MAX_STEPS + 1}, 422, "steps"),
     ({"model": DDPM, "steps": 100, "n": 17}, 400, "image-steps"),
     ({"model": DDPM, "latent": [1.0]}, 400, "latent does not apply"),
     ({"model": FLOW, "solver": "rk4"}, 422, "solver"),
     ({"model": FLOW, "eta": 0.5}, 400, "eta does not apply"),
     ({"model": DDPM, "solver": "heun"}, 400, "solver does not apply"),
     ({"model": FLOW, "solver": "dopri5", "n": 17}, 400, "image-steps"),
-    ({"model": DCGAN, "latent": [0.0] * (S.MAX_LATENT_DIMS + 1)}, 422, "latent"),
+    ({"model": DCGAN, "latent": [0.0] * (C.MAX_LATENT_DIMS + 1)}, 422, "latent"),
     ({"model": DCGAN, "latent": [11.0]}, 400, "must be in [-10, 10], got 11"),
     ({"model": DCGAN, "colour": "red"}, 422, "colour"),
     ({"model": CYCLE}, 400, "/api/translate"),
@@ -180,7 +182,7 @@ def test_interpolate_translate_inpaint_analyse(client, runs_dir):
     strip = png(client.post("/api/interpolate", json={"model": DCGAN, "seed_a": 1, "seed_b": 2, "frames": 4}))
     assert strip.shape == (34 + 2, 4 * 34 + 2, 3)
     assert client.post("/api/interpolate", json={"model": DCGAN, "frames": 1}).status_code == 422
-    assert client.post("/api/interpolate", json={"model": DCGAN, "frames": S.MAX_FRAMES + 1}).status_code == 422
+    assert client.post("/api/interpolate", json={"model": DCGAN, "frames": C.MAX_FRAMES + 1}).status_code == 422
     assert "no latent space" in client.post("/api/interpolate", json={"model": DDPM}).json()["detail"]
 
     photo = np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)
@@ -193,7 +195,7 @@ def test_interpolate_translate_inpaint_analyse(client, runs_dir):
     assert client.post("/api/translate", data={"model": DCGAN}, files=files).status_code == 400
     assert client.post("/api/translate", data={"model": CYCLE, "direction": "up"}, files=files).status_code == 422
     assert client.post("/api/translate", data={"model": CYCLE}).status_code == 422           # no file
-    too_big = {"image": ("big.png", b"\x89PNG" + b"\0" * S.MAX_UPLOAD_BYTES, "image/png")}
+    too_big = {"image": ("big.png", b"\x89PNG" + b"\0" * C.MAX_UPLOAD_BYTES, "image/png")}
     r = client.post("/api/translate", data={"model": CYCLE}, files=too_big)
     assert r.status_code == 413 and "upload limit" in r.json()["detail"]
     r = client.post("/api/translate", data={"model": CYCLE}, files={"image": ("big.png", bomb_png(5000), "image/png")})
@@ -231,7 +233,7 @@ def test_interpolate_translate_inpaint_analyse(client, runs_dir):
 
 def test_overload_is_503_with_retry_after(client):
     worker = client.app.state.worker
-    worker.pending = S.MAX_PENDING
+    worker.pending = W.MAX_PENDING
     try:
         r = client.post("/api/generate", json={"model": DCGAN})
         assert r.status_code == 503 and r.headers["retry-after"] == "1"
@@ -467,7 +469,7 @@ def test_a_request_past_the_deadline_is_503_and_the_server_recovers(runs_dir, mo
             return fn(*args, **kwargs)
         return run
 
-    monkeypatch.setattr(S, "DEADLINE_S", 0.1)
+    monkeypatch.setattr(W, "DEADLINE_S", 0.1)
     monkeypatch.setattr(S, "generate", slow(S.generate))
     monkeypatch.setattr(S, "interpolate", slow(S.interpolate))
     with TestClient(app) as c:
@@ -476,5 +478,5 @@ def test_a_request_past_the_deadline_is_503_and_the_server_recovers(runs_dir, mo
         r = c.post("/api/interpolate", json={"model": DCGAN, "seed_a": 1, "seed_b": 2, "frames": 2})
         assert r.status_code == 503                                   # the other path (Worker.call) too
         assert app.state.worker.pending == 0                          # nothing left admitted
-        monkeypatch.setattr(S, "DEADLINE_S", 30.0)
+        monkeypatch.setattr(W, "DEADLINE_S", 30.0)
         assert c.post("/api/generate", json={"model": DCGAN, "seed": 1}).status_code == 200

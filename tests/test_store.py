@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 
 import imagegen
 from imagegen.data import DataConfig, load_data
-from imagegen.data.store import open_store, prepare
+from imagegen.data.prepare import prepare
+from imagegen.data.store import open_store
 from imagegen.errors import ConfigError, DataError
 
 from conftest import run_main, tiny_config

@@ -5,7 +5,7 @@ fixed-size records: CIFAR-10 one label byte then 3,072 pixel bytes (1,024 red, 1
 each row-major 32 x 32); CIFAR-100 a coarse and a fine label byte then the same 3,072 (imagegen uses the
 fine label: 100 classes). Class names come from the archives' text files.
 
-The archive is looked for as registry.search_dirs (IMAGEGEN_DATA, the user cache, /usr/share/datasets)
+The archive is looked for as locate.search_dirs (IMAGEGEN_DATA, the user cache, /usr/share/datasets)
 and otherwise downloaded into the cache; either way it must match the SHA-256 that TensorFlow Datasets
 pins (tensorflow_datasets/url_checksums/cifar10.txt and cifar100.txt). Members are streamed out of the
 .tar.gz by name and size, never extracted to disk; a member with an unsafe name (absolute, `..`), one
@@ -63,10 +63,10 @@ CIFAR_DATASETS = {
 
 def locate(spec: CifarSpec, *, allow_download: bool = True) -> Path:
     """The archive, found in the search folders or downloaded into the cache, checked against its pin."""
-    from ..checkpoint import sha256_file
+    from ..files import sha256_file
     from .download import download
-    from .registry import cache_dir, search_dirs
-    for d in search_dirs(spec.name):
+    from . import locate as places
+    for d in places.search_dirs(spec.name):
         path = d / spec.archive
         if path.is_file():
             actual = sha256_file(path)
@@ -75,14 +75,14 @@ def locate(spec: CifarSpec, *, allow_download: bool = True) -> Path:
                                 f"(a damaged or different archive; delete it to download again)")
             return path
     if not allow_download:
-        raise DataError(f"{spec.name}: {spec.archive} not found in {', '.join(map(str, search_dirs(spec.name)))}")
-    dest = cache_dir() / spec.name / spec.archive
+        raise DataError(f"{spec.name}: {spec.archive} not found in {', '.join(map(str, places.search_dirs(spec.name)))}")
+    dest = places.cache_dir() / spec.name / spec.archive
     try:
         return download(spec.url, dest, spec.sha256, max_bytes=1 << 30, timeout=60.0)
     except DownloadError as e:
-        raise DataError(f"{spec.name}: {spec.archive} not found in {', '.join(map(str, search_dirs(spec.name)))} "
+        raise DataError(f"{spec.name}: {spec.archive} not found in {', '.join(map(str, places.search_dirs(spec.name)))} "
                         f"and the download failed: {e}. CIFAR needs the network once; or put the archive in "
-                        f"{cache_dir() / spec.name}") from None
+                        f"{places.cache_dir() / spec.name}") from None
 
 
 def read_archive(path: Path, spec: CifarSpec, split: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:

@@ -4,14 +4,13 @@ shapes | scenes`,
 `captioned:SOURCE` (a labelled source with captions made from its classes: data/captions.py), and for
 translation models two domains: `pair:DIR | pair:SOURCE:CLASS_A,CLASS_B` (data/paired.py).
 
-Named IDX datasets are looked for in $IMAGEGEN_DATA/<name>, the user cache (~/.cache/imagegen/<name>)
+Named IDX datasets are looked for in $IMAGEGEN_DATA/<name>, imagegen's cache ($IMAGEGEN_CACHE/<name>)
 and /usr/share/datasets/<name> (Debian's dataset packages), in that order; failing that they are
 downloaded from their canonical source into the user cache, checked against a pinned SHA-256.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -32,6 +31,8 @@ from . import shapes as shapes_source
 from .dataset import ImageDataset
 from .paired import PairedDataset
 from .download import download
+from . import locate
+from .locate import expand_source
 
 
 @dataclass
@@ -52,23 +53,6 @@ class DataConfig:
             raise ConfigError(f"data.split must be 'train' or 'test', got {self.split!r}")
         if self.channels not in (0, 1, 3):
             raise ConfigError(f"data.channels must be 0, 1 or 3, got {self.channels}")
-
-
-def expand_path(text: str) -> str:
-    """`~`, `~user` and `$VARIABLES` expanded, as a shell would at the start of a word ("~/photos")."""
-    return os.path.expanduser(os.path.expandvars(text))
-
-
-def expand_source(spec: str) -> str:
-    """A --data spec with `~` and `$VARIABLES` expanded in its path: 'folder:~/photos' ->
-    'folder:/home/me/photos'; 'captioned:' and 'pair:' specs are expanded inside. Names without a
-    path ('fashion-mnist', 'pair:shapes:circle,square') come back as they are."""
-    kind, sep, arg = spec.partition(":")
-    if not sep:
-        return expand_path(spec) if spec.startswith(("~", "$")) else spec
-    if kind in ("captioned", "pair"):
-        return f"{kind}:{expand_source(arg)}"
-    return f"{kind}:{expand_path(arg)}"
 
 
 @dataclass(frozen=True)
@@ -117,29 +101,16 @@ IDX_DATASETS = {
 }
 
 
-def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "imagegen"
-
-
-def search_dirs(name: str) -> list[Path]:
-    dirs = []
-    if os.environ.get("IMAGEGEN_DATA"):
-        dirs.append(Path(os.environ["IMAGEGEN_DATA"]) / name)
-    dirs += [cache_dir() / name, Path("/usr/share/datasets") / name]
-    return dirs
-
-
 def locate_idx(spec: IDXDataset, split: str, *, allow_download: bool = True) -> tuple[Path, Path]:
     """(images file, labels file) for a named IDX dataset, downloading into the cache if needed."""
     stems = (idx_source.IMAGES_FILE[split], idx_source.LABELS_FILE[split])
-    for d in search_dirs(spec.name):
+    for d in locate.search_dirs(spec.name):
         found = [idx_source.find_idx_file(d, s) for s in stems]
         if all(found):
             return found[0], found[1]
     if not allow_download:
-        raise DataError(f"{spec.name}: not found in {', '.join(map(str, search_dirs(spec.name)))}")
-    target = cache_dir() / spec.name
+        raise DataError(f"{spec.name}: not found in {', '.join(map(str, locate.search_dirs(spec.name)))}")
+    target = locate.cache_dir() / spec.name
     paths = []
     for stem in stems:
         fname = stem + ".gz"
@@ -154,7 +125,7 @@ def locate_idx(spec: IDXDataset, split: str, *, allow_download: bool = True) -> 
                     errors.append(str(e))
             else:
                 raise DataError(
-                    f"{spec.name}: not found in {', '.join(map(str, search_dirs(spec.name)))} and the download "
+                    f"{spec.name}: not found in {', '.join(map(str, locate.search_dirs(spec.name)))} and the download "
                     f"failed: {'; '.join(errors)}"
                 )
         paths.append(dest)

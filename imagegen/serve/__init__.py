@@ -1,6 +1,8 @@
 """`imagegen serve RUNS_DIR`: the web page and HTTP API over trained runs.
 
-app.py      the FastAPI app, its limits, the model worker, and the generation routes
+app.py      the FastAPI app and the generation routes
+common.py   what every route shares: limits, request bodies, the served runs, checks, uploads, PNG answers
+worker.py   the model thread: admission, the deadline, micro-batches
 studio.py   the studio's routes: variations, breeding, sketches, latent directions
 training.py training from the browser: uploads, the training job, its events; the token
 jobs.py     safe unpacking of uploaded zips and the training process

@@ -13,8 +13,10 @@ from ..directions import DIRECTION, MAX_DIRECTIONS, direction_shift, principal_d
 from ..models.ddpm import STRENGTH
 from ..sample import SEED, generate, hwc_to_float
 from ..vary import MIX, breed
-from .app import (MAX_BATCH, MAX_PROMPT_CHARS, OPTION_FIELDS, Api, GenerateRequest, _quote, bad_request, decode_upload,
-                  latin1, png_response, read_upload)
+from ..text import MAX_PROMPT_CHARS
+from .common import (OPTION_FIELDS, Api, GenerateRequest, bad_request, decode_upload, latin1,
+                     png_response, read_upload, shell_quote)
+from .worker import MAX_BATCH
 
 
 class VaryRequest(GenerateRequest):
@@ -61,7 +63,7 @@ def vary_command(served, req: VaryRequest, seeds: list[int], opts: dict, image: 
     parts += ["--strength", repr(req.strength), "--seeds", seed_text]
     for flag, value in (("--labels", req.label or None), ("--prompt", req.prompt), ("--negative-prompt", req.negative_prompt)):
         if value is not None:
-            parts += [flag, _quote(value)]
+            parts += [flag, shell_quote(value)]
     for k, v in opts.items():
         parts += [f"--{k}", f"{v:g}" if isinstance(v, float) else str(v)]
     return " ".join(parts + ["--out", "variations/"])

@@ -21,7 +21,7 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import ImagegenError
-from .app import Api, bad_request, load_served
+from .common import Api, bad_request, load_served
 from .jobs import MAX_TRAIN_MINUTES, MAX_ZIP_BYTES, TRAIN_FAMILIES, TrainJob, UploadError, new_upload_id, start_training, unpack_upload
 
 TOKEN_HEADER = "X-Imagegen-Token"
