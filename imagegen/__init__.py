@@ -38,7 +38,7 @@ from .train import RunConfig, TrainConfig, resolve_config, train
 from .vary import breed, vary
 
 __all__ = [
-    "DataConfig", "ImageDataset", "REGISTRY", "Run", "RunConfig", "TrainConfig", "breed", "build_model", "describe",
+    "__version__", "DataConfig", "ImageDataset", "REGISTRY", "Run", "RunConfig", "TrainConfig", "breed", "build_model", "describe",
     "evaluate_run", "extend_image", "generate", "interpolate", "interpolate_images", "load_data", "load_run", "outpaint_canvas",
     "parse_labels", "resolve_config", "train", "use_engine", "vary", "write_report",
 ]

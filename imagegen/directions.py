@@ -15,7 +15,6 @@ needed (cached per model object), so a slider setting is reproduced by its value
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from .config import Range
 from .errors import ConfigError
@@ -27,32 +26,6 @@ DIRECTION = Range(-5.0, 5.0, float)   # how far along a direction (in units of t
 SAMPLES = 512                          # latents whose early features are analysed
 SEED = 0
 CHUNK = 128
-
-
-def _generator(model: Family) -> tuple[nn.Module, callable]:
-    """(the network that maps latents to images, a call of it on (z, labels)) for the latent families."""
-    if hasattr(model, "G"):
-        return model.G, model.fake
-    if hasattr(model, "decoder"):
-        return model.decoder, model.decode
-    raise ConfigError(f"model family {model.name!r} has no latent space to find directions in "
-                      "(--directions is for GANs and VAEs)")
-
-
-def _early_layer(net: nn.Module) -> nn.Module:
-    """The module whose output is the generator's first block: the first activation after the first
-    convolution of net.body (DCGAN, the VAE decoders), or for the conditional GAN, whose generator applies
-    its ReLUs in place after each conditional batch norm, the norm after the first convolution."""
-    if not hasattr(net, "body"):
-        if hasattr(net, "norms") and len(net.norms) > 1:
-            return net.norms[1]
-        raise ConfigError(f"no early layer known in {type(net).__name__} to take features from")
-    seen_conv = False
-    for layer in net.body:
-        seen_conv = seen_conv or isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d))
-        if seen_conv and isinstance(layer, (nn.ReLU, nn.LeakyReLU, nn.SiLU, nn.GELU)):
-            return layer
-    raise ConfigError("the generator has no activation after a convolution to take features from")
 
 
 def principal_directions(model: Family, k: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,10 +40,10 @@ def principal_directions(model: Family, k: int = 4) -> tuple[torch.Tensor, torch
 
 @torch.no_grad()
 def _directions(model: Family, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    net, call = _generator(model)
+    net, call, early = model.latent_network()
     feats: list[torch.Tensor] = []
     # a copy: an in-place activation after the hooked module would change what was kept
-    hook = _early_layer(net).register_forward_hook(lambda _m, _i, out: feats.append(out.detach().flatten(1).float().cpu().clone()))
+    hook = early.register_forward_hook(lambda _m, _i, out: feats.append(out.detach().flatten(1).float().cpu().clone()))
     try:
         z = model.draw_noise(SAMPLES, seed_generators(range(SEED, SEED + SAMPLES))).cpu()   # SAMPLES x z_dim
         labels = default_labels(model, range(SAMPLES))

@@ -28,6 +28,7 @@ from .data import DataConfig, load_data
 from .data.dataset import ImageDataset
 from .errors import ConfigError
 from .models.base import per_item_normal
+from .models.distilled import Distilled
 from .sample import default_labels, quantize, seed_generators
 from .train import resolve_config, train
 
@@ -61,7 +62,7 @@ def couplings(teacher, n: int, *, steps: int | None = None, batch_size: int = 25
     """n (noise, teacher image, label) triples from a loaded teacher run (module docstring, step 1):
     couplings first .. first + n - 1 (so a long draw can be split)."""
     model = teacher.model
-    if not hasattr(model, "from_noise"):
+    if not model.distillable:
         raise ConfigError(f"distill takes a flow or ddpm run; {teacher.path} is {teacher.family!r}")
     PAIRS.check(first + n, "--pairs")
     seeds = list(range(COUPLING_SEEDS + first, COUPLING_SEEDS + first + n))
@@ -115,11 +116,11 @@ def load_couplings(teacher, run_dir: Path, n: int, real: ImageDataset | None, *,
 
 
 def sampler_of(teacher, steps: int | None) -> str:
-    cfg = teacher.model.cfg
-    what = {k: getattr(cfg, k) for k in ("solver", "sample_steps", "guidance") if hasattr(cfg, k)}
+    settings = teacher.model.sampling_settings()
+    what = {k: settings[k] for k in ("solver", "sample_steps", "guidance") if k in settings}
     if steps is not None:
         what["sample_steps"] = steps
-    if teacher.family == "ddpm":
+    if "sampler" in settings:            # ddpm: its couplings come from deterministic DDIM
         what["sampler"] = "ddim, eta 0"
     return ", ".join(f"{k} {v}" for k, v in what.items())
 
@@ -137,7 +138,7 @@ def distill(teacher_dir: str | Path, *, steps: int = 1, out: str | Path = "runs"
     teacher = load_run(teacher_dir)
     if resume is not None:
         saved = read_config(resume)
-        if saved.get("family") != "distilled" or saved["model"].get("teacher_sha256") != teacher_hash(teacher.path):
+        if saved.get("family") != Distilled.name or saved["model"].get("teacher_sha256") != teacher_hash(teacher.path):
             raise ConfigError(f"{resume} is not a distilled run of {teacher.path} (family or teacher hash differ)")
         tree = {k: saved.get(k, {}) for k in ("family", "model", "data", "train")}
         if train_steps is not None:
@@ -160,7 +161,7 @@ def distill(teacher_dir: str | Path, *, steps: int = 1, out: str | Path = "runs"
         if resume is not None:
             raise ConfigError("--couplings-from is for a new student; a resumed one keeps its own couplings")
         donor = read_config(couplings_from)
-        if donor.get("family") != "distilled" or int(donor["model"].get("teacher_steps", 0)) != (teacher_steps or 0):
+        if donor.get("family") != Distilled.name or int(donor["model"].get("teacher_steps", 0)) != (teacher_steps or 0):
             raise ConfigError(f"{couplings_from} is not a student drawn at the same teacher steps "
                               f"({teacher_steps or 'the teacher own'})")
         kept = load_couplings(teacher, couplings_from, pairs, real, fewer=True)

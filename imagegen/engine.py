@@ -61,7 +61,8 @@ def use_engine(model: nn.Module, engine: str) -> nn.Module:
 
 def engine_of(model: nn.Module) -> str:
     """The name of the engine `model` samples with."""
-    return getattr(model.__dict__.get("engine"), "name", "torch")
+    engine = model.__dict__.get("engine")
+    return "torch" if engine is None else engine.name
 
 
 class OnnxEngine:

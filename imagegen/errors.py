@@ -40,3 +40,7 @@ class CheckpointError(ImagegenError):
 
 class TrainingError(ImagegenError):
     """Training cannot go on (for example, too many non-finite steps in a row)."""
+
+
+class ExportError(ImagegenError):
+    """A model that cannot be exported, or an export whose outputs do not match torch."""

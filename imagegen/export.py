@@ -43,15 +43,12 @@ from torch import nn
 
 from .version import __version__
 from .checkpoint import Run
-from .errors import ConfigError, ImagegenError
+from .errors import ConfigError, ExportError, ImagegenError
+from .models.base import ExportSpec
 
 TOLERANCE = 1e-4
 CHECK_BATCH = 3
 TOKENS = 16   # token slots of the text inputs in the check (the graph takes any number)
-
-
-class ExportError(ImagegenError):
-    """A model that cannot be exported, or an export whose outputs do not match torch."""
 
 
 @dataclass
@@ -88,21 +85,21 @@ class _Call(nn.Module):
         return self.fn(*xs)
 
 
-def _random_inputs(model, names: list[str], gen: torch.Generator) -> dict[str, torch.Tensor]:
+def _random_inputs(model, spec: ExportSpec, gen: torch.Generator) -> dict[str, torch.Tensor]:
     """Example inputs of batch CHECK_BATCH, drawn from `gen`: what a user would feed, in range."""
     cfg, n = model.cfg, CHECK_BATCH
     image = (cfg.channels, cfg.image_size, cfg.image_size)
     out = {}
-    for name in names:
-        if name == "z" and hasattr(cfg, "z_dim"):
+    for name in spec.inputs:
+        if name == "z" and model.has_latent:
             out[name] = torch.randn(n, cfg.z_dim, generator=gen)
         elif name in ("z", "x", "image"):
             out[name] = torch.randn(n, *image, generator=gen).clamp(-3, 3)
         elif name == "label":   # diffusion/flow networks also take the null class
-            k = model.num_classes + (1 if hasattr(model, "guided") else 0)
+            k = model.num_classes + (1 if model.has_null_class else 0)
             out[name] = torch.randint(k, (n,), generator=gen)
-        elif name == "time" and model.name == "ddpm":
-            out[name] = torch.randint(cfg.timesteps, (n,), generator=gen)
+        elif name == "time" and spec.time_steps:
+            out[name] = torch.randint(spec.time_steps, (n,), generator=gen)
         elif name == "time":
             out[name] = torch.rand(n, generator=gen)
         elif name == "text_pooled":
@@ -118,85 +115,15 @@ def _random_inputs(model, names: list[str], gen: torch.Generator) -> dict[str, t
 
 
 def graph_for(run: Run, direction: str = "a2b") -> Graph:
-    """The exportable graph of a run's model (see the module docstring)."""
-    model, family = run.model, run.family
-    conditional = model.conditional
-    gen = torch.Generator().manual_seed(0)
-    label = ["label"] if conditional else []
-    meta = {"imagegen.family": family, "imagegen.version": __version__, "imagegen.run": run.path.name,
+    """The exportable graph of a run's model: the family's ExportSpec (Family.export_spec), its example
+    inputs, and the metadata that names the run."""
+    model = run.model
+    spec = model.export_spec(direction)
+    meta = {"imagegen.family": run.family, "imagegen.version": __version__, "imagegen.run": run.path.name,
             "imagegen.step": str(run.step), "imagegen.model_config": json.dumps(run.config["model"]),
-            "imagegen.classes": json.dumps(run.classes)}
-    if family in ("dcgan", "cgan"):
-        names = ["z"] + label
-        fn = (lambda z, y: model.G(z, y)) if conditional else (lambda z: model.G(z))
-        return Graph(_Call(model, fn), _random_inputs(model, names, gen), ["image"],
-                     "image = G(z[, label]); z ~ N(0, I) of z_dim values per image", meta)
-    if family in ("vae", "cvae"):
-        names = ["z"] + label
-        fn = (lambda z, y: model._mean(model.decoder(z, model._cond(y)))) if conditional else \
-            (lambda z: model._mean(model.decoder(z, None)))
-        return Graph(_Call(model, fn), _random_inputs(model, names, gen), ["image"],
-                     "image = decoder mean(z[, label]); z ~ N(0, I) (times a temperature)", meta)
-    if family in ("ddpm", "flow"):
-        text = ["text_pooled", "text_tokens", "text_mask"] if model.reads_text else []
-        # "time", not "t": the exporter names a folded weight.t() "t", and an input may not share its name.
-        names = ["x", "time"] + label + text
-        scale = 1.0 if family == "ddpm" else model_time_scale(family)
-
-        def fn(x, t, *rest):
-            y = rest[0] if conditional else None
-            extra = list(rest[1 if conditional else 0:])
-            return model.net(x, t * scale if scale != 1.0 else t, y, *extra)
-
-        cfg = model.cfg
-        meta.update({"imagegen.sample_steps": str(cfg.sample_steps), "imagegen.guidance": str(cfg.guidance),
-                     "imagegen.null_class": str(model.num_classes) if conditional else ""})
-        if family == "ddpm":
-            meta["imagegen.prediction"] = cfg.prediction
-            meta["imagegen.alphas_cumprod"] = json.dumps([round(float(a), 9) for a in model.ab])
-            usage = (f"out = net(x_t, time[, label]): the predicted {'noise' if cfg.prediction == 'eps' else 'v'} at "
-                     f"timestep `time` of {cfg.timesteps}; sample with DDIM over imagegen.alphas_cumprod")
-            outputs = ["out"]
-        else:
-            meta["imagegen.solver"] = cfg.solver
-            usage = ("velocity = net(x, time[, label]) on the straight path x_t = (1 - t) z + t x_data; "
-                     "integrate from z ~ N(0, I) at time 0 to time 1")
-            outputs = ["velocity"]
-        if text:
-            usage += ("; a prompt is text_pooled, text_tokens and text_mask from all-MiniLM-L6-v2 (imagegen/text.py), "
-                      "the null text an all-false mask")
-        return Graph(_Call(model, fn), _random_inputs(model, names, gen), outputs, usage, meta)
-    if family == "distilled":
-        names = ["z"] + label
-        k, scale = model.cfg.steps, model_time_scale(family)
-
-        def sampler(z, *rest):   # the student's K Euler steps from t = 0, as Distilled.sample
-            y = rest[0] if conditional else None
-            x = z
-            for i in range(k):
-                t = torch.full((z.shape[0],), scale * i / k, dtype=z.dtype)
-                x = x + model.net(x, t, y) / k
-            return x.clamp(-1, 1)
-
-        meta["imagegen.steps"] = str(k)
-        return Graph(_Call(model, sampler), _random_inputs(model, names, gen), ["image"],
-                     f"image = sampler(z[, label]): the student's {k} Euler step(s) from z ~ N(0, I) "
-                     f"(C x S x S per image)", meta)
-    if family == "cyclegan":
-        if direction not in ("a2b", "b2a"):
-            raise ConfigError(f"--direction must be a2b or b2a, got {direction!r}")
-        g = model.g_ab if direction == "a2b" else model.g_ba
-        meta["imagegen.direction"] = direction
-        # The output may not share the input's name in ONNX.
-        return Graph(_Call(model, lambda x: g(x)), _random_inputs(model, ["image"], gen), ["translated"],
-                     f"translated = G_{direction}(image): one domain's image to the other's", meta)
-    raise ExportError(f"model {family!r} has no network to export (the random-pixel baseline draws each pixel "
-                      f"from the training histogram)")
-
-
-def model_time_scale(family: str) -> float:
-    from .models import distilled, flow
-    return flow.TIME_SCALE if family == "flow" else distilled.TIME_SCALE
+            "imagegen.classes": json.dumps(run.classes), **spec.metadata}
+    gen = torch.Generator().manual_seed(0)
+    return Graph(_Call(model, spec.fn), _random_inputs(model, spec, gen), spec.outputs, spec.usage, meta)
 
 
 # --- export and check --------------------------------------------------------------------------------

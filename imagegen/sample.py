@@ -113,7 +113,7 @@ def check_latent(model: Family, latent: Sequence[float] | None) -> list[float] |
     families whose images come from one latent vector (GANs, VAEs)."""
     if latent is None or len(latent) == 0:
         return None
-    if not hasattr(model, "draw_noise"):
+    if not model.has_latent:
         raise ConfigError(f"--latent does not apply to a {model.name} model (it has no single latent vector)")
     z_dim = model.cfg.z_dim
     if len(latent) > z_dim:
@@ -268,10 +268,9 @@ def interpolate(model: Family, seed_a: int, seed_b: int, frames: int, labels: to
     """`frames` images along the latent path from seed_a's latent to seed_b's (both ends included).
     labels: one class for every frame of a conditional model (default: seed_a's default class)."""
     FRAMES.check(frames, "--frames")
-    draw = getattr(model, "draw_noise", None)
-    if draw is None:
+    if not model.has_latent:
         raise ConfigError(f"model family {model.name!r} has no latent space to interpolate")
-    za, zb = draw(1, seed_generators([seed_a])), draw(1, seed_generators([seed_b]))
+    za, zb = model.draw_noise(1, seed_generators([seed_a])), model.draw_noise(1, seed_generators([seed_b]))
     z = slerp(za.flatten(1), zb.flatten(1), torch.linspace(0, 1, frames, device=za.device)).view(frames, *za.shape[1:])
     if model.conditional:
         labels = (default_labels(model, [seed_a]) if labels is None else labels).reshape(1).expand(frames)
@@ -283,7 +282,7 @@ def interpolate_images(model: Family, image_a: torch.Tensor, image_b: torch.Tens
     """`frames` decoded images along the straight line between the posterior means of two real images
     (each 1 x C x H x W), for families with an encoder (VAEs). labels: 1 class for both, or None."""
     FRAMES.check(frames, "--frames")
-    if not hasattr(model, "encode"):
+    if not model.encodes:
         raise ConfigError(f"model family {model.name!r} has no encoder: interpolate between seeds instead")
     with torch.no_grad():
         mu = model.encode(torch.cat([image_a, image_b]), None if labels is None else labels.expand(2))[0]
@@ -337,7 +336,7 @@ def outpaint_canvas(image: torch.Tensor, pad: int, sides: Sequence[str] = SIDES)
 def extend_image(model: Family, image: torch.Tensor, mask: torch.Tensor, seed: int,
                  labels: torch.Tensor | None = None, **opts) -> torch.Tensor:
     """Inpaint: pixels where mask == 1 generated, all others kept exactly. Needs a family with `inpaint`."""
-    if not hasattr(model, "inpaint"):
+    if not model.inpaints:
         raise ConfigError(f"model family {model.name!r} cannot inpaint or outpaint (use a ddpm run, or a vae or cvae run to inpaint)")
     unknown = sorted(set(opts) - set(inspect.signature(model.inpaint).parameters))
     if unknown:   # e.g. RePaint's `resample` asked of a VAE

@@ -280,13 +280,13 @@ def _train(cfg: RunConfig, d: distributed.Dist | None, main: bool, device: torch
         for note in ds.notes:
             tqdm.write(f"note: {note}")
     cfg = fit_model_to_data(cfg, ds)
-    if getattr(cfg.model, "text_dim", 0):   # a text network: batches carry the captions' embeddings
-        ds.load_text(log=tqdm.write if main else lambda *_: None)
 
     # Model, built under the run seed without touching the global RNG, and its EMA copy.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(tc.seed)
         model: Family = family_class(cfg.family)(cfg.model)
+    if model.reads_text:   # a text network: batches carry the captions' embeddings
+        ds.load_text(log=tqdm.write if main else lambda *_: None)
     memory_format = torch.channels_last if tc.channels_last else torch.contiguous_format
     model.to(device=device, memory_format=memory_format)
     ema = copy.deepcopy(model).eval().requires_grad_(False)

@@ -33,9 +33,9 @@ MIX = Range(0.0, 1.0, float)        # breed: 0 = the first parent, 1 = the secon
 
 
 def _mechanism(model: Family) -> str:
-    if hasattr(model, "edit"):
+    if model.edits:
         return "edit"
-    if hasattr(model, "draw_noise"):
+    if model.has_latent:
         return "latent"
     raise ConfigError(f"model family {model.name!r} cannot make variations: it has neither a latent space "
                       "(GANs, VAEs) nor a denoiser to re-noise an image with (ddpm, flow)")
@@ -62,7 +62,7 @@ def _labels(model: Family, sources: Sequence[Source], labels: torch.Tensor | Non
 def _source_latent(model: Family, source: Source, label: torch.Tensor | None) -> torch.Tensor:
     if isinstance(source, int):
         return model.draw_noise(1, seed_generators([source]))                  # 1 x z_dim
-    if not hasattr(model, "encode"):
+    if not model.encodes:
         raise ConfigError(f"model family {model.name!r} has no encoder to find an image's latent: "
                           "vary or breed seeds instead (--seed, --parents)")
     with torch.no_grad():

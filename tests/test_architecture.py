@@ -107,3 +107,65 @@ def test_the_check_finds_a_cycle_closed_by_a_lazy_import(tmp_path):
     graph = import_graph(pkg)
     assert graph["pkg.sub.b"] == {"pkg.a", "pkg.sub.c"} and graph["pkg.a"] == {"pkg.sub.b"}
     assert cycles(graph) == [["pkg.a", "pkg.sub.b"]]
+
+
+# --- a family's abilities are declared, not discovered ------------------------------------------------------
+
+# Each declared ability (models/base.py) and the methods a family that declares it implements.
+ABILITIES = {"has_latent": ("draw_noise", "latent_network"), "encodes": ("encode", "reconstruct"),
+             "edits": ("edit",), "inpaints": ("inpaint",), "has_critic": ("critic",),
+             "has_likelihood": ("log_likelihood", "likelihood_estimator"), "distillable": ("from_noise",)}
+
+
+def test_each_family_declares_exactly_the_abilities_it_implements():
+    from imagegen.models import REGISTRY
+    from imagegen.models.base import Family
+    for name, cls in REGISTRY.items():
+        own = set().union(*(vars(k) for k in cls.__mro__ if issubclass(k, Family) and k is not Family))
+        for ability, methods in ABILITIES.items():
+            assert getattr(cls, ability) == all(m in own for m in methods), (name, ability)
+            assert getattr(cls, ability) or not any(m in own for m in methods), (name, ability, "half of it")
+
+
+def _family_names() -> set[str]:
+    from imagegen.models import REGISTRY
+    return set(REGISTRY)
+
+
+def outside_the_families(root: Path = PACKAGE) -> list[str]:
+    """Lines outside models/ that discover a model's abilities (`hasattr(model...)`, `getattr(model..., d)`)
+    or compare a family's name (`run.family == "vae"`, `model.name in ("ddpm", ...)`)."""
+    names = _family_names()
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        if "models" in path.relative_to(root).parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.args and (
+                    node.func.id == "hasattr" or (node.func.id == "getattr" and len(node.args) == 3)):
+                if "model" in ast.unparse(node.args[0]):
+                    found.append(f"{path.relative_to(root.parent)}:{node.lineno}: {ast.unparse(node)}")
+            elif isinstance(node, ast.Compare):
+                sides = [node.left, *node.comparators]
+                literals = {c.value for s in sides for c in ([s] if isinstance(s, ast.Constant) else
+                            s.elts if isinstance(s, (ast.Tuple, ast.List, ast.Set)) else [])
+                            if isinstance(c, ast.Constant)}
+                about = any("family" in ast.unparse(s) or ast.unparse(s).endswith(".name") for s in sides)
+                if about and literals & names:
+                    found.append(f"{path.relative_to(root.parent)}:{node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_no_code_outside_models_discovers_abilities_or_compares_family_names():
+    assert outside_the_families() == []
+
+
+def test_the_rule_sees_both_kinds(tmp_path):
+    pkg = tmp_path / "imagegen"
+    (pkg / "models").mkdir(parents=True)
+    (pkg / "models" / "ok.py").write_text("x = hasattr(model, 'encode')\n")
+    (pkg / "a.py").write_text("if hasattr(run.model, 'encode') or run.family == 'cvae':\n    pass\n"
+                              "y = getattr(served.model.cfg, 'solver', None)\nz = name == 'random'\n"
+                              "w = model.name in ('ddpm', 'flow')\n")
+    assert sorted(line.split(": ", 1)[0] for line in outside_the_families(pkg)) == ["imagegen/a.py:1"] * 2 + \
+        ["imagegen/a.py:3", "imagegen/a.py:5"]

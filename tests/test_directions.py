@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import imagegen
-from imagegen.directions import _early_layer, _generator, direction_shift, principal_directions
+from imagegen.directions import direction_shift, principal_directions
 from imagegen.errors import ConfigError
 
 from conftest import chromium, fetched, live_server, run_main, run_maker
@@ -31,9 +31,9 @@ def runs(request, tmp_path_factory):
 
 
 def _early(model, z):
-    net, call = _generator(model)
+    net, call, early = model.latent_network()
     seen = []
-    hook = _early_layer(net).register_forward_hook(lambda _m, _i, out: seen.append(out.flatten(1).clone()))
+    hook = early.register_forward_hook(lambda _m, _i, out: seen.append(out.flatten(1).clone()))
     labels = torch.zeros(len(z), dtype=torch.long) if model.conditional else None
     with torch.no_grad():
         model.eval()

@@ -111,7 +111,7 @@ def analyse_run(run_dir: str | Path, out_dir: str | Path, *, n: int = 2000, keep
     confidence, predicted = probs.max(dim=1)
     dist, idx = nearest_train(fake, train_images)
     scores = {"realism": realism, "confidence": confidence, "nearest_train_l2": dist}
-    if hasattr(run.model, "critic"):
+    if run.model.has_critic:
         with torch.no_grad():
             scores["discriminator"] = torch.cat([run.model.critic(fake[i:i + 256], None if labels is None else labels[i:i + 256])
                                                  for i in range(0, n, 256)]).float()
@@ -150,7 +150,7 @@ def analyse_folder(run_dir: str | Path, folder: str | Path, out_dir: str | Path,
     N_LIKELIHOOD.check(reference, "--reference")
     run = load_run(run_dir)
     require_likelihood(run)
-    if run.model.conditional and run.family == "cvae":
+    if run.model.conditional and run.model.conditional_likelihood:
         raise ConfigError("a cvae's likelihood is log p(x | class); score a folder with a vae or flow run")
     cfg = run.model.cfg
     files, skipped, _ = list_images(Path(folder), classes=False)
@@ -228,7 +228,7 @@ def score_images(run, seeds: list[int], labels: torch.Tensor | None = None) -> d
     images = generate(run.model, seeds, labels=labels)
     per = [{"seed": s} for s in seeds]
     notes = []
-    if hasattr(run.model, "critic"):
+    if run.model.has_critic:
         with torch.no_grad():
             d = run.model.critic(images.to(run.model.device), None if labels is None else labels.to(run.model.device))
         for p, v in zip(per, d.float().cpu().tolist()):

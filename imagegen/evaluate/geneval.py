@@ -336,12 +336,11 @@ def geneval(run, judge: SceneJudge, *, prompts: int = 0, images_per_prompt: int 
     images = generate(run.model, list(range(PROMPT_SEEDS, PROMPT_SEEDS + len(asked))), prompts=asked,
                       batch_size=batch_size)
     real = score([parse_caption(c) for c in captions], judge.cells(to_float(test.images)[:len(captions)]))
-    sampler = {k: getattr(run.model.cfg, k) for k in ("sampler", "solver", "sample_steps", "eta", "guidance")
-               if hasattr(run.model.cfg, k)}
+    sampler = run.model.sampling_settings()
     protocol = GenEvalProtocol(prompt_count=len(captions), images_per_prompt=images_per_prompt, judge=judge.name,
                                judge_sha256=judge.info["sha256"], sampler=sampler)
     out = {"generated": score(parsed, judge.cells(images)), "real": real, "protocol": asdict(protocol)}
-    if getattr(run.model, "layout_prior", None) is not None:
+    if run.model.draws_layouts:
         # A grounded model's layouts, scored as if they were the judged cells: drawn from the same seeds
         # as the images' (sampling draws each image's layout first), they tell a wrong plan from a
         # plan drawn wrong.

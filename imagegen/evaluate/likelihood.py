@@ -17,7 +17,6 @@ the cvae's is log p(x | y) at the true label).
 
 from __future__ import annotations
 
-import inspect
 import math
 
 import torch
@@ -38,13 +37,9 @@ PUBLISHED = {
 }
 
 
-def has_likelihood(model) -> bool:
-    return callable(getattr(model, "log_likelihood", None))
-
-
 def require_likelihood(run) -> None:
     """A one-line error for a run (checkpoint.Run) whose family has no likelihood."""
-    if not has_likelihood(run.model):
+    if not run.model.has_likelihood:
         raise ConfigError(f"--likelihood: model {run.family!r} has no likelihood (flow, vae and cvae have one)")
 
 
@@ -63,9 +58,9 @@ def image_bits_per_dim(model, images: torch.Tensor, seeds: list[int], *, labels:
                        batch_size: int = 64, **opts) -> torch.Tensor:
     """bits/dim (N) of uint8 images N x C x H x W, image i dequantised with seed seeds[i]. labels (N) are
     handed to families whose likelihood is conditional (cvae); opts go to model.log_likelihood."""
-    if not has_likelihood(model):
+    if not model.has_likelihood:
         raise TypeError(f"model {model.name!r} has no likelihood (flow, vae and cvae have one)")
-    takes_labels = "labels" in inspect.signature(model.log_likelihood).parameters and model.conditional
+    takes_labels = model.conditional and model.conditional_likelihood
     dims = images[0].numel()
     out = []
     for i in range(0, len(seeds), batch_size):
@@ -76,18 +71,6 @@ def image_bits_per_dim(model, images: torch.Tensor, seeds: list[int], *, labels:
     return torch.cat(out)
 
 
-def estimator(model) -> str:
-    """How the family's log_likelihood estimates log p, for metrics.json."""
-    if model.name == "flow":
-        from ..solvers import LIKELIHOOD_RHO, LIKELIHOOD_STEPS
-        return (f"probability-flow ODE solved backwards from the image, Heun on {LIKELIHOOD_STEPS} intervals at "
-                f"s = 1 - t = (i / {LIKELIHOOD_STEPS})^{LIKELIHOOD_RHO:g}, divergence by "
-                "Hutchinson's estimator with 1 Rademacher probe per image (unbiased); unconditional (null class)")
-    return ("importance-weighted bound (Burda et al. 2016) with 64 posterior draws, decoder scored as "
-            + ("a continuous Bernoulli" if getattr(model.cfg, "likelihood", "") == "bernoulli" else "a Gaussian")
-            + ("; conditional on the true label: log p(x | y)" if model.conditional else ""))
-
-
 def measure(model, dataset, n: int, *, batch_size: int = 64) -> dict:
     """bits/dim of the first n images of `dataset` (a test split): mean, standard error, and the protocol."""
     N_LIKELIHOOD.check(n, "--likelihood")
@@ -96,4 +79,4 @@ def measure(model, dataset, n: int, *, batch_size: int = 64) -> dict:
     bpd = image_bits_per_dim(model, dataset.images[:n], list(range(n)), labels=labels, batch_size=batch_size)
     return {"bits_per_dim": float(bpd.mean()), "bits_per_dim_se": float(bpd.std() / math.sqrt(n)) if n > 1 else None,
             "images": n, "split": "test (the first n images)", "dequantization": DEQUANTIZATION,
-            "estimator": estimator(model)}
+            "estimator": model.likelihood_estimator()}

@@ -65,7 +65,7 @@ def evaluate_run(run_dir: str | Path, *, n: int = 10_000, data: str | None = Non
     sample_seconds = time.perf_counter() - t0
     real_images = to_float(real.images)
     result = compare(extractor, real_images, fake)
-    if hasattr(run.model, "reconstruct"):   # VAEs: how well the test images come back through the latent
+    if run.model.encodes:   # VAEs: how well the test images come back through the latent
         labels = real.labels if run.model.conditional else None
         recon = run.model.reconstruct(real_images, labels).cpu()
         result["reconstruction_mse"] = float((recon - real_images).square().mean())
@@ -88,8 +88,7 @@ def evaluate_run(run_dir: str | Path, *, n: int = 10_000, data: str | None = Non
         bpd["seconds"] = round(time.perf_counter() - t1, 2)
         log(f"# bits/dim of {bpd['images']} test images: {result['bits_per_dim']:.4f} "
             f"(standard error {result['bits_per_dim_se'] or 0:.4f}) in {bpd['seconds']} s")
-    sampler = {k: getattr(run.model.cfg, k) for k in ("sampler", "solver", "sample_steps", "eta", "guidance")
-               if hasattr(run.model.cfg, k)}
+    sampler = run.model.sampling_settings()
     out = {
         "run": str(run.path), "family": run.family, "step": run.step,
         "protocol": {"generated": n, "seeds": f"0-{n - 1}", "labels": "seed mod classes" if run.model.conditional else None,

@@ -30,7 +30,7 @@ from ..nets.unet import UNet
 from ..solvers import Noise
 from ..text import DIM as TEXT_DIM
 from ..text import MAX_TOKENS, TextEmbedding, encoder_id
-from .base import Family, Generators, adam, eval_mode, per_item_normal, per_item_uniform, run_fixed_batch
+from .base import ExportSpec, Family, Generators, adam, eval_mode, per_item_normal, per_item_uniform, run_fixed_batch
 
 
 LAYOUT_BATCH = 32   # captions per update of the layout prior's first stage (BackboneFamily.prepare)
@@ -134,6 +134,7 @@ class BackboneFamily(Family):
     `lr`, `grad_clip` and `label_dropout`."""
 
     train_defaults = {"steps": 3000, "batch_size": 32, "ema_decay": 0.998, "sample_every": 1000}
+    has_null_class = True   # class num_classes is the null class of classifier-free guidance
 
     def __init__(self, cfg: BackboneConfig) -> None:
         super().__init__(cfg)
@@ -157,6 +158,31 @@ class BackboneFamily(Family):
     @property
     def reads_text(self) -> bool:
         return self.cfg.text_dim > 0
+
+    @property
+    def draws_layouts(self) -> bool:
+        return self.layout_prior is not None
+
+    def network_spec(self, outputs: list[str], usage: str, metadata: dict[str, str], *, time_scale: float = 1.0,
+                     time_steps: int = 0) -> ExportSpec:
+        """One call of the backbone as a graph: x, time [+ label] [+ text] -> outputs; the family's sampler
+        runs outside it, over the metadata's settings."""
+        conditional = self.conditional
+        text = ["text_pooled", "text_tokens", "text_mask"] if self.reads_text else []
+
+        def fn(x, t, *rest):
+            y = rest[0] if conditional else None
+            extra = list(rest[1 if conditional else 0:])
+            return self.net(x, t * time_scale if time_scale != 1.0 else t, y, *extra)
+
+        meta = {"imagegen.sample_steps": str(self.cfg.sample_steps), "imagegen.guidance": str(self.cfg.guidance),
+                "imagegen.null_class": str(self.num_classes) if conditional else "", **metadata}
+        if text:
+            usage += ("; a prompt is text_pooled, text_tokens and text_mask from all-MiniLM-L6-v2 (imagegen/text.py), "
+                      "the null text an all-false mask")
+        # "time", not "t": the exporter names a folded weight.t() "t", and an input may not share its name.
+        return ExportSpec(fn, ["x", "time"] + (["label"] if conditional else []) + text, outputs, usage, meta,
+                          time_steps)
 
     def configure_optimizers(self, train_cfg) -> dict[str, torch.optim.Optimizer]:
         opts = {"net": adam(self.net.parameters(), self.cfg.lr)}

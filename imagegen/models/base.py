@@ -17,6 +17,24 @@
 | `reads_text` (attribute)                | True when `sample` takes `text` (trained on captions: backbone.py) |
 | `preview(dataset, n)` (translation)     | (images, per row) for the training grids (sample.preview: n seeds otherwise) |
 
+Optional abilities are declared, each a class attribute with one default (False): code outside models/
+asks these, never `hasattr`, and never compares a family's name. `tests/test_families.py` checks that
+each family declares exactly the methods it has.
+
+| ability                 | the family implements                                        | used by                        |
+|-------------------------|--------------------------------------------------------------|--------------------------------|
+| `has_latent`            | `draw_noise(n, generator)` -> n x z_dim; `sample(noise=z)`; `latent_network()` | latent sliders, directions, interpolation, latent variations |
+| `encodes`               | `encode(x, labels)` -> (mu, logvar); `reconstruct(x, labels)` | variations of files, interpolating images, reconstruction error |
+| `edits`                 | `edit(image, strength, ...)`: SDEdit from a noised image      | variations, sketches           |
+| `inpaints`              | `inpaint(image, mask, ...)`: where mask == 1 generated        | inpaint, outpaint, the mask brush |
+| `has_critic`            | `critic(x, labels)`: a discriminator's realism logit          | analyse, rejection sampling    |
+| `has_likelihood`        | `log_likelihood(x, ...)` per image; `likelihood_estimator()`  | bits/dim                       |
+| `conditional_likelihood`| its likelihood is log p(x given class) when conditional     | analyse --images refuses it    |
+| `has_null_class`        | class index `num_classes` is the null class (guidance)        | export's example labels        |
+| `distillable`           | `from_noise(z, labels, steps)`: a deterministic map of noise   | a teacher for `imagegen distill` |
+| `export_spec(direction)` | the sampling graph (ExportSpec); the default refuses: no network | ONNX export, the onnxruntime engine |
+| `draws_layouts` (property) | a layout prior drawn before the image (grounded text models) | the GenEval layout scores    |
+
 A family is conditional when its config has `num_classes` > 0 (filled in from the data): `sample` then
 takes `labels` (a long tensor of n class indices).
 
@@ -35,7 +53,7 @@ from typing import Any, Callable, ClassVar, Sequence
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ExportError
 
 # Networks run this many images at a time when sampling (run_fixed_batch), because CPU kernels pick
 # different blockings, hence different float rounding, for different batch sizes. Every image is rounded
@@ -44,6 +62,33 @@ from ..errors import ConfigError
 SAMPLE_MICRO_BATCH = 16
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
+
+@dataclasses.dataclass
+class ExportSpec:
+    """A family's sampling graph, as export.py writes it to ONNX and the onnxruntime engine runs it:
+    fn(*inputs) -> outputs, with N a dynamic batch. Input names: `z` (a latent, N x z_dim, or noise
+    N x C x S x S), `x` (an image at some time), `image`, `time`, `label` (int64 N; the null class too where
+    has_null_class), `text_pooled`, `text_tokens`, `text_mask` (imagegen/text.py)."""
+    fn: Callable[..., torch.Tensor]
+    inputs: list[str]
+    outputs: list[str]
+    usage: str                                   # one line: how to drive the graph
+    metadata: dict[str, str] = dataclasses.field(default_factory=dict)
+    time_steps: int = 0                          # `time` is an int64 step in 0..time_steps-1 (else a float in [0, 1])
+
+
+SAMPLING_KEYS = ("sampler", "solver", "sample_steps", "eta", "guidance")   # Family.sampling_settings
+
+
+def first_activation_after_conv(body: nn.Sequential) -> nn.Module:
+    """The first activation after the first convolution of a generator's body: where its first block's
+    features are (Family.latent_network)."""
+    seen_conv = False
+    for layer in body:
+        seen_conv = seen_conv or isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d))
+        if seen_conv and isinstance(layer, (nn.ReLU, nn.LeakyReLU, nn.SiLU, nn.GELU)):
+            return layer
+    raise ConfigError("the generator has no activation after a convolution to take features from")
 
 
 class Family(nn.Module):
@@ -57,6 +102,17 @@ class Family(nn.Module):
     reads_text = False                     # a property of the families that can be trained on captions
     train_defaults: ClassVar[dict[str, Any]] = {}
     sample_options: ClassVar[dict[str, tuple[Any, str]]] = {}   # a Range for numbers (config.Range)
+    # Optional abilities (the table in the module docstring): what the family implements, declared.
+    has_latent: ClassVar[bool] = False
+    encodes: ClassVar[bool] = False
+    edits: ClassVar[bool] = False
+    inpaints: ClassVar[bool] = False
+    has_critic: ClassVar[bool] = False
+    has_likelihood: ClassVar[bool] = False
+    conditional_likelihood: ClassVar[bool] = False
+    has_null_class: ClassVar[bool] = False
+    distillable: ClassVar[bool] = False
+    draws_layouts = False                  # a property of the families that can be grounded (backbone.py)
 
     def __init__(self, cfg) -> None:
         super().__init__()
@@ -73,6 +129,25 @@ class Family(nn.Module):
     @property
     def device(self) -> torch.device:
         return _first_tensor(self).device
+
+    def sampling_settings(self) -> dict[str, Any]:
+        """The config's sampling defaults (sampler, solver, steps, eta, guidance: those it has), for the
+        protocol that metrics.json and a distilled run record."""
+        return {f.name: getattr(self.cfg, f.name) for f in dataclasses.fields(self.cfg) if f.name in SAMPLING_KEYS}
+
+    def latent_network(self) -> tuple[nn.Module, Callable, nn.Module]:
+        """(the network from latents to images, its call on (z, labels), the module whose output is its
+        first block's features): what the GANSpace directions analyse (families with has_latent)."""
+        raise ConfigError(f"model family {self.name!r} has no latent space to find directions in "
+                          "(--directions is for GANs and VAEs)")
+
+    def export_spec(self, direction: str = "a2b") -> ExportSpec:
+        """The sampling network as a graph (ExportSpec); families without one refuse."""
+        raise ExportError(f"model {self.name!r} has no network to export")
+
+    def likelihood_estimator(self) -> str:
+        """How `log_likelihood` estimates log p, for metrics.json (families with has_likelihood)."""
+        raise ConfigError(f"model {self.name!r} has no likelihood")
 
     @classmethod
     def fit_config(cls, cfg, dataset):

@@ -19,6 +19,7 @@ from typing import Literal
 import torch
 
 from ..config import MAX_IMAGE_SIZE, MAX_WEIGHT, ranged
+from ..errors import ExportError
 from .base import Family, Generators
 
 CHUNK = 4096  # images per histogram update: bounds the memory of the one-hot scatter
@@ -41,6 +42,10 @@ class RandomPixels(Family):
         super().__init__(cfg)
         pixels = cfg.channels * cfg.image_size * cfg.image_size
         self.register_buffer("counts", torch.zeros(pixels, 256))          # P x 256 value histogram per pixel
+
+    def export_spec(self, direction: str = "a2b"):
+        raise ExportError(f"model {self.name!r} has no network to export (the random-pixel baseline draws each "
+                          f"pixel from the training histogram)")
 
     def configure_optimizers(self, train_cfg) -> dict[str, torch.optim.Optimizer]:
         return {}

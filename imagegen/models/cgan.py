@@ -15,6 +15,7 @@ Fake images are drawn for the classes of the real batch, so D sees the same clas
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -92,3 +93,8 @@ class CGAN(DCGAN):
     name = "cgan"
     needs_labels = True
     networks = (Generator, Discriminator)
+
+    def latent_network(self) -> tuple[nn.Module, Callable, nn.Module]:
+        # Its generator applies its ReLUs in place after each conditional batch norm: the features of the
+        # first block are the norm's output after the first convolution.
+        return self.G, self.fake, self.G.norms[1]

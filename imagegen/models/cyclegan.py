@@ -37,7 +37,7 @@ from torch import nn
 from ..config import MAX_COUNT, MAX_IMAGE_SIZE, MAX_WEIGHT, MAX_WIDTH, ranged
 from ..errors import ConfigError
 from ..nets.layers import Conv2d, ConvTranspose2d
-from .base import Family, Generators, adam, eval_mode, run_fixed_batch
+from .base import ExportSpec, Family, Generators, adam, eval_mode, run_fixed_batch
 
 Direction = Literal["a2b", "b2a"]
 DIRECTIONS = ("a2b", "b2a")
@@ -250,6 +250,14 @@ class CycleGAN(Family):
         if direction not in DIRECTIONS:
             raise ConfigError(f"--direction must be a2b or b2a, got {direction!r}")
         return self.g_ab if direction == "a2b" else self.g_ba
+
+    def export_spec(self, direction: str = "a2b") -> ExportSpec:
+        """One generator: an image of one domain -> the other's (`direction`)."""
+        g = self.generator(direction)
+        # The output may not share the input's name in ONNX.
+        return ExportSpec(lambda x: g(x), ["image"], ["translated"],
+                          f"translated = G_{direction}(image): one domain's image to the other's",
+                          {"imagegen.direction": direction})
 
     @torch.no_grad()
     def translate(self, images: torch.Tensor, direction: str = "a2b") -> torch.Tensor:

@@ -27,6 +27,7 @@ through a `noise()` callable fed by per-image generators, so an image depends on
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -37,7 +38,7 @@ from ..config import MAX_WEIGHT, Range, ranged
 from ..errors import ConfigError
 from ..solvers import Denoise, ddim, ddpm_ancestral, repaint, spaced_timesteps
 from .backbone import BackboneConfig, BackboneFamily, keep_known, padded_canvas
-from .base import Generators, eval_mode
+from .base import ExportSpec, Generators, eval_mode
 
 MAX_SAMPLE_STEPS = 1000
 # Sampling options' ranges, shared by the config defaults and the CLI's --steps, --eta, --guidance.
@@ -98,6 +99,7 @@ def alphas_cumprod(kind: str, T: int) -> torch.Tensor:
 class DDPM(BackboneFamily):    # the backbone, its optimizer, label dropout and guided call: backbone.py
     Config = Config
     name = "ddpm"
+    edits, inpaints, distillable = True, True, True
     sample_options = {
         "steps": (STEPS, "denoising steps (default: the model's sample_steps)"),
         "guidance": (GUIDANCE, "classifier-free guidance scale: 0 unconditional, 1 conditional, >1 stronger"),
@@ -159,6 +161,16 @@ class DDPM(BackboneFamily):    # the backbone, its optimizer, label dropout and 
         return labels, spaced_timesteps(self.cfg.timesteps, steps), guidance, eta, sampler
 
     @torch.no_grad()
+    def export_spec(self, direction: str = "a2b") -> ExportSpec:
+        """One network call: x, time (int64 0..T-1) [+ label] [+ text] -> the predicted noise or v; DDIM runs
+        outside over the schedule in the metadata."""
+        cfg = self.cfg
+        usage = (f"out = net(x_t, time[, label]): the predicted {'noise' if cfg.prediction == 'eps' else 'v'} at "
+                 f"timestep `time` of {cfg.timesteps}; sample with DDIM over imagegen.alphas_cumprod")
+        return self.network_spec(["out"], usage, {
+            "imagegen.prediction": cfg.prediction,
+            "imagegen.alphas_cumprod": json.dumps([round(float(a), 9) for a in self.ab])}, time_steps=cfg.timesteps)
+
     def sample(self, n: int, *, labels: torch.Tensor | None = None, generator: Generators = None,
                steps: int | None = None, guidance: float | None = None, eta: float | None = None,
                sampler: str | None = None, text=None, negative=None) -> torch.Tensor:

@@ -32,7 +32,7 @@ from ..errors import ConfigError
 from ..solvers import euler
 from . import gan
 from .backbone import BackboneConfig, BackboneFamily
-from .base import Generators, adam, eval_mode
+from .base import ExportSpec, Generators, adam, eval_mode
 
 TIME_SCALE = 1000.0   # as the flow family
 
@@ -129,6 +129,22 @@ class Distilled(BackboneFamily):   # the student network, its Adam and clipped u
         return {"loss": out["loss"], "mse": loss.item(), "adv": adv.item(), "d_loss": d.item()}
 
     @torch.no_grad()
+    def export_spec(self, direction: str = "a2b") -> ExportSpec:
+        """The whole sampler, its K Euler steps unrolled: z (N x C x S x S) [+ label] -> image."""
+        conditional, k = self.conditional, self.cfg.steps
+
+        def sampler(z, *rest):   # the student's K Euler steps from t = 0, as `sample`
+            y = rest[0] if conditional else None
+            x = z
+            for i in range(k):
+                t = torch.full((z.shape[0],), TIME_SCALE * i / k, dtype=z.dtype)
+                x = x + self.net(x, t, y) / k
+            return x.clamp(-1, 1)
+
+        return ExportSpec(sampler, ["z"] + (["label"] if conditional else []), ["image"],
+                          f"image = sampler(z[, label]): the student's {k} Euler step(s) from z ~ N(0, I) "
+                          f"(C x S x S per image)", {"imagegen.steps": str(k)})
+
     def sample(self, n: int, *, labels: torch.Tensor | None = None, generator: Generators = None) -> torch.Tensor:
         """n images in the student's K Euler steps."""
         labels = self.check_labels(n, labels)

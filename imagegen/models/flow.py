@@ -37,7 +37,7 @@ from ..errors import ConfigError
 from ..solvers import (LIKELIHOOD_RHO, LIKELIHOOD_STEPS, Velocity, adaptive, euler, flow_log_likelihood,
                        flow_repaint, heun, midpoint)
 from .backbone import BackboneConfig, BackboneFamily, keep_known, padded_canvas
-from .base import Generators, eval_mode, per_item_normal
+from .base import ExportSpec, Generators, eval_mode, per_item_normal
 from .ddpm import GUIDANCE, RESAMPLE, STEPS, STRENGTH
 
 SOLVERS = {"euler": euler, "midpoint": midpoint, "heun": heun}   # and "dopri5", adaptive
@@ -81,6 +81,7 @@ def check_solver(solver: str, what: str = "solver") -> None:
 class Flow(BackboneFamily):    # the backbone, its optimizer, label dropout and guided call: backbone.py
     Config = Config
     name = "flow"
+    edits, inpaints, has_likelihood, distillable = True, True, True, True
     sample_options = {
         "steps": (STEPS, "solver steps (default: the model's sample_steps; heun and midpoint call the network twice a step)"),
         "guidance": (GUIDANCE, "classifier-free guidance scale: 0 unconditional, 1 conditional, >1 stronger"),
@@ -130,6 +131,13 @@ class Flow(BackboneFamily):    # the backbone, its optimizer, label dropout and 
         return labels, steps, guidance, solver
 
     @torch.no_grad()
+    def export_spec(self, direction: str = "a2b") -> ExportSpec:
+        """One network call: x, time (float in [0, 1]: 0 noise, 1 data) [+ label] [+ text] -> velocity; the
+        solver runs outside (the run's solver and steps are in the metadata)."""
+        return self.network_spec(["velocity"], "velocity = net(x, time[, label]) on the straight path x_t = (1 - t) z + "
+                                 "t x_data; integrate from z ~ N(0, I) at time 0 to time 1",
+                                 {"imagegen.solver": self.cfg.solver}, time_scale=TIME_SCALE)
+
     def sample(self, n: int, *, labels: torch.Tensor | None = None, generator: Generators = None,
                steps: int | None = None, guidance: float | None = None, solver: str | None = None,
                text=None, negative=None) -> torch.Tensor:
@@ -183,6 +191,12 @@ class Flow(BackboneFamily):    # the backbone, its optimizer, label dropout and 
             x = (1 - t0) * z + t0 * image.to(self.device, torch.float32)       # t0 = 0: the noise itself
             x = SOLVERS[solver](self.velocity(labels, guidance, text, negative), x, grid)
         return x.clamp(-1, 1)
+
+    def likelihood_estimator(self) -> str:
+        """How log_likelihood estimates log p, for metrics.json."""
+        return (f"probability-flow ODE solved backwards from the image, Heun on {LIKELIHOOD_STEPS} intervals at "
+                f"s = 1 - t = (i / {LIKELIHOOD_STEPS})^{LIKELIHOOD_RHO:g}, divergence by "
+                "Hutchinson's estimator with 1 Rademacher probe per image (unbiased); unconditional (null class)")
 
     def log_likelihood(self, x: torch.Tensor, *, generator: Generators = None, steps: int = LIKELIHOOD_STEPS,
                        rho: float = LIKELIHOOD_RHO, solver: str = "heun", probes: int = 1) -> torch.Tensor:

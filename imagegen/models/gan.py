@@ -32,7 +32,8 @@ from torch.nn.utils.parametrizations import spectral_norm
 from ..config import MAX_IMAGE_SIZE, MAX_WEIGHT, MAX_WIDTH, Range, ranged
 from ..errors import ConfigError
 from ..nets.layers import Conv2d, ConvTranspose2d, Linear
-from .base import Family, Generators, adam, as_feature_map, eval_mode, flat_view, per_item_normal, run_fixed_batch
+from .base import (ExportSpec, Family, Generators, adam, as_feature_map, eval_mode, first_activation_after_conv, flat_view,
+                   per_item_normal, run_fixed_batch)
 
 # Sampling options' ranges (the CLI's --truncation and --drs, and sample()).
 TRUNCATION = Range(0.0, 10.0, float)
@@ -236,6 +237,7 @@ def gradient_penalty(D: Callable[[torch.Tensor], torch.Tensor], real: torch.Tens
 class DCGAN(Family):
     Config = Config
     name = "dcgan"
+    has_latent, has_critic = True, True
     sample_options = {
         "truncation": (TRUNCATION, "clamp the latent to [-t, t] (0 = off): less variety, more fidelity"),
         "drs": (DRS, "discriminator rejection sampling: gamma at this percentile of the burn-in scores, e.g. 80 (0 = off)"),
@@ -257,6 +259,15 @@ class DCGAN(Family):
         return cfg
 
     # Labels (None when unconditional) pass through to both networks; the DCGAN's ignore them.
+    def latent_network(self) -> tuple[nn.Module, Callable, nn.Module]:
+        return self.G, self.fake, first_activation_after_conv(self.G.body)
+
+    def export_spec(self, direction: str = "a2b") -> ExportSpec:
+        """The generator: z (N x z_dim, standard normal) [+ label] -> image."""
+        fn = (lambda z, y: self.G(z, y)) if self.conditional else (lambda z: self.G(z))
+        return ExportSpec(fn, ["z"] + (["label"] if self.conditional else []), ["image"],
+                          "image = G(z[, label]); z ~ N(0, I) of z_dim values per image")
+
     def fake(self, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         return self.G(z, labels)
 

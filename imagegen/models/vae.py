@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +42,8 @@ from torch import nn
 from ..config import MAX_IMAGE_SIZE, MAX_WEIGHT, MAX_WIDTH, Range, ranged
 from ..errors import ConfigError
 from ..nets.layers import Conv2d, ConvTranspose2d, Linear
-from .base import Family, Flatten, Generators, adam, as_feature_map, eval_mode, per_item_normal, run_fixed_batch
+from .base import (ExportSpec, Family, Flatten, Generators, adam, as_feature_map, eval_mode, first_activation_after_conv,
+                   per_item_normal, run_fixed_batch)
 from .gan import layout
 
 TEMPERATURE = Range(0.0, 10.0, float, lo_open=True)   # the CLI's --temperature and sample()
@@ -123,6 +124,7 @@ class Decoder(nn.Module):
 class VAE(Family):
     Config = Config
     name = "vae"
+    has_latent, encodes, inpaints, has_likelihood = True, True, True, True
     train_defaults = {"steps": 3000, "batch_size": 64}
     sample_options = {"temperature": (TEMPERATURE, "scale of the latent noise (1 = the prior; lower = cleaner, less varied)")}
 
@@ -145,6 +147,16 @@ class VAE(Family):
         """Images N x C x S x S in [-1, 1] -> posterior (mu, logvar), each N x z_dim."""
         labels = self.check_labels(x.shape[0], labels)
         return self.encoder(x.to(self.device), self._cond(labels))
+
+    def latent_network(self) -> tuple[nn.Module, Callable, nn.Module]:
+        return self.decoder, self.decode, first_activation_after_conv(self.decoder.body)
+
+    def export_spec(self, direction: str = "a2b") -> ExportSpec:
+        """The decoder's mean: z (N x z_dim) [+ label] -> image."""
+        fn = ((lambda z, y: self._mean(self.decoder(z, self._cond(y)))) if self.conditional else
+              (lambda z: self._mean(self.decoder(z, None))))
+        return ExportSpec(fn, ["z"] + (["label"] if self.conditional else []), ["image"],
+                          "image = decoder mean(z[, label]); z ~ N(0, I) (times a temperature)")
 
     def decode(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Latents N x z_dim -> the decoder's mean image N x C x S x S in [-1, 1]."""
@@ -236,6 +248,12 @@ class VAE(Family):
             log_px = self.log_px_given_z(out, x.repeat_interleave(samples, 0)).view(n, samples)
         return log_px + log_prior - log_q
 
+    def likelihood_estimator(self) -> str:
+        """How log_likelihood estimates log p, for metrics.json."""
+        return ("importance-weighted bound (Burda et al. 2016) with 64 posterior draws, decoder scored as "
+                + ("a continuous Bernoulli" if self.cfg.likelihood == "bernoulli" else "a Gaussian")
+                + ("; conditional on the true label: log p(x | y)" if self.conditional else ""))
+
     def log_likelihood(self, x: torch.Tensor, *, labels: torch.Tensor | None = None, generator: Generators = None,
                        samples: int = 64) -> torch.Tensor:
         """The importance-weighted lower bound on log p(x) (log p(x | y) for a cvae) in nats (N): the
@@ -281,3 +299,4 @@ class CVAE(VAE):
     Config = CVAEConfig
     name = "cvae"
     needs_labels = True
+    conditional_likelihood = True   # log p(x | class): the decoder and the encoder both see the class

@@ -150,7 +150,7 @@ def create_app(runs_dir: str | Path, *, log=print, token: str | None = None, eng
                             image: UploadFile = File(...), mask: UploadFile = File(...)) -> Response:
         """Fill the white pixels of `mask` in `image` (diffusion and VAE models); known pixels are kept exactly."""
         served = generator_of(get(model))
-        if not hasattr(served.model, "inpaint"):
+        if not served.model.inpaints:
             raise bad_request(f"inpainting needs a diffusion or VAE model; {model!r} is a {served.run.family} model")
         x = hwc_to_float(decode_upload(await read_upload(image, "image"), "image", served.model.cfg.channels))
         # White (>= 128 of 255) = generate; a mask of another size or with no white pixel is a 400.

@@ -122,13 +122,13 @@ class Served:
         m, cfg = self.run.model, self.run.model.cfg
         return ModelInfo(
             name=self.name, family=self.run.family, classes=self.run.classes if m.conditional else [],
-            conditional=m.conditional, translates=m.translates, inpaints=hasattr(m, "inpaint"),
+            conditional=m.conditional, translates=m.translates, inpaints=m.inpaints,
             image_size=cfg.image_size, channels=cfg.channels,
             step=self.run.step, data=self.run.data_source,
             options={k: h for k, (_, h) in m.sample_options.items() if k in OPTION_FIELDS},
-            latent_dims=int(getattr(cfg, "z_dim", 0)) if hasattr(m, "draw_noise") else 0,
+            latent_dims=cfg.z_dim if m.has_latent else 0,
             domains=[cfg.domain_a, cfg.domain_b] if m.translates else [], text=m.reads_text,
-            varies=not m.translates and (hasattr(m, "edit") or hasattr(m, "draw_noise")))
+            varies=not m.translates and (m.edits or m.has_latent))
 
 
 def load_served(name: str, folder: Path, engine: str = "torch") -> Served:
@@ -245,7 +245,7 @@ class Api:
     def check_diffusion_work(self, served: Served, n: int, opts: dict) -> None:
         if "steps" in served.model.sample_options:
             steps = opts.get("steps") or served.model.cfg.sample_steps
-            if (opts.get("solver") or getattr(served.model.cfg, "solver", None)) == "dopri5":
+            if (opts.get("solver") or served.model.sampling_settings().get("solver")) == "dopri5":
                 steps = ADAPTIVE_STEPS                  # it picks its own steps: count it as this many
             if n * steps > MAX_DIFFUSION_WORK:
                 raise bad_request(f"{n} images x {steps} steps is over the limit of {MAX_DIFFUSION_WORK} image-steps per request")
