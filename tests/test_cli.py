@@ -92,7 +92,7 @@ def test_resume_refuses_to_change_the_config(tiny_run, capsys):
 
 
 def test_demo_falls_back_to_shapes_when_fashion_mnist_is_missing(tmp_path, monkeypatch, capsys):
-    from imagegen import cli
+    from imagegen.cli import training as cli
     from imagegen.errors import DataError
 
     real_load = cli.load_data

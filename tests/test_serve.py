@@ -303,9 +303,9 @@ def live(runs_dir):
 
 
 TRAVERSALS = [
-    "../cli.py",                                     # ../
-    "..%2fcli.py",                                   # ..%2f
-    "%2e%2e/cli.py",                                 # %2e%2e/
+    "../version.py",                                 # ../
+    "..%2fversion.py",                               # ..%2f
+    "%2e%2e/version.py",                             # %2e%2e/
     "..%2f..%2f..%2f..%2f..%2f..%2f..%2fetc/passwd",   # deep ..%2f
     f"../{DCGAN}-evil/secret.png",                   # sibling-prefix path
     "/etc/passwd",                                   # absolute path

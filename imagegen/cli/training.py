@@ -1,0 +1,143 @@
+"""`imagegen train`, `demo`, `distill` and `models`: each command's flags beside its handler."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from ..checkpoint import read_config
+from ..config import apply_overrides, load_toml
+from ..data import DataConfig, load_data
+from ..distill import PAIRS, STUDENT_STEPS
+from ..errors import ConfigError, DataError
+from ..models import REGISTRY
+from ..models.ddpm import STEPS as SAMPLE_STEPS
+from ..report import write_report
+from ..train import resolve_config, train
+from .options import TRAIN_RANGES, add_number
+
+# Flags of `train` that map onto config keys; given explicitly, they override the config file.
+TRAIN_FLAGS = {"data": "data.source", "steps": "train.steps", "batch_size": "train.batch_size",
+               "seed": "train.seed", "device": "train.device", "precision": "train.precision",
+               "logger": "train.logger"}
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("train", help="train a model into a new run folder, or --resume one")
+    p.add_argument("--data", help="fashion-mnist, mnist, kmnist, cifar10, cifar100, idx:DIR, folder:PATH, zip:PATH (EDM "
+                   "dataset.zip), store:DIR (imagegen data prepare), shapes, scenes (captioned); "
+                   "for cyclegan pair:DIR or pair:SOURCE:CLASS_A,CLASS_B")
+    p.add_argument("--model", help="model family (see `imagegen models`)")
+    add_number(p, "--steps", TRAIN_RANGES["steps"], "total training steps")
+    add_number(p, "--batch-size", TRAIN_RANGES["batch_size"], "images per step, over all processes")
+    add_number(p, "--seed", TRAIN_RANGES["seed"], "the run seed (data order, initial weights, noise)")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto (bf16 on CUDA GPUs that have it, else fp32), fp32, bf16 (autocast), fp16 (CUDA, scaled)")
+    p.add_argument("--logger", choices=["jsonl", "tensorboard"],
+                   help="jsonl (default: log.jsonl) or tensorboard (event files in the run folder as well)")
+    p.add_argument("--out", default="runs", help="folder that holds the run folders (default: runs)")
+    p.add_argument("--config", help="TOML file of overrides ([model], [data], [train] tables)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one key, e.g. model.width=48")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue this run up to --steps")
+    p.add_argument("--strict", action="store_true", help="any bad data file is an error")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(handler=cmd_train)
+
+    p = sub.add_parser("demo", help="the main job: train the DCGAN on Fashion-MNIST (or shapes) and write the report")
+    add_number(p, "--steps", TRAIN_RANGES["steps"], "override the default number of steps")
+    p.add_argument("--out", default="runs")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(handler=cmd_demo)
+
+    p = sub.add_parser("distill", help="a new run whose student samples a flow or ddpm run in 1, 2 or 4 steps")
+    p.add_argument("run_dir", help="the teacher: a trained flow or ddpm run folder")
+    add_number(p, "--steps", STUDENT_STEPS, "the student's sampling steps: 1, 2 or 4", default=1)
+    p.add_argument("--out", default="runs", help="folder that holds the run folders (default: runs)")
+    add_number(p, "--pairs", PAIRS, "teacher samples (noise, image) to learn from", default=20_000)
+    add_number(p, "--teacher-steps", SAMPLE_STEPS, "the teacher's sampling steps for the couplings (default: its own)")
+    add_number(p, "--train-steps", TRAIN_RANGES["steps"], "the student's training steps (default 4000)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one key, e.g. model.method=reflow, model.adversarial=0.05, model.width=16")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue this distilled run up to --train-steps")
+    p.add_argument("--couplings-from", metavar="RUN_DIR",
+                   help="reuse the couplings kept in another student of this teacher (no teacher time), "
+                        "drawing only the missing ones when --pairs asks for more")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(handler=cmd_distill)
+
+    sub.add_parser("models", help="list the model families and their sampling options").set_defaults(handler=cmd_models)
+
+
+def cmd_train(a) -> int:
+    if a.resume:
+        changed = [f"--{k.replace('_', '-')}" for k in ("data", "model", "batch_size", "seed", "config")
+                   if getattr(a, k) is not None] + (["--set"] if a.set else [])
+        if changed:
+            raise ConfigError(f"--resume continues a run with its own config; {', '.join(changed)} cannot change it")
+        if a.steps is None:
+            raise ConfigError("--resume needs --steps N (the step to train up to)")
+        saved = read_config(a.resume)
+        tree = {k: saved.get(k, {}) for k in ("family", "model", "data", "train")}
+        tree["train"] = {**tree["train"], "steps": a.steps}
+        for flag in ("device", "precision", "logger"):   # how to run, not what to train: may change on resume
+            if getattr(a, flag):
+                tree["train"][flag] = getattr(a, flag)
+        if a.strict:
+            tree["data"] = {**tree["data"], "strict": True}
+        cfg = resolve_config(tree)
+    else:
+        tree = load_toml(a.config) if a.config else {}
+        if a.model:
+            tree["family"] = a.model
+        flags = [f"{key}={json.dumps(getattr(a, name))}" for name, key in TRAIN_FLAGS.items() if getattr(a, name) is not None]
+        apply_overrides(tree, flags + (["data.strict=true"] if a.strict else []) + a.set)
+        cfg = resolve_config(tree)
+    if a.dry_run:
+        print(json.dumps(cfg.to_json(), indent=2))
+        print("# model.image_size and model.channels are filled in from the data when training starts")
+        return 0
+    run_dir = train(cfg, out=a.out, resume=a.resume, progress=not a.no_progress)
+    report = write_report(run_dir)
+    print(f"run folder: {run_dir}\nreport:     {report}")
+    return 0
+
+
+def cmd_distill(a) -> int:
+    from ..distill import distill
+    if a.resume and a.set:
+        raise ConfigError("--resume continues a run with its own config; --set cannot change it")
+    run_dir = distill(a.run_dir, steps=a.steps, out=a.out, pairs=a.pairs, teacher_steps=a.teacher_steps,
+                      overrides=a.set, resume=a.resume, train_steps=a.train_steps, progress=not a.no_progress,
+                      couplings_from=a.couplings_from)
+    report = write_report(run_dir)
+    print(f"run folder: {run_dir}\nreport:     {report}")
+    return 0
+
+
+def cmd_demo(a) -> int:
+    source = "fashion-mnist"
+    try:
+        load_data(DataConfig(source=source))
+    except DataError as e:
+        print(f"Fashion-MNIST is neither installed nor downloadable ({e}).\n"
+              "Training on the built-in `shapes` dataset instead.", file=sys.stderr)
+        source = "shapes"
+    overrides = {"family": "dcgan", "data": {"source": source}}
+    if a.steps:
+        overrides["train"] = {"steps": a.steps}
+    run_dir = train(resolve_config(overrides), out=a.out, progress=not a.no_progress)
+    report = write_report(run_dir)
+    print(f"run folder: {run_dir}\nreport:     {report}\nsample grid: {sorted((run_dir / 'samples').glob('*.png'))[-1]}")
+    return 0
+
+
+def cmd_models(a) -> int:
+    for name, cls in REGISTRY.items():
+        opts = " ".join(f"--{k}" for k in cls.sample_options)
+        needs = ("needs labels" if cls.needs_labels else "needs pair:" if cls.translates
+                 else "needs a teacher" if cls.made_by else "")
+        opts = "(imagegen translate)" if cls.translates else f"(imagegen {cls.made_by})" if cls.made_by else opts
+        print(f"{name:9s} {(cls.__module__.rsplit('.', 1)[-1]) + '.py':13s} {needs:16s}{opts}")
+    return 0
