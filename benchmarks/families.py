@@ -85,9 +85,9 @@ def timed(fn, reps: int, budget_s: float = 1.0) -> float:
 
 def _first_network_call(draw16):
     """(fn, inputs) of the first network call that `draw16()` (16 images) makes through
-    models.base.run_fixed_batch."""
-    import imagegen.models.base as base
-    real, seen = base.run_fixed_batch, []
+    runtime.batching.run_fixed_batch."""
+    import imagegen.runtime.batching as batching
+    real, seen = batching.run_fixed_batch, []
 
     def spy(fn, *xs, **kw):
         seen.append((fn, xs))

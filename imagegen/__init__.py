@@ -17,19 +17,13 @@ The public API:
 
 from .version import __version__
 
-import torch as _torch
+from .runtime.host import warm_up_vector_math
 
-# On a CPU without AVX2, ATen computes tanh, exp and the like through MKL's vector math. If its first
-# call in a process comes from two threads at once (a tensor large enough for at::parallel_for to
-# split), that first result sometimes rounds otherwise than every later call, on one thread or two
-# (machine B under ATEN_CPU_CAPABILITY=default: the first tanh of a 16 x 3 x 32 x 32 tensor differed in
-# 11 of 40 processes, a first exp in 8 of 30), which broke exact resume there. So one small call, on
-# this thread alone, comes first: with it, 0 of 30 for each.
-_torch.tanh(_torch.zeros(8))
+warm_up_vector_math()   # before any other call into torch (runtime/host.py says why)
 
 from .checkpoint import Run, build_model, load_run
 from .data import DataConfig, ImageDataset, describe, load_data
-from .engine import use_engine
+from .runtime.engine import use_engine
 from .evaluate.run_eval import evaluate_run
 from .models import REGISTRY
 from .report import write_report

@@ -14,11 +14,9 @@ or fp16 with a gradient scaler on CUDA); train.channels_last the memory format.
 from __future__ import annotations
 
 import copy
-import ctypes
 import io
 import json
 import math
-import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -35,6 +33,7 @@ from .data.dataset import _mix
 from .errors import CheckpointError, ConfigError, TrainingError
 from .models import Family, family_class
 from .sample import grid, preview
+from .runtime.host import keep_freed_memory
 from .tboard import Board, check_logger
 
 
@@ -175,32 +174,6 @@ def all_finite(tensors: list[torch.Tensor]) -> bool:
     if tensors[0].device.type != "cpu":
         return bool(torch.isfinite(torch.nn.utils.get_total_norm(tensors, norm_type=math.inf)))
     return bool(torch.stack([t.abs().amax() for t in tensors]).isfinite().all())
-
-
-# glibc's malloc hands blocks above a moving threshold (at most 32 MiB) to mmap, and gives the top of its
-# heap back to the OS once more than twice that is free. A training step frees and reallocates the same
-# few-MB feature maps every time, so by default many come back as fresh pages that fault in one by one
-# (about 10,000 page faults a step for the DCGAN at batch 128, 5-7% of its CPU step). Keeping freed
-# memory in the process up to these sizes makes each step reuse the pages of the last one.
-MALLOC_KEEP_BYTES = 1 << 30
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3     # mallopt parameters (malloc.h)
-
-
-def keep_freed_memory() -> bool:
-    """On glibc, keep freed blocks of up to MALLOC_KEEP_BYTES in the heap instead of returning them to
-    the OS. Both thresholds are set together: a fixed trim threshold alone would switch off glibc's
-    adaptive mmap threshold and leave it at 128 KiB. Returns whether glibc took the setting (False
-    elsewhere: musl, macOS, Windows, where nothing is changed)."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(None)
-    except OSError:
-        return False
-    if not hasattr(libc, "gnu_get_libc_version"):   # only glibc has it; musl's mallopt does nothing
-        return False
-    return bool(libc.mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(MALLOC_KEEP_BYTES))
-                and libc.mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(MALLOC_KEEP_BYTES)))
 
 
 def progress_bar(tc: TrainConfig, start: int, progress: bool) -> tqdm:

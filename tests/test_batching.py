@@ -1,5 +1,5 @@
 """Sampling without a fixed 16-image micro-batch: a short chunk is padded only as far as the network
-was found to round every row as a full chunk does (models/base.run_fixed_batch, exact_rows), and a
+was found to round every row as a full chunk does (runtime/batching.run_fixed_batch, exact_rows), and a
 Linear's products at inference round a row alike wherever it sits (nets.layers.Linear)."""
 
 from __future__ import annotations
@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from imagegen.models import base
-from imagegen.models.base import SAMPLE_MICRO_BATCH, eval_mode, exact_rows, run_fixed_batch, wide_rows
+from imagegen.runtime import batching as base
+from imagegen.models.base import eval_mode
+from imagegen.runtime.batching import SAMPLE_MICRO_BATCH, exact_rows, run_fixed_batch, wide_rows
 from imagegen.nets import layers
 from imagegen.nets.layers import ONEDNN_MIN_WEIGHTS, Linear
 
@@ -118,7 +119,7 @@ def test_a_linear_row_at_inference_has_the_same_bits_wherever_it_sits_and_howeve
     inputs to 32 or 64 outputs: rows 4-7 of 16 rounded otherwise), so under ATEN_CPU_CAPABILITY=avx2
     MKL_ENABLE_INSTRUCTIONS=AVX2 this checks what Linear's products are there for; 2-D inputs take
     oneDNN's inner product, or (onednn=False, as without oneDNN) the batched product. Token inputs (3-D)
-    from two samples on: one sample of many rows may be split across threads (base.exact_rows then pads
+    from two samples on: one sample of many rows may be split across threads (batching.exact_rows then pads
     it)."""
     if not onednn:
         monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)

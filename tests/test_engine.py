@@ -20,7 +20,7 @@ from PIL import Image
 
 import imagegen
 from imagegen.cli import main
-from imagegen.engine import engine_of, use_engine
+from imagegen.runtime.engine import engine_of, use_engine
 from imagegen.errors import ConfigError
 from imagegen.models.base import adam
 from imagegen.sample import generate

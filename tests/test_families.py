@@ -78,7 +78,7 @@ def test_train_save_reload_gives_the_same_samples(tmp_path, family):
     # Per-seed reproducibility: the batch size changes nothing.
     one = generate(run.model, [3, 5, 8], labels=None if labels is None else labels[[3, 5, 8]], batch_size=1)
     assert torch.equal(one, images[[3, 5, 8]])
-    # A large batch may run several 16-row chunks in one call (base.wide_rows), and a seed list that starts
+    # A large batch may run several 16-row chunks in one call (runtime.batching.wide_rows), and a seed list that starts
     # elsewhere puts every seed at another place in its chunk (a guided batch also moves the null rows):
     # still the same bits. Seeds 5..74 at batch 70 against 0..79 at batch 16.
     lab80 = torch.arange(80) % k if k else None

@@ -193,7 +193,7 @@ def test_keep_freed_memory_stops_the_page_faults_of_a_reallocated_block():
     import sys
     script = """
 import resource, torch
-from imagegen.train import keep_freed_memory
+from imagegen.runtime.host import keep_freed_memory
 def faults():
     x = torch.empty(10_000_000); x.fill_(1); del x
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

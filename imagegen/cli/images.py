@@ -10,7 +10,7 @@ import torch
 from ..checkpoint import load_run
 from ..config import Range
 from ..directions import direction_shift
-from ..engine import use_engine
+from ..runtime.engine import use_engine
 from ..errors import ConfigError
 from ..models.ddpm import RESAMPLE, STRENGTH
 from ..sample import (BATCH_SIZE, FRAMES, PAD, SEED, SIDES, extend_image, generate, grid, interpolate, interpolate_images,

@@ -8,7 +8,7 @@ import argparse
 from pathlib import Path
 
 from ..config import Range, field_ranges
-from ..engine import ENGINES
+from ..runtime.engine import ENGINES
 from ..errors import ConfigError
 from ..models import REGISTRY
 from ..sample import check_options, resolve_labels

@@ -30,7 +30,8 @@ from ..nets.unet import UNet
 from ..solvers import Noise
 from ..text import DIM as TEXT_DIM
 from ..text import MAX_TOKENS, TextEmbedding, encoder_id
-from .base import ExportSpec, Family, Generators, adam, eval_mode, per_item_normal, per_item_uniform, run_fixed_batch
+from ..runtime.batching import run_fixed_batch
+from .base import ExportSpec, Family, Generators, adam, eval_mode, per_item_normal, per_item_uniform
 
 
 LAYOUT_BATCH = 32   # captions per update of the layout prior's first stage (BackboneFamily.prepare)

@@ -54,12 +54,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, ExportError
-
-# Networks run this many images at a time when sampling (run_fixed_batch), because CPU kernels pick
-# different blockings, hence different float rounding, for different batch sizes. Every image is rounded
-# as in a chunk of this size, so it is bit-identical whatever batch size the user asks for (fewer rows,
-# or several chunks in one call, only where a check found the same bits: exact_rows, wide_rows).
-SAMPLE_MICRO_BATCH = 16
+from ..runtime.batching import cached_on, is_channels_last
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
 
@@ -219,28 +214,12 @@ def adam(params, lr: float, betas: tuple[float, float] = (0.9, 0.999)) -> torch.
     return torch.optim.Adam(params, lr=lr, betas=betas, fused=True)
 
 
-# A family's modules and tensors are made with it: weights change in place (optimizer steps, EMA,
-# load_state_dict) or have their data swapped (module.to), but stay the same tensor objects. So what a
-# sampling call looks up in them on every call (at one image, a DCGAN's network takes under 0.5 ms under
-# the onnxruntime engine, and each walk over the modules about 10 us) is found once and kept on the module.
-
-def _kept(module: nn.Module, name: str, find):
-    if name not in module.__dict__:
-        module.__dict__[name] = find()
-    return module.__dict__[name]
-
-
 def _all_modules(module: nn.Module) -> list[nn.Module]:
-    return _kept(module, "_all_modules", lambda: list(module.modules()))
+    return cached_on(module, "_all_modules", lambda: list(module.modules()))
 
 
 def _first_tensor(module: nn.Module) -> torch.Tensor:
-    return _kept(module, "_first_tensor", lambda: next(itertools.chain(module.parameters(), module.buffers())))
-
-
-def _first_conv(module: nn.Module) -> torch.Tensor | None:
-    """The first 4-D parameter (a convolution's weight), whose memory layout the rounding checks key on."""
-    return _kept(module, "_first_conv", lambda: next((p for p in module.parameters() if p.dim() == 4), None))
+    return cached_on(module, "_first_tensor", lambda: next(itertools.chain(module.parameters(), module.buffers())))
 
 
 @contextlib.contextmanager
@@ -279,130 +258,12 @@ def _per_item(draw, n: int, shape: tuple[int, ...], generator: Generators, devic
     return torch.stack([draw(shape, generator=g, device=g.device) for g in generator]).to(device)
 
 
-def run_fixed_batch(fn: Callable[..., torch.Tensor], *xs: torch.Tensor | None, owner: nn.Module,
-                    micro: int = SAMPLE_MICRO_BATCH) -> torch.Tensor:
-    """fn(*xs) in chunks of `micro` rows, with each row's result exactly what it is in a full chunk.
-    Every x has the same number of rows; None passes through unchanged.
-
-    A full chunk runs as it is. The last, short chunk of k rows (one image, say) is padded with zero
-    rows only up to the least row count >= k that `exact_rows` found to round each row as a full chunk
-    does, not to `micro`, so one image costs a fraction of a full chunk. A large batch runs several full
-    chunks in one call where `wide_rows` found that call to give every row the bits of its own chunk.
-    Either way an image is the same whatever batch it is drawn in. `owner` (the family) keeps the
-    checks; `fn` must be the same computation each time it is given with the same code."""
-    key = _check_key(fn, xs, owner)
-    engine = owner.__dict__.get("engine")   # imagegen.engine.use_engine: another engine runs fn at inference
-    if engine is not None and not (torch.is_grad_enabled() or owner.training):
-        fn, key = engine.graph(fn, xs, owner, key), (engine.name, *key)   # the checks are of the graph
-    n = next(x for x in xs if x is not None).shape[0]
-    wide = wide_rows(fn, xs, owner, micro, key) if n >= min(WIDE_ROWS) else micro
-    outs, i = [], 0
-    while i < n:
-        k = wide if n - i >= wide else min(micro, n - i)
-        chunks = [None if x is None else x[i:i + k] for x in xs]
-        if k < micro:
-            rows = next(r for r in exact_rows(fn, chunks, owner, micro, key) if r >= k)
-            chunks = [None if x is None else _pad_rows(x, rows) for x in chunks]
-        outs.append(fn(*chunks)[:k])
-        i += k
-    return outs[0] if len(outs) == 1 else torch.cat(outs)
-
-
-# Row counts, multiples of SAMPLE_MICRO_BATCH, that run_fixed_batch tries as one call for a large batch:
-# the distilled student runs 256 images 1.4x faster in calls of 64 rows than of 16 (machine B), with the
-# same bits. Only for inputs of at most WIDE_MAX_NUMEL numbers in all, so that memory stays bounded.
-WIDE_ROWS = (64, 32)
-WIDE_MAX_NUMEL = 64 * 3 * 64 * 64
-
-
-def _check_key(fn: Callable[..., torch.Tensor], xs: Sequence[torch.Tensor | None], owner: nn.Module) -> tuple:
-    """What a rounding check depends on: fn's code and owner, the inputs' row shapes, dtypes and layouts,
-    the device, the weights' layout, the thread count, train and grad modes."""
-    x0 = next(x for x in xs if x is not None)
-    param = _first_conv(owner)
-    layout = None if param is None else (param.is_contiguous(), param.is_contiguous(memory_format=torch.channels_last))
-    code = getattr(getattr(fn, "__func__", fn), "__code__", None)
-    return (id(fn) if code is None else code, getattr(fn, "__self__", None) is not None and id(fn.__self__),
-            tuple(None if x is None else (tuple(x.shape[1:]), x.dtype, x.is_contiguous()) for x in xs),
-            x0.device, layout, torch.get_num_threads(), owner.training, torch.is_grad_enabled())
-
-
-def probe_rows(xs: Sequence[torch.Tensor | None], rows: int) -> list[torch.Tensor | None]:
-    """`rows` rows made from xs's (cycled, floats perturbed: _perturbed), to check or trace a function on."""
-    x0 = next(x for x in xs if x is not None)
-    gen = torch.Generator().manual_seed(0)
-    idx = torch.arange(rows) % x0.shape[0]
-    return [None if x is None else _perturbed(x, idx, gen) for x in xs]
-
-
-def exact_rows(fn: Callable[..., torch.Tensor], xs: Sequence[torch.Tensor | None], owner: nn.Module,
-               micro: int = SAMPLE_MICRO_BATCH, key: tuple | None = None) -> tuple[int, ...]:
-    """The row counts k (ascending, `micro` always last) for which fn on a k-row input gives bit for bit
-    the first k rows of its output on a `micro`-row input.
-
-    Found once per `_check_key` on a probe of `micro` rows made from the given rows, by running every
-    prefix. The answer depends on the CPU: on a 2-core AMD EPYC every channels-last convolution passed at
-    one image; on a 2-core Intel Xeon with AMX a convolution of one image rounds differently, and an
-    elementwise sigmoid whose length is an odd multiple of 16 floats computes its last vector another
-    way; one matrix product of few rows differed on both (nets.layers.Linear now takes products that
-    round a row alike wherever it sits). The result is kept on `owner`; a count that fails only costs
-    speed (the caller pads past it). `key`: fn's and xs's `_check_key`, where the caller has it."""
-    key = ("exact", micro, *(key or _check_key(fn, xs, owner)))
-    found = owner.__dict__.setdefault("_exact_rows", {})
-    if key not in found:
-        probe = probe_rows(xs, micro)
-        full = fn(*probe)       # under the caller's grad mode, which the key includes
-        found[key] = tuple(k for k in range(1, micro)
-                           if torch.equal(fn(*[None if p is None else p[:k] for p in probe]), full[:k])) + (micro,)
-    return found[key]
-
-
-def wide_rows(fn: Callable[..., torch.Tensor], xs: Sequence[torch.Tensor | None], owner: nn.Module,
-              micro: int = SAMPLE_MICRO_BATCH, key: tuple | None = None) -> int:
-    """The largest of WIDE_ROWS for which fn on that many rows gives every row bit for bit what fn gives
-    it in its own chunk of `micro` rows, or `micro` when none does (or the input is too large). Found
-    once per `_check_key` on a probe made from the given rows (a matrix product or a convolution may
-    block a larger batch otherwise, hence round otherwise); kept on `owner` beside exact_rows."""
-    key = ("wide", micro, *(key or _check_key(fn, xs, owner)))
-    found = owner.__dict__.setdefault("_exact_rows", {})
-    if key not in found:
-        per_row = sum(x[0].numel() for x in xs if x is not None)
-        sizes = [w for w in WIDE_ROWS if w % micro == 0 and w > micro and w * per_row <= WIDE_MAX_NUMEL]
-        found[key] = micro
-        if sizes:
-            probe = probe_rows(xs, max(sizes))
-            own = torch.cat([fn(*[None if p is None else p[j:j + micro] for p in probe])
-                             for j in range(0, max(sizes), micro)])
-            found[key] = next((w for w in sorted(sizes, reverse=True)
-                               if torch.equal(fn(*[None if p is None else p[:w] for p in probe]), own[:w])), micro)
-    return found[key]
-
-
-def _perturbed(x: torch.Tensor, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """x's rows idx, in x's memory layout; float rows made distinct by a little noise (so a kernel that
-    mixed rows would show), integer rows (labels, timesteps) kept as they are, so they stay valid."""
-    y = x[idx]
-    if y.is_floating_point():
-        y = y + 0.01 * torch.randn(y.shape, generator=gen).to(y.device, y.dtype)
-    return y.contiguous(memory_format=torch.channels_last) if _is_channels_last(x) else y
-
-
-def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
-    if x.shape[0] == rows:
-        return x
-    return torch.cat([x, x.new_zeros((rows - x.shape[0], *x.shape[1:]))])
-
-
 # --- memory layout: networks trained channels-last (train.channels_last) keep one layout throughout ----
 # An elementwise backward op whose two inputs have different layouts (one NCHW, one channels-last) runs
 # unvectorised: 8x slower for a LeakyReLU backward on a 2-core AVX2 CPU. A flatten before a linear
 # head, or a linear projection viewed as a feature map, is where a channels-last network would meet
 # an NCHW tensor; these helpers keep that from happening. The math is unchanged: the flatten's numbers
 # are the same, and a convolution reading a channels-last input rounds differently at most.
-
-def _is_channels_last(x: torch.Tensor) -> bool:
-    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-
 
 def flat_view(h: torch.Tensor, *weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """A feature map h (N x C x H x W) as N x CHW rows, and each weight (rows x CHW, its columns in
@@ -411,7 +272,7 @@ def flat_view(h: torch.Tensor, *weights: torch.Tensor) -> tuple[torch.Tensor, ..
     the weights' columns are permuted instead: a weight is far smaller than a batch of feature maps (one
     D head: 6272 numbers against a 3 MB map at batch 128), and the gradient comes back channels-last
     without a copy either."""
-    if not _is_channels_last(h):
+    if not is_channels_last(h):
         return (h.flatten(1), *weights)
     n, c, rows, cols = h.shape
     return (h.permute(0, 2, 3, 1).reshape(n, -1),
@@ -421,7 +282,7 @@ def flat_view(h: torch.Tensor, *weights: torch.Tensor) -> tuple[torch.Tensor, ..
 class _FlattenKeepingLayout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        ctx.shape, ctx.channels_last = x.shape, _is_channels_last(x)
+        ctx.shape, ctx.channels_last = x.shape, is_channels_last(x)
         return x.flatten(1)
 
     @staticmethod
@@ -443,4 +304,4 @@ def as_feature_map(x: torch.Tensor, channels: int, side: int, net: nn.Module) ->
     of `net` are (the model was moved to channels-last), so batch norm and its backward see one layout."""
     x = x.view(-1, channels, side, side)
     conv = next((p for p in net.parameters() if p.dim() == 4), None)
-    return x.contiguous(memory_format=torch.channels_last) if conv is not None and _is_channels_last(conv) else x
+    return x.contiguous(memory_format=torch.channels_last) if conv is not None and is_channels_last(conv) else x

@@ -37,7 +37,8 @@ from torch import nn
 from ..config import MAX_COUNT, MAX_IMAGE_SIZE, MAX_WEIGHT, MAX_WIDTH, ranged
 from ..errors import ConfigError
 from ..nets.layers import Conv2d, ConvTranspose2d
-from .base import ExportSpec, Family, Generators, adam, eval_mode, run_fixed_batch
+from ..runtime.batching import run_fixed_batch
+from .base import ExportSpec, Family, Generators, adam, eval_mode
 
 Direction = Literal["a2b", "b2a"]
 DIRECTIONS = ("a2b", "b2a")

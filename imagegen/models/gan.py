@@ -33,7 +33,8 @@ from ..config import MAX_IMAGE_SIZE, MAX_WEIGHT, MAX_WIDTH, Range, ranged
 from ..errors import ConfigError
 from ..nets.layers import Conv2d, ConvTranspose2d, Linear
 from .base import (ExportSpec, Family, Generators, adam, as_feature_map, eval_mode, first_activation_after_conv, flat_view,
-                   per_item_normal, run_fixed_batch)
+                   per_item_normal)
+from ..runtime.batching import run_fixed_batch
 
 # Sampling options' ranges (the CLI's --truncation and --drs, and sample()).
 TRUNCATION = Range(0.0, 10.0, float)

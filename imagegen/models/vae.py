@@ -43,7 +43,8 @@ from ..config import MAX_IMAGE_SIZE, MAX_WEIGHT, MAX_WIDTH, Range, ranged
 from ..errors import ConfigError
 from ..nets.layers import Conv2d, ConvTranspose2d, Linear
 from .base import (ExportSpec, Family, Flatten, Generators, adam, as_feature_map, eval_mode, first_activation_after_conv,
-                   per_item_normal, run_fixed_batch)
+                   per_item_normal)
+from ..runtime.batching import run_fixed_batch
 from .gan import layout
 
 TEMPERATURE = Range(0.0, 10.0, float, lo_open=True)   # the CLI's --temperature and sample()

@@ -104,7 +104,7 @@ class Conv2d(nn.Conv2d):
     machine B). One image gains most: the DCGAN's 3x3 128 -> 128 convolution at 7 x 7 takes 78 us for it,
     and the plain op, which rounds one image otherwise than a batch there, needed two (214 us), where the
     packed op rounds it as in a batch. Where oneDNN does round one image otherwise, packed or not (a 32 ->
-    16 transposed convolution on machine B), base.exact_rows still pads it. Training and export use the
+    16 transposed convolution on machine B), runtime.batching.exact_rows still pads it. Training and export use the
     plain op; so does a weight that is not a parameter (spectral norm makes a new one every call)."""
 
     def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

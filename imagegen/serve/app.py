@@ -31,7 +31,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from ..directions import direction_shift
-from ..engine import check_engine
+from ..runtime.engine import check_engine
 from ..errors import ImagegenError
 from ..sample import SEED, check_latent, extend_image, generate, hwc_to_float, interpolate, to_mask
 from ..version import __version__

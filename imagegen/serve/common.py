@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..checkpoint import Run, load_run
 from ..directions import MAX_DIRECTIONS
-from ..engine import engine_of, use_engine
+from ..runtime.engine import engine_of, use_engine
 from ..data.folder import decode_image
 from ..errors import ImagegenError, ImageTooLargeError
 from ..models.ddpm import ETA

@@ -9,14 +9,14 @@ Python runs around it. onnxruntime runs each
 convolution of one image as one matrix product of its own, with little around it.
 
 The promise holds under either engine: an image depends only on its seed, the weights and the engine.
-`models/base.run_fixed_batch` hands this engine the function it would call (the sampling network) and
+`runtime/batching.run_fixed_batch` hands this engine the function it would call (the sampling network) and
 checks what comes back as it checks torch: `exact_rows` finds the row counts that round each row as in a
 full chunk, `wide_rows` the larger calls that do (onnxruntime computes each image of a convolution on its
 own, so on machines A and B of the README every count passed and one image runs alone). The two engines' images differ
 by float rounding (about 1e-6; the export check allows 1e-4), so the same seed can differ by one level in
 a few pixels between them: the engine is part of the command that draws an image (`--engine`).
 
-Each function is exported once per input signature (`base._check_key`: its code, the rows' shapes,
+Each function is exported once per input signature (`batching.check_key`: its code, the rows' shapes,
 dtypes, threads...) with a dynamic batch dimension, checked against torch on a probe, and exported again after
 any change to the weights (an optimizer step included). Exporting costs seconds (a DCGAN's generator
 about 3 s, a U-Net more), so the engine is for a model that samples many times: `imagegen sample`,
@@ -31,9 +31,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import ConfigError
-from .export import TOLERANCE, ExportError, onnx_proto, require_onnx
-from .nets.layers import optimizer_steps
+from ..errors import ConfigError, ExportError
+from ..export import TOLERANCE, onnx_proto, require_onnx
+from ..nets.layers import optimizer_steps
+from .batching import probe_rows
 
 ENGINES = ("torch", "onnxruntime")
 PROBE_ROWS = 3    # the rows a function is traced and checked on (not 1: the exporter would fix the batch at 1)
@@ -107,7 +108,6 @@ class OnnxGraph:
             self.weights = weights
 
     def _export(self, xs: Sequence[torch.Tensor | None]):
-        from .models.base import probe_rows
         ort = require_onnx("--engine onnxruntime")
         probe = [x for x in probe_rows(xs, PROBE_ROWS) if x is not None]
         names = [f"x{i}" for i in range(len(probe))]
