@@ -29,7 +29,7 @@ from . import checkpoint as ckpt
 from . import distributed
 from .config import MAX_BATCH, MAX_COUNT, MAX_SEED, from_dict, ranged, to_dict, validate
 from .data import DataConfig, ImageDataset, load_data
-from .data.dataset import _mix
+from .data.dataset import mix_seed
 from .errors import CheckpointError, ConfigError, TrainingError
 from .models import Family, family_class
 from .sample import grid, preview
@@ -197,7 +197,7 @@ def advance(bar: tqdm, tc: TrainConfig, done: int, elapsed: float) -> None:
 
 
 def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
-    return torch.Generator(device).manual_seed(_mix(seed, step))
+    return torch.Generator(device).manual_seed(mix_seed(seed, step))
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -304,7 +304,7 @@ def _train(cfg: RunConfig, d: distributed.Dist | None, main: bool, device: torch
     window: dict[str, list[float]] = {}
     window_time, window_images, bad_in_a_row = 0.0, 0, 0
     # Each rank draws its own noise: generators seeded by (run seed, rank, step) in a distributed run.
-    noise_seed = tc.seed if d is None else _mix(tc.seed, 0xD15, d.rank)
+    noise_seed = tc.seed if d is None else mix_seed(tc.seed, 0xD15, d.rank)
 
     def save(step: int) -> None:
         ckpt.save_checkpoint(

@@ -169,3 +169,13 @@ def test_the_rule_sees_both_kinds(tmp_path):
                               "w = model.name in ('ddpm', 'flow')\n")
     assert sorted(line.split(": ", 1)[0] for line in outside_the_families(pkg)) == ["imagegen/a.py:1"] * 2 + \
         ["imagegen/a.py:3", "imagegen/a.py:5"]
+
+
+def test_no_module_imports_another_modules_private_names():
+    private = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module != "__future__":
+                private += [f"{path.relative_to(PACKAGE.parent)}:{node.lineno}: {a.name}" for a in node.names
+                            if a.name.startswith("_") and not a.name.startswith("__")]
+    assert private == []

@@ -106,7 +106,7 @@ class ImageDataset:
         epoch, pos = divmod(step, spe)
         if batch_size > len(self):
             # Tiny datasets: draw with replacement rather than refuse to train.
-            g = torch.Generator().manual_seed(_mix(seed, epoch))
+            g = torch.Generator().manual_seed(mix_seed(seed, epoch))
             return self.batch(torch.randint(len(self), (batch_size,), generator=g))
         perm = self._permutation(seed, epoch)
         return self.batch(perm[pos * batch_size:(pos + 1) * batch_size])
@@ -115,13 +115,13 @@ class ImageDataset:
         key = (seed, epoch)
         cached = getattr(self, "_perm_cache", None)
         if cached is None or cached[0] != key:
-            g = torch.Generator().manual_seed(_mix(seed, epoch))
+            g = torch.Generator().manual_seed(mix_seed(seed, epoch))
             cached = (key, torch.randperm(len(self), generator=g))
             self._perm_cache = cached
         return cached[1]
 
 
-def _mix(*values: int) -> int:
+def mix_seed(*values: int) -> int:
     """Combine integers into one 63-bit seed (splitmix64-style), so nearby inputs give unrelated seeds."""
     x = 0x9E3779B97F4A7C15
     for v in values:

@@ -81,7 +81,7 @@ def scan_zip(path: str | Path, size: int, channels: int | None) -> ImageFiles:
 
 def _first_image(zf: zipfile.ZipFile, names: list[str]) -> tuple[int, bool]:
     """(side, grayscale?) of the first readable image, from its header: dataset_tool writes every image
-    at one size; grayscale by its mode, as a folder's channels are guessed (folder._guess_channels)."""
+    at one size; grayscale by its mode, as a folder's channels are guessed (folder.guess_channels)."""
     for n in names[:16]:
         try:
             with Image.open(io.BytesIO(zf.read(n))) as img:

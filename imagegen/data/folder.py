@@ -137,7 +137,7 @@ def decode_image(source: Path | BinaryIO, name: str, size: int | None, channels:
     return arr[:, :, None] if arr.ndim == 2 else arr
 
 
-def _guess_channels(files: list[tuple[Path, str | None]]) -> int:
+def guess_channels(files: list[tuple[Path, str | None]]) -> int:
     """1 when the first readable images are all grayscale, else 3."""
     seen = 0
     for p, _ in files:
@@ -207,7 +207,7 @@ def scan_folder(root: str | Path, size: int, channels: int | None, *, classes: b
                     if p not in captions]
         files = [(p, c) for p, c in files if p in captions]
     if channels is None:
-        channels = _guess_channels(files)
+        channels = guess_channels(files)
     class_index = {c: i for i, c in enumerate(class_names)}
     return ImageFiles(keys=[p for p, _ in files], labels=[class_index[c] if c is not None else -1 for _, c in files],
                       captions=[captions[p] for p, _ in files] if captions else [], classes=class_names,

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError, DataError
-from .dataset import ImageDataset, _mix, norm_name
-from .folder import _guess_channels, list_images, load_folder
+from .dataset import ImageDataset, mix_seed, norm_name
+from .folder import guess_channels, list_images, load_folder
 
 SPLIT_FOLDERS = {"train": ("trainA", "trainB"), "test": ("testA", "testB")}
 
@@ -65,7 +65,7 @@ class PairedDataset:
         """Unpaired: each domain walks its own permutations (seeded differently), dropping its last
         incomplete batch, so the batch depends only on (seed, step) and resume stays exact."""
         return {"a": self.a.batch_at(step, batch_size, seed)["image"],
-                "b": self.b.batch_at(step, batch_size, _mix(seed, 0xB))["image"]}
+                "b": self.b.batch_at(step, batch_size, mix_seed(seed, 0xB))["image"]}
 
     def labelled_view(self) -> ImageDataset:
         """Both domains as one labelled dataset (label 0 = A, 1 = B): what a domain classifier trains on."""
@@ -132,7 +132,7 @@ def from_folders(spec: str, root: str, split: str, size: int, channels: int, lim
         if not files:
             raise DataError(f"--data {spec!r}: domain folder {f} is empty (no .png, .jpg or .webp images)")
     # One channel count for both domains: the data config's, else colour if either domain has colour.
-    channels = channels or max(_guess_channels(files) for files in listed)
+    channels = channels or max(guess_channels(files) for files in listed)
     notes, domains = [], []
     for f in folders:
         images, _, _, skipped, converted, _ = load_folder(f, size, channels, classes=False)

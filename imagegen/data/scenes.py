@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .shapes import _convex_inside, _regular
+from .shapes import convex_inside, regular_polygon
 
 SHAPES = ("circle", "square", "triangle", "star")
 COLOURS = {   # name -> RGB in [0, 1]; each object's colour is jittered by up to COLOUR_JITTER per channel
@@ -145,15 +145,15 @@ def _masks(shape: str, cx, cy, r, theta, px, py) -> np.ndarray:
     if shape == "circle":
         return (X - cx[:, None]) ** 2 + (Y - cy[:, None]) ** 2 <= r[:, None] ** 2
     if shape == "square":
-        return _convex_inside(X, Y, *_regular(cx, cy, r * 1.1, theta + np.pi / 4, 4))
+        return convex_inside(X, Y, *regular_polygon(cx, cy, r * 1.1, theta + np.pi / 4, 4))
     if shape == "triangle":
-        return _convex_inside(X, Y, *_regular(cx, cy, r * 1.2, theta - np.pi / 2, 3))
+        return convex_inside(X, Y, *regular_polygon(cx, cy, r * 1.2, theta - np.pi / 2, 3))
     # a five-pointed star, point up: the union of five convex kites (centre, inner, outer, inner vertex)
-    ox, oy = _regular(cx, cy, r * 1.25, theta - np.pi / 2, 5)
-    ix, iy = _regular(cx, cy, r * 0.52, theta - np.pi / 2 + np.pi / 5, 5)
+    ox, oy = regular_polygon(cx, cy, r * 1.25, theta - np.pi / 2, 5)
+    ix, iy = regular_polygon(cx, cy, r * 0.52, theta - np.pi / 2 + np.pi / 5, 5)
     m = np.zeros(X.shape, dtype=bool)
     for k in range(5):
-        m |= _convex_inside(X, Y, np.stack([cx, ix[:, k - 1], ox[:, k], ix[:, k]], 1),
+        m |= convex_inside(X, Y, np.stack([cx, ix[:, k - 1], ox[:, k], ix[:, k]], 1),
                             np.stack([cy, iy[:, k - 1], oy[:, k], iy[:, k]], 1))
     return m
 

@@ -18,7 +18,7 @@ SPLIT_SEED = {"train": 0, "test": 1}
 SUPERSAMPLE = 2
 
 
-def _convex_inside(px, py, vx, vy):
+def convex_inside(px, py, vx, vy):
     """Points (px, py: N x P) inside convex polygons with vertices (vx, vy: N x V, counter-clockwise)."""
     inside = np.ones(px.shape, dtype=bool)
     nv = vx.shape[1]
@@ -29,7 +29,7 @@ def _convex_inside(px, py, vx, vy):
     return inside
 
 
-def _regular(cx, cy, r, theta, n, radii=None):
+def regular_polygon(cx, cy, r, theta, n, radii=None):
     """Vertices (N x n) of a regular n-gon, or of a polygon with per-vertex radius factors `radii`."""
     k = np.arange(n)[None, :]
     ang = theta[:, None] + 2 * np.pi * k / n
@@ -61,18 +61,18 @@ def render(labels: np.ndarray, rng: np.random.Generator, size: int = 32) -> np.n
         if name == "circle":
             m = (X - a[:, None]) ** 2 + (Y - b[:, None]) ** 2 <= rr[:, None] ** 2
         elif name == "square":
-            m = _convex_inside(X, Y, *_regular(a, b, rr, t, 4))
+            m = convex_inside(X, Y, *regular_polygon(a, b, rr, t, 4))
         elif name == "triangle":
-            m = _convex_inside(X, Y, *_regular(a, b, rr * 1.1, t, 3))
+            m = convex_inside(X, Y, *regular_polygon(a, b, rr * 1.1, t, 3))
         else:
             # A five-pointed star is the union of five convex kites: centre, inner, outer, inner vertex.
-            ox, oy = _regular(a, b, rr * 1.15, t, 5)
-            ix, iy = _regular(a, b, rr * 0.47, t + np.pi / 5, 5)
+            ox, oy = regular_polygon(a, b, rr * 1.15, t, 5)
+            ix, iy = regular_polygon(a, b, rr * 0.47, t + np.pi / 5, 5)
             m = np.zeros(X.shape, dtype=bool)
             for k in range(5):
                 kx = np.stack([a, ix[:, k - 1], ox[:, k], ix[:, k]], 1)
                 ky = np.stack([b, iy[:, k - 1], oy[:, k], iy[:, k]], 1)
-                m |= _convex_inside(X, Y, kx, ky)
+                m |= convex_inside(X, Y, kx, ky)
         mask[sel] = m
     cover = mask.reshape(n, size, SUPERSAMPLE, size, SUPERSAMPLE).mean(axis=(2, 4))   # N x H x W in [0, 1]
     img = bg[:, :, None, None] + (fg - bg)[:, :, None, None] * cover[:, None]
