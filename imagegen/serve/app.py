@@ -47,7 +47,9 @@ STATIC = Path(__file__).resolve().parent.parent / "static"
 def create_app(runs_dir: str | Path, *, log=print, token: str | None = None, engine: str = "torch") -> FastAPI:
     """The app over the runs under runs_dir. `token`: what the routes that change anything (upload,
     train, cancel) require in their X-Imagegen-Token header; None = no token (loopback only: serve()).
-    `engine`: what runs the networks (imagegen.engine)."""
+    `engine`: what runs the networks (imagegen.runtime.engine)."""
+    from .studio import add_studio_routes
+    from .training import add_training_routes
     root = Path(runs_dir).resolve()
     if not root.is_dir():
         raise ImagegenError(f"{runs_dir}: not a folder")
@@ -56,7 +58,20 @@ def create_app(runs_dir: str | Path, *, log=print, token: str | None = None, eng
     app = FastAPI(title="imagegen", version=__version__,
                   description="Generate, interpolate, translate, inpaint and score images with trained imagegen runs.")
     app.state.runs, app.state.worker = runs, worker
+    api = Api(runs, worker, engine)
+    add_error_handlers(app)
+    add_generation_routes(app, api)
+    add_image_routes(app, api)
+    add_studio_routes(app, api)
+    add_training_routes(app, api, root, token)
+    add_page_routes(app, api)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
 
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Every refusal is one JSON line: busy and late are 503 with Retry-After, the library's typed errors
+    400, invalid fields 422 naming each field."""
     @app.exception_handler(Busy)
     async def busy(_: Request, __: Busy) -> JSONResponse:
         return JSONResponse({"detail": f"busy: {W.MAX_PENDING} requests in progress; retry shortly"}, status_code=503,
@@ -77,7 +92,10 @@ def create_app(runs_dir: str | Path, *, log=print, token: str | None = None, eng
         lines = [f"{'.'.join(str(p) for p in err.get('loc', [])[1:]) or 'body'}: {err.get('msg', 'invalid')}" for err in e.errors()]
         return JSONResponse({"detail": "; ".join(lines), "errors": _plain(e.errors())}, status_code=422)
 
-    api = Api(runs, worker, engine)
+
+def add_generation_routes(app: FastAPI, api: Api) -> None:
+    """/health, /api/models, /api/generate (micro-batched) and /api/interpolate."""
+    runs, worker = api.runs, api.worker
     get, labels_for, family_options, seed_range = api.get, api.labels_for, api.family_options, api.seed_range
     check_diffusion_work, generator_of = api.check_diffusion_work, api.generator_of
 
@@ -130,6 +148,12 @@ def create_app(runs_dir: str | Path, *, log=print, token: str | None = None, eng
         images = await worker.call(lambda: interpolate(served.model, req.seed_a, req.seed_b, req.frames, labels))
         return png_response(images, nrow=req.frames)
 
+
+def add_image_routes(app: FastAPI, api: Api) -> None:
+    """Routes that take an uploaded image or score samples: /api/translate, /api/inpaint, /api/analyse."""
+    worker, get, labels_for, family_options = api.worker, api.get, api.labels_for, api.family_options
+    seed_range, check_diffusion_work, generator_of = api.seed_range, api.check_diffusion_work, api.generator_of
+
     @app.post("/api/translate", response_class=Response, responses={200: {"content": {"image/png": {}}}})
     async def translate_route(model: str = Form(...), direction: Literal["a2b", "b2a"] = Form("a2b"),
                               image: UploadFile = File(...)) -> Response:
@@ -172,6 +196,11 @@ def create_app(runs_dir: str | Path, *, log=print, token: str | None = None, eng
         check_diffusion_work(served, req.n, {})
         return await worker.call(lambda: score_images(served.run, seeds, labels))
 
+
+def add_page_routes(app: FastAPI, api: Api) -> None:
+    """The page, the run folders' own files, and the OpenAPI schema with the served names as examples."""
+    runs = api.runs
+
     @app.get("/files/{model_and_path:path}", include_in_schema=False)
     async def run_file(model_and_path: str) -> FileResponse:
         # The longest served run name that prefixes the path, then a file strictly inside that run folder.
@@ -198,14 +227,7 @@ def create_app(runs_dir: str | Path, *, log=print, token: str | None = None, eng
                     prop["examples"] = sorted(runs)
             app.openapi_schema = schema
         return app.openapi_schema
-
-    from .studio import add_studio_routes
-    from .training import add_training_routes
-    add_studio_routes(app, api)
-    add_training_routes(app, api, root, token)
     app.openapi = openapi
-    app.mount("/static", StaticFiles(directory=STATIC), name="static")
-    return app
 
 
 def _plain(errors: list) -> list:
