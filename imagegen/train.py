@@ -14,8 +14,6 @@ or fp16 with a gradient scaler on CUDA); train.channels_last the memory format.
 from __future__ import annotations
 
 import copy
-import io
-import json
 import math
 import time
 from dataclasses import dataclass, field, replace
@@ -32,9 +30,9 @@ from .data import DataConfig, ImageDataset, load_data
 from .data.dataset import mix_seed
 from .errors import CheckpointError, ConfigError, TrainingError
 from .models import Family, family_class
-from .sample import grid, preview
+from .progress import RunWriter, Window
 from .runtime.host import keep_freed_memory
-from .tboard import Board, check_logger
+from .tboard import check_logger
 
 
 @dataclass
@@ -176,26 +174,6 @@ def all_finite(tensors: list[torch.Tensor]) -> bool:
     return bool(torch.stack([t.abs().amax() for t in tensors]).isfinite().all())
 
 
-def progress_bar(tc: TrainConfig, start: int, progress: bool) -> tqdm:
-    """The training bar: steps out of train.steps, or, under a time budget (train.time_limit), seconds out
-    of it, since such runs are usually given far more steps than they will make (`--steps 1000000`), and
-    a bar over those would show an ETA of days."""
-    if tc.time_limit:
-        return tqdm(total=tc.time_limit, disable=not progress, unit="s", desc="time budget", dynamic_ncols=True,
-                    mininterval=1.0, bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s "
-                                                "[{elapsed}<{remaining}{postfix}]")
-    return tqdm(total=tc.steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True, mininterval=1.0)
-
-
-def advance(bar: tqdm, tc: TrainConfig, done: int, elapsed: float) -> None:
-    """Move the bar to step `done`, or to `elapsed` seconds of the time budget (the bar ends full either way
-    when the run ends early)."""
-    if tc.time_limit:
-        bar.update(min(elapsed, tc.time_limit) - bar.n)
-    else:
-        bar.update(1)
-
-
 def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
     return torch.Generator(device).manual_seed(mix_seed(seed, step))
 
@@ -244,17 +222,72 @@ def _train(cfg: RunConfig, d: distributed.Dist | None, main: bool, device: torch
     if d is not None and tc.batch_size % d.world:
         raise ConfigError(f"train.batch_size {tc.batch_size} is the global batch: it must divide evenly over "
                           f"{d.world} processes")
+    ds = _training_data(cfg, dataset, main)
+    cfg = fit_model_to_data(cfg, ds)     # the model's size, channels and classes follow the data
+    model, ema, opts = _build(cfg, ds, device, d, amp_dtype, main)
+    run_dir, start, bad_total, started = _open_run(cfg, ds, model, ema, opts, d, device, main, out, resume)
+    steps = Steps(model, ema, opts, ds, cfg.train, d, device, amp_dtype)
+    writer = RunWriter(run_dir, tc, main, start, resume is not None, progress, ds, ema, opts, model.grad_scaler)
+    window, bad_in_a_row = Window(), 0
+    try:
+        model.train()
+        for step in range(start, tc.steps):
+            losses, bad, seconds = steps.update(step)
+            if bad:
+                bad_in_a_row, bad_total = bad_in_a_row + 1, bad_total + 1
+                if bad_in_a_row >= tc.max_bad_steps:
+                    raise TrainingError(
+                        f"stopped at step {step + 1}: {bad_in_a_row} steps in a row had a non-finite loss or "
+                        f"gradient (last losses {losses}); lower the learning rate or check the data"
+                    )
+            else:
+                bad_in_a_row = 0
+            window.add(losses, seconds, tc.batch_size)
 
-    # Data: held in memory; the model's size, channels and classes follow it.
+            # Logs, grids and checkpoints (rank 0).
+            done = step + 1
+            writer.advance(done, time.perf_counter() - started)
+            # A time budget ends the run at this step, with the log, grid and checkpoint of a normal end
+            # (in a distributed run, when any rank's clock says so: ranks must stop at the same step).
+            over = bool(tc.time_limit and time.perf_counter() - started >= tc.time_limit)
+            if d is not None and tc.time_limit:
+                over = distributed.average_values({"over": float(over)}, d, device)["over"] > 0
+            last = done == tc.steps or over
+            if done % tc.log_every == 0 or last:
+                writer.log(done, window, bad_total)
+                window = Window()
+            if (tc.sample_every and done % tc.sample_every == 0) or last:
+                writer.grid(done)
+            if done % tc.checkpoint_every == 0 or last:
+                # Every rank must hold the same weights; a mismatch is a bug worth stopping for.
+                if not distributed.same_everywhere(steps.params + steps.buffers, d):
+                    raise TrainingError(f"step {done}: the ranks' weights differ (they should be bit-identical)")
+                writer.save(done, model, bad_total)
+            if last:
+                break
+        if on_end is not None:
+            on_end(model, ema)
+    finally:
+        writer.close()
+    return run_dir
+
+
+def _training_data(cfg: RunConfig, dataset: ImageDataset | None, main: bool) -> ImageDataset:
+    """The data, held in memory (or the dataset given), its skipped files and notes reported by rank 0."""
     ds = dataset if dataset is not None else load_data(cfg.data)
     if main:
         for path, reason in ds.skipped:
             tqdm.write(f"skipped {path}: {reason}")
         for note in ds.notes:
             tqdm.write(f"note: {note}")
-    cfg = fit_model_to_data(cfg, ds)
+    return ds
 
-    # Model, built under the run seed without touching the global RNG, and its EMA copy.
+
+def _build(cfg: RunConfig, ds: ImageDataset, device: torch.device, d: distributed.Dist | None,
+           amp_dtype: torch.dtype | None, main: bool) -> tuple[Family, Family, dict[str, GuardedOptimizer]]:
+    """(the model, its EMA copy, its guarded optimizers): the model built under the run seed without
+    touching the global RNG, moved to the device in the run's memory format."""
+    tc = cfg.train
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(tc.seed)
         model: Family = family_class(cfg.family)(cfg.model)
@@ -266,8 +299,15 @@ def _train(cfg: RunConfig, d: distributed.Dist | None, main: bool, device: torch
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     model.grad_scaler = scaler
     opts = {k: GuardedOptimizer(o, d, scaler) for k, o in model.configure_optimizers(tc).items()}
+    return model, ema, opts
 
-    # Run folder: a new one (made by rank 0), or the one we resume (weights, EMA, optimizers and step restored).
+
+def _open_run(cfg: RunConfig, ds: ImageDataset, model: Family, ema: Family, opts: dict[str, GuardedOptimizer],
+              d: distributed.Dist | None, device: torch.device, main: bool, out, resume) -> tuple[Path, int, int, float]:
+    """(run folder, first step, bad steps so far, the time the clock of train.time_limit starts): a new
+    folder (made by rank 0) after the family's `prepare`, or the one resumed, with its weights, EMA,
+    optimizers and step restored. Rank 0 writes its config.json."""
+    tc = cfg.train
     start, bad_total = 0, 0
     if resume is not None:
         run_dir = Path(resume)
@@ -284,8 +324,9 @@ def _train(cfg: RunConfig, d: distributed.Dist | None, main: bool, device: torch
         bad_total = int(state["state"].get("bad_steps_total", 0))
         if start >= tc.steps:
             raise ConfigError(f"{run_dir} is already at step {start}; ask for more with --steps N > {start}")
+        started = time.perf_counter()
     else:
-        prepared = time.perf_counter()   # what prepare() fits counts against train.time_limit too
+        started = time.perf_counter()   # what prepare() fits counts against train.time_limit too
         model.prepare(ds, steps=tc.steps)
         ema.load_state_dict(model.state_dict())  # what prepare() computed (buffers) goes into the EMA copy too
         run_dir = ckpt.new_run_dir(Path(out), cfg.data.source, cfg.family) if main else None
@@ -295,125 +336,55 @@ def _train(cfg: RunConfig, d: distributed.Dist | None, main: bool, device: torch
         ckpt.write_json_atomic(run_dir / "config.json", {**cfg.to_json(), "classes": ds.classes, "data_source": ds.source,
                                                           "imagegen_version": _version(),
                                                           **({"world_size": d.world} if d else {})})
+    return run_dir, start, bad_total, started
 
-    params, ema_params = list(model.parameters()), list(ema.parameters())
-    buffers, ema_buffers = list(model.buffers()), list(ema.buffers())
-    log_file = (run_dir / "log.jsonl").open("a") if main else None
-    board = Board(run_dir, resume_step=start if resume is not None else None) if main and tc.logger == "tensorboard" else None
-    bar = progress_bar(tc, start, progress)
-    window: dict[str, list[float]] = {}
-    window_time, window_images, bad_in_a_row = 0.0, 0, 0
-    # Each rank draws its own noise: generators seeded by (run seed, rank, step) in a distributed run.
-    noise_seed = tc.seed if d is None else mix_seed(tc.seed, 0xD15, d.rank)
 
-    def save(step: int) -> None:
-        ckpt.save_checkpoint(
-            run_dir, step, model.state_dict(), ema.state_dict(),
-            {k: o.opt.state_dict() for k, o in opts.items()},
-            {"bad_steps_total": bad_total}, keep=tc.keep_checkpoints,
-        )
+class Steps:
+    """One training update at a time: the family's own (possibly alternating) step on this rank's share
+    of the batch, the guard against non-finite steps, and the EMA."""
 
-    def sample_grid(step: int) -> None:
-        images, per_row = preview(ema, ds, tc.grid_size)
-        picture = grid(images, nrow=per_row, scale=2 if images.shape[-1] < 48 else 1)
-        buf = io.BytesIO()
-        picture.save(buf, format="PNG")
-        # Atomically: the page's training panel serves the newest grid while the job runs.
-        ckpt.write_bytes_atomic(run_dir / "samples" / f"step-{step:07d}.png", buf.getvalue())
-        if board is not None:
-            board.image(step, "samples", picture)
+    def __init__(self, model: Family, ema: Family, opts: dict[str, GuardedOptimizer], ds: ImageDataset,
+                 tc: TrainConfig, d: distributed.Dist | None, device: torch.device, amp_dtype: torch.dtype | None):
+        self.model, self.opts, self.ds, self.tc, self.d, self.device, self.amp_dtype = model, opts, ds, tc, d, device, amp_dtype
+        self.params, self.ema_params = list(model.parameters()), list(ema.parameters())
+        self.buffers, self.ema_buffers = list(model.buffers()), list(ema.buffers())
+        # Each rank draws its own noise: generators seeded by (run seed, rank, step) in a distributed run.
+        self.noise_seed = tc.seed if d is None else mix_seed(tc.seed, 0xD15, d.rank)
 
-    started = time.perf_counter() if resume is not None else prepared
-    try:
-        model.train()
-        for step in range(start, tc.steps):
-            # One update: the family's own (possibly alternating) step on this rank's share of the batch.
-            t0 = time.perf_counter()
-            batch = distributed.shard(ds.batch_at(step, tc.batch_size, tc.seed), d)
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            if tc.channels_last:
-                batch = {k: v.contiguous(memory_format=torch.channels_last) if v.ndim == 4 else v for k, v in batch.items()}
-            saved_buffers = [b.clone() for b in buffers]
-            skipped_before = sum(o.skipped for o in opts.values())
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                losses = model.train_step(batch, opts, step_generator(noise_seed, step, device))
-            losses = distributed.average_values(losses, d, device)
+    def update(self, step: int) -> tuple[dict[str, float], bool, float]:
+        """(the step's losses, averaged over ranks; whether it was refused as non-finite; its seconds)."""
+        tc, d, device, opts, buffers = self.tc, self.d, self.device, self.opts, self.buffers
+        t0 = time.perf_counter()
+        batch = distributed.shard(self.ds.batch_at(step, tc.batch_size, tc.seed), d)
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        if tc.channels_last:
+            batch = {k: v.contiguous(memory_format=torch.channels_last) if v.ndim == 4 else v for k, v in batch.items()}
+        saved_buffers = [b.clone() for b in buffers]
+        skipped_before = sum(o.skipped for o in opts.values())
+        amp = self.amp_dtype
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            losses = self.model.train_step(batch, opts, step_generator(self.noise_seed, step, device))
+        losses = distributed.average_values(losses, d, device)
 
-            # Guard: the GuardedOptimizers already refused every update with a non-finite gradient; a step
-            # where that happened (or a loss is non-finite) is counted and its buffer updates rolled back.
-            # Gradients and losses are averaged over ranks, so every rank reaches the same verdict.
-            bad = sum(o.skipped for o in opts.values()) > skipped_before or not all(map(math.isfinite, losses.values()))
-            if bad:
-                for b, s in zip(buffers, saved_buffers):
-                    b.copy_(s)
-                bad_in_a_row += 1
-                bad_total += 1
-                if bad_in_a_row >= tc.max_bad_steps:
-                    raise TrainingError(
-                        f"stopped at step {step + 1}: {bad_in_a_row} steps in a row had a non-finite loss or "
-                        f"gradient (last losses {losses}); lower the learning rate or check the data"
-                    )
-            else:
-                bad_in_a_row = 0
-                distributed.broadcast_buffers(buffers, d)      # rank 0's batch-norm statistics, as DDP does
-                # EMA with warm-up, so early samples are not dominated by the random initial weights.
-                decay = min(tc.ema_decay, (1 + step) / (10 + step))
-                with torch.no_grad():     # one foreach call each, not one op per tensor (a launch each on a GPU)
-                    if ema_params:
-                        torch._foreach_lerp_(ema_params, params, 1.0 - decay)
-                    if ema_buffers:
-                        torch._foreach_copy_(ema_buffers, buffers)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            window_time += time.perf_counter() - t0
-            window_images += tc.batch_size
-            for k, v in losses.items():
-                window.setdefault(k, []).append(v)
-
-            # Logs, grids and checkpoints (rank 0).
-            done = step + 1
-            advance(bar, tc, done, time.perf_counter() - started)
-            # A time budget ends the run at this step, with the log, grid and checkpoint of a normal end
-            # (in a distributed run, when any rank's clock says so: ranks must stop at the same step).
-            over = bool(tc.time_limit and time.perf_counter() - started >= tc.time_limit)
-            if d is not None and tc.time_limit:
-                over = distributed.average_values({"over": float(over)}, d, device)["over"] > 0
-            last = done == tc.steps or over
-            if main and (done % tc.log_every == 0 or last):
-                means = {k: sum(v) / len(v) for k, v in window.items()}
-                record = {"step": done, "images_per_s": window_images / max(window_time, 1e-9),
-                          "bad_steps": bad_total, **means}
-                if scaler is not None:
-                    record["fp16_scale"] = scaler.get_scale()
-                log_file.write(json.dumps(record) + "\n")
-                log_file.flush()
-                if board is not None:
-                    board.scalars(done, means, "loss")
-                    board.scalars(done, {"images_per_s": record["images_per_s"], "bad_steps": bad_total}, "train")
-                    board.scalars(done, {k: o.param_groups[0]["lr"] for k, o in opts.items()}, "lr")
-                bar.set_postfix({**({"step": done} if tc.time_limit else {}), **{k: f"{v:.3f}" for k, v in means.items()},
-                                 "img/s": f"{record['images_per_s']:.0f}"})
-            if done % tc.log_every == 0 or last:
-                window, window_time, window_images = {}, 0.0, 0
-            if main and ((tc.sample_every and done % tc.sample_every == 0) or last):
-                sample_grid(done)
-            if done % tc.checkpoint_every == 0 or last:
-                # Every rank must hold the same weights; a mismatch is a bug worth stopping for.
-                if not distributed.same_everywhere(params + buffers, d):
-                    raise TrainingError(f"step {done}: the ranks' weights differ (they should be bit-identical)")
-                if main:
-                    save(done)
-            if last:
-                break
-        if on_end is not None:
-            on_end(model, ema)
-    finally:
-        bar.close()
-        if log_file is not None:
-            log_file.close()
-        if board is not None:
-            board.close()
-    return run_dir
+        # Guard: the GuardedOptimizers already refused every update with a non-finite gradient; a step
+        # where that happened (or a loss is non-finite) is counted and its buffer updates rolled back.
+        # Gradients and losses are averaged over ranks, so every rank reaches the same verdict.
+        bad = sum(o.skipped for o in opts.values()) > skipped_before or not all(map(math.isfinite, losses.values()))
+        if bad:
+            for b, s in zip(buffers, saved_buffers):
+                b.copy_(s)
+        else:
+            distributed.broadcast_buffers(buffers, d)      # rank 0's batch-norm statistics, as DDP does
+            # EMA with warm-up, so early samples are not dominated by the random initial weights.
+            decay = min(tc.ema_decay, (1 + step) / (10 + step))
+            with torch.no_grad():     # one foreach call each, not one op per tensor (a launch each on a GPU)
+                if self.ema_params:
+                    torch._foreach_lerp_(self.ema_params, self.params, 1.0 - decay)
+                if self.ema_buffers:
+                    torch._foreach_copy_(self.ema_buffers, buffers)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return losses, bad, time.perf_counter() - t0
 
 
 def _version() -> str:

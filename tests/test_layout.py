@@ -43,5 +43,5 @@ def test_the_solvers_and_the_backbones_import_nothing_of_imagegen():
 
 
 def test_the_checker_sees_relative_imports():
-    assert "sample" in imported_modules(PACKAGE / "train.py") and "models" in imported_modules(PACKAGE / "train.py")
+    assert "progress" in imported_modules(PACKAGE / "train.py") and "models" in imported_modules(PACKAGE / "train.py")
     assert "solvers" in imported_modules(PACKAGE / "models" / "ddpm.py")

@@ -1,0 +1,112 @@
+"""What a training run shows and writes as it goes (rank 0 only): the progress bar, log.jsonl and
+TensorBoard every train.log_every steps, sample grids from fixed seeds, and checkpoints. The loop in
+train.py decides when; this module how. `tc` is the run's TrainConfig (train.py, which imports this)."""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from . import checkpoint as ckpt
+from .sample import grid, preview
+from .tboard import Board
+
+
+def progress_bar(tc, start: int, progress: bool) -> tqdm:
+    """The training bar: steps out of train.steps, or, under a time budget (train.time_limit), seconds out
+    of it, since such runs are usually given far more steps than they will make (`--steps 1000000`), and
+    a bar over those would show an ETA of days."""
+    if tc.time_limit:
+        return tqdm(total=tc.time_limit, disable=not progress, unit="s", desc="time budget", dynamic_ncols=True,
+                    mininterval=1.0, bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s "
+                                                "[{elapsed}<{remaining}{postfix}]")
+    return tqdm(total=tc.steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True, mininterval=1.0)
+
+
+def advance(bar: tqdm, tc, done: int, elapsed: float) -> None:
+    """Move the bar to step `done`, or to `elapsed` seconds of the time budget (the bar ends full either way
+    when the run ends early)."""
+    if tc.time_limit:
+        bar.update(min(elapsed, tc.time_limit) - bar.n)
+    else:
+        bar.update(1)
+
+
+@dataclass
+class Window:
+    """The losses, seconds and images of the steps since the last log line."""
+    losses: dict[str, list[float]] = field(default_factory=dict)
+    seconds: float = 0.0
+    images: int = 0
+
+    def add(self, losses: dict[str, float], seconds: float, images: int) -> None:
+        self.seconds += seconds
+        self.images += images
+        for k, v in losses.items():
+            self.losses.setdefault(k, []).append(v)
+
+    def means(self) -> dict[str, float]:
+        return {k: sum(v) / len(v) for k, v in self.losses.items()}
+
+
+class RunWriter:
+    """Rank 0's outputs of a run (every method does nothing on the other ranks, but `close`)."""
+
+    def __init__(self, run_dir: Path, tc, main: bool, start: int, resumed: bool, progress: bool, ds, ema,
+                 opts: dict, scaler) -> None:
+        self.run_dir, self.tc, self.main, self.ds, self.ema, self.opts, self.scaler = run_dir, tc, main, ds, ema, opts, scaler
+        self.log_file = (run_dir / "log.jsonl").open("a") if main else None
+        self.board = (Board(run_dir, resume_step=start if resumed else None)
+                      if main and tc.logger == "tensorboard" else None)
+        self.bar = progress_bar(tc, start, progress)
+
+    def advance(self, done: int, elapsed: float) -> None:
+        advance(self.bar, self.tc, done, elapsed)
+
+    def log(self, done: int, window: Window, bad_total: int) -> None:
+        """One line of log.jsonl (and TensorBoard's scalars) for the window, and the bar's figures."""
+        if not self.main:
+            return
+        means = window.means()
+        record = {"step": done, "images_per_s": window.images / max(window.seconds, 1e-9), "bad_steps": bad_total, **means}
+        if self.scaler is not None:
+            record["fp16_scale"] = self.scaler.get_scale()
+        self.log_file.write(json.dumps(record) + "\n")
+        self.log_file.flush()
+        if self.board is not None:
+            self.board.scalars(done, means, "loss")
+            self.board.scalars(done, {"images_per_s": record["images_per_s"], "bad_steps": bad_total}, "train")
+            self.board.scalars(done, {k: o.param_groups[0]["lr"] for k, o in self.opts.items()}, "lr")
+        self.bar.set_postfix({**({"step": done} if self.tc.time_limit else {}), **{k: f"{v:.3f}" for k, v in means.items()},
+                              "img/s": f"{record['images_per_s']:.0f}"})
+
+    def grid(self, step: int) -> None:
+        """The EMA model's grid from fixed seeds, written atomically: the page's training panel serves the
+        newest grid while the job runs."""
+        if not self.main:
+            return
+        images, per_row = preview(self.ema, self.ds, self.tc.grid_size)
+        picture = grid(images, nrow=per_row, scale=2 if images.shape[-1] < 48 else 1)
+        buf = io.BytesIO()
+        picture.save(buf, format="PNG")
+        ckpt.write_bytes_atomic(self.run_dir / "samples" / f"step-{step:07d}.png", buf.getvalue())
+        if self.board is not None:
+            self.board.image(step, "samples", picture)
+
+    def save(self, step: int, model: torch.nn.Module, bad_total: int) -> None:
+        if self.main:
+            ckpt.save_checkpoint(self.run_dir, step, model.state_dict(), self.ema.state_dict(),
+                                 {k: o.opt.state_dict() for k, o in self.opts.items()},
+                                 {"bad_steps_total": bad_total}, keep=self.tc.keep_checkpoints)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.log_file is not None:
+            self.log_file.close()
+        if self.board is not None:
+            self.board.close()
