@@ -71,8 +71,16 @@ def test_train_save_reload_gives_the_same_samples(tmp_path, family):
     k = run.model.num_classes
     n = 16 if not k else k * math.ceil(16 / k)
     labels = torch.arange(n) % k if k else None
+    # Sampling runs without autograd: only then do the inference products round a row alike wherever it
+    # sits (nets/layers.Linear), which a batch-independent image needs on CPUs whose kernels would not.
+    grad_modes = []
+    hooks = [m.register_forward_pre_hook(lambda *_: grad_modes.append(torch.is_grad_enabled()))
+             for m in run.model.modules() if not list(m.children())]
     images = generate(run.model, list(range(n)), labels=labels)
+    for h in hooks:
+        h.remove()
     assert images.shape == (n, 3, 32, 32) and images.min() >= -1 and images.max() <= 1
+    assert (family == "random" or grad_modes) and not any(grad_modes)
     saved = np.asarray(Image.open(run_dir / "samples" / "step-0000006.png"))
     assert np.array_equal(np.asarray(grid(images, nrow=k or None, scale=2)), saved)
     # Per-seed reproducibility: the batch size changes nothing.

@@ -1,4 +1,6 @@
-"""The interface every model family implements, and the helpers that make sampling per-seed exact.
+"""The interface every model family implements, and the helpers the families share (per-image noise,
+eval mode, channels-last views); the fixed micro-batches that make sampling per-seed exact are in
+runtime/batching.py.
 
 | member                                  | contract                                                      |
 |-----------------------------------------|---------------------------------------------------------------|
@@ -8,7 +10,7 @@
 | `train_step(batch, opt, gen)`           | forward, losses, self.backward(loss), steps; {name: float}    |
 | `sample(n, *, labels, generator, ...)`  | n x C x H x W in [-1, 1]                                      |
 | `fit_config(cfg, dataset)` (classmethod)| the config completed from the data (size, channels, classes)  |
-| `prepare(dataset)` (optional)           | one pass over the training data before step 0 (statistics)    |
+| `prepare(dataset, steps)` (optional)    | once before step 0 of a new run (statistics, a first stage)   |
 | `train_defaults` (class attribute)      | the family's own TrainConfig defaults (steps, batch size...)  |
 | `sample_options` (class attribute)      | {name: (Range or type, help)}: the keyword options `sample` accepts |
 | `needs_labels` (class attribute)        | True when the family cannot train on unlabelled data          |
@@ -18,8 +20,8 @@
 | `preview(dataset, n)` (translation)     | (images, per row) for the training grids (sample.preview: n seeds otherwise) |
 
 Optional abilities are declared, each a class attribute with one default (False): code outside models/
-asks these, never `hasattr`, and never compares a family's name. `tests/test_families.py` checks that
-each family declares exactly the methods it has.
+asks these, never `hasattr`, and never compares a family's name. `tests/test_architecture.py` checks
+that each family declares exactly the methods it has, and that nothing outside models/ discovers them.
 
 | ability                 | the family implements                                        | used by                        |
 |-------------------------|--------------------------------------------------------------|--------------------------------|

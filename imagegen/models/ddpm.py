@@ -160,7 +160,6 @@ class DDPM(BackboneFamily):    # the backbone, its optimizer, label dropout and 
         check_sampling(steps, eta, guidance, self.cfg.timesteps)
         return labels, spaced_timesteps(self.cfg.timesteps, steps), guidance, eta, sampler
 
-    @torch.no_grad()
     def export_spec(self, direction: str = "a2b") -> ExportSpec:
         """One network call: x, time (int64 0..T-1) [+ label] [+ text] -> the predicted noise or v; DDIM runs
         outside over the schedule in the metadata."""
@@ -171,6 +170,7 @@ class DDPM(BackboneFamily):    # the backbone, its optimizer, label dropout and 
             "imagegen.prediction": cfg.prediction,
             "imagegen.alphas_cumprod": json.dumps([round(float(a), 9) for a in self.ab])}, time_steps=cfg.timesteps)
 
+    @torch.no_grad()
     def sample(self, n: int, *, labels: torch.Tensor | None = None, generator: Generators = None,
                steps: int | None = None, guidance: float | None = None, eta: float | None = None,
                sampler: str | None = None, text=None, negative=None) -> torch.Tensor:

@@ -128,7 +128,6 @@ class Distilled(BackboneFamily):   # the student network, its Adam and clipped u
         out = self.update(opt, loss + self.cfg.adversarial * adv)
         return {"loss": out["loss"], "mse": loss.item(), "adv": adv.item(), "d_loss": d.item()}
 
-    @torch.no_grad()
     def export_spec(self, direction: str = "a2b") -> ExportSpec:
         """The whole sampler, its K Euler steps unrolled: z (N x C x S x S) [+ label] -> image."""
         conditional, k = self.conditional, self.cfg.steps
@@ -145,6 +144,7 @@ class Distilled(BackboneFamily):   # the student network, its Adam and clipped u
                           f"image = sampler(z[, label]): the student's {k} Euler step(s) from z ~ N(0, I) "
                           f"(C x S x S per image)", {"imagegen.steps": str(k)})
 
+    @torch.no_grad()
     def sample(self, n: int, *, labels: torch.Tensor | None = None, generator: Generators = None) -> torch.Tensor:
         """n images in the student's K Euler steps."""
         labels = self.check_labels(n, labels)

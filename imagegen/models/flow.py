@@ -130,7 +130,6 @@ class Flow(BackboneFamily):    # the backbone, its optimizer, label dropout and 
         check_solver(solver)
         return labels, steps, guidance, solver
 
-    @torch.no_grad()
     def export_spec(self, direction: str = "a2b") -> ExportSpec:
         """One network call: x, time (float in [0, 1]: 0 noise, 1 data) [+ label] [+ text] -> velocity; the
         solver runs outside (the run's solver and steps are in the metadata)."""
@@ -138,6 +137,7 @@ class Flow(BackboneFamily):    # the backbone, its optimizer, label dropout and 
                                  "t x_data; integrate from z ~ N(0, I) at time 0 to time 1",
                                  {"imagegen.solver": self.cfg.solver}, time_scale=TIME_SCALE)
 
+    @torch.no_grad()
     def sample(self, n: int, *, labels: torch.Tensor | None = None, generator: Generators = None,
                steps: int | None = None, guidance: float | None = None, solver: str | None = None,
                text=None, negative=None) -> torch.Tensor:

@@ -259,7 +259,6 @@ class DCGAN(Family):
             cfg = replace(cfg, diffaugment="on" if len(dataset) < DIFFAUGMENT_BELOW else "off")
         return cfg
 
-    # Labels (None when unconditional) pass through to both networks; the DCGAN's ignore them.
     def latent_network(self) -> tuple[nn.Module, Callable, nn.Module]:
         return self.G, self.fake, first_activation_after_conv(self.G.body)
 
@@ -269,6 +268,7 @@ class DCGAN(Family):
         return ExportSpec(fn, ["z"] + (["label"] if self.conditional else []), ["image"],
                           "image = G(z[, label]); z ~ N(0, I) of z_dim values per image")
 
+    # Labels (None when unconditional) pass through to both networks; the DCGAN's ignore them.
     def fake(self, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         return self.G(z, labels)
 
