@@ -127,7 +127,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60, help="training steps to time per family")
     ap.add_argument("--families", default=",".join(REGISTRY))
     ap.add_argument("--engine", default="torch",
-                    help="what runs the networks (imagegen.engine): torch, onnxruntime, or both as torch,onnxruntime "
+                    help="what runs the networks (imagegen.runtime.engine): torch, onnxruntime, or both as torch,onnxruntime "
                          "(a row each, on the same trained model)")
     ap.add_argument("--teacher", help="for distilled: the flow or ddpm run to distil (default: a flow trained --steps here)")
     args = ap.parse_args()

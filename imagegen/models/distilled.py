@@ -41,7 +41,7 @@ TIME_SCALE = 1000.0   # as the flow family
 class Config(BackboneConfig):   # the student's backbone: a U-Net on 2 x 2 pixel blocks by default, for speed
     # Fashion-MNIST, 30,000 couplings of a teacher at FD 0.321, 19,000 steps (39 min): FD 0.629 at
     # n = 10,000 and 2,152 images/s at batch 256; the earlier default (width 12, mults (1, 2, 2), full size):
-    # 0.946 after 15,000 steps on 10,000 couplings, 1,659 images/s (machine B, README)
+    # 0.946 after 15,000 steps on 10,000 couplings, 1,659 images/s (machine B, CHANGELOG.md)
     width: int = ranged(32, 1, MAX_WIDTH)
     mults: tuple[int, ...] = (1, 2)
     unet_patch: int = ranged(2, 1, 8)

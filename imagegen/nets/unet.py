@@ -128,7 +128,7 @@ class UNet(nn.Module):
         # Cross-attention to the text after every down and up block of the `text_levels` lowest
         # resolutions (keys: the level, 0 = full size), besides the one in the middle: where a word's object
         # goes is decided at these sizes. (On scenes, 20 minutes: GenEval-style mean 0.45 with the middle
-        # one alone, 0.52 with these and the position codes; position and colour binding stayed low: README.)
+        # one alone, 0.52 with these and the position codes; position and colour binding stayed low: CHANGELOG.md.)
         levels = range(len(chans) - min(text_levels, len(chans)), len(chans)) if text_dim else ()
         self.down_text = nn.ModuleDict({str(i): TextAttention(chans[i], text_dim, positions=text_positions) for i in levels})
         self.up_text = nn.ModuleDict({str(i): TextAttention(chans[i], text_dim, positions=text_positions) for i in levels})

@@ -51,7 +51,7 @@ def run_fixed_batch(fn: Callable[..., torch.Tensor], *xs: torch.Tensor | None, o
     Either way an image is the same whatever batch it is drawn in. `owner` (the family) keeps the
     checks; `fn` must be the same computation each time it is given with the same code."""
     key = check_key(fn, xs, owner)
-    engine = owner.__dict__.get("engine")   # imagegen.engine.use_engine: another engine runs fn at inference
+    engine = owner.__dict__.get("engine")   # runtime/engine.use_engine: another engine runs fn at inference
     if engine is not None and not (torch.is_grad_enabled() or owner.training):
         fn, key = engine.graph(fn, xs, owner, key), (engine.name, *key)   # the checks are of the graph
     n = next(x for x in xs if x is not None).shape[0]

@@ -4,16 +4,16 @@ so one image is nearly as cheap as its share of a batch.
 
 Why an engine: in eager torch every convolution and product is one oneDNN call with a fixed cost of tens
 of microseconds, which one image pays alone and a batch of 16 shares, so one image of a GAN, a VAE or the
-distilled student costs 4-9x its share of a 16-image batch (README, "Sampling engines"), however little
-Python runs around it. onnxruntime runs each
-convolution of one image as one matrix product of its own, with little around it.
+distilled student costs 4-9x its share of a 16-image batch (docs/benchmarks/speed.md, "Sampling
+engines"), however little Python runs around it. onnxruntime runs each convolution of one image as one
+matrix product of its own, with little around it.
 
 The promise holds under either engine: an image depends only on its seed, the weights and the engine.
 `runtime/batching.run_fixed_batch` hands this engine the function it would call (the sampling network) and
 checks what comes back as it checks torch: `exact_rows` finds the row counts that round each row as in a
 full chunk, `wide_rows` the larger calls that do (onnxruntime computes each image of a convolution on its
-own, so on machines A and B of the README every count passed and one image runs alone). The two engines' images differ
-by float rounding (about 1e-6; the export check allows 1e-4), so the same seed can differ by one level in
+own, so on machines A and B of docs/benchmarks every count passed and one image runs alone). The two
+engines' images differ by float rounding (about 1e-6; the export check allows 1e-4), so the same seed can differ by one level in
 a few pixels between them: the engine is part of the command that draws an image (`--engine`).
 
 Each function is exported once per input signature (`batching.check_key`: its code, the rows' shapes,

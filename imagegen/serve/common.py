@@ -132,7 +132,7 @@ class Served:
 
 
 def load_served(name: str, folder: Path, engine: str = "torch") -> Served:
-    """The run in `folder`, served as `name`, sampling with `engine` (imagegen.engine; onnxruntime exports
+    """The run in `folder`, served as `name`, sampling with `engine` (imagegen.runtime.engine; onnxruntime exports
     each network the first time a request needs it)."""
     run = load_run(folder)
     use_engine(run.model, engine)
