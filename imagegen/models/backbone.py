@@ -30,7 +30,6 @@ from ..nets.unet import UNet
 from ..solvers import Noise
 from ..text import DIM as TEXT_DIM
 from ..text import MAX_TOKENS, TextEmbedding, encoder_id
-from ..runtime.batching import run_fixed_batch
 from .base import ExportSpec, Family, Generators, adam, eval_mode, per_item_normal, per_item_uniform
 
 
@@ -253,7 +252,7 @@ class BackboneFamily(Family):
         words = text.padded(MAX_TOKENS)
         with eval_mode(self):
             layout = self.layout_prior.sample(words.pooled, words.tokens, words.mask, u,
-                                              run=lambda fn, *xs: run_fixed_batch(fn, *xs, owner=self))
+                                              run=self.run)
         return text.with_layout(layout)
 
     def check_text(self, n: int, text: TextEmbedding | None, what: str = "prompt") -> TextEmbedding | None:
@@ -311,7 +310,7 @@ class BackboneFamily(Family):
                     null_layout = torch.full((n, self.layout_prior.cells), self.cfg.layout_classes, device=x.device)
                     extra.append(torch.cat([null_layout if b[1] is None or b[1].layout is None or i else b[1].layout
                                             for i, b in enumerate(branches)]))
-            return run_fixed_batch(self.net, xs, ts, y, *extra, owner=self)
+            return self.run(self.net, xs, ts, y, *extra)
 
         if cond is null and text is None:
             return run([(null, None)])

@@ -18,6 +18,7 @@ runtime/batching.py.
 | `made_by` (class attribute)             | the command that makes such runs when not `train` ("distill") |
 | `reads_text` (attribute)                | True when `sample` takes `text` (trained on captions: backbone.py) |
 | `preview(dataset, n)` (translation)     | (images, per row) for the training grids (sample.preview: n seeds otherwise) |
+| `run(fn, *xs)` (given)                  | the one doorway through which a family's sampling runs a network |
 
 Optional abilities are declared, each a class attribute with one default (False): code outside models/
 asks these, never `hasattr`, and never compares a family's name. `tests/test_architecture.py` checks
@@ -56,7 +57,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, ExportError
-from ..runtime.batching import cached_on, is_channels_last
+from ..runtime.batching import cached_on, is_channels_last, run_fixed_batch
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
 
@@ -126,6 +127,11 @@ class Family(nn.Module):
     @property
     def device(self) -> torch.device:
         return _first_tensor(self).device
+
+    def run(self, fn: Callable[..., torch.Tensor], *xs: torch.Tensor | None) -> torch.Tensor:
+        """fn(*xs) as every sampling call of a family runs a network: in fixed micro-batches, each row with
+        the bits of a full chunk, on the engine set for the family (runtime/batching.run_fixed_batch)."""
+        return run_fixed_batch(fn, *xs, owner=self)
 
     def sampling_settings(self) -> dict[str, Any]:
         """The config's sampling defaults (sampler, solver, steps, eta, guidance: those it has), for the

@@ -37,7 +37,6 @@ from torch import nn
 from ..config import MAX_COUNT, MAX_IMAGE_SIZE, MAX_WEIGHT, MAX_WIDTH, ranged
 from ..errors import ConfigError
 from ..nets.layers import Conv2d, ConvTranspose2d
-from ..runtime.batching import run_fixed_batch
 from .base import ExportSpec, Family, Generators, adam, eval_mode
 
 Direction = Literal["a2b", "b2a"]
@@ -267,7 +266,7 @@ class CycleGAN(Family):
         g = self.generator(direction)
         self._check_images(images)
         with eval_mode(self):
-            return run_fixed_batch(g, images.to(self.device, torch.float32), owner=self)
+            return self.run(g, images.to(self.device, torch.float32))
 
     @torch.no_grad()
     def cycle(self, images: torch.Tensor, direction: str = "a2b") -> tuple[torch.Tensor, torch.Tensor]:

@@ -34,7 +34,6 @@ from ..errors import ConfigError
 from ..nets.layers import Conv2d, ConvTranspose2d, Linear
 from .base import (ExportSpec, Family, Generators, adam, as_feature_map, eval_mode, first_activation_after_conv, flat_view,
                    per_item_normal)
-from ..runtime.batching import run_fixed_batch
 
 # Sampling options' ranges (the CLI's --truncation and --drs, and sample()).
 TRUNCATION = Range(0.0, 10.0, float)
@@ -330,7 +329,7 @@ class DCGAN(Family):
         if truncation > 0:
             z = z.clamp(-truncation, truncation)
         with eval_mode(self):
-            return run_fixed_batch(self.fake, z, labels, owner=self)
+            return self.run(self.fake, z, labels)
 
     DRS_BURN_IN = 1024      # candidates that set D's maximum and the acceptance threshold
     DRS_ROUNDS = 50         # a seed still rejected after this many candidates keeps its last one
@@ -350,8 +349,8 @@ class DCGAN(Family):
             def score(z: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
                 if truncation > 0:
                     z = z.clamp(-truncation, truncation)
-                x = run_fixed_batch(self.fake, z, y, owner=self)
-                return x, run_fixed_batch(self.critic, x, y, owner=self).double()
+                x = self.run(self.fake, z, y)
+                return x, self.run(self.critic, x, y).double()
 
             burn = torch.Generator().manual_seed(2**62)
             yb = (torch.arange(self.DRS_BURN_IN, device=self.device) % k) if k else None

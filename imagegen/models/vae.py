@@ -44,7 +44,6 @@ from ..errors import ConfigError
 from ..nets.layers import Conv2d, ConvTranspose2d, Linear
 from .base import (ExportSpec, Family, Flatten, Generators, adam, as_feature_map, eval_mode, first_activation_after_conv,
                    per_item_normal)
-from ..runtime.batching import run_fixed_batch
 from .gan import layout
 
 TEMPERATURE = Range(0.0, 10.0, float, lo_open=True)   # the CLI's --temperature and sample()
@@ -169,7 +168,7 @@ class VAE(Family):
         """Encode to the posterior mean and decode: N x C x S x S in [-1, 1]."""
         labels = self.check_labels(x.shape[0], labels)
         with eval_mode(self):
-            mu = run_fixed_batch(lambda x_, y_: self.encoder(x_, self._cond(y_))[0], x.to(self.device), labels, owner=self)
+            mu = self.run(lambda x_, y_: self.encoder(x_, self._cond(y_))[0], x.to(self.device), labels)
             return self._decode_fixed(mu, labels)
 
     def _mean(self, out: torch.Tensor) -> torch.Tensor:
@@ -177,7 +176,7 @@ class VAE(Family):
 
     def _decode_fixed(self, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         """`decode` in fixed micro-batches, so each image is independent of the batch it is drawn in."""
-        return run_fixed_batch(lambda z_, y_: self._mean(self.decoder(z_, self._cond(y_))), z, labels, owner=self)
+        return self.run(lambda z_, y_: self._mean(self.decoder(z_, self._cond(y_))), z, labels)
 
     # --- training ------------------------------------------------------------------------------------
 
@@ -238,14 +237,14 @@ class VAE(Family):
         labels = self.check_labels(n, labels)
         x = x.to(self.device, torch.float32)
         with eval_mode(self):
-            stats = run_fixed_batch(lambda x_, y_: torch.cat(self.encoder(x_, self._cond(y_)), 1), x, labels, owner=self)
+            stats = self.run(lambda x_, y_: torch.cat(self.encoder(x_, self._cond(y_)), 1), x, labels)
             mu, logvar = stats.chunk(2, dim=1)                                         # N x z_dim each
             eps = per_item_normal(n, (samples, self.cfg.z_dim), generator, self.device)   # N x K x z_dim
             z = mu[:, None] + torch.exp(0.5 * logvar)[:, None] * eps
             log_q = -0.5 * (eps.square() + logvar[:, None] + math.log(2 * math.pi)).sum(-1)   # N x K
             log_prior = -0.5 * (z.square() + math.log(2 * math.pi)).sum(-1)
             rep = None if labels is None else labels.repeat_interleave(samples)
-            out = run_fixed_batch(lambda z_, y_: self.decoder(z_, self._cond(y_)), z.flatten(0, 1), rep, owner=self)
+            out = self.run(lambda z_, y_: self.decoder(z_, self._cond(y_)), z.flatten(0, 1), rep)
             log_px = self.log_px_given_z(out, x.repeat_interleave(samples, 0)).view(n, samples)
         return log_px + log_prior - log_q
 
@@ -283,7 +282,7 @@ class VAE(Family):
 
         # Fixed micro-batches keep every image independent of the others in the batch.
         def encode(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:      # -> (mu, logvar), N x z_dim
-            out = run_fixed_batch(lambda x_, y_: torch.cat(self.encoder(x_, self._cond(y_)), 1), x, labels, owner=self)
+            out = self.run(lambda x_, y_: torch.cat(self.encoder(x_, self._cond(y_)), 1), x, labels)
             return out.chunk(2, dim=1)
 
         with eval_mode(self):
