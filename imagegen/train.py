@@ -33,6 +33,7 @@ from .models import Family, family_class
 from .progress import RunWriter, Window
 from .runtime.host import keep_freed_memory
 from .tboard import check_logger
+from .version import __version__
 
 
 @dataclass
@@ -334,7 +335,7 @@ def _open_run(cfg: RunConfig, ds: ImageDataset, model: Family, ema: Family, opts
     if main:
         (run_dir / "samples").mkdir(exist_ok=True)
         ckpt.write_json_atomic(run_dir / "config.json", {**cfg.to_json(), "classes": ds.classes, "data_source": ds.source,
-                                                          "imagegen_version": _version(),
+                                                          "imagegen_version": __version__,
                                                           **({"world_size": d.world} if d else {})})
     return run_dir, start, bad_total, started
 
@@ -385,8 +386,3 @@ class Steps:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return losses, bad, time.perf_counter() - t0
-
-
-def _version() -> str:
-    from .version import __version__
-    return __version__

@@ -21,6 +21,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import torch
 
+from ..config import cache_path
 from ..errors import DataError, DownloadError
 
 PIXELS = 3 * 32 * 32
@@ -76,13 +77,13 @@ def locate(spec: CifarSpec, *, allow_download: bool = True) -> Path:
             return path
     if not allow_download:
         raise DataError(f"{spec.name}: {spec.archive} not found in {', '.join(map(str, places.search_dirs(spec.name)))}")
-    dest = places.cache_dir() / spec.name / spec.archive
+    dest = cache_path(spec.name, spec.archive)
     try:
         return download(spec.url, dest, spec.sha256, max_bytes=1 << 30, timeout=60.0)
     except DownloadError as e:
         raise DataError(f"{spec.name}: {spec.archive} not found in {', '.join(map(str, places.search_dirs(spec.name)))} "
                         f"and the download failed: {e}. CIFAR needs the network once; or put the archive in "
-                        f"{places.cache_dir() / spec.name}") from None
+                        f"{cache_path(spec.name)}") from None
 
 
 def read_archive(path: Path, spec: CifarSpec, split: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:

@@ -11,17 +11,13 @@ from ..config import cache_path
 SYSTEM_DATASETS = Path("/usr/share/datasets")   # Debian's dataset packages (dataset-fashion-mnist ...)
 
 
-def cache_dir() -> Path:
-    """imagegen's cache ($IMAGEGEN_CACHE, default ~/.cache/imagegen): downloads go to cache_dir() / name."""
-    return cache_path()
-
-
 def search_dirs(name: str) -> list[Path]:
-    """The folders a named dataset is looked for in, in order: $IMAGEGEN_DATA/<name>, the cache, Debian's."""
+    """The folders a named dataset is looked for in, in order: $IMAGEGEN_DATA/<name>, imagegen's cache
+    (config.cache_path: $IMAGEGEN_CACHE, default ~/.cache/imagegen; downloads go there), Debian's."""
     dirs = []
     if os.environ.get("IMAGEGEN_DATA"):
         dirs.append(Path(os.environ["IMAGEGEN_DATA"]) / name)
-    dirs += [cache_dir() / name, SYSTEM_DATASETS / name]
+    dirs += [cache_path(name), SYSTEM_DATASETS / name]
     return dirs
 
 

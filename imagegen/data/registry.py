@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..config import MAX_IMAGE_SIZE, ranged
+from ..config import MAX_IMAGE_SIZE, cache_path, ranged
 from ..errors import ConfigError, DataError, DownloadError
 from . import folder as folder_source
 from . import idx as idx_source
@@ -110,7 +110,7 @@ def locate_idx(spec: IDXDataset, split: str, *, allow_download: bool = True) -> 
             return found[0], found[1]
     if not allow_download:
         raise DataError(f"{spec.name}: not found in {', '.join(map(str, locate.search_dirs(spec.name)))}")
-    target = locate.cache_dir() / spec.name
+    target = cache_path(spec.name)
     paths = []
     for stem in stems:
         fname = stem + ".gz"
