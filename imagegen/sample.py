@@ -88,12 +88,13 @@ def resolve_labels(model: Family, classes: Sequence[str], text: str | None, seed
 
 
 def check_options(model: Family, given: dict, prefix: str = "--") -> dict:
-    """`given` sampling options, refused (naming the first) when the model's family does not have them."""
+    """`given` sampling options, refused (naming the first) when the model's family does not have them or
+    a value is outside the family's own range or choices."""
     unknown = sorted(set(given) - set(model.sample_options))
     if unknown:
         have = ", ".join(f"{prefix}{k}" for k in model.sample_options) or "none"
         raise ConfigError(f"{prefix}{unknown[0]} does not apply to a {model.name} model (its options: {have})")
-    return given
+    return {k: model.sample_options[k].check(v, f"{prefix}{k}") for k, v in given.items()}
 
 
 def default_labels(model: Family, seeds: Sequence[int]) -> torch.Tensor | None:

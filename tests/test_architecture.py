@@ -179,3 +179,34 @@ def test_no_module_imports_another_modules_private_names():
                 private += [f"{path.relative_to(PACKAGE.parent)}:{node.lineno}: {a.name}" for a in node.names
                             if a.name.startswith("_") and not a.name.startswith("__")]
     assert private == []
+
+
+def test_a_familys_sampling_options_reach_every_front_end():
+    """sample_options is the one source: each family's options are CLI flags, fields of the HTTP bodies
+    with the same bounds, entries of GET /api/models with the page's control, and the page's script
+    names none of them; the studio trains the families that declare it."""
+    from imagegen.cli import build_parser
+    from imagegen.models import REGISTRY, SAMPLE_OPTIONS
+    from imagegen.serve.common import GenerateRequest, OptionInfo
+    from imagegen.serve.jobs import TRAIN_FAMILIES
+
+    sample = build_parser().parse_args(["sample", "RUN", "--out", "OUT"])
+    script = (PACKAGE / "static" / "app.js").read_text(encoding="utf-8")
+    for cls in REGISTRY.values():
+        for name, opt in cls.sample_options.items():
+            assert hasattr(sample, name), f"--{name} of {cls.name} is not a flag of `imagegen sample`"
+            merged = SAMPLE_OPTIONS[name]
+            assert merged.kind is opt.kind
+            if opt.range is not None:
+                assert merged.range.lo <= opt.range.lo and opt.range.hi <= merged.range.hi
+            else:
+                assert set(opt.choices) <= set(merged.choices)
+            if opt.served:
+                field = GenerateRequest.model_fields[name]
+                assert field.description == merged.help
+                OptionInfo(**opt.control())          # what /api/models answers for it
+                assert f'"{name}"' not in script and f"'{name}'" not in script, f"app.js names the option {name}"
+            else:
+                assert name not in GenerateRequest.model_fields
+    assert TRAIN_FAMILIES == tuple(n for n, c in REGISTRY.items() if c.trains_in_studio)
+    assert "dcgan" in TRAIN_FAMILIES and "cyclegan" not in TRAIN_FAMILIES

@@ -17,6 +17,7 @@ from PIL import Image
 from conftest import run_main, write_idx_set
 from imagegen import reference
 from imagegen.cli import COMMAND_GROUPS, DOCS_PAGES, build_parser, main
+from imagegen.models import REGISTRY
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -102,13 +103,30 @@ def test_the_generated_reference_pages_match_the_code(rel):
 
 
 def test_the_reference_check_names_a_stale_page(tmp_path, capsys):
-    (tmp_path / "reference").mkdir()
+    docs = tmp_path / "docs"
+    (docs / "reference").mkdir(parents=True)
     for rel, make in reference.PAGES.items():
-        (tmp_path / rel).write_text(make(), encoding="utf-8")
-    assert reference.main(["--check", "--docs", str(tmp_path)]) == 0
-    (tmp_path / "reference/config.md").write_text("old\n", encoding="utf-8")
-    assert reference.main(["--check", "--docs", str(tmp_path)]) == 1
+        (docs / rel).write_text(make(), encoding="utf-8")
+    readme = tmp_path / "README.md"
+    readme.write_text(README.read_text(encoding="utf-8"), encoding="utf-8")
+    assert reference.main(["--check", "--docs", str(docs)]) == 0
+    (docs / "reference/config.md").write_text("old\n", encoding="utf-8")
+    assert reference.main(["--check", "--docs", str(docs)]) == 1
     assert "docs/reference/config.md" in capsys.readouterr().err
+    # The README's family table is generated too: a family missing from it is stale, and rewritten.
+    readme.write_text(readme.read_text(encoding="utf-8").replace("| `flow` |", "| `flowx` |"), encoding="utf-8")
+    assert reference.main(["--check", "--docs", str(docs)]) == 1
+    assert "README.md (families)" in capsys.readouterr().err
+    assert reference.main(["--docs", str(docs)]) == 0
+    assert readme.read_text(encoding="utf-8") == README.read_text(encoding="utf-8")
+
+
+def test_the_readme_family_table_lists_every_family_with_its_options():
+    table = reference.family_table()
+    for name, cls in REGISTRY.items():
+        row = next(line for line in table.splitlines() if line.startswith(f"| `{name}` |"))
+        assert all(f"`--{k}`" in row for k in cls.sample_options), row
+    assert reference.with_section(README.read_text(encoding="utf-8"), "families", table) == README.read_text(encoding="utf-8")
 
 
 def test_the_config_page_reads_the_source_comments():

@@ -233,7 +233,7 @@ def test_the_page_varies_and_breeds_the_image_on_screen_and_its_command_gives_th
     assert shown[0][1] != shown[1][1]
     # the page's class menu starts at the first class, and its option controls at 20 steps, guidance 1.5
     assert f"--labels {imagegen.load_run(runs('flow')).classes[0]}" in shown[0][0]
-    assert "--guidance 1.5 --steps 20 --solver heun" in shown[0][0]
+    assert "--steps 20 --guidance 1.5 --solver heun" in shown[0][0]
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(shown[0][1]))),
                           np.asarray(imagegen.sample.grid(imagegen.vary(
                               model, 7, range(2, 10), strength=0.3, labels=torch.tensor([0]), steps=20, guidance=1.5))))

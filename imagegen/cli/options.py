@@ -10,7 +10,7 @@ from pathlib import Path
 from ..config import Range, field_ranges
 from ..runtime.engine import ENGINES
 from ..errors import ConfigError
-from ..models import REGISTRY
+from ..models import SAMPLE_OPTIONS
 from ..sample import check_options, resolve_labels
 from ..train import TrainConfig
 
@@ -38,20 +38,15 @@ LABELS_HELP = ("class name or index for every seed, or a comma list with one per
                "(see `imagegen data info`); default: seed mod number of classes")
 
 
-# Sampling options of every family (`--steps`, `--guidance`, `--truncation`...), offered by `sample`,
-# `inpaint` and `outpaint`; a run accepts only its own family's.
-SAMPLE_OPTIONS: dict[str, tuple[type, str]] = {}
-for _cls in REGISTRY.values():
-    SAMPLE_OPTIONS.update(_cls.sample_options)
-
-
 def add_sample_options(p, only: tuple[str, ...] | None = None) -> None:
-    for name, (tp, help_text) in SAMPLE_OPTIONS.items():
+    """Every family's sampling options as flags (`--steps`, `--guidance`, `--truncation`...), offered by
+    `sample`, `vary`, `inpaint`...; a run accepts only its own family's (sample.check_options)."""
+    for name, opt in SAMPLE_OPTIONS.items():
         if only is None or name in only:
-            if isinstance(tp, Range):
-                add_number(p, f"--{name}", tp, help_text)
+            if opt.range is not None:
+                add_number(p, f"--{name}", opt.range, opt.help)
             else:
-                p.add_argument(f"--{name}", type=tp, help=help_text)
+                p.add_argument(f"--{name}", choices=opt.choices, help=opt.help)
 
 
 def add_engine(p) -> None:

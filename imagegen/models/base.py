@@ -4,6 +4,7 @@ runtime/batching.py.
 
 | member                                  | contract                                                      |
 |-----------------------------------------|---------------------------------------------------------------|
+| `name`, `summary` (class attributes)    | the registry's key; one line on what it is, for the family table |
 | `Config` dataclass (class attribute)    | every constructor hyper-parameter, JSON-serialisable          |
 | `__init__(cfg)`                         | builds networks only: no data, no device moves, no files      |
 | `configure_optimizers(train_cfg)`       | {"g": ..., "d": ...}; the loop owns and checkpoints them      |
@@ -12,7 +13,7 @@ runtime/batching.py.
 | `fit_config(cfg, dataset)` (classmethod)| the config completed from the data (size, channels, classes)  |
 | `prepare(dataset, steps)` (optional)    | once before step 0 of a new run (statistics, a first stage)   |
 | `train_defaults` (class attribute)      | the family's own TrainConfig defaults (steps, batch size...)  |
-| `sample_options` (class attribute)      | {name: (Range or type, help)}: the keyword options `sample` accepts |
+| `sample_options` (class attribute)      | {name: SampleOption}: the keyword options `sample` accepts; the one source of the CLI flags, the HTTP fields, /api/models and the page's controls |
 | `needs_labels` (class attribute)        | True when the family cannot train on unlabelled data          |
 | `translates` (class attribute)          | True for translation families (images in, not noise in)       |
 | `made_by` (class attribute)             | the command that makes such runs when not `train` ("distill") |
@@ -34,6 +35,7 @@ that each family declares exactly the methods it has, and that nothing outside m
 | `has_likelihood`        | `log_likelihood(x, ...)` per image; `likelihood_estimator()`  | bits/dim                       |
 | `conditional_likelihood`| its likelihood is log p(x given class) when conditional     | analyse --images refuses it    |
 | `has_null_class`        | class index `num_classes` is the null class (guidance)        | export's example labels        |
+| `trains_in_studio`      | nothing more: it trains from a folder of images in minutes    | the studio's training (serve/jobs.py) |
 | `distillable`           | `from_noise(z, labels, steps)`: a deterministic map of noise   | a teacher for `imagegen distill` |
 | `export_spec(direction)` | the sampling graph (ExportSpec); the default refuses: no network | ONNX export, the onnxruntime engine |
 | `draws_layouts` (property) | a layout prior drawn before the image (grounded text models) | the GenEval layout scores    |
@@ -56,6 +58,7 @@ from typing import Any, Callable, ClassVar, Sequence
 import torch
 from torch import nn
 
+from ..config import Range
 from ..errors import ConfigError, ExportError
 from ..runtime.batching import cached_on, is_channels_last, run_fixed_batch
 
@@ -73,6 +76,55 @@ class ExportSpec:
     usage: str                                   # one line: how to drive the graph
     metadata: dict[str, str] = dataclasses.field(default_factory=dict)
     time_steps: int = 0                          # `time` is an int64 step in 0..time_steps-1 (else a float in [0, 1])
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleOption:
+    """One keyword option of a family's `sample`, and the one source of everything built from it: the
+    CLI flag `--NAME` (models.SAMPLE_OPTIONS, over all families), the field of the HTTP request bodies,
+    the option's entry in GET /api/models and its control on the page (a slider or a menu)."""
+    help: str
+    range: Range | None = None                    # a number, checked against it
+    choices: tuple[str, ...] = ()                 # or the name of a method, one of these
+    slider: tuple[float, float, float, float] | None = None   # the page's slider: min, max, step, start value
+    menu: tuple[str, ...] = ()                    # the page's menu, when not every choice (the first is shown)
+    served: bool = True                           # offered over HTTP and on the page
+    served_max: float | None = None               # the server's cap, below the range's top (a request's work)
+
+    def __post_init__(self) -> None:
+        if (self.range is None) == (not self.choices):
+            raise TypeError("a SampleOption is a number (range) or a choice (choices), exactly one")
+        if self.served and self.range is not None and self.slider is None:
+            raise TypeError("a served number option needs its page slider (or served=False)")
+
+    @property
+    def kind(self) -> type:
+        return str if self.range is None else self.range.kind
+
+    def check(self, value: Any, key: str) -> Any:
+        """value, or a ConfigError naming key, value and what it must be."""
+        if self.range is not None:
+            return self.range.check(value, key)
+        if value not in self.choices:
+            raise ConfigError(f"{key} must be one of {', '.join(self.choices)}, got {value!r}")
+        return value
+
+    def bounds(self) -> dict:
+        """The served range as pydantic Field bounds (numbers; {} for choices)."""
+        if self.range is None:
+            return {}
+        bounds = self.range.bounds()
+        if self.served_max is not None:
+            bounds.pop("lt", None)
+            bounds["le"] = self.range.kind(self.served_max)
+        return bounds
+
+    def control(self) -> dict[str, Any]:
+        """The page's control and help, as GET /api/models describes the option."""
+        if self.range is None:
+            return {"help": self.help, "choices": list(self.menu or self.choices)}
+        lo, hi, step, value = self.slider
+        return {"help": self.help, "min": lo, "max": hi, "step": step, "value": value}
 
 
 SAMPLING_KEYS = ("sampler", "solver", "sample_steps", "eta", "guidance")   # Family.sampling_settings
@@ -94,12 +146,13 @@ class Family(nn.Module):
 
     Config: ClassVar[type]
     name: ClassVar[str]
+    summary: ClassVar[str]                 # one line for `imagegen models` and the README's family table
     needs_labels: ClassVar[bool] = False
     translates: ClassVar[bool] = False
     made_by: ClassVar[str | None] = None   # e.g. "distill": trained from a teacher run, not from images
     reads_text = False                     # a property of the families that can be trained on captions
     train_defaults: ClassVar[dict[str, Any]] = {}
-    sample_options: ClassVar[dict[str, tuple[Any, str]]] = {}   # a Range for numbers (config.Range)
+    sample_options: ClassVar[dict[str, SampleOption]] = {}
     # Optional abilities (the table in the module docstring): what the family implements, declared.
     has_latent: ClassVar[bool] = False
     encodes: ClassVar[bool] = False
@@ -110,6 +163,7 @@ class Family(nn.Module):
     conditional_likelihood: ClassVar[bool] = False
     has_null_class: ClassVar[bool] = False
     distillable: ClassVar[bool] = False
+    trains_in_studio: ClassVar[bool] = False   # offered by the studio's "train on your images" (serve/jobs.py)
     draws_layouts = False                  # a property of the families that can be grounded (backbone.py)
 
     def __init__(self, cfg) -> None:

@@ -36,6 +36,7 @@ class Config:
 class RandomPixels(Family):
     Config = Config
     name = "random"
+    summary = "the floor: each pixel drawn from its histogram"
     train_defaults = {"steps": 1, "sample_every": 0}
 
     def __init__(self, cfg: Config) -> None:

@@ -91,6 +91,7 @@ class Discriminator(gan.Discriminator):
 class CGAN(DCGAN):
     Config = Config
     name = "cgan"
+    summary = "class-conditional DCGAN (projection discriminator)"
     needs_labels = True
     networks = (Generator, Discriminator)
 

@@ -150,6 +150,7 @@ def init_weights(module: nn.Module) -> None:
 
 class CycleGAN(Family):
     name = "cyclegan"
+    summary = "unpaired translation between two domains"
     Config = Config
     train_defaults = {"steps": 3000, "batch_size": 16, "sample_every": 400, "checkpoint_every": 400}
     sample_options = {}

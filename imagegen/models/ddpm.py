@@ -38,13 +38,16 @@ from ..config import MAX_WEIGHT, Range, ranged
 from ..errors import ConfigError
 from ..solvers import Denoise, ddim, ddpm_ancestral, repaint, spaced_timesteps
 from .backbone import BackboneConfig, BackboneFamily, keep_known, padded_canvas
-from .base import ExportSpec, Generators, eval_mode
+from .base import ExportSpec, Generators, SampleOption, eval_mode
 
 MAX_SAMPLE_STEPS = 1000
 # Sampling options' ranges, shared by the config defaults and the CLI's --steps, --eta, --guidance.
 STEPS = Range(1, MAX_SAMPLE_STEPS)
 ETA = Range(0.0, 1.0, float)
 GUIDANCE = Range(0.0, 30.0, float)
+MAX_SERVED_STEPS = 100   # the server's cap on steps per request (its images x steps has a cap of its own)
+GUIDANCE_OPTION = SampleOption("classifier-free guidance scale: 0 unconditional, 1 conditional, >1 stronger",
+                               GUIDANCE, slider=(0, 5, 0.1, 1.5), served_max=20)
 RESAMPLE = Range(1, 100)     # RePaint passes per step (inpainting's --resample)
 STRENGTH = Range(0.0, 1.0, float, lo_open=True)   # how far back SDEdit (edit, `imagegen vary`) re-noises an image
 
@@ -99,12 +102,14 @@ def alphas_cumprod(kind: str, T: int) -> torch.Tensor:
 class DDPM(BackboneFamily):    # the backbone, its optimizer, label dropout and guided call: backbone.py
     Config = Config
     name = "ddpm"
-    edits, inpaints, distillable = True, True, True
+    summary = "diffusion, U-Net or DiT; DDIM, guidance, inpainting, outpainting"
+    edits, inpaints, distillable, trains_in_studio = True, True, True, True
     sample_options = {
-        "steps": (STEPS, "denoising steps (default: the model's sample_steps)"),
-        "guidance": (GUIDANCE, "classifier-free guidance scale: 0 unconditional, 1 conditional, >1 stronger"),
-        "eta": (ETA, "DDIM noise: 0 deterministic, 1 like DDPM"),
-        "sampler": (str, "ddim or ddpm (ancestral)"),
+        "steps": SampleOption("denoising steps (default: the model's sample_steps)", STEPS, slider=(1, 100, 1, 20),
+                              served_max=MAX_SERVED_STEPS),
+        "guidance": GUIDANCE_OPTION,
+        "eta": SampleOption("DDIM noise: 0 deterministic, 1 like DDPM", ETA, slider=(0, 1, 0.05, 0)),
+        "sampler": SampleOption("ddim or ddpm (ancestral)", choices=("ddim", "ddpm")),
     }
 
     def __init__(self, cfg: Config) -> None:

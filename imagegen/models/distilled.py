@@ -73,6 +73,7 @@ class Config(BackboneConfig):   # the student's backbone: a U-Net on 2 x 2 pixel
 class Distilled(BackboneFamily):   # the student network, its Adam and clipped update: backbone.py
     Config = Config
     name = "distilled"
+    summary = "a 1-, 2- or 4-step student of a `flow` or `ddpm` run (`imagegen distill`)"
     made_by = "distill"
     train_defaults = {"steps": 4000, "batch_size": 64, "ema_decay": 0.999, "sample_every": 1000}
 

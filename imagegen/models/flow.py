@@ -37,8 +37,8 @@ from ..errors import ConfigError
 from ..solvers import (LIKELIHOOD_RHO, LIKELIHOOD_STEPS, Velocity, adaptive, euler, flow_log_likelihood,
                        flow_repaint, heun, midpoint)
 from .backbone import BackboneConfig, BackboneFamily, keep_known, padded_canvas
-from .base import ExportSpec, Generators, eval_mode, per_item_normal
-from .ddpm import GUIDANCE, RESAMPLE, STEPS, STRENGTH
+from .base import ExportSpec, Generators, SampleOption, eval_mode, per_item_normal
+from .ddpm import GUIDANCE, GUIDANCE_OPTION, MAX_SERVED_STEPS, RESAMPLE, STEPS, STRENGTH
 
 SOLVERS = {"euler": euler, "midpoint": midpoint, "heun": heun}   # and "dopri5", adaptive
 TIME_SCALE = 1000.0
@@ -81,11 +81,15 @@ def check_solver(solver: str, what: str = "solver") -> None:
 class Flow(BackboneFamily):    # the backbone, its optimizer, label dropout and guided call: backbone.py
     Config = Config
     name = "flow"
-    edits, inpaints, has_likelihood, distillable = True, True, True, True
+    summary = "rectified flow / flow matching, U-Net or DiT; Euler, Heun, dopri5; bits/dim"
+    edits, inpaints, has_likelihood, distillable, trains_in_studio = True, True, True, True, True
     sample_options = {
-        "steps": (STEPS, "solver steps (default: the model's sample_steps; heun and midpoint call the network twice a step)"),
-        "guidance": (GUIDANCE, "classifier-free guidance scale: 0 unconditional, 1 conditional, >1 stronger"),
-        "solver": (str, "ODE solver: euler, midpoint, heun, or dopri5 (adaptive)"),
+        "steps": SampleOption("solver steps (default: the model's sample_steps; heun and midpoint call the network "
+                              "twice a step)", STEPS, slider=(1, 100, 1, 20), served_max=MAX_SERVED_STEPS),
+        "guidance": GUIDANCE_OPTION,
+        # not dopri5 on the page: adaptive, for reference runs, too slow to drag a slider with
+        "solver": SampleOption("ODE solver: euler, midpoint, heun, or dopri5 (adaptive)",
+                               choices=(*SOLVERS, "dopri5"), menu=("heun", "euler", "midpoint")),
     }
 
     # --- training ------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from ..config import MAX_IMAGE_SIZE, MAX_WEIGHT, MAX_WIDTH, Range, ranged
 from ..errors import ConfigError
 from ..nets.layers import Conv2d, ConvTranspose2d, Linear
 from .base import (ExportSpec, Family, Generators, adam, as_feature_map, eval_mode, first_activation_after_conv, flat_view,
-                   per_item_normal)
+                   SampleOption, per_item_normal)
 
 # Sampling options' ranges (the CLI's --truncation and --drs, and sample()).
 TRUNCATION = Range(0.0, 10.0, float)
@@ -237,10 +237,15 @@ def gradient_penalty(D: Callable[[torch.Tensor], torch.Tensor], real: torch.Tens
 class DCGAN(Family):
     Config = Config
     name = "dcgan"
+    summary = "DCGAN; `ns`, `hinge` or `wgan-gp` loss, spectral norm, DiffAugment"
     has_latent, has_critic = True, True
+    trains_in_studio = True
     sample_options = {
-        "truncation": (TRUNCATION, "clamp the latent to [-t, t] (0 = off): less variety, more fidelity"),
-        "drs": (DRS, "discriminator rejection sampling: gamma at this percentile of the burn-in scores, e.g. 80 (0 = off)"),
+        "truncation": SampleOption("clamp the latent to [-t, t] (0 = off): less variety, more fidelity", TRUNCATION,
+                                   slider=(0, 3, 0.1, 0)),
+        # not served: each call scores a burn-in of images with the discriminator first
+        "drs": SampleOption("discriminator rejection sampling: gamma at this percentile of the burn-in scores, "
+                            "e.g. 80 (0 = off)", DRS, served=False),
     }
 
     networks = (Generator, Discriminator)   # the conditional GAN swaps in its own

@@ -43,7 +43,7 @@ from ..config import MAX_IMAGE_SIZE, MAX_WEIGHT, MAX_WIDTH, Range, ranged
 from ..errors import ConfigError
 from ..nets.layers import Conv2d, ConvTranspose2d, Linear
 from .base import (ExportSpec, Family, Flatten, Generators, adam, as_feature_map, eval_mode, first_activation_after_conv,
-                   per_item_normal)
+                   SampleOption, per_item_normal)
 from .gan import layout
 
 TEMPERATURE = Range(0.0, 10.0, float, lo_open=True)   # the CLI's --temperature and sample()
@@ -124,9 +124,12 @@ class Decoder(nn.Module):
 class VAE(Family):
     Config = Config
     name = "vae"
+    summary = "VAE, beta-VAE (`model.beta`)"
     has_latent, encodes, inpaints, has_likelihood = True, True, True, True
     train_defaults = {"steps": 3000, "batch_size": 64}
-    sample_options = {"temperature": (TEMPERATURE, "scale of the latent noise (1 = the prior; lower = cleaner, less varied)")}
+    trains_in_studio = True
+    sample_options = {"temperature": SampleOption("scale of the latent noise (1 = the prior; lower = cleaner, less varied)",
+                                                  TEMPERATURE, slider=(0.1, 2, 0.05, 1))}
 
     def __init__(self, cfg: Config) -> None:
         super().__init__(cfg)
@@ -298,5 +301,6 @@ class VAE(Family):
 class CVAE(VAE):
     Config = CVAEConfig
     name = "cvae"
+    summary = "conditional VAE"
     needs_labels = True
     conditional_likelihood = True   # log p(x | class): the decoder and the encoder both see the class

@@ -33,10 +33,11 @@ from fastapi.staticfiles import StaticFiles
 from ..directions import direction_shift
 from ..runtime.engine import check_engine
 from ..errors import ImagegenError
+from ..models import SAMPLE_OPTIONS
 from ..sample import SEED, check_latent, extend_image, generate, hwc_to_float, interpolate, to_mask
 from ..version import __version__
 from . import worker as W
-from .common import (MAX_STEPS, OPTION_FIELDS, SERVED_SUFFIXES, AnalyseRequest, Api, GenerateRequest,
+from .common import (OPTION_FIELDS, SERVED_SUFFIXES, AnalyseRequest, Api, GenerateRequest,
                      InterpolateRequest, ModelInfo, bad_request, decode_upload, find_runs, latin1, png_response,
                      read_upload, sample_command)
 from .worker import MAX_BATCH, Busy, GenItem, Worker
@@ -169,8 +170,8 @@ def add_image_routes(app: FastAPI, api: Api) -> None:
     @app.post("/api/inpaint", response_class=Response, responses={200: {"content": {"image/png": {}}}})
     async def inpaint_route(model: str = Form(...), seed: int = Form(0, **SEED.bounds()),
                             label: str | None = Form(None, max_length=200),
-                            steps: int | None = Form(None, ge=1, le=MAX_STEPS),
-                            guidance: float | None = Form(None, ge=0, le=20),
+                            steps: int | None = Form(None, **SAMPLE_OPTIONS["steps"].bounds()),
+                            guidance: float | None = Form(None, **SAMPLE_OPTIONS["guidance"].bounds()),
                             image: UploadFile = File(...), mask: UploadFile = File(...)) -> Response:
         """Fill the white pixels of `mask` in `image` (diffusion and VAE models); known pixels are kept exactly."""
         served = generator_of(get(model))

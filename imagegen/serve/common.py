@@ -13,16 +13,14 @@ import numpy as np
 import torch
 from fastapi import HTTPException, UploadFile
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from ..checkpoint import Run, load_run
 from ..directions import MAX_DIRECTIONS
 from ..runtime.engine import engine_of, use_engine
 from ..data.folder import decode_image
 from ..errors import ImagegenError, ImageTooLargeError
-from ..models.ddpm import ETA
-from ..models.gan import TRUNCATION
-from ..models.vae import TEMPERATURE
+from ..models import SAMPLE_OPTIONS
 from ..text import MAX_PROMPT_CHARS, check_prompt
 from ..sample import MAX_LATENT_SHIFT, MAX_SEED, SEED, check_options, grid, resolve_labels, to_pil, to_uint8
 from .worker import Worker
@@ -30,7 +28,7 @@ from .worker import Worker
 
 # Limits. Each is checked before any work is done, and exceeding one is a 4xx that names it.
 MAX_IMAGES = 64                 # images per request (n, seeds, frames)
-MAX_STEPS = 100                 # diffusion sampling steps per request
+MAX_STEPS = SAMPLE_OPTIONS["steps"].bounds()["le"]   # sampling steps per request (models/ddpm.py MAX_SERVED_STEPS)
 MAX_DIFFUSION_WORK = 1600       # images x steps per diffusion request (e.g. 16 x 100, 64 x 25)
 ADAPTIVE_STEPS = 100            # what the flow's adaptive solver counts as (it took 38 to 74 calls in tests)
 MAX_FRAMES = 16                 # interpolation frames
@@ -46,7 +44,7 @@ SERVED_SUFFIXES = {".png", ".html", ".json"}
 Seed = Field(default=0, **SEED.bounds(), description="the image's seed: the same seed gives the same image")
 
 
-class GenerateRequest(BaseModel):
+class GenerateBase(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str = Field(description="a name from GET /api/models")
     seed: int = Seed
@@ -57,16 +55,23 @@ class GenerateRequest(BaseModel):
     directions: list[float] = Field(default_factory=list, max_length=MAX_DIRECTIONS,
                                     description="moves along the model's principal latent directions (GANSpace), "
                                                 "each in [-5, 5] (GANs, VAEs)")
-    truncation: float | None = Field(default=None, **TRUNCATION.bounds(), description="GANs: clamp the latent to +-t (0 = off)")
-    temperature: float | None = Field(default=None, **TEMPERATURE.bounds(), description="VAEs: scale of the latent noise")
-    guidance: float | None = Field(default=None, ge=0, le=20, description="diffusion: classifier-free guidance scale")
-    steps: int | None = Field(default=None, ge=1, le=MAX_STEPS, description="diffusion: sampling steps")
-    eta: float | None = Field(default=None, **ETA.bounds(), description="diffusion: DDIM eta (0 = deterministic)")
-    sampler: Literal["ddim", "ddpm"] | None = Field(default=None, description="diffusion: sampler")
-    solver: Literal["euler", "midpoint", "heun", "dopri5"] | None = Field(default=None, description="flow: ODE solver (dopri5: adaptive)")
     prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS, description="what to draw (models trained on captions)")
     negative_prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS,
                                         description="what to steer away from (models trained on captions)")
+
+
+def option_fields() -> dict[str, tuple]:
+    """The served sampling options of every family (models.SAMPLE_OPTIONS) as optional request fields."""
+    fields = {}
+    for name, opt in SAMPLE_OPTIONS.items():
+        if opt.served:
+            kind = opt.kind if opt.range is not None else Literal[opt.choices]
+            fields[name] = (kind | None, Field(default=None, **opt.bounds(), description=opt.help))
+    return fields
+
+
+GenerateRequest = create_model("GenerateRequest", __base__=GenerateBase, __doc__=None, **option_fields())
+OPTION_FIELDS = tuple(name for name, opt in SAMPLE_OPTIONS.items() if opt.served)
 
 
 class InterpolateRequest(BaseModel):
@@ -86,6 +91,15 @@ class AnalyseRequest(BaseModel):
     label: str | None = Field(default=None, max_length=200)
 
 
+class OptionInfo(BaseModel):
+    help: str
+    min: float | None = None     # a number: the page's slider
+    max: float | None = None
+    step: float | None = None
+    value: float | None = None
+    choices: list[str] | None = None   # a method's name: the page's menu
+
+
 class ModelInfo(BaseModel):
     name: str
     family: str
@@ -97,14 +111,11 @@ class ModelInfo(BaseModel):
     channels: int
     step: int
     data: str | None
-    options: dict[str, str]
+    options: dict[str, OptionInfo]   # the family's served sampling options: their help and the page's control
     latent_dims: int
     domains: list[str]
     text: bool = False     # trained on captions: takes a prompt
     varies: bool = False   # POST /api/vary works for it (a latent space, or a denoiser to re-noise with)
-
-
-OPTION_FIELDS = ("truncation", "temperature", "guidance", "steps", "eta", "sampler", "solver")
 
 
 # --- the served runs -----------------------------------------------------------------------------------
@@ -125,7 +136,7 @@ class Served:
             conditional=m.conditional, translates=m.translates, inpaints=m.inpaints,
             image_size=cfg.image_size, channels=cfg.channels,
             step=self.run.step, data=self.run.data_source,
-            options={k: h for k, (_, h) in m.sample_options.items() if k in OPTION_FIELDS},
+            options={k: OptionInfo(**o.control()) for k, o in m.sample_options.items() if o.served},
             latent_dims=cfg.z_dim if m.has_latent else 0,
             domains=[cfg.domain_a, cfg.domain_b] if m.translates else [], text=m.reads_text,
             varies=not m.translates and (m.edits or m.has_latent))

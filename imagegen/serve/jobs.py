@@ -31,6 +31,7 @@ from pathlib import Path, PurePosixPath
 
 from ..data.folder import ALLOWED_SUFFIXES, CAPTION_SUFFIXES
 from ..errors import ImagegenError
+from ..models import REGISTRY
 
 MAX_ZIP_BYTES = 64 << 20          # the uploaded zip itself
 MAX_MEMBERS = 5000                # files in it
@@ -38,7 +39,7 @@ MAX_MEMBER_BYTES = 16 << 20       # one unpacked file
 MAX_TOTAL_BYTES = 256 << 20       # all unpacked files together
 MAX_RATIO = 100                   # unpacked / packed size of one member (a zip bomb goes far beyond)
 KEPT_SUFFIXES = ALLOWED_SUFFIXES | set(CAPTION_SUFFIXES) | {".jsonl", ".csv"}
-TRAIN_FAMILIES = ("dcgan", "cgan", "vae", "cvae", "ddpm", "flow")
+TRAIN_FAMILIES = tuple(name for name, cls in REGISTRY.items() if cls.trains_in_studio)
 MAX_TRAIN_MINUTES = 120.0
 GRID_EVERY = 100                  # steps between the job's sample grids, so that they arrive while it runs
 

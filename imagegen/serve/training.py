@@ -112,6 +112,11 @@ def add_training_routes(app: FastAPI, api: Api, root: Path, token: str | None) -
                 out["state"], out["error"] = "failed", f"the trained run does not load: {e}"
         return out
 
+    @app.get("/api/train/families")
+    async def train_families() -> list[str]:
+        """The families the studio trains (each family's file declares it: trains_in_studio)."""
+        return list(TRAIN_FAMILIES)
+
     @app.get("/api/train")
     async def train_status() -> dict:
         """The training job: state (none, running, done, failed, cancelled), step, losses, its run."""

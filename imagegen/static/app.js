@@ -5,18 +5,6 @@
 const $ = (id) => document.getElementById(id);
 const MAX_SEED = 2 ** 53 - 1;          // what a JS number holds exactly (the API takes up to 2^63 - 1)
 const SLIDERS = 4;                     // principal latent directions offered as sliders (GANs, VAEs)
-const OPTION_RANGES = {                // slider ranges for the families' sampling options
-  guidance: { min: 0, max: 5, step: 0.1, value: 1.5 },
-  steps: { min: 1, max: 100, step: 1, value: 20 },
-  truncation: { min: 0, max: 3, step: 0.1, value: 0 },
-  temperature: { min: 0.1, max: 2, step: 0.05, value: 1 },
-  eta: { min: 0, max: 1, step: 0.05, value: 0 },
-};
-const OPTION_CHOICES = {               // menus for the options that name a method (the first is the default)
-  sampler: ["ddim", "ddpm"],
-  solver: ["heun", "euler", "midpoint"],   // not dopri5: adaptive, for reference runs, too slow to drag
-};
-
 let models = [];
 let current = null;                    // the selected model's description
 let lastBlob = null;                   // the PNG on screen, for download and inpainting
@@ -80,9 +68,9 @@ function request() {
     const negative = $("negative-prompt").value.trim();
     if (negative) body.negative_prompt = negative;
   }
-  for (const name of Object.keys(current.options)) {
+  for (const [name, o] of Object.entries(current.options)) {
     const el = $(`opt-${name}`);
-    if (el) body[name] = OPTION_CHOICES[name] ? el.value : name === "steps" ? parseInt(el.value, 10) : parseFloat(el.value);
+    if (el) body[name] = o.choices ? el.value : parseFloat(el.value);   // "20" -> 20, an integer field takes it
   }
   const moves = [];
   for (let i = 0; i < Math.min(SLIDERS, current.latent_dims); i++) moves.push(parseFloat($(`z-${i}`).value));
@@ -176,9 +164,12 @@ function selectModel(name) {
   $("label").replaceChildren(...current.classes.map((c) => new Option(c, c)));
   const options = $("options");
   options.replaceChildren();
-  for (const name of Object.keys(current.options)) {
-    if (OPTION_RANGES[name]) options.append(slider(`opt-${name}`, name, OPTION_RANGES[name], scheduleGenerate));
-    if (OPTION_CHOICES[name]) options.append(menu(`opt-${name}`, name, OPTION_CHOICES[name], scheduleGenerate));
+  // The family's sampling options, each a slider or a menu as GET /api/models describes it (its family's
+  // file declares them: imagegen/models/*.py sample_options).
+  for (const [name, o] of Object.entries(current.options)) {
+    options.append(o.choices ? menu(`opt-${name}`, name, o.choices, scheduleGenerate)
+                             : slider(`opt-${name}`, name, { min: o.min, max: o.max, step: o.step, value: o.value },
+                                      scheduleGenerate));
   }
   const sliders = $("sliders");
   sliders.replaceChildren();
@@ -600,6 +591,9 @@ async function start() {
   $("board-download").addEventListener("click", downloadBoard);
   $("board-clear").addEventListener("click", () => { localStorage.removeItem(BOARD_KEY); showBoard(); });
   showBoard();
+  fetch("/api/train/families").then((r) => r.json()).then((names) => {
+    $("train-family").replaceChildren(...names.map((n) => new Option(n, n)));
+  }).catch((e) => showError(`cannot list the families to train: ${e.message}`));
   $("model").addEventListener("change", () => { newMask(); selectModel($("model").value); });
   try {
     const response = await fetch("/api/models");
