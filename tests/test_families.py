@@ -31,6 +31,10 @@ TINY_MODELS = {
     "ddpm-dit": {"backbone": "dit", "dit_size": "xxs", "patch": 4, "sample_steps": 3},
     "flow": {"width": 8, "mults": [1, 2], "sample_steps": 3},
     "flow-dit": {"backbone": "dit", "dit_size": "xxs", "patch": 4, "sample_steps": 3},
+    # a curriculum that doubles every update, so that a resumed run must carry it on
+    "consistency": {"width": 8, "mults": [1, 2], "sample_steps": 2, "min_intervals": 2, "max_intervals": 8,
+                    "curriculum_steps": 3},
+    "consistency-dit": {"backbone": "dit", "dit_size": "xxs", "patch": 4, "sample_steps": 2},
 }
 
 

@@ -9,6 +9,7 @@ from ..errors import ConfigError
 from .base import Family, SampleOption
 from .baseline import RandomPixels
 from .cgan import CGAN
+from .consistency import Consistency
 from .cyclegan import CycleGAN
 from .ddpm import DDPM
 from .distilled import Distilled
@@ -24,6 +25,7 @@ REGISTRY: dict[str, type[Family]] = {
     CVAE.name: CVAE,
     DDPM.name: DDPM,
     Flow.name: Flow,
+    Consistency.name: Consistency,
     Distilled.name: Distilled,
     CycleGAN.name: CycleGAN,
 }
