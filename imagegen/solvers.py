@@ -31,6 +31,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from .paths import STRAIGHT, DiffusionPath
+
 Denoise = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
 Noise = Callable[[], torch.Tensor]
 Velocity = Callable[[torch.Tensor, float], torch.Tensor]
@@ -90,7 +92,7 @@ def repaint(denoise: Denoise, x: torch.Tensor, ab: torch.Tensor, ts: list[int], 
         for u in range(resample):
             x0, _ = denoise(x, t)
             unknown = ddpm_step(x, x0, a, a_prev, noise)
-            known_t = math.sqrt(a_prev) * known + (math.sqrt(1 - a_prev) * noise() if a_prev < 1 else 0)
+            known_t = DiffusionPath.point(known, noise(), a_prev) if a_prev < 1 else known
             x_prev = mask * known_t + (1 - mask) * unknown
             if u + 1 < resample and a_prev < 1:
                 x = math.sqrt(a / a_prev) * x_prev + math.sqrt(1 - a / a_prev) * noise()   # back to step t
@@ -170,29 +172,22 @@ def adaptive(velocity: Velocity, x: torch.Tensor, *, rtol: float = 1e-5, atol: f
     return torchdiffeq.odeint(f, x, span, rtol=rtol, atol=atol, method="dopri5")[-1], calls
 
 
-def back_to(x: torch.Tensor, t_from: float, t_to: float, noise: Noise) -> torch.Tensor:
-    """A draw of x at the earlier time t_to given x at t_from on the straight path x_t = (1 - t) z + t x1:
-    scale by t_to / t_from (what is left of x1) and add fresh noise up to (1 - t_to) of standard deviation."""
-    keep = t_to / t_from
-    return keep * x + math.sqrt(max((1 - t_to) ** 2 - (keep * (1 - t_from)) ** 2, 0.0)) * noise()
-
-
 def flow_repaint(velocity: Velocity, x: torch.Tensor, steps: int, *, known: torch.Tensor, mask: torch.Tensor,
                  resample: int, noise: Noise) -> torch.Tensor:
     """Generate where mask == 0 and keep `known` where mask == 1 (mask N x 1 x H x W, 0/1), by Euler steps.
 
     At each step the known region is `known` on the straight path at the step's end time (fresh noise)
     and the unknown region is an Euler step; `resample` times per step the result is taken back to the
-    step's start (`back_to`) and redone, so the generated part can agree with the known part, as RePaint
+    step's start (`paths.StraightPath.back_to`) and redone, so the generated part can agree with the known part, as RePaint
     does for diffusion. The known pixels of the result are `known` itself."""
     ts = flow_times(steps)
     for t, t_next in zip(ts, ts[1:]):
         for u in range(resample):
             unknown = x + (t_next - t) * velocity(x, t)
-            known_t = t_next * known + ((1 - t_next) * noise() if t_next < 1 else 0)
+            known_t = STRAIGHT.point(known, noise(), t_next) if t_next < 1 else known
             x_next = mask * known_t + (1 - mask) * unknown
             if u + 1 < resample:
-                x = back_to(x_next, t_next, t, noise)
+                x = STRAIGHT.back_to(x_next, t_next, t, noise)
         x = x_next
     return mask * known + (1 - mask) * x
 

@@ -35,8 +35,9 @@ def test_families_backbones_and_solvers_never_import_a_higher_layer(path):
     assert not higher, f"{path.name} imports {sorted(higher)}"
 
 
-def test_the_solvers_and_the_backbones_import_nothing_of_imagegen():
-    assert imported_modules(PACKAGE / "solvers.py") == set()
+def test_the_solvers_paths_and_backbones_import_nothing_of_imagegen():
+    # the solvers know the noise paths (paths.py), which know nothing of imagegen either
+    assert imported_modules(PACKAGE / "solvers.py") == {"paths"} and imported_modules(PACKAGE / "paths.py") == set()
     for path in (PACKAGE / "nets").glob("*.py"):       # the backbones share pieces among themselves only
         assert {m for m in imported_modules(path) if m.split(".")[0] != "nets"} == set(), path.name
     assert "nets.layers" in imported_modules(PACKAGE / "nets" / "dit.py")

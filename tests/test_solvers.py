@@ -12,7 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from imagegen.solvers import (adaptive, back_to, euler, flow_log_likelihood, flow_repaint, flow_times, heun, midpoint,
+from imagegen.paths import STRAIGHT
+from imagegen.solvers import (adaptive, euler, flow_log_likelihood, flow_repaint, flow_times, heun, midpoint,
                               power_times)
 
 MU = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
@@ -122,12 +123,12 @@ def test_flow_repaint_with_the_exact_velocity_of_one_image_keeps_and_recovers_it
 
 
 def test_going_back_along_the_path_gives_the_marginal_of_the_earlier_time():
-    """back_to(x_t', t', t) of points on the path at t' is distributed as the path at t: mean t x1 and
+    """STRAIGHT.back_to(x_t', t', t) of points on the path at t' is distributed as the path at t: mean t x1 and
     standard deviation 1 - t, for a fixed x1."""
     gen = torch.Generator().manual_seed(1)
     n, x1 = 200_000, 0.7
     xs = (1 - 0.8) * torch.randn(n, generator=gen, dtype=torch.float64) + 0.8 * x1
-    back = back_to(xs, 0.8, 0.3, lambda: torch.randn(n, generator=gen, dtype=torch.float64))
+    back = STRAIGHT.back_to(xs, 0.8, 0.3, lambda: torch.randn(n, generator=gen, dtype=torch.float64))
     assert abs(float(back.mean()) - 0.3 * x1) < 0.01 and abs(float(back.std()) - 0.7) < 0.01
 
 

@@ -36,6 +36,7 @@ import torch
 
 from ..config import MAX_WEIGHT, Range, ranged
 from ..errors import ConfigError
+from ..paths import DiffusionPath
 from ..solvers import Denoise, ddim, ddpm_ancestral, repaint, spaced_timesteps
 from .backbone import BackboneConfig, BackboneFamily, keep_known, padded_canvas
 from .base import ExportSpec, Generators, SampleOption, eval_mode
@@ -116,6 +117,11 @@ class DDPM(BackboneFamily):    # the backbone, its optimizer, label dropout and 
         super().__init__(cfg)
         self.register_buffer("ab", alphas_cumprod(cfg.schedule, cfg.timesteps).float(), persistent=False)
 
+    @property
+    def path(self) -> DiffusionPath:
+        """x_t, the training target and the conversions (paths.py), on the table where the model is now."""
+        return DiffusionPath(self.ab, self.cfg.prediction)
+
     # --- training ------------------------------------------------------------------------------------
 
     def train_step(self, batch: dict[str, torch.Tensor], opt: dict, gen: torch.Generator) -> dict[str, float]:
@@ -124,11 +130,11 @@ class DDPM(BackboneFamily):    # the backbone, its optimizer, label dropout and 
         t = torch.randint(0, self.cfg.timesteps, (n,), generator=gen, device=dev)
         eps = torch.randn(x0.shape, generator=gen, device=dev)
         y = self.training_labels(batch, gen)
-        a = self.ab[t].view(n, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
-        target = eps if self.cfg.prediction == "eps" else a.sqrt() * eps - (1 - a).sqrt() * x0
+        a = self.path.level(t)
+        xt = self.path.point(x0, eps, a)
+        target = self.path.target(x0, eps, a)
         per_image = (self.net(xt, t, y, *self.training_text(batch, gen)) - target).square().mean(dim=(1, 2, 3))   # N
-        snr = a.view(n) / (1 - a.view(n))
+        snr = self.path.snr(a.view(n))
         if self.cfg.weighting == "min-snr":   # min(SNR, gamma) / SNR as an x0 loss, rewritten for the target
             w = snr.clamp(max=self.cfg.min_snr_gamma) / (snr if self.cfg.prediction == "eps" else snr + 1)
         else:
@@ -142,14 +148,7 @@ class DDPM(BackboneFamily):    # the backbone, its optimizer, label dropout and 
         def denoise(x: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
             out = self.guided(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long), labels, guidance,
                               text, negative)
-            a = float(self.ab[t])
-            if self.cfg.prediction == "eps":
-                x0 = (x - math.sqrt(1 - a) * out) / math.sqrt(a)
-            else:
-                x0 = math.sqrt(a) * x - math.sqrt(1 - a) * out
-            x0 = x0.clamp(-1, 1)
-            eps = (x - math.sqrt(a) * x0) / math.sqrt(1 - a)
-            return x0, eps
+            return self.path.split(x, out, self.path.level(t))
 
         return denoise
 
@@ -212,8 +211,7 @@ class DDPM(BackboneFamily):    # the backbone, its optimizer, label dropout and 
         ts = [t for t in ts if t <= strength * (self.cfg.timesteps - 1) + 1e-9] or ts[-1:]
         noise = self._noise(image.shape[0], image.shape[1:], generator)
         with eval_mode(self):
-            a = float(self.ab[ts[0]])
-            x = math.sqrt(a) * image.to(self.device, torch.float32) + math.sqrt(1 - a) * noise()
+            x = self.path.point(image.to(self.device, torch.float32), noise(), self.path.level(ts[0]))
             x = self._denoise_from(x, ts, labels, guidance, text, negative, eta, sampler, noise)
         return x.clamp(-1, 1)
 

@@ -29,6 +29,7 @@ import torch
 
 from ..config import MAX_WEIGHT, MAX_WIDTH, ranged
 from ..errors import ConfigError
+from ..paths import STRAIGHT
 from ..solvers import euler
 from . import gan
 from .backbone import BackboneConfig, BackboneFamily
@@ -112,12 +113,12 @@ class Distilled(BackboneFamily):   # the student network, its Adam and clipped u
         t = self.train_times(n, gen, z.device)
         y = self.training_labels(batch, gen)
         tt = t.view(n, 1, 1, 1)
-        xt = (1 - tt) * z + tt * x1
+        xt = STRAIGHT.point(x1, z, tt)
         v = self.net(xt, TIME_SCALE * t, y)
-        loss = (v - (x1 - z)).square().mean()
+        loss = (v - STRAIGHT.target(x1, z)).square().mean()
         if self.D is None:
             return self.update(opt, loss)
-        x1_hat = xt + (1 - tt) * v                       # the one-shot estimate of x1 from x_t
+        x1_hat = STRAIGHT.data(xt, v, tt)                # the one-shot estimate of x1 from x_t
         real = batch["real"]
         d = gan.d_loss("hinge", self.D(real), self.D(x1_hat.detach()))
         opt["d"].zero_grad(set_to_none=True)

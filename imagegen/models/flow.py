@@ -34,6 +34,7 @@ import torch
 
 from ..config import MAX_WEIGHT, Range, ranged
 from ..errors import ConfigError
+from ..paths import STRAIGHT
 from ..solvers import (LIKELIHOOD_RHO, LIKELIHOOD_STEPS, Velocity, adaptive, euler, flow_log_likelihood,
                        flow_repaint, heun, midpoint)
 from .backbone import BackboneConfig, BackboneFamily, keep_known, padded_canvas
@@ -108,10 +109,9 @@ class Flow(BackboneFamily):    # the backbone, its optimizer, label dropout and 
         t = self.sample_times(n, gen, dev)
         z = torch.randn(x.shape, generator=gen, device=dev)
         y = self.training_labels(batch, gen)
-        tt = t.view(n, 1, 1, 1)
-        xt = (1 - tt) * z + tt * x                                          # the straight path
+        xt = STRAIGHT.point(x, z, t.view(n, 1, 1, 1))
         v = self.net(xt, TIME_SCALE * t, y, *self.training_text(batch, gen))
-        return self.update(opt, (v - (x - z)).square().mean(), batch)           # velocity x - z
+        return self.update(opt, (v - STRAIGHT.target(x, z)).square().mean(), batch)
 
     # --- sampling ------------------------------------------------------------------------------------
 
@@ -192,7 +192,7 @@ class Flow(BackboneFamily):    # the backbone, its optimizer, label dropout and 
         grid[-1] = 1.0
         with eval_mode(self):
             z = self._noise(image.shape[0], image.shape[1:], generator)()
-            x = (1 - t0) * z + t0 * image.to(self.device, torch.float32)       # t0 = 0: the noise itself
+            x = STRAIGHT.point(image.to(self.device, torch.float32), z, t0)       # t0 = 0: the noise itself
             x = SOLVERS[solver](self.velocity(labels, guidance, text, negative), x, grid)
         return x.clamp(-1, 1)
 
