@@ -243,6 +243,16 @@ def _body_rows(schema: dict) -> list[str]:
     return rows
 
 
+def _routes(routes) -> list:
+    """The app's routes, those of its included routers too (FastAPI keeps each included APIRouter as
+    one entry that holds its own routes)."""
+    out = []
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        out += _routes(inner.routes) if inner is not None else [route]
+    return out
+
+
 def http_page() -> str:
     import tempfile
     from .serve.app import create_app
@@ -250,7 +260,7 @@ def http_page() -> str:
         app = create_app(empty, log=lambda *_: None, token="reference-token")
     spec = app.openapi()
     # The routes that change anything carry the token check as their one route-level dependency.
-    guarded = {(route.path, method.lower()) for route in app.routes if getattr(route, "dependencies", None)
+    guarded = {(route.path, method.lower()) for route in _routes(app.routes) if getattr(route, "dependencies", None)
                for method in route.methods}
     schemas = spec["components"]["schemas"]
     out = ["# HTTP API reference", "", GENERATED, "",

@@ -10,6 +10,7 @@ import torch
 from ..checkpoint import load_run
 from ..config import Range
 from ..directions import direction_shift
+from ..requests import SampleRequest, VaryRequest
 from ..runtime.engine import use_engine
 from ..errors import ConfigError
 from ..models.ddpm import RESAMPLE, STRENGTH
@@ -17,7 +18,8 @@ from ..sample import (BATCH_SIZE, FRAMES, PAD, SEED, SIDES, extend_image, genera
                       outpaint_canvas, parse_floats, parse_seeds, read_image, read_images, read_mask, save_images,
                       save_named, to_pil, to_uint8)
 from ..vary import MIX, breed
-from .options import LABELS_HELP, add_engine, add_number, add_sample_options, class_labels, prompts_of, sample_opts
+from .options import (LABELS_HELP, add_engine, add_number, add_sample_options, class_labels, given_options, prompts_of,
+                      sample_opts)
 
 
 def add_commands(sub) -> None:
@@ -103,14 +105,13 @@ def cmd_sample(a) -> int:
     seeds = parse_seeds(a.seeds)
     run = load_run(a.run_dir, weights=a.weights)
     use_engine(run.model, a.engine)
-    labels = class_labels(a, run, seeds)
-    latent = parse_floats(a.latent) if a.latent else None
-    if a.directions:
-        if latent:
-            raise ConfigError("give --latent or --directions, not both")
-        latent = direction_shift(run.model, parse_floats(a.directions, "--directions"))
-    images = generate(run.model, seeds, labels=labels, batch_size=a.batch_size, latent=latent, prompts=prompts_of(a),
-                      negative_prompt=a.negative_prompt, **sample_opts(a, run.model))
+    ask = SampleRequest(seeds, labels=a.labels, prompt=prompts_of(a), negative_prompt=a.negative_prompt,
+                        options=given_options(a), latent=parse_floats(a.latent) if a.latent else [],
+                        directions=parse_floats(a.directions, "--directions") if a.directions else [])
+    ready = ask.check(run)
+    latent = direction_shift(run.model, ask.directions) if ask.directions else ready.latent
+    images = generate(run.model, seeds, labels=ready.labels, batch_size=a.batch_size, latent=latent, prompts=ask.prompt,
+                      negative_prompt=a.negative_prompt, **ready.options)
     paths = save_images(images, a.out, seeds)
     if a.grid:
         grid(images).save(a.grid)
@@ -168,10 +169,12 @@ def cmd_vary(a) -> int:
     if len(sources) != want:
         raise ConfigError(f"{'breed takes two parents' if breeding else 'vary takes one source'}, got {len(sources)}")
     seeds = parse_seeds(a.seeds)
-    labels = class_labels(a, run, [s for s in sources if isinstance(s, int)][:1] or [0]) if a.labels else None
-    images = breed(run.model, sources, seeds, strength=a.strength, mix=a.mix if breeding else 0.5, labels=labels,
-                   prompt=a.prompt, negative_prompt=a.negative_prompt, batch_size=a.batch_size,
-                   **sample_opts(a, run.model))
+    files = a.image_files or None
+    ask = VaryRequest(seeds, labels=a.labels, prompt=a.prompt, negative_prompt=a.negative_prompt, options=given_options(a),
+                      sources=[] if files else sources, image=files, strength=a.strength, mix=a.mix if breeding else 0.5)
+    ready = ask.check(run)
+    images = breed(run.model, sources, seeds, strength=a.strength, mix=ask.mix, labels=ready.labels, prompt=a.prompt,
+                   negative_prompt=a.negative_prompt, batch_size=a.batch_size, **ready.options)
     paths = save_images(images, a.out, seeds)
     if a.grid:
         grid(images).save(a.grid)

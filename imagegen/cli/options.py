@@ -27,6 +27,17 @@ def number(rng: Range):
     return parse
 
 
+def choice(opt, flag: str):
+    """An argparse type that takes one of a sampling option's choices (its message names the flag)."""
+    def parse(text: str) -> str:
+        try:
+            return opt.check(text, flag)
+        except ConfigError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    parse.__name__ = "choice"
+    return parse
+
+
 def add_number(p, flag: str, rng: Range, help: str = "", **kw) -> None:
     """An option that takes a number in `rng`; --help shows the range."""
     p.add_argument(flag, type=number(rng), help=f"{help}{'; ' if help else ''}range {rng}", **kw)
@@ -46,7 +57,7 @@ def add_sample_options(p, only: tuple[str, ...] | None = None) -> None:
             if opt.range is not None:
                 add_number(p, f"--{name}", opt.range, opt.help)
             else:
-                p.add_argument(f"--{name}", choices=opt.choices, help=opt.help)
+                p.add_argument(f"--{name}", type=choice(opt, f"--{name}"), choices=opt.choices, help=opt.help)
 
 
 def add_engine(p) -> None:
@@ -56,8 +67,13 @@ def add_engine(p) -> None:
                         "imagegen[export]; pixels may differ from torch's by one level)")
 
 
+def given_options(a) -> dict:
+    """The sampling options given as flags, unchecked (a request checks them against its run)."""
+    return {k: getattr(a, k) for k in SAMPLE_OPTIONS if getattr(a, k, None) is not None}
+
+
 def sample_opts(a, model) -> dict:
-    return check_options(model, {k: getattr(a, k) for k in SAMPLE_OPTIONS if getattr(a, k, None) is not None})
+    return check_options(model, given_options(a))
 
 
 def class_labels(a, run, seeds: list[int]):

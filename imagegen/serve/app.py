@@ -24,22 +24,22 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi import APIRouter, FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from ..directions import direction_shift
-from ..runtime.engine import check_engine
+from ..requests import HTTP, SampleRequest
+from ..runtime.engine import check_engine, engine_of
 from ..errors import ImagegenError
 from ..models import SAMPLE_OPTIONS
 from ..sample import SEED, check_latent, extend_image, generate, hwc_to_float, interpolate, to_mask
 from ..version import __version__
 from . import worker as W
-from .common import (OPTION_FIELDS, SERVED_SUFFIXES, AnalyseRequest, Api, GenerateRequest,
-                     InterpolateRequest, ModelInfo, bad_request, decode_upload, find_runs, latin1, png_response,
-                     read_upload, sample_command)
+from .common import (SERVED_SUFFIXES, AnalyseRequest, Api, GenerateRequest, InterpolateRequest, ModelInfo,
+                     bad_request, decode_upload, find_runs, latin1, options_of, png_response, read_upload)
 from .worker import MAX_BATCH, Busy, GenItem, Worker
 
 STATIC = Path(__file__).resolve().parent.parent / "static"
@@ -49,8 +49,8 @@ def create_app(runs_dir: str | Path, *, log=print, token: str | None = None, eng
     """The app over the runs under runs_dir. `token`: what the routes that change anything (upload,
     train, cancel) require in their X-Imagegen-Token header; None = no token (loopback only: serve()).
     `engine`: what runs the networks (imagegen.runtime.engine)."""
-    from .studio import add_studio_routes
-    from .training import add_training_routes
+    from .studio import studio_router
+    from .training import training_router
     root = Path(runs_dir).resolve()
     if not root.is_dir():
         raise ImagegenError(f"{runs_dir}: not a folder")
@@ -61,12 +61,11 @@ def create_app(runs_dir: str | Path, *, log=print, token: str | None = None, eng
     app.state.runs, app.state.worker = runs, worker
     api = Api(runs, worker, engine)
     add_error_handlers(app)
-    add_generation_routes(app, api)
-    add_image_routes(app, api)
-    add_studio_routes(app, api)
-    add_training_routes(app, api, root, token)
-    add_page_routes(app, api)
+    for router in (generation_router(api), image_router(api), studio_router(api), training_router(api, root, token),
+                   page_router(api)):
+        app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.openapi = lambda: served_openapi(app, runs)
     return app
 
 
@@ -94,39 +93,37 @@ def add_error_handlers(app: FastAPI) -> None:
         return JSONResponse({"detail": "; ".join(lines), "errors": _plain(e.errors())}, status_code=422)
 
 
-def add_generation_routes(app: FastAPI, api: Api) -> None:
+def generation_router(api: Api) -> APIRouter:
     """/health, /api/models, /api/generate (micro-batched) and /api/interpolate."""
+    router = APIRouter()
     runs, worker = api.runs, api.worker
-    get, labels_for, family_options, seed_range = api.get, api.labels_for, api.family_options, api.seed_range
+    get, labels_for, seed_range = api.get, api.labels_for, api.seed_range
     check_diffusion_work, generator_of = api.check_diffusion_work, api.generator_of
 
-    @app.get("/health")
+    @router.get("/health")
     async def health() -> dict:
         return {"status": "ok", "models": len(runs), "pending": worker.pending}
 
-    @app.get("/api/models", response_model=list[ModelInfo])
+    @router.get("/api/models", response_model=list[ModelInfo])
     async def models() -> list[ModelInfo]:
         """Every served run: name, family, classes, sampling options, latent sliders, domains."""
         return [s.info() for s in runs.values()]
 
-    @app.post("/api/generate", response_class=Response,
-              responses={200: {"content": {"image/png": {}}, "description": "one PNG (a grid when n > 1)"}})
+    @router.post("/api/generate", response_class=Response,
+                 responses={200: {"content": {"image/png": {}}, "description": "one PNG (a grid when n > 1)"}})
     async def generate_route(req: GenerateRequest) -> Response:
         """Images for seeds seed .. seed + n - 1. The header X-Imagegen-Command holds the matching
         `imagegen sample` command."""
         served = generator_of(get(req.model))
         seeds = seed_range(req.seed, req.n)
-        opts = family_options(served, {k: getattr(req, k) for k in OPTION_FIELDS if getattr(req, k) is not None})
+        ask = SampleRequest(seeds, labels=req.label or None, prompt=req.prompt, negative_prompt=req.negative_prompt,
+                            options=options_of(req), latent=req.latent, directions=req.directions, names=HTTP)
+        ready = ask.check(served.run)
+        opts, labels, latent, model = ready.options, ready.labels, ready.latent or [], served.model
         check_diffusion_work(served, req.n, opts)
-        labels = labels_for(served, req.label, seeds)
-        latent = check_latent(served.model, req.latent) or []
-        model = served.model
         if req.directions:
-            if latent:
-                raise bad_request("give latent or directions, not both")
             latent = check_latent(model, await worker.call(lambda: direction_shift(model, req.directions))) or []
         words = {"prompts": req.prompt, "negative_prompt": req.negative_prompt}
-        api.check_prompts(served, prompt=req.prompt, negative_prompt=req.negative_prompt)
 
         def work(items: list[GenItem]) -> list[torch.Tensor]:
             all_seeds = [s for it in items for s in it.seeds]
@@ -137,11 +134,10 @@ def add_generation_routes(app: FastAPI, api: Api) -> None:
 
         key = (served.name, tuple(sorted(opts.items())), tuple(latent), req.prompt, req.negative_prompt)
         images = await worker.batched(key, work, GenItem(seeds, labels))
-        command = latin1(sample_command(served, seeds, req.label or None, opts, latent, req.prompt, req.negative_prompt,
-                                        req.directions))
+        command = latin1(ask.command(served.run.path, engine_of(model)))
         return png_response(images, headers={"X-Imagegen-Command": command, "X-Imagegen-Seeds": f"{seeds[0]}-{seeds[-1]}"})
 
-    @app.post("/api/interpolate", response_class=Response, responses={200: {"content": {"image/png": {}}}})
+    @router.post("/api/interpolate", response_class=Response, responses={200: {"content": {"image/png": {}}}})
     async def interpolate_route(req: InterpolateRequest) -> Response:
         """A strip of `frames` images through latent space from seed_a to seed_b."""
         served = generator_of(get(req.model))
@@ -149,13 +145,16 @@ def add_generation_routes(app: FastAPI, api: Api) -> None:
         images = await worker.call(lambda: interpolate(served.model, req.seed_a, req.seed_b, req.frames, labels))
         return png_response(images, nrow=req.frames)
 
+    return router
 
-def add_image_routes(app: FastAPI, api: Api) -> None:
+
+def image_router(api: Api) -> APIRouter:
     """Routes that take an uploaded image or score samples: /api/translate, /api/inpaint, /api/analyse."""
+    router = APIRouter()
     worker, get, labels_for, family_options = api.worker, api.get, api.labels_for, api.family_options
     seed_range, check_diffusion_work, generator_of = api.seed_range, api.check_diffusion_work, api.generator_of
 
-    @app.post("/api/translate", response_class=Response, responses={200: {"content": {"image/png": {}}}})
+    @router.post("/api/translate", response_class=Response, responses={200: {"content": {"image/png": {}}}})
     async def translate_route(model: str = Form(...), direction: Literal["a2b", "b2a"] = Form("a2b"),
                               image: UploadFile = File(...)) -> Response:
         """An uploaded image translated to the other domain (cyclegan models), at the model's size."""
@@ -167,7 +166,7 @@ def add_image_routes(app: FastAPI, api: Api) -> None:
         out = await worker.call(lambda: served.model.translate(x, direction))
         return png_response(out)
 
-    @app.post("/api/inpaint", response_class=Response, responses={200: {"content": {"image/png": {}}}})
+    @router.post("/api/inpaint", response_class=Response, responses={200: {"content": {"image/png": {}}}})
     async def inpaint_route(model: str = Form(...), seed: int = Form(0, **SEED.bounds()),
                             label: str | None = Form(None, max_length=200),
                             steps: int | None = Form(None, **SAMPLE_OPTIONS["steps"].bounds()),
@@ -186,7 +185,7 @@ def add_image_routes(app: FastAPI, api: Api) -> None:
         out = await worker.call(lambda: extend_image(served.model, x, mask01, seed, labels, **opts))
         return png_response(out)
 
-    @app.post("/api/analyse")
+    @router.post("/api/analyse")
     async def analyse_route(req: AnalyseRequest) -> dict:
         """Per-image scores for seeds seed .. seed + n - 1: the discriminator's score (GANs), and the
         evaluator's class and confidence when the run's dataset has a cached evaluator."""
@@ -197,12 +196,15 @@ def add_image_routes(app: FastAPI, api: Api) -> None:
         check_diffusion_work(served, req.n, {})
         return await worker.call(lambda: score_images(served.run, seeds, labels))
 
+    return router
 
-def add_page_routes(app: FastAPI, api: Api) -> None:
-    """The page, the run folders' own files, and the OpenAPI schema with the served names as examples."""
+
+def page_router(api: Api) -> APIRouter:
+    """The page and the run folders' own files."""
     runs = api.runs
+    router = APIRouter()
 
-    @app.get("/files/{model_and_path:path}", include_in_schema=False)
+    @router.get("/files/{model_and_path:path}", include_in_schema=False)
     async def run_file(model_and_path: str) -> FileResponse:
         # The longest served run name that prefixes the path, then a file strictly inside that run folder.
         for name in sorted(runs, key=len, reverse=True):
@@ -214,21 +216,24 @@ def add_page_routes(app: FastAPI, api: Api) -> None:
                 break
         raise HTTPException(status_code=404, detail="not found")
 
-    @app.get("/", include_in_schema=False)
+    @router.get("/", include_in_schema=False)
     async def index() -> FileResponse:
         return FileResponse(STATIC / "index.html")
 
-    def openapi() -> dict:
-        # The served run names as examples of every `model` field, so clients (and schemathesis) see them.
-        if app.openapi_schema is None:
-            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-            for component in schema.get("components", {}).get("schemas", {}).values():
-                prop = component.get("properties", {}).get("model")
-                if prop is not None and runs:
-                    prop["examples"] = sorted(runs)
-            app.openapi_schema = schema
-        return app.openapi_schema
-    app.openapi = openapi
+    return router
+
+
+def served_openapi(app: FastAPI, runs: dict) -> dict:
+    """The OpenAPI schema with the served run names as examples of every `model` field, so that clients
+    (and schemathesis) see them; made once."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        for component in schema.get("components", {}).get("schemas", {}).values():
+            prop = component.get("properties", {}).get("model")
+            if prop is not None and runs:
+                prop["examples"] = sorted(runs)
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 def _plain(errors: list) -> list:

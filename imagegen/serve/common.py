@@ -17,11 +17,11 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from ..checkpoint import Run, load_run
 from ..directions import MAX_DIRECTIONS
-from ..runtime.engine import engine_of, use_engine
+from ..runtime.engine import use_engine
 from ..data.folder import decode_image
 from ..errors import ImagegenError, ImageTooLargeError
 from ..models import SAMPLE_OPTIONS
-from ..text import MAX_PROMPT_CHARS, check_prompt
+from ..text import MAX_PROMPT_CHARS
 from ..sample import MAX_LATENT_SHIFT, MAX_SEED, SEED, check_options, grid, resolve_labels, to_pil, to_uint8
 from .worker import Worker
 
@@ -204,30 +204,9 @@ def decode_upload(data: bytes, what: str, channels: int, size: int | None = None
         raise bad_request(str(e), 413) from None
 
 
-def sample_command(served: Served, seeds: list[int], label: str | None, opts: dict, latent: list[float],
-                   prompt: str | None = None, negative_prompt: str | None = None, directions: list[float] = ()) -> str:
-    """The `imagegen sample` command that draws the same images."""
-    seed_text = str(seeds[0]) if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]}"
-    parts = ["imagegen", "sample", str(served.run.path), "--seeds", seed_text]
-    if engine_of(served.model) != "torch":
-        parts += ["--engine", engine_of(served.model)]
-    if label is not None:
-        parts += ["--labels", shell_quote(label)]
-    if prompt is not None:
-        parts += ["--prompt", shell_quote(prompt)]
-    if negative_prompt is not None:
-        parts += ["--negative-prompt", shell_quote(negative_prompt)]
-    if directions:
-        parts += ["--directions", ",".join(repr(float(v)) for v in directions)]
-    elif latent:
-        parts += ["--latent", ",".join(f"{v:g}" for v in latent)]
-    for k, v in opts.items():
-        parts += [f"--{k}", f"{v:g}" if isinstance(v, float) else str(v)]
-    return " ".join(parts + ["--out", "samples/"])
-
-
-def shell_quote(text: str) -> str:
-    return text if text.replace("-", "").replace("_", "").isalnum() else "'" + text.replace("'", "'\\''") + "'"
+def options_of(req: BaseModel) -> dict:
+    """The sampling options a request body gives (the fields built from models.SAMPLE_OPTIONS)."""
+    return {k: getattr(req, k) for k in OPTION_FIELDS if getattr(req, k) is not None}
 
 
 class Api:
@@ -265,14 +244,6 @@ class Api:
         if served.model.translates:
             raise bad_request(f"model {served.name!r} translates images: use POST /api/translate")
         return served
-
-    def check_prompts(self, served: Served, **texts: str | None) -> None:
-        """Prompts refused before any work: for a model without text, empty, too long."""
-        for name, text in texts.items():
-            if text is not None:
-                if not served.model.reads_text:
-                    raise bad_request(f"model {served.name!r} was not trained on captions: it takes no {name}")
-                check_prompt(text, name)
 
 
 def latin1(text: str) -> str:

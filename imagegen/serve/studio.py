@@ -5,7 +5,7 @@ carries the `imagegen vary` or `imagegen breed` command that gives the same pixe
 from __future__ import annotations
 
 import torch
-from fastapi import FastAPI, File, Form, UploadFile
+from fastapi import APIRouter, File, Form, UploadFile
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -14,8 +14,8 @@ from ..models.ddpm import STRENGTH
 from ..sample import SEED, generate, hwc_to_float
 from ..vary import MIX, breed
 from ..text import MAX_PROMPT_CHARS
-from .common import (OPTION_FIELDS, Api, GenerateRequest, bad_request, decode_upload, latin1,
-                     png_response, read_upload, shell_quote)
+from .. import requests
+from .common import Api, GenerateRequest, bad_request, decode_upload, latin1, options_of, png_response, read_upload
 from .worker import MAX_BATCH
 
 
@@ -49,29 +49,20 @@ class StripRequest(BaseModel):
     reach: float = Field(default=3.0, gt=0, le=DIRECTION.hi)
 
 
-def vary_command(served, req: VaryRequest, seeds: list[int], opts: dict, image: str | None = None) -> str:
-    """The `imagegen vary` / `imagegen breed` command that draws the same images (from the file `image`
-    instead of the source seed, when given)."""
-    seed_text = str(seeds[0]) if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]}"
-    if image is not None:
-        parts = ["imagegen", "vary", str(served.run.path), "--image", image]
-    elif req.parent is None:
-        parts = ["imagegen", "vary", str(served.run.path), "--seed", str(req.source)]
-    else:
-        parts = ["imagegen", "breed", str(served.run.path), "--parents", f"{req.source},{req.parent}", "--mix", repr(req.mix)]
-    # repr: the shortest text that parses back to the same float, so the command draws the same pixels
-    parts += ["--strength", repr(req.strength), "--seeds", seed_text]
-    for flag, value in (("--labels", req.label or None), ("--prompt", req.prompt), ("--negative-prompt", req.negative_prompt)):
-        if value is not None:
-            parts += [flag, shell_quote(value)]
-    for k, v in opts.items():
-        parts += [f"--{k}", f"{v:g}" if isinstance(v, float) else str(v)]
-    return " ".join(parts + ["--out", "variations/"])
+def variations(req: VaryRequest, seeds: list[int], image: str | None = None) -> requests.VaryRequest:
+    """The library's request for a body of /api/vary (or /api/sketch, from the file `image`)."""
+    sources = [] if image is not None else [req.source] + ([] if req.parent is None else [req.parent])
+    return requests.VaryRequest(seeds, labels=req.label or None, prompt=req.prompt, negative_prompt=req.negative_prompt,
+                                options=options_of(req), names=requests.HTTP, sources=sources, image=image,
+                                strength=req.strength, mix=req.mix)
 
 
-def add_studio_routes(app: FastAPI, api: Api) -> None:
-    @app.post("/api/vary", response_class=Response,
-              responses={200: {"content": {"image/png": {}}, "description": "one PNG (a grid when n > 1)"}})
+def studio_router(api: Api) -> APIRouter:
+    """/api/vary (and breeding), /api/directions, /api/direction-strip, /api/sketch."""
+    router = APIRouter()
+
+    @router.post("/api/vary", response_class=Response,
+                 responses={200: {"content": {"image/png": {}}, "description": "one PNG (a grid when n > 1)"}})
     async def vary_route(req: VaryRequest) -> Response:
         """Variations of a seed's image, or (with `parent`) of two seeds' blend. The header
         X-Imagegen-Command holds the matching `imagegen vary` or `imagegen breed` command."""
@@ -79,19 +70,18 @@ def add_studio_routes(app: FastAPI, api: Api) -> None:
         if req.latent or req.directions:
             raise bad_request("latent and directions do not apply to /api/vary: vary the seed whose latent you want")
         seeds = api.seed_range(req.seed, req.n)
-        opts = api.family_options(served, {k: getattr(req, k) for k in OPTION_FIELDS if getattr(req, k) is not None})
+        ask = variations(req, seeds)
+        ready = ask.check(served.run)
         # the source image(s) are drawn too: up to two more images' worth of steps
-        api.check_diffusion_work(served, req.n + (1 if req.parent is None else 2), opts)
-        api.check_prompts(served, prompt=req.prompt, negative_prompt=req.negative_prompt)
-        labels = api.labels_for(served, req.label, [req.source]) if req.label else None
-        parents = [req.source] if req.parent is None else [req.source, req.parent]
-        images = await api.worker.call(lambda: breed(served.model, parents, seeds, strength=req.strength, mix=req.mix,
-                                                     labels=labels, prompt=req.prompt, negative_prompt=req.negative_prompt,
-                                                     batch_size=MAX_BATCH, **opts))
-        return png_response(images, headers={"X-Imagegen-Command": latin1(vary_command(served, req, seeds, opts)),
+        api.check_diffusion_work(served, req.n + len(ask.sources), ready.options)
+        images = await api.worker.call(lambda: breed(served.model, ask.sources, seeds, strength=req.strength, mix=req.mix,
+                                                     labels=ready.labels, prompt=req.prompt,
+                                                     negative_prompt=req.negative_prompt, batch_size=MAX_BATCH,
+                                                     **ready.options))
+        return png_response(images, headers={"X-Imagegen-Command": latin1(ask.command(served.run.path)),
                                              "X-Imagegen-Seeds": f"{seeds[0]}-{seeds[-1]}"})
 
-    @app.post("/api/directions")
+    @router.post("/api/directions")
     async def directions_route(req: DirectionsRequest) -> dict:
         """The model's k principal latent directions (GANSpace) and the share of its early features'
         variance each explains: what the page's sliders move (GANs and VAEs)."""
@@ -99,7 +89,7 @@ def add_studio_routes(app: FastAPI, api: Api) -> None:
         dirs, explained = await api.worker.call(lambda: principal_directions(served.model, req.k))
         return {"k": req.k, "explained": [round(float(v), 4) for v in explained], "z_dim": dirs.shape[1]}
 
-    @app.post("/api/direction-strip", response_class=Response, responses={200: {"content": {"image/png": {}}}})
+    @router.post("/api/direction-strip", response_class=Response, responses={200: {"content": {"image/png": {}}}})
     async def strip_route(req: StripRequest) -> Response:
         """What one slider does: the seed's image moved along direction `index`, frames from -reach to
         +reach (the middle one, at 0, is the seed's own image when frames is odd)."""
@@ -117,8 +107,8 @@ def add_studio_routes(app: FastAPI, api: Api) -> None:
         images = await api.worker.call(work)
         return png_response(images, nrow=req.frames)
 
-    @app.post("/api/sketch", response_class=Response,
-              responses={200: {"content": {"image/png": {}}, "description": "one PNG (a grid when n > 1)"}})
+    @router.post("/api/sketch", response_class=Response,
+                 responses={200: {"content": {"image/png": {}}, "description": "one PNG (a grid when n > 1)"}})
     async def sketch_route(image: UploadFile = File(...),
                            request: str = Form(..., max_length=4 * MAX_PROMPT_CHARS,
                                                description="a JSON /api/vary body; its source and parent are unused")) -> Response:
@@ -134,19 +124,19 @@ def add_studio_routes(app: FastAPI, api: Api) -> None:
         if req.latent or req.directions or req.parent is not None:
             raise bad_request("a sketch is the only source: latent, directions and parent do not apply")
         seeds = api.seed_range(req.seed, req.n)
-        opts = api.family_options(served, {k: getattr(req, k) for k in OPTION_FIELDS if getattr(req, k) is not None})
-        api.check_diffusion_work(served, req.n, opts)
-        api.check_prompts(served, prompt=req.prompt, negative_prompt=req.negative_prompt)
+        ask = variations(req, seeds, image=SKETCH_FILE)
+        ready = ask.check(served.run)
+        api.check_diffusion_work(served, req.n, ready.options)
         cfg = served.model.cfg
         size = cfg.image_size
         pixels = decode_upload(await read_upload(image, "image"), "image", cfg.channels)
         if pixels.shape[:2] != (size, size):
             raise bad_request(f"image: the sketch is {pixels.shape[1]}x{pixels.shape[0]}; this model draws {size}x{size}")
         x = hwc_to_float(pixels)
-        labels = api.labels_for(served, req.label, [0]) if req.label else None
-        images = await api.worker.call(lambda: breed(served.model, [x], seeds, strength=req.strength, labels=labels,
+        images = await api.worker.call(lambda: breed(served.model, [x], seeds, strength=req.strength, labels=ready.labels,
                                                      prompt=req.prompt, negative_prompt=req.negative_prompt,
-                                                     batch_size=MAX_BATCH, **opts))
-        command = vary_command(served, req, seeds, opts, image=SKETCH_FILE)
-        return png_response(images, headers={"X-Imagegen-Command": latin1(command),
+                                                     batch_size=MAX_BATCH, **ready.options))
+        return png_response(images, headers={"X-Imagegen-Command": latin1(ask.command(served.run.path)),
                                              "X-Imagegen-Seeds": f"{seeds[0]}-{seeds[-1]}"})
+
+    return router

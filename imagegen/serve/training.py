@@ -16,7 +16,7 @@ import secrets
 import tempfile
 from pathlib import Path
 
-from fastapi import Depends, FastAPI, File, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Request, UploadFile
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -35,7 +35,9 @@ class TrainRequest(BaseModel):
     minutes: float = Field(default=1.0, gt=0, le=MAX_TRAIN_MINUTES, description="the training time budget")
 
 
-def add_training_routes(app: FastAPI, api: Api, root: Path, token: str | None) -> None:
+def training_router(api: Api, root: Path, token: str | None) -> APIRouter:
+    """/api/upload, /api/train and its status, grid, events and cancel."""
+    router = APIRouter()
     work = root / "studio"
     state: dict = {"job": None}
 
@@ -57,7 +59,7 @@ def add_training_routes(app: FastAPI, api: Api, root: Path, token: str | None) -
             api.runs[name] = load_served(name, folder, api.engine)
         return name
 
-    @app.post("/api/upload", dependencies=[Depends(authorised)])
+    @router.post("/api/upload", dependencies=[Depends(authorised)])
     async def upload_route(archive: UploadFile = File(..., description="a zip of images (class folders or captions)")) -> dict:
         """Unpack a zip of images into a new upload folder; answers its id for POST /api/train."""
         with tempfile.NamedTemporaryFile(suffix=".zip") as tmp:
@@ -77,7 +79,7 @@ def add_training_routes(app: FastAPI, api: Api, root: Path, token: str | None) -
                 raise bad_request(str(e)) from None
         return {"upload": upload, **counts}
 
-    @app.post("/api/train", dependencies=[Depends(authorised)])
+    @router.post("/api/train", dependencies=[Depends(authorised)])
     async def train_route(req: TrainRequest) -> dict:
         """Start training on an upload (one job at a time: 409 while one runs)."""
         job: TrainJob | None = state["job"]
@@ -92,7 +94,7 @@ def add_training_routes(app: FastAPI, api: Api, root: Path, token: str | None) -
             raise bad_request(str(e)) from None
         return state["job"].status()
 
-    @app.post("/api/train/cancel", dependencies=[Depends(authorised)])
+    @router.post("/api/train/cancel", dependencies=[Depends(authorised)])
     async def cancel_route() -> dict:
         job: TrainJob | None = state["job"]
         if job is None:
@@ -112,17 +114,17 @@ def add_training_routes(app: FastAPI, api: Api, root: Path, token: str | None) -
                 out["state"], out["error"] = "failed", f"the trained run does not load: {e}"
         return out
 
-    @app.get("/api/train/families")
+    @router.get("/api/train/families")
     async def train_families() -> list[str]:
         """The families the studio trains (each family's file declares it: trains_in_studio)."""
         return list(TRAIN_FAMILIES)
 
-    @app.get("/api/train")
+    @router.get("/api/train")
     async def train_status() -> dict:
         """The training job: state (none, running, done, failed, cancelled), step, losses, its run."""
         return status()
 
-    @app.get("/api/train/grid", response_class=Response, responses={200: {"content": {"image/png": {}}}})
+    @router.get("/api/train/grid", response_class=Response, responses={200: {"content": {"image/png": {}}}})
     async def train_grid() -> Response:
         """The newest sample grid of the training job (every GRID_EVERY steps, and at the end)."""
         job: TrainJob | None = state["job"]
@@ -132,7 +134,7 @@ def add_training_routes(app: FastAPI, api: Api, root: Path, token: str | None) -
         # The bytes, read once: a FileResponse takes the length and the body in two looks at the file.
         return Response(grid.read_bytes(), media_type="image/png", headers={"Cache-Control": "no-store"})
 
-    @app.get("/api/train/events")
+    @router.get("/api/train/events")
     async def train_events() -> StreamingResponse:
         """Server-sent events: the job's status every half second until it stops."""
         async def events():
@@ -144,5 +146,4 @@ def add_training_routes(app: FastAPI, api: Api, root: Path, token: str | None) -
                 await asyncio.sleep(EVENT_EVERY_S)
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
 
-    app.state.training = state
-    app.state.work = work
+    return router

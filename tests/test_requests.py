@@ -1,0 +1,92 @@
+"""The typed requests (imagegen/requests.py) that the command line and the server share: checked once
+against a run, refused with the field named as each front end calls it, and rendering a command that
+draws the same pixels."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import imagegen
+from imagegen.errors import ConfigError
+from imagegen.requests import CLI, HTTP, SampleRequest, VaryRequest, shell_quote
+from imagegen.sample import generate, to_uint8
+from imagegen.vary import breed
+
+from conftest import run_main, run_maker
+
+VARIANTS = {"cgan": ("cgan", {"width": 8, "z_dim": 16}),
+            "flow": ("flow", {"width": 8, "mults": [1, 2], "sample_steps": 2})}
+
+
+@pytest.fixture(scope="module")
+def runs(request, tmp_path_factory):
+    return run_maker(request, tmp_path_factory, VARIANTS, steps=4)
+
+
+def test_a_request_is_checked_against_its_run_and_names_fields_as_its_front_end_does(runs):
+    run = imagegen.load_run(runs("flow"))
+    ready = SampleRequest([3, 4, 5], labels="1", options={"steps": 3, "guidance": 2.0}).check(run)
+    assert ready.labels.tolist() == [1, 1, 1] and ready.options == {"steps": 3, "guidance": 2.0}
+    assert SampleRequest([0, 1]).check(run).labels.tolist() == [0, 1]          # seed mod classes
+    for names, flag in ((CLI, "--eta"), (HTTP, "eta")):
+        with pytest.raises(ConfigError, match=f"^{flag} does not apply to a flow model"):
+            SampleRequest([0], options={"eta": 0.5}, names=names).check(run)
+    with pytest.raises(ConfigError, match="steps must be in 1..1000"):
+        SampleRequest([0], options={"steps": 0}).check(run)
+    with pytest.raises(ConfigError, match="not trained on captions: it takes no negative_prompt"):
+        SampleRequest([0], negative_prompt="blurry", names=HTTP).check(run)
+    gan = imagegen.load_run(runs("cgan"))
+    with pytest.raises(ConfigError, match="give latent or directions, not both"):
+        SampleRequest([0], latent=[1.0], directions=[1.0], names=HTTP).check(gan)
+    with pytest.raises(ConfigError, match="--labels"):
+        SampleRequest([0, 1], labels="0,1,2").check(gan)
+
+
+def test_the_sample_command_draws_the_same_pixels(runs, tmp_path):
+    run = imagegen.load_run(runs("cgan"))
+    ask = SampleRequest([7, 8, 9], labels="2", latent=[0.5, -1.25], options={"truncation": 1.5})
+    ready = ask.check(run)
+    want = to_uint8(generate(run.model, ready.seeds, labels=ready.labels, latent=ready.latent, **ready.options))
+    command = shlex.split(ask.command(run.path, out=str(tmp_path / "s")))
+    assert command[:2] == ["imagegen", "sample"] and "--truncation" in command
+    assert run_main(*command[1:]).returncode == 0
+    got = np.stack([np.asarray(Image.open(tmp_path / "s" / f"seed{s:06d}.png")) for s in (7, 8, 9)])
+    assert np.array_equal(got.reshape(want.shape), want)
+
+
+def test_the_vary_and_breed_commands_draw_the_same_pixels(runs, tmp_path):
+    run = imagegen.load_run(runs("flow"))
+    for sources, name in (([4], "vary"), ([4, 11], "breed")):
+        ask = VaryRequest([1, 2], sources=sources, strength=0.6, mix=0.25, options={"steps": 2})
+        ready = ask.check(run)
+        want = to_uint8(breed(run.model, sources, ready.seeds, strength=0.6, mix=ask.mix, labels=ready.labels,
+                              **ready.options))
+        out = tmp_path / name
+        command = shlex.split(ask.command(run.path, out=str(out)))
+        assert command[1] == name and run_main(*command[1:]).returncode == 0
+        got = np.stack([np.asarray(Image.open(out / f"seed{s:06d}.png")) for s in (1, 2)])
+        assert np.array_equal(got.reshape(want.shape), want)
+    sketch = VaryRequest([0], image="sketch.png", strength=0.5).command(Path("RUN"))
+    assert sketch.startswith("imagegen vary RUN --image sketch.png --strength 0.5 --seeds 0")
+    with pytest.raises(ConfigError, match="vary takes one source seed and breed two, got 3"):
+        VaryRequest([0], sources=[1, 2, 3]).check(run)
+
+
+def test_prompts_are_quoted_for_the_shell():
+    for text in ("plain", "a red circle", "it's 'quoted'", "semi;colon $HOME `x`"):
+        assert shlex.split(f"echo {shell_quote(text)}")[1:] == [text]
+    ask = SampleRequest([0], prompt="a red circle", negative_prompt="blue")
+    assert shlex.split(ask.command("RUN"))[5:9] == ["--prompt", "a red circle", "--negative-prompt", "blue"]
+
+
+def test_the_server_renders_no_command_of_its_own():
+    """The reproduce commands come from the request layer: serve/ writes no command line's flags."""
+    serve = Path(imagegen.__file__).parent / "serve"
+    for path in serve.glob("*.py"):
+        text = path.read_text(encoding="utf-8")
+        assert '"--seeds"' not in text and '"--labels"' not in text and '"--strength"' not in text, path
