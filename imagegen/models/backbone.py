@@ -255,6 +255,22 @@ class BackboneFamily(Family):
                                               run=self.run)
         return text.with_layout(layout)
 
+    def prompts(self, n: int, text: TextEmbedding | None, negative: TextEmbedding | None, generator: Generators,
+                draw: bool = True) -> tuple[TextEmbedding | None, TextEmbedding | None]:
+        """A sampling call's prompt and negative prompt, checked (check_text), and a grounded model's
+        layouts for the prompt (`ground`: drawn from each image's generator before its noise, or with
+        `draw` False the most likely ones)."""
+        text, negative = self.check_text(n, text), self.check_text(n, negative, "negative prompt")
+        return self.ground(text, generator, draw=draw), negative
+
+    def canvas(self, image: torch.Tensor, mask: torch.Tensor, generator: Generators):
+        """(image, known, keep, noise) for inpainting images N x C x H x W where mask N x 1 x H x W is 1:
+        the image on the model's device, the canvas padded to the backbone's multiple (padded_canvas;
+        keep = 1 where a pixel is kept) and its per-image noise."""
+        image = image.to(self.device)
+        known, keep = padded_canvas(image, mask.to(self.device), self.cfg.multiple)
+        return image, known, keep, self._noise(image.shape[0], known.shape[1:], generator)
+
     def check_text(self, n: int, text: TextEmbedding | None, what: str = "prompt") -> TextEmbedding | None:
         """A sampling call's text, checked: n rows for a text network, refused by any other."""
         if text is None:

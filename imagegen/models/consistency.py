@@ -38,7 +38,7 @@ import torch
 
 from ..config import MAX_WEIGHT, Range, ranged
 from ..errors import ConfigError
-from .backbone import BackboneConfig, BackboneFamily, keep_known, padded_canvas
+from .backbone import BackboneConfig, BackboneFamily, keep_known
 from .base import ExportSpec, Generators, SampleOption, eval_mode
 from .ddpm import GUIDANCE, GUIDANCE_OPTION, STRENGTH
 
@@ -208,8 +208,7 @@ class Consistency(BackboneFamily):    # the backbone, its optimizer, label dropo
         labels None on a conditional model samples unconditionally (the null class); `text` (a
         TextEmbedding of n prompts) for a text model, `negative` its guidance's null branch."""
         labels, sigmas, guidance = self._setup(n, labels, steps, guidance)
-        text, negative = self.check_text(n, text), self.check_text(n, negative, "negative prompt")
-        text = self.ground(text, generator)        # a grounded model's layouts, then the noise
+        text, negative = self.prompts(n, text, negative, generator)        # a grounded model's layouts, then the noise
         noise = self._noise(n, (self.cfg.channels, self.cfg.image_size, self.cfg.image_size), generator)
         with eval_mode(self):
             return self.multistep(sigmas[0] * noise(), sigmas, noise, labels, guidance, text, negative)
@@ -223,8 +222,7 @@ class Consistency(BackboneFamily):    # the backbone, its optimizer, label dropo
         the sampler's further levels below it. Small strengths keep the layout and colours."""
         STRENGTH.check(strength, "strength")
         labels, sigmas, guidance = self._setup(image.shape[0], labels, steps, guidance)
-        text, negative = self.check_text(image.shape[0], text), self.check_text(image.shape[0], negative, "negative prompt")
-        text = self.ground(text, generator)
+        text, negative = self.prompts(image.shape[0], text, negative, generator)
         start = (SIGMA_MIN ** (1 / RHO) + strength * (SIGMA_MAX ** (1 / RHO) - SIGMA_MIN ** (1 / RHO))) ** RHO
         noise = self._noise(image.shape[0], image.shape[1:], generator)
         with eval_mode(self):
@@ -242,11 +240,8 @@ class Consistency(BackboneFamily):    # the backbone, its optimizer, label dropo
         self.check_inpaint(image, mask)
         n = image.shape[0]
         labels, sigmas, guidance = self._setup(n, labels, INPAINT_STEPS if steps is None else steps, guidance)
-        text, negative = self.check_text(n, text), self.check_text(n, negative, "negative prompt")
-        text = self.ground(text, generator)
-        image = image.to(self.device)
-        known, keep = padded_canvas(image, mask.to(self.device), self.cfg.multiple)
-        noise = self._noise(n, known.shape[1:], generator)
+        text, negative = self.prompts(n, text, negative, generator)
+        image, known, keep, noise = self.canvas(image, mask, generator)
         with eval_mode(self):
             x = self.multistep(known * keep + sigmas[0] * noise(), sigmas, noise, labels, guidance, text, negative,
                                known=known, keep=keep)

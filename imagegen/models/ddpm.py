@@ -38,7 +38,7 @@ from ..config import MAX_WEIGHT, Range, ranged
 from ..errors import ConfigError
 from ..paths import DiffusionPath
 from ..solvers import Denoise, ddim, ddpm_ancestral, repaint, spaced_timesteps
-from .backbone import BackboneConfig, BackboneFamily, keep_known, padded_canvas
+from .backbone import BackboneConfig, BackboneFamily, keep_known
 from .base import ExportSpec, Generators, SampleOption, eval_mode
 
 MAX_SAMPLE_STEPS = 1000
@@ -181,8 +181,7 @@ class DDPM(BackboneFamily):    # the backbone, its optimizer, label dropout and 
         """n images. labels None on a conditional model samples unconditionally (the null class); `text`
         (a TextEmbedding of n prompts) for a text model, `negative` its guidance's null branch."""
         labels, ts, guidance, eta, sampler = self._setup(n, labels, steps, guidance, eta, sampler)
-        text, negative = self.check_text(n, text), self.check_text(n, negative, "negative prompt")
-        text = self.ground(text, generator)   # a grounded model's layouts, before the noise
+        text, negative = self.prompts(n, text, negative, generator)   # a grounded model's layouts, before the noise
         shape = (self.cfg.channels, self.cfg.image_size, self.cfg.image_size)
         noise = self._noise(n, shape, generator)
         with eval_mode(self):
@@ -206,8 +205,7 @@ class DDPM(BackboneFamily):    # the backbone, its optimizer, label dropout and 
         Small strengths keep the layout and colours; 1 starts from (almost) pure noise."""
         STRENGTH.check(strength, "strength")
         labels, ts, guidance, eta, sampler = self._setup(image.shape[0], labels, steps, guidance, eta, sampler)
-        text, negative = self.check_text(image.shape[0], text), self.check_text(image.shape[0], negative, "negative prompt")
-        text = self.ground(text, generator)
+        text, negative = self.prompts(image.shape[0], text, negative, generator)
         ts = [t for t in ts if t <= strength * (self.cfg.timesteps - 1) + 1e-9] or ts[-1:]
         noise = self._noise(image.shape[0], image.shape[1:], generator)
         with eval_mode(self):
@@ -221,8 +219,7 @@ class DDPM(BackboneFamily):    # the backbone, its optimizer, label dropout and 
         """The images deterministic DDIM (eta = 0) makes of noise z (N x C x H x W at the last timestep):
         the map that `distill` learns in one step."""
         labels, ts, guidance, _, _ = self._setup(z.shape[0], labels, steps, guidance, 0.0, "ddim")
-        text, negative = self.check_text(z.shape[0], text), self.check_text(z.shape[0], negative, "negative prompt")
-        text = self.ground(text, None, draw=False)
+        text, negative = self.prompts(z.shape[0], text, negative, None, draw=False)
         with eval_mode(self):
             x = ddim(self.denoiser(labels, guidance, text, negative), z.to(self.device), self.ab, ts, eta=0.0)
         return x.clamp(-1, 1)
@@ -238,11 +235,8 @@ class DDPM(BackboneFamily):    # the backbone, its optimizer, label dropout and 
         n = image.shape[0]
         RESAMPLE.check(resample, "resample")
         labels, ts, guidance, _, _ = self._setup(n, labels, steps, guidance, 0.0, "ddpm")
-        text, negative = self.check_text(n, text), self.check_text(n, negative, "negative prompt")
-        text = self.ground(text, generator)
-        image = image.to(self.device)
-        known, keep = padded_canvas(image, mask.to(self.device), self.cfg.multiple)
-        noise = self._noise(n, known.shape[1:], generator)
+        text, negative = self.prompts(n, text, negative, generator)
+        image, known, keep, noise = self.canvas(image, mask, generator)
         with eval_mode(self):
             x = repaint(self.denoiser(labels, guidance, text, negative), noise(), self.ab, ts, known=known, mask=keep,
                         resample=resample, noise=noise)

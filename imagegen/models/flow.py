@@ -37,7 +37,7 @@ from ..errors import ConfigError
 from ..paths import STRAIGHT
 from ..solvers import (LIKELIHOOD_RHO, LIKELIHOOD_STEPS, Velocity, adaptive, euler, flow_log_likelihood,
                        flow_repaint, heun, midpoint)
-from .backbone import BackboneConfig, BackboneFamily, keep_known, padded_canvas
+from .backbone import BackboneConfig, BackboneFamily, keep_known
 from .base import ExportSpec, Generators, SampleOption, eval_mode, per_item_normal
 from .ddpm import GUIDANCE, GUIDANCE_OPTION, MAX_SERVED_STEPS, RESAMPLE, STEPS, STRENGTH
 
@@ -158,8 +158,7 @@ class Flow(BackboneFamily):    # the backbone, its optimizer, label dropout and 
         """The images the ODE carries noise z (N x C x H x W at t = 0) to: a deterministic map, which
         `distill` learns in one step (a grounded model's texts without layouts get their most likely ones)."""
         labels, steps, guidance, solver = self._setup(z.shape[0], labels, steps, guidance, solver)
-        text, negative = self.check_text(z.shape[0], text), self.check_text(z.shape[0], negative, "negative prompt")
-        text = self.ground(text, None, draw=False)
+        text, negative = self.prompts(z.shape[0], text, negative, None, draw=False)
         with eval_mode(self):
             x = z.to(self.device)
             if solver == "dopri5":   # one image at a time: its step sizes must not depend on the others
@@ -184,8 +183,7 @@ class Flow(BackboneFamily):    # the backbone, its optimizer, label dropout and 
         labels, steps, guidance, solver = self._setup(image.shape[0], labels, steps, guidance, solver)
         if solver == "dopri5":
             raise ConfigError("edit takes a fixed-step solver (euler, midpoint or heun), not dopri5")
-        text, negative = self.check_text(image.shape[0], text), self.check_text(image.shape[0], negative, "negative prompt")
-        text = self.ground(text, generator)
+        text, negative = self.prompts(image.shape[0], text, negative, generator)
         t0 = 1.0 - strength
         k = max(1, math.ceil(strength * steps - 1e-9))
         grid = [t0 + (1 - t0) * i / k for i in range(k + 1)]
@@ -233,11 +231,8 @@ class Flow(BackboneFamily):    # the backbone, its optimizer, label dropout and 
         n = image.shape[0]
         RESAMPLE.check(resample, "resample")
         labels, steps, guidance, _ = self._setup(n, labels, steps, guidance, "euler")
-        text, negative = self.check_text(n, text), self.check_text(n, negative, "negative prompt")
-        text = self.ground(text, generator)
-        image = image.to(self.device)
-        known, keep = padded_canvas(image, mask.to(self.device), self.cfg.multiple)
-        noise = self._noise(n, known.shape[1:], generator)
+        text, negative = self.prompts(n, text, negative, generator)
+        image, known, keep, noise = self.canvas(image, mask, generator)
         with eval_mode(self):
             x = flow_repaint(self.velocity(labels, guidance, text, negative), noise(), steps, known=known, mask=keep,
                              resample=resample, noise=noise)
