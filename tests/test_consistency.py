@@ -15,7 +15,7 @@ import imagegen
 from imagegen.errors import ConfigError
 from imagegen.models.base import per_item_normal
 from imagegen.models.consistency import SIGMA_MAX, SIGMA_MIN, Config, Consistency, karras_sigmas
-from imagegen.sample import generate, seed_generators
+from imagegen.sample import seed_generators
 
 from conftest import run_main, run_maker
 
