@@ -28,8 +28,8 @@ def progress_bar(tc, start: int, progress: bool) -> tqdm:
     return tqdm(total=tc.steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True, mininterval=1.0)
 
 
-def advance(bar: tqdm, tc, done: int, elapsed: float) -> None:
-    """Move the bar to step `done`, or to `elapsed` seconds of the time budget (the bar ends full either way
+def advance(bar: tqdm, tc, elapsed: float) -> None:
+    """Move the bar one step on, or to `elapsed` seconds of the time budget (the bar ends full either way
     when the run ends early)."""
     if tc.time_limit:
         bar.update(min(elapsed, tc.time_limit) - bar.n)
@@ -65,8 +65,8 @@ class RunWriter:
                       if main and tc.logger == "tensorboard" else None)
         self.bar = progress_bar(tc, start, progress)
 
-    def advance(self, done: int, elapsed: float) -> None:
-        advance(self.bar, self.tc, done, elapsed)
+    def advance(self, elapsed: float) -> None:
+        advance(self.bar, self.tc, elapsed)
 
     def log(self, done: int, window: Window, bad_total: int) -> None:
         """One line of log.jsonl (and TensorBoard's scalars) for the window, and the bar's figures."""

@@ -247,7 +247,7 @@ def _train(cfg: RunConfig, d: distributed.Dist | None, main: bool, device: torch
 
             # Logs, grids and checkpoints (rank 0).
             done = step + 1
-            writer.advance(done, time.perf_counter() - started)
+            writer.advance(time.perf_counter() - started)
             # A time budget ends the run at this step, with the log, grid and checkpoint of a normal end
             # (in a distributed run, when any rank's clock says so: ranks must stop at the same step).
             over = bool(tc.time_limit and time.perf_counter() - started >= tc.time_limit)

@@ -38,7 +38,7 @@ def _mechanism(model: Family) -> str:
     if model.has_latent:
         return "latent"
     raise ConfigError(f"model family {model.name!r} cannot make variations: it has neither a latent space "
-                      "(GANs, VAEs) nor a denoiser to re-noise an image with (ddpm, flow)")
+                      "(GANs, VAEs) nor a denoiser to re-noise an image with (ddpm, flow, consistency)")
 
 
 def _check_image(model: Family, image: torch.Tensor, what: str) -> torch.Tensor:

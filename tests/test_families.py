@@ -214,8 +214,8 @@ def test_models_command_lists_every_family_with_its_options(capsys):
     from imagegen.cli import main
     assert main(["models"]) == 0
     out = capsys.readouterr().out
-    for name in REGISTRY:
-        assert name in out
+    for name, cls in REGISTRY.items():
+        assert name in out and cls.summary in out
     assert "--guidance" in out and "--truncation" in out and "needs labels" in out
 
 

@@ -50,7 +50,7 @@ def add_commands(sub) -> None:
     p.add_argument("--out", required=True, help="PNG file")
     p.set_defaults(handler=cmd_interpolate)
 
-    for name, what in (("vary", "variations of one image, a seed's or a file's: latent steps (GANs, VAEs), SDEdit (ddpm, flow)"),
+    for name, what in (("vary", "variations of one image, a seed's or a file's: latent steps (GANs, VAEs), SDEdit (ddpm, flow, consistency)"),
                        ("breed", "variations of the blend of two parents (seeds or image files)")):
         p = sub.add_parser(name, help=what)
         p.add_argument("run_dir")

@@ -78,10 +78,15 @@ class Config(BackboneConfig):   # image size, channels, classes and the backbone
             raise ConfigError(f"model.max_intervals {self.max_intervals} is below model.min_intervals {self.min_intervals}")
 
 
+def karras_level(u: float, hi: float = SIGMA_MAX, lo: float = SIGMA_MIN) -> float:
+    """The noise level u of the way from hi (u = 0) down to lo (u = 1) on EDM's rho = 7 spacing."""
+    a, b = hi ** (1 / RHO), lo ** (1 / RHO)
+    return (a + u * (b - a)) ** RHO
+
+
 def karras_sigmas(n: int, hi: float = SIGMA_MAX, lo: float = SIGMA_MIN) -> list[float]:
     """n noise levels from hi down to lo (n >= 2), spaced as EDM's rho = 7 schedule."""
-    a, b = hi ** (1 / RHO), lo ** (1 / RHO)
-    return [(a + j / (n - 1) * (b - a)) ** RHO for j in range(n)]
+    return [karras_level(j / (n - 1), hi, lo) for j in range(n)]
 
 
 class Consistency(BackboneFamily):    # the backbone, its optimizer, label dropout and guided call: backbone.py
@@ -223,7 +228,7 @@ class Consistency(BackboneFamily):    # the backbone, its optimizer, label dropo
         STRENGTH.check(strength, "strength")
         labels, sigmas, guidance = self._setup(image.shape[0], labels, steps, guidance)
         text, negative = self.prompts(image.shape[0], text, negative, generator)
-        start = (SIGMA_MIN ** (1 / RHO) + strength * (SIGMA_MAX ** (1 / RHO) - SIGMA_MIN ** (1 / RHO))) ** RHO
+        start = karras_level(1 - strength)
         noise = self._noise(image.shape[0], image.shape[1:], generator)
         with eval_mode(self):
             x = image.to(self.device, torch.float32) + start * noise()

@@ -49,6 +49,7 @@ GUIDANCE = Range(0.0, 30.0, float)
 MAX_SERVED_STEPS = 100   # the server's cap on steps per request (its images x steps has a cap of its own)
 GUIDANCE_OPTION = SampleOption("classifier-free guidance scale: 0 unconditional, 1 conditional, >1 stronger",
                                GUIDANCE, slider=(0, 5, 0.1, 1.5), served_max=20)
+SAMPLER = SampleOption("ddim or ddpm (ancestral)", choices=("ddim", "ddpm"))
 RESAMPLE = Range(1, 100)     # RePaint passes per step (inpainting's --resample)
 STRENGTH = Range(0.0, 1.0, float, lo_open=True)   # how far back SDEdit (edit, `imagegen vary`) re-noises an image
 
@@ -110,7 +111,7 @@ class DDPM(BackboneFamily):    # the backbone, its optimizer, label dropout and 
                               served_max=MAX_SERVED_STEPS),
         "guidance": GUIDANCE_OPTION,
         "eta": SampleOption("DDIM noise: 0 deterministic, 1 like DDPM", ETA, slider=(0, 1, 0.05, 0)),
-        "sampler": SampleOption("ddim or ddpm (ancestral)", choices=("ddim", "ddpm")),
+        "sampler": SAMPLER,
     }
 
     def __init__(self, cfg: Config) -> None:
@@ -130,11 +131,12 @@ class DDPM(BackboneFamily):    # the backbone, its optimizer, label dropout and 
         t = torch.randint(0, self.cfg.timesteps, (n,), generator=gen, device=dev)
         eps = torch.randn(x0.shape, generator=gen, device=dev)
         y = self.training_labels(batch, gen)
-        a = self.path.level(t)
-        xt = self.path.point(x0, eps, a)
-        target = self.path.target(x0, eps, a)
+        path = self.path
+        a = path.level(t)
+        xt = path.point(x0, eps, a)
+        target = path.target(x0, eps, a)
         per_image = (self.net(xt, t, y, *self.training_text(batch, gen)) - target).square().mean(dim=(1, 2, 3))   # N
-        snr = self.path.snr(a.view(n))
+        snr = path.snr(a.view(n))
         if self.cfg.weighting == "min-snr":   # min(SNR, gamma) / SNR as an x0 loss, rewritten for the target
             w = snr.clamp(max=self.cfg.min_snr_gamma) / (snr if self.cfg.prediction == "eps" else snr + 1)
         else:
@@ -145,10 +147,12 @@ class DDPM(BackboneFamily):    # the backbone, its optimizer, label dropout and 
 
     def denoiser(self, labels: torch.Tensor | None, guidance: float, text=None, negative=None) -> Denoise:
         """denoise(x, t) -> (x0, eps), with x0 clipped to [-1, 1] and classifier-free guidance applied."""
+        path = self.path
+
         def denoise(x: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
             out = self.guided(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long), labels, guidance,
                               text, negative)
-            return self.path.split(x, out, self.path.level(t))
+            return path.split(x, out, path.level(t))
 
         return denoise
 
@@ -159,8 +163,7 @@ class DDPM(BackboneFamily):    # the backbone, its optimizer, label dropout and 
         guidance = self.cfg.guidance if guidance is None else float(guidance)
         eta = self.cfg.eta if eta is None else float(eta)
         sampler = self.cfg.sampler if sampler is None else sampler
-        if sampler not in ("ddim", "ddpm"):
-            raise ConfigError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
+        SAMPLER.check(sampler, "sampler")
         check_sampling(steps, eta, guidance, self.cfg.timesteps)
         return labels, spaced_timesteps(self.cfg.timesteps, steps), guidance, eta, sampler
 

@@ -74,9 +74,13 @@ def dequantize_batch(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return (torch.round((x + 1) * 127.5) + torch.rand(x.shape, generator=gen, device=x.device)) / 128 - 1
 
 
+# not dopri5 on the page: adaptive, for reference runs, too slow to drag a slider with
+SOLVER = SampleOption("ODE solver: euler, midpoint, heun, or dopri5 (adaptive)", choices=(*SOLVERS, "dopri5"),
+                      menu=("heun", "euler", "midpoint"))
+
+
 def check_solver(solver: str, what: str = "solver") -> None:
-    if solver not in (*SOLVERS, "dopri5"):
-        raise ConfigError(f"{what} must be one of {', '.join([*SOLVERS, 'dopri5'])}, got {solver!r}")
+    SOLVER.check(solver, what)
 
 
 class Flow(BackboneFamily):    # the backbone, its optimizer, label dropout and guided call: backbone.py
@@ -88,9 +92,7 @@ class Flow(BackboneFamily):    # the backbone, its optimizer, label dropout and 
         "steps": SampleOption("solver steps (default: the model's sample_steps; heun and midpoint call the network "
                               "twice a step)", STEPS, slider=(1, 100, 1, 20), served_max=MAX_SERVED_STEPS),
         "guidance": GUIDANCE_OPTION,
-        # not dopri5 on the page: adaptive, for reference runs, too slow to drag a slider with
-        "solver": SampleOption("ODE solver: euler, midpoint, heun, or dopri5 (adaptive)",
-                               choices=(*SOLVERS, "dopri5"), menu=("heun", "euler", "midpoint")),
+        "solver": SOLVER,
     }
 
     # --- training ------------------------------------------------------------------------------------

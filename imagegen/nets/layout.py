@@ -3,10 +3,9 @@
 A text model that learns placement only from pixels learns colour long before place: on `scenes`, after
 20 CPU minutes, it draws the named colours (0.97) but puts a "star in the top left" in any cell and a
 "circle left of a square" left of it half the time (docs/benchmarks/quality.md). Two-stage generation
-splits the job, as
-Hong et al. ("Inferring Semantic Layout for Hierarchical Text-to-Image Synthesis", CVPR 2018) and Lian et
-al. ("LLM-grounded Diffusion", TMLR 2024: an LLM writes the layout) do, and GLIGEN (Li et al., CVPR 2023)
-feeds the layout to the denoiser:
+splits the job, as Hong et al. ("Inferring Semantic Layout for Hierarchical Text-to-Image Synthesis",
+CVPR 2018) and Lian et al. ("LLM-grounded Diffusion", TMLR 2024: an LLM writes the layout) do, and
+GLIGEN (Li et al., CVPR 2023) feeds the layout to the denoiser:
   LayoutPrior   text -> a G x G grid of cell classes (0 = empty, else what the cell holds), drawn one
                 object at a time in the order the text names them, each given the text and the objects
                 before it, so that "two blue squares" gives two, and "a circle left of a square" puts

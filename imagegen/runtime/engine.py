@@ -13,8 +13,9 @@ The promise holds under either engine: an image depends only on its seed, the we
 checks what comes back as it checks torch: `exact_rows` finds the row counts that round each row as in a
 full chunk, `wide_rows` the larger calls that do (onnxruntime computes each image of a convolution on its
 own, so on machines A and B of docs/benchmarks every count passed and one image runs alone). The two
-engines' images differ by float rounding (about 1e-6; the export check allows 1e-4), so the same seed can differ by one level in
-a few pixels between them: the engine is part of the command that draws an image (`--engine`).
+engines' images differ by float rounding (about 1e-6; the export check allows 1e-4), so the same seed
+can differ by one level in a few pixels between them: the engine is part of the command that draws an
+image (`--engine`).
 
 Each function is exported once per input signature (`batching.check_key`: its code, the rows' shapes,
 dtypes, threads...) with a dynamic batch dimension, checked against torch on a probe, and exported again after
