@@ -1,8 +1,16 @@
 """Typed requests: what a front end asks of a run, checked once against it, and the `imagegen` command that
-draws the same pixels. The command line (`imagegen sample`, `vary`, `breed`) and the server
-(`POST /api/generate`, `/api/vary`, `/api/sketch`) build the same request from their own arguments and
+does the same. The command line and the server build the same request from their own arguments and
 call the library with what `check` returns; a refusal is a ConfigError that names the field as the
-front end calls it (`--labels` on the command line, `label` in a JSON body).
+front end calls it (`--labels` on the command line, `label` in a JSON body):
+
+    request             command line                   server
+    SampleRequest       imagegen sample                POST /api/generate
+    VaryRequest         imagegen vary, breed           POST /api/vary, /api/sketch
+    InterpolateRequest  imagegen interpolate           POST /api/interpolate
+    InpaintRequest      imagegen inpaint, outpaint     POST /api/inpaint
+    TranslateRequest    imagegen translate             POST /api/translate
+    TrainRequest        imagegen train                 POST /api/train (the studio's training process)
+
 
     req = SampleRequest(seeds=[0, 1, 2], labels="sneaker", options={"steps": 2})
     ready = req.check(run)                     # labels as a tensor, options checked, ...
@@ -12,15 +20,20 @@ front end calls it (`--labels` on the command line, `label` in a JSON body).
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
+from .config import apply_overrides, load_toml
 from .errors import ConfigError
-from .sample import check_latent, check_options, resolve_labels
+from .models.ddpm import RESAMPLE
+from .sample import FRAMES, PAD, SIDES, check_latent, check_options, resolve_labels
 from .text import check_prompt
+from .train import resolve_config
 
 
 @dataclass(frozen=True)
@@ -32,15 +45,18 @@ class Names:
     directions: str
     prompt: str
     negative_prompt: str
+    frames: str = "--frames"
+    resample: str = "--resample"
 
 
 CLI = Names("--", "--labels", "--latent", "--directions", "--prompt", "--negative-prompt")
-HTTP = Names("", "label", "latent", "directions", "prompt", "negative_prompt")
+HTTP = Names("", "label", "latent", "directions", "prompt", "negative_prompt", "frames", "resample")
 
 
 def shell_quote(text: str) -> str:
-    """text as one word of a POSIX shell command line."""
-    return text if text.replace("-", "").replace("_", "").isalnum() else "'" + text.replace("'", "'\\''") + "'"
+    """text as one word of a POSIX shell command line: as it is when no character means anything to a
+    shell (letters, digits and _ - . / , : = + @ %), else in single quotes."""
+    return text if re.fullmatch(r"[\w./,:=+@%-]+", text) else "'" + text.replace("'", "'\\''") + "'"
 
 
 def seed_text(seeds: Sequence[int]) -> str:
@@ -159,6 +175,138 @@ class VaryRequest(ImageRequest):
         return " ".join(words + _text_words(self) + option_words(self.options) + ["--out", out])
 
 
+@dataclass
+class InterpolateRequest:
+    """A strip of `frames` images through latent space between two seeds, or between the latents of two
+    image files (`images`, their names; families with an encoder), every frame of one class."""
+    seeds: list[int] = field(default_factory=list)
+    images: list[str] = field(default_factory=list)
+    frames: int = 8
+    labels: str | None = None
+    names: Names = CLI
+
+    def check(self, run) -> Ready:
+        if self.images:
+            if len(self.images) != 2 or self.seeds:
+                raise ConfigError("interpolate takes exactly two image files like a.png,b.png (and no seeds)")
+        elif len(self.seeds) != 2:
+            raise ConfigError(f"interpolate takes exactly two seeds like 3,9, got {len(self.seeds)}")
+        FRAMES.check(self.frames, self.names.frames)
+        labels = resolve_labels(run.model, run.classes, self.labels, self.seeds[:1] or [0], what=self.names.labels)
+        return Ready(list(self.seeds), labels, {})
+
+    def command(self, run_path: str | Path, out: str = "strip.png") -> str:
+        """The `imagegen interpolate` command that draws the same strip."""
+        ends = ["--images", ",".join(map(shell_quote, self.images))] if self.images else [
+            "--seeds", ",".join(map(str, self.seeds))]
+        labels = ["--labels", shell_quote(self.labels)] if self.labels else []
+        return " ".join(["imagegen", "interpolate", str(run_path), *ends, *labels, "--frames", str(self.frames),
+                         "--out", out])
+
+
+@dataclass
+class InpaintRequest(ImageRequest):
+    """New pixels for the white pixels of a mask in an image (`mask`, the mask file's name), or around an
+    image extended by `pad` pixels on `sides` (no mask: outpainting), from one seed; the known pixels are
+    kept exactly. `image` names the image file; `resample` is RePaint's passes per step (diffusion)."""
+    image: str = "image.png"
+    mask: str | None = None
+    pad: int = 8
+    sides: list[str] = field(default_factory=lambda: list(SIDES))
+    resample: int | None = None
+
+    OPTIONS = ("steps", "guidance")   # the sampling options inpainting takes
+
+    def check(self, run) -> Ready:
+        if not run.model.inpaints:
+            raise ConfigError(f"a {run.model.name} model cannot inpaint or outpaint (a ddpm, flow or consistency run "
+                              "can, and a vae or cvae run can inpaint)")
+        if len(self.seeds) != 1:
+            raise ConfigError(f"inpainting draws from one seed, got {len(self.seeds)}")
+        other = [self.names.prefix + k for k in self.options if k not in self.OPTIONS]
+        if other:
+            raise ConfigError(f"inpainting takes no {', '.join(other)}")
+        options = self._options(run)
+        if self.resample is not None:
+            RESAMPLE.check(self.resample, self.names.resample)
+            options["resample"] = self.resample
+        if self.mask is None:
+            PAD.check(self.pad, self.names.prefix + "pad")
+            unknown = [s for s in self.sides if s not in SIDES]
+            if unknown or not self.sides:
+                raise ConfigError(f"{self.names.prefix}sides: a comma list of {', '.join(SIDES)}, got {','.join(self.sides)!r}")
+        labels = resolve_labels(run.model, run.classes, self.labels, self.seeds, what=self.names.labels)
+        self._prompts(run)
+        return Ready(list(self.seeds), labels, options)
+
+    def command(self, run_path: str | Path, out: str = "inpainted.png") -> str:
+        """The `imagegen inpaint` or `imagegen outpaint` command that draws the same pixels."""
+        words = ["imagegen", "inpaint" if self.mask else "outpaint", str(run_path), "--image", shell_quote(self.image)]
+        words += (["--mask", shell_quote(self.mask)] if self.mask else
+                  ["--pad", str(self.pad), "--sides", ",".join(self.sides)])
+        words += ["--seed", str(self.seeds[0])] + _text_words(self) + option_words(self.options)
+        words += ["--resample", str(self.resample)] if self.resample is not None else []
+        return " ".join(words + ["--out", out])
+
+
+@dataclass
+class TranslateRequest:
+    """Images (`input`: a file or a folder's name) translated to the other domain by a cyclegan run."""
+    input: str
+    direction: str = "a2b"
+
+    def check(self, run) -> None:
+        if not run.model.translates:
+            raise ConfigError(f"{run.path} is a {run.family} model, which draws images from seeds: use "
+                              "`imagegen sample` (translation needs a cyclegan run)")
+        if self.direction not in ("a2b", "b2a"):
+            raise ConfigError(f"direction must be a2b or b2a, got {self.direction!r}")
+
+    def command(self, run_path: str | Path, out: str = "translated/") -> str:
+        return " ".join(["imagegen", "translate", str(run_path), "--direction", self.direction,
+                         "--input", shell_quote(self.input), "--out", out])
+
+
+@dataclass
+class TrainRequest:
+    """A new training run: a family (`model`) on a data source, with a TOML file of overrides (`config`),
+    the train flags (`flags`: steps, batch_size, seed, device, precision, logger) and KEY=VALUE overrides
+    (`sets`), applied in that order. `check` resolves the config, so that an unknown key, family or value
+    is refused before anything trains; `command` is the `imagegen train` command line as words."""
+    model: str | None = None
+    data: str | None = None
+    config: str | None = None
+    flags: dict[str, Any] = field(default_factory=dict)
+    sets: list[str] = field(default_factory=list)
+    strict: bool = False
+
+    FLAGS = {"steps": "train.steps", "batch_size": "train.batch_size", "seed": "train.seed",
+             "device": "train.device", "precision": "train.precision", "logger": "train.logger"}
+
+    def check(self):
+        """The resolved TrainConfig (train.resolve_config: unknown keys are errors)."""
+        unknown = sorted(set(self.flags) - set(self.FLAGS))
+        if unknown:
+            raise ConfigError(f"train has no flag {', '.join(unknown)}")
+        tree = load_toml(self.config) if self.config else {}
+        if self.model:
+            tree["family"] = self.model
+        flags = [f"data.source={json.dumps(self.data)}"] if self.data is not None else []
+        flags += [f"{self.FLAGS[k]}={json.dumps(v)}" for k, v in self.flags.items() if v is not None]
+        apply_overrides(tree, flags + (["data.strict=true"] if self.strict else []) + list(self.sets))
+        return resolve_config(tree)
+
+    def command(self, out: str = "runs") -> list[str]:
+        words = ["imagegen", "train"]
+        for flag, value in (("--data", self.data), ("--model", self.model), ("--config", self.config)):
+            words += [flag, value] if value is not None else []
+        for k, v in self.flags.items():
+            words += [f"--{k.replace('_', '-')}", str(v)] if v is not None else []
+        for s in self.sets:
+            words += ["--set", s]
+        return words + (["--strict"] if self.strict else []) + ["--out", str(out)]
+
+
 def _text_words(req: ImageRequest) -> list[str]:
     words = []
     for flag, value in (("--labels", req.labels or None), ("--prompt", req.prompt), ("--negative-prompt", req.negative_prompt)):
@@ -167,4 +315,5 @@ def _text_words(req: ImageRequest) -> list[str]:
     return words
 
 
-__all__ = ["CLI", "HTTP", "Names", "Ready", "SampleRequest", "VaryRequest", "shell_quote", "seed_text"]
+__all__ = ["CLI", "HTTP", "InpaintRequest", "InterpolateRequest", "Names", "Ready", "SampleRequest", "TrainRequest",
+           "TranslateRequest", "VaryRequest", "shell_quote", "seed_text"]

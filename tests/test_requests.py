@@ -4,6 +4,7 @@ draws the same pixels."""
 
 from __future__ import annotations
 
+import json
 import shlex
 from pathlib import Path
 
@@ -13,7 +14,8 @@ from PIL import Image
 
 import imagegen
 from imagegen.errors import ConfigError
-from imagegen.requests import CLI, HTTP, SampleRequest, VaryRequest, shell_quote
+from imagegen.requests import (CLI, HTTP, InpaintRequest, InterpolateRequest, SampleRequest, TrainRequest,
+                               TranslateRequest, VaryRequest, shell_quote)
 from imagegen.sample import generate, to_uint8
 from imagegen.vary import breed
 
@@ -75,6 +77,56 @@ def test_the_vary_and_breed_commands_draw_the_same_pixels(runs, tmp_path):
     assert sketch.startswith("imagegen vary RUN --image sketch.png --strength 0.5 --seeds 0")
     with pytest.raises(ConfigError, match="vary takes one source seed and breed two, got 3"):
         VaryRequest([0], sources=[1, 2, 3]).check(run)
+
+
+def test_inpaint_interpolate_and_translate_requests_refuse_what_their_run_cannot_do(runs):
+    flow, gan = imagegen.load_run(runs("flow")), imagegen.load_run(runs("cgan"))
+    ready = InpaintRequest([5], labels="2", options={"steps": 2}, mask="m.png", resample=3).check(flow)
+    assert ready.labels.tolist() == [2] and ready.options == {"steps": 2, "resample": 3}
+    with pytest.raises(ConfigError, match="a cgan model cannot inpaint or outpaint"):
+        InpaintRequest([0], mask="m.png").check(gan)
+    for names, flag in ((CLI, "--solver"), (HTTP, "solver")):
+        with pytest.raises(ConfigError, match=f"inpainting takes no {flag}"):
+            InpaintRequest([0], mask="m.png", options={"solver": "heun"}, names=names).check(flow)
+        with pytest.raises(ConfigError, match=f"{flag[:-6]}resample must be in 1..100"):
+            InpaintRequest([0], mask="m.png", resample=0, names=names).check(flow)
+    with pytest.raises(ConfigError, match="--sides: a comma list of left, right, top, bottom, got 'up'"):
+        InpaintRequest([0], sides=["up"]).check(flow)
+    with pytest.raises(ConfigError, match="--pad must be in"):
+        InpaintRequest([0], pad=0).check(flow)
+    with pytest.raises(ConfigError, match="inpainting draws from one seed, got 2"):
+        InpaintRequest([0, 1], mask="m.png").check(flow)
+    assert InpaintRequest([4], pad=6, sides=["left", "top"], options={"guidance": 1.5}).command("RUN", out="o.png") == (
+        "imagegen outpaint RUN --image image.png --pad 6 --sides left,top --seed 4 --guidance 1.5 --out o.png")
+
+    assert InterpolateRequest([3, 9], frames=5, labels="1").check(gan).labels.tolist() == [1]
+    with pytest.raises(ConfigError, match="exactly two seeds like 3,9, got 3"):
+        InterpolateRequest([1, 2, 3]).check(gan)
+    with pytest.raises(ConfigError, match="^frames must be in 2..1024"):
+        InterpolateRequest([1, 2], frames=1, names=HTTP).check(gan)
+    with pytest.raises(ConfigError, match="exactly two image files"):
+        InterpolateRequest([1, 2], images=["a.png", "b.png"]).check(gan)
+    with pytest.raises(ConfigError, match="is a flow model, which draws images from seeds"):
+        TranslateRequest("photos/").check(flow)
+
+
+def test_a_train_request_resolves_its_config_before_anything_trains_and_its_command_gives_the_same(tmp_path):
+    ask = TrainRequest(model="flow", data="shapes", flags={"steps": 7, "batch_size": 8, "seed": None},
+                       sets=["model.width=8", "train.time_limit=30"], strict=True)
+    cfg = ask.check()
+    assert (cfg.family, cfg.data.source, cfg.train.steps, cfg.train.batch_size, cfg.model.width,
+            cfg.train.time_limit, cfg.data.strict) == ("flow", "shapes", 7, 8, 8, 30.0, True)
+    words = ask.command(out=tmp_path)
+    assert words[:2] == ["imagegen", "train"] and "--seed" not in words
+    shown = run_main(*words[1:], "--dry-run")
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout[:shown.stdout.rindex("}") + 1]) == cfg.to_json()
+    with pytest.raises(ConfigError, match="widht"):
+        TrainRequest(model="flow", sets=["model.widht=8"]).check()
+    with pytest.raises(ConfigError, match="train has no flag epochs"):
+        TrainRequest(model="flow", flags={"epochs": 3}).check()
+    with pytest.raises(ConfigError, match="nope"):
+        TrainRequest(model="nope").check()
 
 
 def test_prompts_are_quoted_for_the_shell():

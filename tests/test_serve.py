@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import io
+import shlex
 import json
 import os
 import shutil
@@ -176,6 +177,31 @@ def test_malformed_bodies_are_4xx(client):
     assert client.post("/api/generate", content=b"{not json", headers={"content-type": "application/json"}).status_code == 422
     assert client.post("/api/generate", content=b"[]", headers={"content-type": "application/json"}).status_code == 422
     assert client.get("/api/generate").status_code == 405
+
+
+def test_the_image_routes_answer_with_the_command_that_does_the_same(client, runs_dir, tmp_path):
+    """/api/interpolate, /api/inpaint and /api/translate name the `imagegen` command (the request layer's)
+    that draws the same pixels from the same files."""
+    photo = np.random.default_rng(2).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:24, 8:24] = 255
+    Image.fromarray(photo).save(tmp_path / "photo.png")
+    Image.fromarray(mask).save(tmp_path / "hole.png")
+    files = {"image": ("photo.png", png_upload(photo), "image/png"), "mask": ("hole.png", png_upload(mask), "image/png")}
+    answers = [client.post("/api/interpolate", json={"model": CGAN, "seed_a": 3, "seed_b": 9, "frames": 3, "label": "1"}),
+               client.post("/api/inpaint", data={"model": FLOW, "seed": "4", "steps": "2", "label": "star"}, files=files),
+               client.post("/api/translate", data={"model": CYCLE, "direction": "b2a"}, files={"image": files["image"]})]
+    for i, r in enumerate(answers):
+        want = png(r)
+        words = shlex.split(r.headers["X-Imagegen-Command"])
+        assert words[0] == "imagegen" and words[2] == str(runs_dir / words[2]) and words[-2] == "--out", words
+        out = tmp_path / (f"{i}" if words[1] == "translate" else f"{i}.png")
+        with pytest.MonkeyPatch.context() as mp:
+            mp.chdir(tmp_path)
+            done = main([*words[1:-1], str(out)])
+        assert done == 0
+        got = np.asarray(Image.open(out / "photo.png" if words[1] == "translate" else out))
+        assert np.array_equal(got, want), words[1]
 
 
 def test_interpolate_translate_inpaint_analyse(client, runs_dir):

@@ -10,7 +10,7 @@ import torch
 from ..checkpoint import load_run
 from ..config import Range
 from ..directions import direction_shift
-from ..requests import SampleRequest, VaryRequest
+from ..requests import InpaintRequest, InterpolateRequest, SampleRequest, TranslateRequest, VaryRequest
 from ..runtime.engine import use_engine
 from ..errors import ConfigError
 from ..models.ddpm import RESAMPLE, STRENGTH
@@ -18,8 +18,7 @@ from ..sample import (BATCH_SIZE, FRAMES, PAD, SEED, SIDES, extend_image, genera
                       outpaint_canvas, parse_floats, parse_seeds, read_image, read_images, read_mask, save_images,
                       save_named, to_pil, to_uint8)
 from ..vary import MIX, breed
-from .options import (LABELS_HELP, add_engine, add_number, add_sample_options, class_labels, given_options, prompts_of,
-                      sample_opts)
+from .options import LABELS_HELP, add_engine, add_number, add_sample_options, given_options, prompts_of
 
 
 def add_commands(sub) -> None:
@@ -121,40 +120,33 @@ def cmd_sample(a) -> int:
 
 def cmd_interpolate(a) -> int:
     run = load_run(a.run_dir)
-    if a.images:
-        paths = a.images.split(",")
-        if len(paths) != 2 or a.seeds:
-            raise ConfigError("--images needs exactly two image files like a.png,b.png (and no --seeds)")
-        a_img, b_img = (read_image(p, run.model.cfg.channels) for p in paths)
-        size = run.model.cfg.image_size
-        for p, img in zip(paths, (a_img, b_img)):
-            if img.shape[-2:] != (size, size):
-                raise ConfigError(f"{p}: image is {img.shape[-1]}x{img.shape[-2]}, the model's size is {size}x{size}")
-        labels = class_labels(a, run, [0])
-        images = interpolate_images(run.model, a_img, b_img, a.frames, labels)
+    ask = InterpolateRequest(seeds=parse_seeds(a.seeds) if a.seeds else [],
+                             images=[p for p in a.images.split(",") if p.strip()] if a.images else [],
+                             frames=a.frames, labels=a.labels)
+    ready = ask.check(run)
+    if ask.images:
+        a_img, b_img = (model_sized(read_image(p, run.model.cfg.channels), p, run) for p in ask.images)
+        images = interpolate_images(run.model, a_img, b_img, a.frames, ready.labels)
     else:
-        seeds = parse_seeds(a.seeds or "")
-        if len(seeds) != 2:
-            raise ConfigError(f"--seeds needs exactly two seeds like 3,9, got {a.seeds!r}")
-        labels = class_labels(a, run, seeds[:1])
-        images = interpolate(run.model, seeds[0], seeds[1], a.frames, labels)
+        images = interpolate(run.model, ask.seeds[0], ask.seeds[1], a.frames, ready.labels)
     grid(images, nrow=a.frames).save(a.out)
     print(f"wrote a {a.frames}-frame strip to {a.out}")
     return 0
+
+
+def model_sized(image: torch.Tensor, path: str, run) -> torch.Tensor:
+    """An image file read for a family that encodes it: it must have the model's size."""
+    size = run.model.cfg.image_size
+    if image.shape[-2:] != (size, size):
+        raise ConfigError(f"{path}: image is {image.shape[-1]}x{image.shape[-2]}, the model's size is {size}x{size}")
+    return image
 
 
 def _source(a, run, text: str | None, what: str) -> list:
     """Seeds ('3' or '3,9') or image files ('a.png' or 'a.png,b.png') as vary/breed sources."""
     if a.image_files:
         paths = [p for p in a.image_files.split(",") if p.strip()]
-        size = run.model.cfg.image_size
-        images = []
-        for p in paths:
-            img = read_image(p, run.model.cfg.channels)
-            if img.shape[-2:] != (size, size):
-                raise ConfigError(f"{p}: image is {img.shape[-1]}x{img.shape[-2]}, the model's size is {size}x{size}")
-            images.append(img)
-        return images
+        return [model_sized(read_image(p, run.model.cfg.channels), p, run) for p in paths]
     if text is None:
         raise ConfigError(f"give {what} or --image(s)")
     return parse_seeds(text)
@@ -182,31 +174,31 @@ def cmd_vary(a) -> int:
     return 0
 
 
-def _extend(a, make_canvas) -> int:
+def _extend(a, mask: str | None) -> int:
     run = load_run(a.run_dir)
+    sides = [s.strip() for s in a.sides.split(",") if s.strip()] if mask is None else []
+    ask = InpaintRequest([a.seed], labels=a.labels, options=given_options(a), image=a.image, mask=mask,
+                         pad=a.pad if mask is None else 0, sides=sides, resample=a.resample)
+    ready = ask.check(run)
     image = read_image(a.image, run.model.cfg.channels)
-    image, mask = make_canvas(image)
-    labels = class_labels(a, run, [a.seed])
-    out = extend_image(run.model, image, mask, a.seed, labels, **sample_opts(a, run.model),
-                       **({"resample": a.resample} if a.resample is not None else {}))
+    image, holes = (image, read_mask(mask, image.shape[-2], image.shape[-1])) if mask else outpaint_canvas(image, a.pad, sides)
+    out = extend_image(run.model, image, holes, a.seed, ready.labels, **ready.options)
     to_pil(to_uint8(out)[0]).save(a.out)
     print(f"wrote {a.out} ({out.shape[-1]}x{out.shape[-2]})")
     return 0
 
 
 def cmd_inpaint(a) -> int:
-    return _extend(a, lambda img: (img, read_mask(a.mask, img.shape[-2], img.shape[-1])))
+    return _extend(a, a.mask)
 
 
 def cmd_outpaint(a) -> int:
-    sides = [s.strip() for s in a.sides.split(",") if s.strip()]
-    return _extend(a, lambda img: outpaint_canvas(img, a.pad, sides))
+    return _extend(a, None)
 
 
 def cmd_translate(a) -> int:
     run = load_run(a.run_dir)
-    if not run.model.translates:
-        raise ConfigError(f"{a.run_dir} is a {run.family} model, which draws images from seeds: use `imagegen sample`")
+    TranslateRequest(a.input, a.direction).check(run)
     use_engine(run.model, a.engine)
     cfg = run.model.cfg
     names, images, skipped, converted = read_images(a.input, cfg.image_size, cfg.channels)

@@ -11,7 +11,6 @@ from ..config import Range, field_ranges
 from ..runtime.engine import ENGINES
 from ..errors import ConfigError
 from ..models import SAMPLE_OPTIONS
-from ..sample import check_options, resolve_labels
 from ..train import TrainConfig
 
 
@@ -70,14 +69,6 @@ def add_engine(p) -> None:
 def given_options(a) -> dict:
     """The sampling options given as flags, unchecked (a request checks them against its run)."""
     return {k: getattr(a, k) for k in SAMPLE_OPTIONS if getattr(a, k, None) is not None}
-
-
-def sample_opts(a, model) -> dict:
-    return check_options(model, given_options(a))
-
-
-def class_labels(a, run, seeds: list[int]):
-    return resolve_labels(run.model, run.classes, a.labels, seeds)
 
 
 def prompts_of(a) -> str | list[str] | None:

@@ -6,21 +6,15 @@ import json
 import sys
 
 from ..checkpoint import read_config
-from ..config import apply_overrides, load_toml
 from ..data import DataConfig, load_data
 from ..distill import PAIRS, STUDENT_STEPS
 from ..errors import ConfigError, DataError
 from ..models import REGISTRY
 from ..models.ddpm import STEPS as SAMPLE_STEPS
 from ..report import write_report
+from ..requests import TrainRequest
 from ..train import resolve_config, train
 from .options import TRAIN_RANGES, add_number
-
-# Flags of `train` that map onto config keys; given explicitly, they override the config file.
-TRAIN_FLAGS = {"data": "data.source", "steps": "train.steps", "batch_size": "train.batch_size",
-               "seed": "train.seed", "device": "train.device", "precision": "train.precision",
-               "logger": "train.logger"}
-
 
 def add_commands(sub) -> None:
     p = sub.add_parser("train", help="train a model into a new run folder, or --resume one")
@@ -87,13 +81,9 @@ def cmd_train(a) -> int:
         if a.strict:
             tree["data"] = {**tree["data"], "strict": True}
         cfg = resolve_config(tree)
-    else:
-        tree = load_toml(a.config) if a.config else {}
-        if a.model:
-            tree["family"] = a.model
-        flags = [f"{key}={json.dumps(getattr(a, name))}" for name, key in TRAIN_FLAGS.items() if getattr(a, name) is not None]
-        apply_overrides(tree, flags + (["data.strict=true"] if a.strict else []) + a.set)
-        cfg = resolve_config(tree)
+    else:   # flags given explicitly override the config file
+        cfg = TrainRequest(model=a.model, data=a.data, config=a.config, flags={k: getattr(a, k) for k in TrainRequest.FLAGS},
+                           sets=a.set, strict=a.strict).check()
     if a.dry_run:
         print(json.dumps(cfg.to_json(), indent=2))
         print("# model.image_size and model.channels are filled in from the data when training starts")

@@ -31,7 +31,8 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from ..directions import direction_shift
-from ..requests import HTTP, SampleRequest
+from .. import requests
+from ..requests import HTTP, InpaintRequest, SampleRequest, TranslateRequest
 from ..runtime.engine import check_engine, engine_of
 from ..errors import ImagegenError
 from ..models import SAMPLE_OPTIONS
@@ -39,7 +40,7 @@ from ..sample import SEED, check_latent, extend_image, generate, hwc_to_float, i
 from ..version import __version__
 from . import worker as W
 from .common import (SERVED_SUFFIXES, AnalyseRequest, Api, GenerateRequest, InterpolateRequest, ModelInfo,
-                     bad_request, decode_upload, find_runs, latin1, options_of, png_response, read_upload)
+                     decode_upload, find_runs, latin1, options_of, png_response, read_upload, upload_name)
 from .worker import MAX_BATCH, Busy, GenItem, Worker
 
 STATIC = Path(__file__).resolve().parent.parent / "static"
@@ -97,7 +98,7 @@ def generation_router(api: Api) -> APIRouter:
     """/health, /api/models, /api/generate (micro-batched) and /api/interpolate."""
     router = APIRouter()
     runs, worker = api.runs, api.worker
-    get, labels_for, seed_range = api.get, api.labels_for, api.seed_range
+    get, seed_range = api.get, api.seed_range
     check_diffusion_work, generator_of = api.check_diffusion_work, api.generator_of
 
     @router.get("/health")
@@ -139,11 +140,13 @@ def generation_router(api: Api) -> APIRouter:
 
     @router.post("/api/interpolate", response_class=Response, responses={200: {"content": {"image/png": {}}}})
     async def interpolate_route(req: InterpolateRequest) -> Response:
-        """A strip of `frames` images through latent space from seed_a to seed_b."""
+        """A strip of `frames` images through latent space from seed_a to seed_b. The header
+        X-Imagegen-Command holds the matching `imagegen interpolate` command."""
         served = generator_of(get(req.model))
-        labels = labels_for(served, req.label, [req.seed_a])
+        ask = requests.InterpolateRequest(seeds=[req.seed_a, req.seed_b], frames=req.frames, labels=req.label or None, names=HTTP)
+        labels = ask.check(served.run).labels
         images = await worker.call(lambda: interpolate(served.model, req.seed_a, req.seed_b, req.frames, labels))
-        return png_response(images, nrow=req.frames)
+        return png_response(images, nrow=req.frames, headers={"X-Imagegen-Command": latin1(ask.command(served.run.path))})
 
     return router
 
@@ -151,20 +154,21 @@ def generation_router(api: Api) -> APIRouter:
 def image_router(api: Api) -> APIRouter:
     """Routes that take an uploaded image or score samples: /api/translate, /api/inpaint, /api/analyse."""
     router = APIRouter()
-    worker, get, labels_for, family_options = api.worker, api.get, api.labels_for, api.family_options
+    worker, get, labels_for = api.worker, api.get, api.labels_for
     seed_range, check_diffusion_work, generator_of = api.seed_range, api.check_diffusion_work, api.generator_of
 
     @router.post("/api/translate", response_class=Response, responses={200: {"content": {"image/png": {}}}})
     async def translate_route(model: str = Form(...), direction: Literal["a2b", "b2a"] = Form("a2b"),
                               image: UploadFile = File(...)) -> Response:
-        """An uploaded image translated to the other domain (cyclegan models), at the model's size."""
+        """An uploaded image translated to the other domain (cyclegan models), at the model's size. The
+        header X-Imagegen-Command holds the matching `imagegen translate` command."""
         served = get(model)
-        if not served.model.translates:
-            raise bad_request(f"model {model!r} is a {served.run.family} model, not a translation model")
+        ask = TranslateRequest(upload_name(image, "image.png"), direction)
+        ask.check(served.run)
         cfg = served.model.cfg
         x = hwc_to_float(decode_upload(await read_upload(image, "image"), "image", cfg.channels, cfg.image_size))
         out = await worker.call(lambda: served.model.translate(x, direction))
-        return png_response(out)
+        return png_response(out, headers={"X-Imagegen-Command": latin1(ask.command(served.run.path))})
 
     @router.post("/api/inpaint", response_class=Response, responses={200: {"content": {"image/png": {}}}})
     async def inpaint_route(model: str = Form(...), seed: int = Form(0, **SEED.bounds()),
@@ -172,18 +176,19 @@ def image_router(api: Api) -> APIRouter:
                             steps: int | None = Form(None, **SAMPLE_OPTIONS["steps"].bounds()),
                             guidance: float | None = Form(None, **SAMPLE_OPTIONS["guidance"].bounds()),
                             image: UploadFile = File(...), mask: UploadFile = File(...)) -> Response:
-        """Fill the white pixels of `mask` in `image` (diffusion and VAE models); known pixels are kept exactly."""
+        """Fill the white pixels of `mask` in `image` (diffusion and VAE models); known pixels are kept exactly.
+        The header X-Imagegen-Command holds the matching `imagegen inpaint` command."""
         served = generator_of(get(model))
-        if not served.model.inpaints:
-            raise bad_request(f"inpainting needs a diffusion or VAE model; {model!r} is a {served.run.family} model")
+        ask = InpaintRequest([seed], labels=label or None, image=upload_name(image, "image.png"),
+                             mask=upload_name(mask, "mask.png"), names=HTTP,
+                             options={k: v for k, v in (("steps", steps), ("guidance", guidance)) if v is not None})
+        ready = ask.check(served.run)
+        check_diffusion_work(served, 5, ready.options)          # RePaint runs about 5 passes per step
         x = hwc_to_float(decode_upload(await read_upload(image, "image"), "image", served.model.cfg.channels))
         # White (>= 128 of 255) = generate; a mask of another size or with no white pixel is a 400.
         mask01 = to_mask(decode_upload(await read_upload(mask, "mask"), "mask", 1), "mask", *x.shape[-2:])
-        opts = family_options(served, {k: v for k, v in (("steps", steps), ("guidance", guidance)) if v is not None})
-        check_diffusion_work(served, 5, opts)          # RePaint runs about 5 passes per step
-        labels = labels_for(served, label, [seed])
-        out = await worker.call(lambda: extend_image(served.model, x, mask01, seed, labels, **opts))
-        return png_response(out)
+        out = await worker.call(lambda: extend_image(served.model, x, mask01, seed, ready.labels, **ready.options))
+        return png_response(out, headers={"X-Imagegen-Command": latin1(ask.command(served.run.path))})
 
     @router.post("/api/analyse")
     async def analyse_route(req: AnalyseRequest) -> dict:

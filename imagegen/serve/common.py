@@ -22,7 +22,7 @@ from ..data.folder import decode_image
 from ..errors import ImagegenError, ImageTooLargeError
 from ..models import SAMPLE_OPTIONS
 from ..text import MAX_PROMPT_CHARS
-from ..sample import MAX_LATENT_SHIFT, MAX_SEED, SEED, check_options, grid, resolve_labels, to_pil, to_uint8
+from ..sample import MAX_LATENT_SHIFT, MAX_SEED, SEED, grid, resolve_labels, to_pil, to_uint8
 from .worker import Worker
 
 
@@ -194,6 +194,12 @@ async def read_upload(upload: UploadFile, what: str) -> bytes:
     return data
 
 
+def upload_name(upload: UploadFile, default: str) -> str:
+    """The uploaded file's own name (its last part; at most 100 characters), for a reproduce command."""
+    name = Path(upload.filename or "").name[:100]
+    return name if name.strip(". ") else default
+
+
 def decode_upload(data: bytes, what: str, channels: int, size: int | None = None) -> np.ndarray:
     """An uploaded PNG/JPEG/WebP -> H x W x channels uint8 (fitted to size x size if given), decoded
     exactly as `imagegen` decodes the same file on disk. Too many pixels (checked from the header,
@@ -223,9 +229,6 @@ class Api:
 
     def labels_for(self, served: Served, label: str | None, seeds: list[int]) -> torch.Tensor | None:
         return resolve_labels(served.model, served.run.classes, label or None, seeds, what="label")
-
-    def family_options(self, served: Served, given: dict) -> dict:
-        return check_options(served.model, given, prefix="")
 
     def seed_range(self, seed: int, n: int) -> list[int]:
         if seed + n - 1 > MAX_SEED:

@@ -32,6 +32,7 @@ from pathlib import Path, PurePosixPath
 from ..data.folder import ALLOWED_SUFFIXES, CAPTION_SUFFIXES
 from ..errors import ImagegenError
 from ..models import REGISTRY
+from ..requests import TrainRequest
 
 MAX_ZIP_BYTES = 64 << 20          # the uploaded zip itself
 MAX_MEMBERS = 5000                # files in it
@@ -204,11 +205,11 @@ def start_training(upload_dir: Path, upload: str, family: str, minutes: float, o
     before = frozenset(p.name for p in out.iterdir())
     logs.mkdir(parents=True, exist_ok=True)
     log = logs / f"train-{upload}-{int(time.time())}.log"
-    cmd = [sys.executable, "-m", "imagegen", "train", "--data", f"folder:{upload_dir}", "--model", family,
-           "--out", str(out), "--no-progress", "--set", f"train.time_limit={60 * minutes:g}",
-           "--set", f"train.sample_every={GRID_EVERY}"]
-    for key, value in (overrides or {}).items():
-        cmd += ["--set", f"{key}={value}"]
+    ask = TrainRequest(model=family, data=f"folder:{upload_dir}",
+                       sets=[f"train.time_limit={60 * minutes:g}", f"train.sample_every={GRID_EVERY}"]
+                       + [f"{key}={value}" for key, value in (overrides or {}).items()])
+    ask.check()   # an unknown key or a bad value is refused here, before a process starts
+    cmd = [sys.executable, "-m", *ask.command(out), "--no-progress"]
     with open(log, "wb") as f:
         process = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    start_new_session=True)
