@@ -30,7 +30,7 @@ import torch
 
 from .config import apply_overrides, load_toml
 from .errors import ConfigError
-from .models.ddpm import RESAMPLE
+from .models.denoising import RESAMPLE
 from .sample import FRAMES, PAD, SIDES, check_latent, check_options, resolve_labels
 from .text import check_prompt
 from .train import resolve_config

@@ -25,7 +25,7 @@ import torch
 from .config import Range
 from .errors import ConfigError
 from .models.base import Family
-from .models.ddpm import STRENGTH
+from .models.denoising import STRENGTH
 from .sample import default_labels, generate, prompt_text, seed_generators, slerp
 
 Source = Union[int, torch.Tensor]   # a seed, or an image 1 x C x H x W in [-1, 1]

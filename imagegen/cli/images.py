@@ -13,7 +13,7 @@ from ..directions import direction_shift
 from ..requests import InpaintRequest, InterpolateRequest, SampleRequest, TranslateRequest, VaryRequest
 from ..runtime.engine import use_engine
 from ..errors import ConfigError
-from ..models.ddpm import RESAMPLE, STRENGTH
+from ..models.denoising import RESAMPLE, STRENGTH
 from ..sample import (BATCH_SIZE, FRAMES, PAD, SEED, SIDES, extend_image, generate, grid, interpolate, interpolate_images,
                       outpaint_canvas, parse_floats, parse_seeds, read_image, read_images, read_mask, save_images,
                       save_named, to_pil, to_uint8)

@@ -38,9 +38,10 @@ import torch
 
 from ..config import MAX_WEIGHT, Range, ranged
 from ..errors import ConfigError
-from .backbone import BackboneConfig, BackboneFamily, keep_known
-from .base import ExportSpec, Generators, SampleOption, eval_mode
-from .ddpm import GUIDANCE, GUIDANCE_OPTION, STRENGTH
+from .backbone import BackboneConfig
+from .base import ExportSpec, Generators, SampleOption
+from .ddpm import GUIDANCE, GUIDANCE_OPTION
+from .denoising import DenoisingFamily
 
 SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0     # EDM's noise range and spacing
 TIME_SCALE = 1000.0
@@ -89,11 +90,11 @@ def karras_sigmas(n: int, hi: float = SIGMA_MAX, lo: float = SIGMA_MIN) -> list[
     return [karras_level(j / (n - 1), hi, lo) for j in range(n)]
 
 
-class Consistency(BackboneFamily):    # the backbone, its optimizer, label dropout and guided call: backbone.py
+class Consistency(DenoisingFamily):    # the backbone, label dropout, guided call: backbone.py; the sampling loops: denoising.py
     Config = Config
     name = "consistency"
     summary = "consistency model trained from scratch (iCT), U-Net or DiT; 1 or 2 steps, guidance, inpainting"
-    edits, inpaints, trains_in_studio = True, True, True
+    trains_in_studio = True
     sample_options = {
         "steps": SampleOption("sampling steps: 1, or a few that re-noise and denoise again (default: the model's "
                               "sample_steps)", STEPS, slider=(1, 8, 1, 1)),
@@ -177,14 +178,14 @@ class Consistency(BackboneFamily):    # the backbone, its optimizer, label dropo
         """The noise levels a `steps`-step sample denoises from: sigma_max, then down to mid_sigma."""
         return [SIGMA_MAX] if steps == 1 else karras_sigmas(steps, SIGMA_MAX, self.cfg.mid_sigma)
 
-    def _setup(self, n: int, labels, steps, guidance) -> tuple:
-        """Checked sampling options, each defaulting to the config's: (labels, noise levels, guidance)."""
+    def plan(self, n: int, labels=None, steps=None, guidance=None) -> Levels:
+        """The checked sampling options of n images, each defaulting to the config's."""
         labels = self.check_labels(n, labels) if labels is not None else None
         steps = self.cfg.sample_steps if steps is None else int(steps)
         guidance = self.cfg.guidance if guidance is None else float(guidance)
         STEPS.check(steps, "steps")
         GUIDANCE.check(guidance, "guidance")
-        return labels, self.sigmas(steps), guidance
+        return Levels(self, labels, self.sigmas(steps), guidance)
 
     def denoise(self, x: torch.Tensor, sigma: float, labels, guidance: float, text=None, negative=None) -> torch.Tensor:
         """f(x, sigma) with classifier-free guidance, for sampling (BackboneFamily.guided: fixed
@@ -193,64 +194,32 @@ class Consistency(BackboneFamily):    # the backbone, its optimizer, label dropo
         c_skip, c_out, c_in, c_noise = self.scalings(s)
         return c_skip * x + c_out * self.guided(c_in * x, c_noise, labels, guidance, text, negative)
 
-    def multistep(self, x: torch.Tensor, sigmas: list[float], noise, labels, guidance, text, negative,
-                  known: torch.Tensor | None = None, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """x at level sigmas[0] denoised, then for each further level re-noised to it with fresh noise and
-        denoised again (Algorithm 1); with `known` and `keep` (1 = keep), the kept pixels are put back
-        after every step (Algorithm 4)."""
-        for j, sigma in enumerate(sigmas):
-            if j:
-                x = x + math.sqrt(sigma ** 2 - SIGMA_MIN ** 2) * noise()
-            x = self.denoise(x, sigma, labels, guidance, text, negative)
-            if known is not None:
-                x = torch.where(keep.bool(), known, x)
-        return x.clamp(-1, 1)
-
     @torch.no_grad()
     def sample(self, n: int, *, labels: torch.Tensor | None = None, generator: Generators = None,
                steps: int | None = None, guidance: float | None = None, text=None, negative=None) -> torch.Tensor:
         """n images from noise in `steps` network calls (two with guidance other than 0 or 1, per step).
         labels None on a conditional model samples unconditionally (the null class); `text` (a
         TextEmbedding of n prompts) for a text model, `negative` its guidance's null branch."""
-        labels, sigmas, guidance = self._setup(n, labels, steps, guidance)
-        text, negative = self.prompts(n, text, negative, generator)        # a grounded model's layouts, then the noise
-        noise = self._noise(n, (self.cfg.channels, self.cfg.image_size, self.cfg.image_size), generator)
-        with eval_mode(self):
-            return self.multistep(sigmas[0] * noise(), sigmas, noise, labels, guidance, text, negative)
+        return self.draw(self.plan(n, labels, steps, guidance), n, generator, text, negative)
 
     @torch.no_grad()
     def edit(self, image: torch.Tensor, strength: float, *, labels: torch.Tensor | None = None,
              generator: Generators = None, steps: int | None = None, guidance: float | None = None,
              text=None, negative=None) -> torch.Tensor:
-        """SDEdit (Meng et al., ICLR 2022) in one step: images N x C x H x W noised to the level at
-        `strength` of the EDM spacing (1: sigma_max, where the image is 1/80 of the start), denoised, then
-        the sampler's further levels below it. Small strengths keep the layout and colours."""
-        STRENGTH.check(strength, "strength")
-        labels, sigmas, guidance = self._setup(image.shape[0], labels, steps, guidance)
-        text, negative = self.prompts(image.shape[0], text, negative, generator)
-        start = karras_level(1 - strength)
-        noise = self._noise(image.shape[0], image.shape[1:], generator)
-        with eval_mode(self):
-            x = image.to(self.device, torch.float32) + start * noise()
-            return self.multistep(x, [start] + [s for s in sigmas[1:] if s < start], noise, labels, guidance, text,
-                                  negative)
+        """SDEdit in one step: images N x C x H x W noised to the level at `strength` of the EDM spacing
+        (1: sigma_max, where the image is 1/80 of the start), denoised, then the sampler's further levels
+        below it. Small strengths keep the layout and colours."""
+        return self.redraw(self.plan(image.shape[0], labels, steps, guidance), image, strength, generator, text, negative)
 
     @torch.no_grad()
     def inpaint(self, image: torch.Tensor, mask: torch.Tensor, *, labels: torch.Tensor | None = None,
                 generator: Generators = None, steps: int | None = None, guidance: float | None = None,
                 text=None, negative=None) -> torch.Tensor:
         """Fill the pixels where mask == 1 (mask N x 1 x H x W) of images N x C x H x W by the multistep
-        sampler with the kept pixels put back after each step (default INPAINT_STEPS steps); the kept
-        pixels are returned exactly as given. H and W may differ from the training size (outpainting)."""
-        self.check_inpaint(image, mask)
-        n = image.shape[0]
-        labels, sigmas, guidance = self._setup(n, labels, INPAINT_STEPS if steps is None else steps, guidance)
-        text, negative = self.prompts(n, text, negative, generator)
-        image, known, keep, noise = self.canvas(image, mask, generator)
-        with eval_mode(self):
-            x = self.multistep(known * keep + sigmas[0] * noise(), sigmas, noise, labels, guidance, text, negative,
-                               known=known, keep=keep)
-        return keep_known(x, image, keep)
+        sampler with the kept pixels put back after each step (Algorithm 4; default INPAINT_STEPS steps);
+        the kept pixels are returned exactly as given. H and W may differ from the training size."""
+        plan = self.plan(image.shape[0], labels, INPAINT_STEPS if steps is None else steps, guidance)
+        return self.fill(plan, image, mask, generator, text, negative)
 
     def export_spec(self, direction: str = "a2b") -> ExportSpec:
         """One call of f: x, time (the noise level sigma, at least sigma_min) [+ label] [+ text] -> the clean
@@ -266,3 +235,38 @@ class Consistency(BackboneFamily):    # the backbone, its optimizer, label dropo
             return c_skip * x + c_out * net(c_in * x, c_noise, *rest)
 
         return dataclasses.replace(spec, fn=fn)
+
+
+@dataclass
+class Levels:
+    """A consistency sampling call (denoising.Plan): the noise levels it denoises from, the highest first."""
+    model: Consistency
+    labels: torch.Tensor | None
+    sigmas: list[float]
+    guidance: float
+
+    def start(self, z: torch.Tensor) -> torch.Tensor:
+        return self.sigmas[0] * z
+
+    def solve(self, x: torch.Tensor, noise, text, negative, known: torch.Tensor | None = None,
+              keep: torch.Tensor | None = None) -> torch.Tensor:
+        """x at level sigmas[0] denoised, then for each further level re-noised to it with fresh noise and
+        denoised again (Algorithm 1); with `known` and `keep` (1 = keep), the kept pixels are put back
+        after every step (Algorithm 4)."""
+        for j, sigma in enumerate(self.sigmas):
+            if j:
+                x = x + math.sqrt(sigma ** 2 - SIGMA_MIN ** 2) * noise()
+            x = self.model.denoise(x, sigma, self.labels, self.guidance, text, negative)
+            if known is not None:
+                x = torch.where(keep.bool(), known, x)
+        return x.clamp(-1, 1)
+
+    def below(self, strength: float) -> Levels:
+        start = karras_level(1 - strength)
+        return dataclasses.replace(self, sigmas=[start] + [s for s in self.sigmas[1:] if s < start])
+
+    def noised(self, image: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return image + self.sigmas[0] * z
+
+    def repaint(self, z, noise, text, negative, known, keep) -> torch.Tensor:
+        return self.solve(known * keep + self.sigmas[0] * z, noise, text, negative, known=known, keep=keep)

@@ -27,6 +27,7 @@ through a `noise()` callable fed by per-image generators, so an image depends on
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -38,8 +39,9 @@ from ..config import MAX_WEIGHT, Range, ranged
 from ..errors import ConfigError
 from ..paths import DiffusionPath
 from ..solvers import Denoise, ddim, ddpm_ancestral, repaint, spaced_timesteps
-from .backbone import BackboneConfig, BackboneFamily, keep_known
+from .backbone import BackboneConfig
 from .base import ExportSpec, Generators, SampleOption, eval_mode
+from .denoising import RESAMPLE, DenoisingFamily
 
 MAX_SAMPLE_STEPS = 1000
 # Sampling options' ranges, shared by the config defaults and the CLI's --steps, --eta, --guidance.
@@ -50,8 +52,6 @@ MAX_SERVED_STEPS = 100   # the server's cap on steps per request (its images x s
 GUIDANCE_OPTION = SampleOption("classifier-free guidance scale: 0 unconditional, 1 conditional, >1 stronger",
                                GUIDANCE, slider=(0, 5, 0.1, 1.5), served_max=20)
 SAMPLER = SampleOption("ddim or ddpm (ancestral)", choices=("ddim", "ddpm"))
-RESAMPLE = Range(1, 100)     # RePaint passes per step (inpainting's --resample)
-STRENGTH = Range(0.0, 1.0, float, lo_open=True)   # how far back SDEdit (edit, `imagegen vary`) re-noises an image
 
 
 @dataclass
@@ -101,11 +101,11 @@ def alphas_cumprod(kind: str, T: int) -> torch.Tensor:
 # --- the family ------------------------------------------------------------------------------------
 
 
-class DDPM(BackboneFamily):    # the backbone, its optimizer, label dropout and guided call: backbone.py
+class DDPM(DenoisingFamily):    # the backbone, label dropout, guided call: backbone.py; the sampling loops: denoising.py
     Config = Config
     name = "ddpm"
     summary = "diffusion, U-Net or DiT; DDIM, guidance, inpainting, outpainting"
-    edits, inpaints, distillable, trains_in_studio = True, True, True, True
+    distillable, trains_in_studio = True, True
     sample_options = {
         "steps": SampleOption("denoising steps (default: the model's sample_steps)", STEPS, slider=(1, 100, 1, 20),
                               served_max=MAX_SERVED_STEPS),
@@ -156,8 +156,8 @@ class DDPM(BackboneFamily):    # the backbone, its optimizer, label dropout and 
 
         return denoise
 
-    def _setup(self, n: int, labels, steps, guidance, eta, sampler):
-        """Checked sampling options, each defaulting to the config's."""
+    def plan(self, n: int, labels=None, steps=None, guidance=None, eta=None, sampler=None) -> "Timesteps":
+        """The checked sampling options of n images, each defaulting to the config's."""
         labels = self.check_labels(n, labels) if labels is not None else None
         steps = self.cfg.sample_steps if steps is None else int(steps)
         guidance = self.cfg.guidance if guidance is None else float(guidance)
@@ -165,7 +165,7 @@ class DDPM(BackboneFamily):    # the backbone, its optimizer, label dropout and 
         sampler = self.cfg.sampler if sampler is None else sampler
         SAMPLER.check(sampler, "sampler")
         check_sampling(steps, eta, guidance, self.cfg.timesteps)
-        return labels, spaced_timesteps(self.cfg.timesteps, steps), guidance, eta, sampler
+        return Timesteps(self, labels, spaced_timesteps(self.cfg.timesteps, steps), guidance, eta, sampler)
 
     def export_spec(self, direction: str = "a2b") -> ExportSpec:
         """One network call: x, time (int64 0..T-1) [+ label] [+ text] -> the predicted noise or v; DDIM runs
@@ -183,64 +183,68 @@ class DDPM(BackboneFamily):    # the backbone, its optimizer, label dropout and 
                sampler: str | None = None, text=None, negative=None) -> torch.Tensor:
         """n images. labels None on a conditional model samples unconditionally (the null class); `text`
         (a TextEmbedding of n prompts) for a text model, `negative` its guidance's null branch."""
-        labels, ts, guidance, eta, sampler = self._setup(n, labels, steps, guidance, eta, sampler)
-        text, negative = self.prompts(n, text, negative, generator)   # a grounded model's layouts, before the noise
-        shape = (self.cfg.channels, self.cfg.image_size, self.cfg.image_size)
-        noise = self._noise(n, shape, generator)
-        with eval_mode(self):
-            x = self._denoise_from(noise(), ts, labels, guidance, text, negative, eta, sampler, noise)
-        return x.clamp(-1, 1)
-
-    def _denoise_from(self, x, ts, labels, guidance, text, negative, eta, sampler, noise) -> torch.Tensor:
-        """x at timestep ts[0] denoised over the timesteps ts by the chosen sampler (DDIM or ancestral)."""
-        denoise = self.denoiser(labels, guidance, text, negative)
-        if sampler == "ddim":
-            return ddim(denoise, x, self.ab, ts, eta=eta, noise=noise)
-        return ddpm_ancestral(denoise, x, self.ab, ts, noise=noise)
+        return self.draw(self.plan(n, labels, steps, guidance, eta, sampler), n, generator, text, negative)
 
     @torch.no_grad()
     def edit(self, image: torch.Tensor, strength: float, *, labels: torch.Tensor | None = None,
              generator: Generators = None, steps: int | None = None, guidance: float | None = None,
              eta: float | None = None, sampler: str | None = None, text=None, negative=None) -> torch.Tensor:
-        """SDEdit (Meng et al., ICLR 2022): images N x C x H x W noised to the timestep `strength` of the way
-        up the schedule (the first of the sampler's timesteps at or below strength (T - 1)),
-        x_k = sqrt(ab_k) x + sqrt(1 - ab_k) z, then denoised by the sampler's remaining timesteps.
+        """SDEdit: images N x C x H x W noised to the first of the sampler's timesteps at or below
+        strength (T - 1), x_k = sqrt(ab_k) x + sqrt(1 - ab_k) z, then denoised by the remaining timesteps.
         Small strengths keep the layout and colours; 1 starts from (almost) pure noise."""
-        STRENGTH.check(strength, "strength")
-        labels, ts, guidance, eta, sampler = self._setup(image.shape[0], labels, steps, guidance, eta, sampler)
-        text, negative = self.prompts(image.shape[0], text, negative, generator)
-        ts = [t for t in ts if t <= strength * (self.cfg.timesteps - 1) + 1e-9] or ts[-1:]
-        noise = self._noise(image.shape[0], image.shape[1:], generator)
-        with eval_mode(self):
-            x = self.path.point(image.to(self.device, torch.float32), noise(), self.path.level(ts[0]))
-            x = self._denoise_from(x, ts, labels, guidance, text, negative, eta, sampler, noise)
-        return x.clamp(-1, 1)
+        plan = self.plan(image.shape[0], labels, steps, guidance, eta, sampler)
+        return self.redraw(plan, image, strength, generator, text, negative)
 
     @torch.no_grad()
     def from_noise(self, z: torch.Tensor, *, labels: torch.Tensor | None = None, steps: int | None = None,
                    guidance: float | None = None, text=None, negative=None) -> torch.Tensor:
         """The images deterministic DDIM (eta = 0) makes of noise z (N x C x H x W at the last timestep):
         the map that `distill` learns in one step."""
-        labels, ts, guidance, _, _ = self._setup(z.shape[0], labels, steps, guidance, 0.0, "ddim")
+        plan = self.plan(z.shape[0], labels, steps, guidance, 0.0, "ddim")
         text, negative = self.prompts(z.shape[0], text, negative, None, draw=False)
         with eval_mode(self):
-            x = ddim(self.denoiser(labels, guidance, text, negative), z.to(self.device), self.ab, ts, eta=0.0)
-        return x.clamp(-1, 1)
+            return plan.solve(z.to(self.device), None, text, negative).clamp(-1, 1)
 
     @torch.no_grad()
     def inpaint(self, image: torch.Tensor, mask: torch.Tensor, *, labels: torch.Tensor | None = None,
                 generator: Generators = None, steps: int | None = None, guidance: float | None = None,
                 resample: int = 5, text=None, negative=None) -> torch.Tensor:
-        """Fill the pixels where mask == 1 (mask N x 1 x H x W) of images N x C x H x W; the others are
-        returned exactly as given. H and W may differ from the training size (both backbones run on larger
-        canvases)."""
-        self.check_inpaint(image, mask)
-        n = image.shape[0]
+        """Fill the pixels where mask == 1 (mask N x 1 x H x W) of images N x C x H x W by RePaint; the
+        others are returned exactly as given. H and W may differ from the training size (both backbones run
+        on larger canvases)."""
         RESAMPLE.check(resample, "resample")
-        labels, ts, guidance, _, _ = self._setup(n, labels, steps, guidance, 0.0, "ddpm")
-        text, negative = self.prompts(n, text, negative, generator)
-        image, known, keep, noise = self.canvas(image, mask, generator)
-        with eval_mode(self):
-            x = repaint(self.denoiser(labels, guidance, text, negative), noise(), self.ab, ts, known=known, mask=keep,
-                        resample=resample, noise=noise)
-        return keep_known(x, image, keep)
+        plan = dataclasses.replace(self.plan(image.shape[0], labels, steps, guidance, 0.0, "ddpm"), resample=resample)
+        return self.fill(plan, image, mask, generator, text, negative)
+
+
+@dataclass
+class Timesteps:
+    """A DDPM sampling call (denoising.Plan): the timesteps it visits, from the noisiest."""
+    model: DDPM
+    labels: torch.Tensor | None
+    ts: list[int]
+    guidance: float
+    eta: float
+    sampler: str
+    resample: int = 5
+
+    def start(self, z: torch.Tensor) -> torch.Tensor:
+        return z
+
+    def solve(self, x: torch.Tensor, noise, text, negative) -> torch.Tensor:
+        denoise = self.model.denoiser(self.labels, self.guidance, text, negative)
+        if self.sampler == "ddim":
+            return ddim(denoise, x, self.model.ab, self.ts, eta=self.eta, noise=noise)
+        return ddpm_ancestral(denoise, x, self.model.ab, self.ts, noise=noise)
+
+    def below(self, strength: float) -> Timesteps:
+        top = strength * (self.model.cfg.timesteps - 1) + 1e-9
+        return dataclasses.replace(self, ts=[t for t in self.ts if t <= top] or self.ts[-1:])
+
+    def noised(self, image: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        path = self.model.path
+        return path.point(image, z, path.level(self.ts[0]))
+
+    def repaint(self, z, noise, text, negative, known, keep) -> torch.Tensor:
+        return repaint(self.model.denoiser(self.labels, self.guidance, text, negative), z, self.model.ab, self.ts,
+                       known=known, mask=keep, resample=self.resample, noise=noise)

@@ -26,6 +26,7 @@ sinusoidal time code sees the same range as a diffusion model's timesteps.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -37,9 +38,10 @@ from ..errors import ConfigError
 from ..paths import STRAIGHT
 from ..solvers import (LIKELIHOOD_RHO, LIKELIHOOD_STEPS, Velocity, adaptive, euler, flow_log_likelihood,
                        flow_repaint, heun, midpoint)
-from .backbone import BackboneConfig, BackboneFamily, keep_known
+from .backbone import BackboneConfig
 from .base import ExportSpec, Generators, SampleOption, eval_mode, per_item_normal
-from .ddpm import GUIDANCE, GUIDANCE_OPTION, MAX_SERVED_STEPS, RESAMPLE, STEPS, STRENGTH
+from .ddpm import GUIDANCE, GUIDANCE_OPTION, MAX_SERVED_STEPS, STEPS
+from .denoising import RESAMPLE, DenoisingFamily
 
 SOLVERS = {"euler": euler, "midpoint": midpoint, "heun": heun}   # and "dopri5", adaptive
 TIME_SCALE = 1000.0
@@ -83,11 +85,11 @@ def check_solver(solver: str, what: str = "solver") -> None:
     SOLVER.check(solver, what)
 
 
-class Flow(BackboneFamily):    # the backbone, its optimizer, label dropout and guided call: backbone.py
+class Flow(DenoisingFamily):    # the backbone, label dropout, guided call: backbone.py; the sampling loops: denoising.py
     Config = Config
     name = "flow"
     summary = "rectified flow / flow matching, U-Net or DiT; Euler, Heun, dopri5; bits/dim"
-    edits, inpaints, has_likelihood, distillable, trains_in_studio = True, True, True, True, True
+    has_likelihood, distillable, trains_in_studio = True, True, True
     sample_options = {
         "steps": SampleOption("solver steps (default: the model's sample_steps; heun and midpoint call the network "
                               "twice a step)", STEPS, slider=(1, 100, 1, 20), served_max=MAX_SERVED_STEPS),
@@ -125,8 +127,8 @@ class Flow(BackboneFamily):    # the backbone, its optimizer, label dropout and 
 
         return v
 
-    def _setup(self, n: int, labels, steps, guidance, solver):
-        """Checked sampling options, each defaulting to the config's."""
+    def plan(self, n: int, labels=None, steps=None, guidance=None, solver=None) -> "Times":
+        """The checked sampling options of n images, each defaulting to the config's."""
         labels = self.check_labels(n, labels) if labels is not None else None
         steps = self.cfg.sample_steps if steps is None else int(steps)
         guidance = self.cfg.guidance if guidance is None else float(guidance)
@@ -134,7 +136,7 @@ class Flow(BackboneFamily):    # the backbone, its optimizer, label dropout and 
         STEPS.check(steps, "steps")
         GUIDANCE.check(guidance, "guidance")
         check_solver(solver)
-        return labels, steps, guidance, solver
+        return Times(self, labels, steps, guidance, solver)
 
     def export_spec(self, direction: str = "a2b") -> ExportSpec:
         """One network call: x, time (float in [0, 1]: 0 noise, 1 data) [+ label] [+ text] -> velocity; the
@@ -149,52 +151,28 @@ class Flow(BackboneFamily):    # the backbone, its optimizer, label dropout and 
                text=None, negative=None) -> torch.Tensor:
         """n images. labels None on a conditional model samples unconditionally (the null class); `text`
         (a TextEmbedding of n prompts) for a text model, `negative` its guidance's null branch."""
-        shape = (self.cfg.channels, self.cfg.image_size, self.cfg.image_size)
-        text = self.ground(self.check_text(n, text), generator)   # a grounded model's layouts, then the noise
-        return self.from_noise(self._noise(n, shape, generator)(), labels=labels, steps=steps, guidance=guidance,
-                               solver=solver, text=text, negative=negative)
+        return self.draw(self.plan(n, labels, steps, guidance, solver), n, generator, text, negative)
 
     @torch.no_grad()
     def from_noise(self, z: torch.Tensor, *, labels: torch.Tensor | None = None, steps: int | None = None,
                    guidance: float | None = None, solver: str | None = None, text=None, negative=None) -> torch.Tensor:
         """The images the ODE carries noise z (N x C x H x W at t = 0) to: a deterministic map, which
         `distill` learns in one step (a grounded model's texts without layouts get their most likely ones)."""
-        labels, steps, guidance, solver = self._setup(z.shape[0], labels, steps, guidance, solver)
+        plan = self.plan(z.shape[0], labels, steps, guidance, solver)
         text, negative = self.prompts(z.shape[0], text, negative, None, draw=False)
         with eval_mode(self):
-            x = z.to(self.device)
-            if solver == "dopri5":   # one image at a time: its step sizes must not depend on the others
-                def row(c, i):
-                    return None if c is None else c[i:i + 1]
-                x = torch.cat([adaptive(self.velocity(row(labels, i), guidance, row(text, i), row(negative, i)),
-                                        x[i:i + 1])[0] for i in range(x.shape[0])])
-            else:
-                x = SOLVERS[solver](self.velocity(labels, guidance, text, negative), x, steps)
-        return x.clamp(-1, 1)
+            return plan.solve(z.to(self.device), None, text, negative).clamp(-1, 1)
 
     @torch.no_grad()
     def edit(self, image: torch.Tensor, strength: float, *, labels: torch.Tensor | None = None,
              generator: Generators = None, steps: int | None = None, guidance: float | None = None,
              solver: str | None = None, text=None, negative=None) -> torch.Tensor:
-        """SDEdit (Meng et al., "SDEdit: Guided Image Synthesis and Editing with Stochastic Differential
-        Equations", ICLR 2022) on the straight path: images N x C x H x W are moved back to
-        t0 = 1 - strength, x_t0 = strength z + (1 - strength) x with fresh noise z, and solved forward to
-        t = 1 over the last ceil(strength steps) of the sampler's intervals. Strength 1 starts from pure
-        noise: exactly `sample` with the same generators; small strengths keep the layout and colours."""
-        STRENGTH.check(strength, "strength")
-        labels, steps, guidance, solver = self._setup(image.shape[0], labels, steps, guidance, solver)
-        if solver == "dopri5":
-            raise ConfigError("edit takes a fixed-step solver (euler, midpoint or heun), not dopri5")
-        text, negative = self.prompts(image.shape[0], text, negative, generator)
-        t0 = 1.0 - strength
-        k = max(1, math.ceil(strength * steps - 1e-9))
-        grid = [t0 + (1 - t0) * i / k for i in range(k + 1)]
-        grid[-1] = 1.0
-        with eval_mode(self):
-            z = self._noise(image.shape[0], image.shape[1:], generator)()
-            x = STRAIGHT.point(image.to(self.device, torch.float32), z, t0)       # t0 = 0: the noise itself
-            x = SOLVERS[solver](self.velocity(labels, guidance, text, negative), x, grid)
-        return x.clamp(-1, 1)
+        """SDEdit on the straight path: images N x C x H x W are moved back to t0 = 1 - strength,
+        x_t0 = strength z + (1 - strength) x with fresh noise z, and solved forward to t = 1 over the last
+        ceil(strength steps) of the sampler's intervals. Strength 1 starts from pure noise: exactly `sample`
+        with the same generators; small strengths keep the layout and colours."""
+        plan = self.plan(image.shape[0], labels, steps, guidance, solver)
+        return self.redraw(plan, image, strength, generator, text, negative)
 
     def likelihood_estimator(self) -> str:
         """How log_likelihood estimates log p, for metrics.json."""
@@ -227,15 +205,51 @@ class Flow(BackboneFamily):    # the backbone, its optimizer, label dropout and 
     def inpaint(self, image: torch.Tensor, mask: torch.Tensor, *, labels: torch.Tensor | None = None,
                 generator: Generators = None, steps: int | None = None, guidance: float | None = None,
                 resample: int = 5, text=None, negative=None) -> torch.Tensor:
-        """Fill the pixels where mask == 1 (mask N x 1 x H x W) of images N x C x H x W; the others are
-        returned exactly as given. H and W may differ from the training size (outpainting)."""
-        self.check_inpaint(image, mask)
-        n = image.shape[0]
+        """Fill the pixels where mask == 1 (mask N x 1 x H x W) of images N x C x H x W by RePaint on the
+        straight path (Euler); the others are returned exactly as given. H and W may differ from the
+        training size (outpainting)."""
         RESAMPLE.check(resample, "resample")
-        labels, steps, guidance, _ = self._setup(n, labels, steps, guidance, "euler")
-        text, negative = self.prompts(n, text, negative, generator)
-        image, known, keep, noise = self.canvas(image, mask, generator)
-        with eval_mode(self):
-            x = flow_repaint(self.velocity(labels, guidance, text, negative), noise(), steps, known=known, mask=keep,
-                             resample=resample, noise=noise)
-        return keep_known(x, image, keep)
+        plan = dataclasses.replace(self.plan(image.shape[0], labels, steps, guidance, "euler"), resample=resample)
+        return self.fill(plan, image, mask, generator, text, negative)
+
+
+@dataclass
+class Times:
+    """A flow sampling call (denoising.Plan): `steps` equal intervals from t = 0 to 1, or for an edit the
+    times `grid` from t0 = 1 - strength."""
+    model: Flow
+    labels: torch.Tensor | None
+    steps: int
+    guidance: float
+    solver: str
+    t0: float = 0.0
+    grid: list[float] | None = None
+    resample: int = 5
+
+    def start(self, z: torch.Tensor) -> torch.Tensor:
+        return z
+
+    def solve(self, x: torch.Tensor, noise, text, negative) -> torch.Tensor:
+        velocity = self.model.velocity
+        if self.solver == "dopri5":   # one image at a time: its step sizes must not depend on the others
+            def row(c, i):
+                return None if c is None else c[i:i + 1]
+            return torch.cat([adaptive(velocity(row(self.labels, i), self.guidance, row(text, i), row(negative, i)),
+                                       x[i:i + 1])[0] for i in range(x.shape[0])])
+        return SOLVERS[self.solver](velocity(self.labels, self.guidance, text, negative), x, self.grid or self.steps)
+
+    def below(self, strength: float) -> Times:
+        if self.solver == "dopri5":
+            raise ConfigError("edit takes a fixed-step solver (euler, midpoint or heun), not dopri5")
+        t0 = 1.0 - strength
+        k = max(1, math.ceil(strength * self.steps - 1e-9))
+        grid = [t0 + (1 - t0) * i / k for i in range(k + 1)]
+        grid[-1] = 1.0
+        return dataclasses.replace(self, t0=t0, grid=grid)
+
+    def noised(self, image: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return STRAIGHT.point(image, z, self.t0)       # t0 = 0: the noise itself
+
+    def repaint(self, z, noise, text, negative, known, keep) -> torch.Tensor:
+        return flow_repaint(self.model.velocity(self.labels, self.guidance, text, negative), z, self.steps,
+                            known=known, mask=keep, resample=self.resample, noise=noise)

@@ -10,7 +10,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..directions import DIRECTION, MAX_DIRECTIONS, direction_shift, principal_directions
-from ..models.ddpm import STRENGTH
+from ..models.denoising import STRENGTH
 from ..sample import SEED, generate, hwc_to_float
 from ..vary import MIX, breed
 from ..text import MAX_PROMPT_CHARS
