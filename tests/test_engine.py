@@ -89,7 +89,8 @@ def test_cyclegan_translates_through_onnxruntime(tmp_path):
 
 def test_a_text_model_with_its_layout_prior_samples_through_onnxruntime(tmp_path, private_cache):
     from test_grounding import _cfg
-    model = imagegen.load_run(imagegen.train(_cfg(2), out=tmp_path, progress=False)).model
+    # Two solver steps: the engine runs the same graph at every step, and two show the state carried over.
+    model = imagegen.load_run(imagegen.train(_cfg(2, sample_steps=2), out=tmp_path, progress=False)).model
     assert model.layout_prior is not None
     prompts = ["a red star left of a blue circle", "two green squares"]
     _check_engine_draws_like_torch_at_any_batch(
