@@ -5,6 +5,8 @@ evaluator's features), and time one image (median of repeated single-image calls
 
     python benchmarks/few_steps.py [--minutes 10] [--n 10000] [--data fashion-mnist] [--out /tmp/imagegen-few-steps]
         [--runs RUN,RUN ...]   # instead of training: evaluate these run folders
+        [--distill]            # also distil each flow run into a 1-step student (default couplings), trained
+                               # for the same --minutes after its teacher's couplings are drawn
         [--set flow=steps:6,guidance:1.5] [--set consistency=steps:1;steps:2]
 
 Each --set gives a family's settings, `;` between settings, `,` between the options of one; a run whose
@@ -62,6 +64,7 @@ def main() -> None:
     ap.add_argument("--model", action="append", default=[], metavar="FAMILY.KEY=VALUE",
                     help="a model config override for a family's training run")
     ap.add_argument("--out", default="/tmp/imagegen-few-steps")
+    ap.add_argument("--distill", action="store_true", help="also a 1-step student of each flow run, --minutes of training")
     args = ap.parse_args()
     settings = {f: parse_settings(s) for f, s in DEFAULT_SETTINGS.items()}
     settings |= {f: parse_settings(s) for f, _, s in (x.partition("=") for x in args.set)}
@@ -80,6 +83,15 @@ def main() -> None:
             t0 = time.perf_counter()
             runs.append(imagegen.train(cfg, out=Path(args.out), progress=False))
             print(f"# {family}: trained {time.perf_counter() - t0:.0f} s -> {runs[-1]}", flush=True)
+    if args.distill:
+        from imagegen.distill import distill
+        for teacher in [r for r in runs if imagegen.load_run(r).family == "flow"]:
+            t0 = time.perf_counter()
+            runs.append(distill(teacher, steps=1, out=Path(args.out), progress=False, train_steps=10**7,
+                                overrides=[f"train.time_limit={args.minutes * 60:g}", "train.checkpoint_every=10000000",
+                                           "train.sample_every=0"]))
+            print(f"# distilled {teacher.name}: couplings and {args.minutes:g} minutes of training took "
+                  f"{time.perf_counter() - t0:.0f} s -> {runs[-1]}", flush=True)
 
     evaluator = get_evaluator(args.data)
     real_images = None
