@@ -59,6 +59,11 @@ def shell_quote(text: str) -> str:
     return text if re.fullmatch(r"[\w./,:=+@%-]+", text) else "'" + text.replace("'", "'\\''") + "'"
 
 
+def engine_words(engine: str) -> list[str]:
+    """--engine, when it is not the default: the engine decides the last bits of every pixel."""
+    return [] if engine == "torch" else ["--engine", engine]
+
+
 def seed_text(seeds: Sequence[int]) -> str:
     """'7' or '3-9': the --seeds of a run of consecutive seeds."""
     return str(seeds[0]) if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]}"
@@ -129,9 +134,7 @@ class SampleRequest(ImageRequest):
 
     def command(self, run_path: str | Path, engine: str = "torch", out: str = "samples/") -> str:
         """The `imagegen sample` command that draws the same images."""
-        words = ["imagegen", "sample", str(run_path), "--seeds", seed_text(self.seeds)]
-        if engine != "torch":
-            words += ["--engine", engine]
+        words = ["imagegen", "sample", str(run_path), "--seeds", seed_text(self.seeds), *engine_words(engine)]
         words += _text_words(self)
         if self.directions:
             words += ["--directions", ",".join(repr(float(v)) for v in self.directions)]
@@ -161,10 +164,10 @@ class VaryRequest(ImageRequest):
         self._prompts(run)
         return Ready(list(self.seeds), labels, options)
 
-    def command(self, run_path: str | Path, out: str = "variations/") -> str:
+    def command(self, run_path: str | Path, engine: str = "torch", out: str = "variations/") -> str:
         """The `imagegen vary` or `imagegen breed` command that draws the same images."""
         if self.image is not None:
-            words = ["imagegen", "vary", str(run_path), "--image", self.image]
+            words = ["imagegen", "vary", str(run_path), "--image", shell_quote(self.image)]
         elif len(self.sources) == 1:
             words = ["imagegen", "vary", str(run_path), "--seed", str(self.sources[0])]
         else:
@@ -172,7 +175,7 @@ class VaryRequest(ImageRequest):
                      "--mix", repr(self.mix)]
         # repr: the shortest text that parses back to the same float, so the command draws the same pixels
         words += ["--strength", repr(self.strength), "--seeds", seed_text(self.seeds)]
-        return " ".join(words + _text_words(self) + option_words(self.options) + ["--out", out])
+        return " ".join(words + _text_words(self) + option_words(self.options) + engine_words(engine) + ["--out", out])
 
 
 @dataclass
@@ -195,13 +198,13 @@ class InterpolateRequest:
         labels = resolve_labels(run.model, run.classes, self.labels, self.seeds[:1] or [0], what=self.names.labels)
         return Ready(list(self.seeds), labels, {})
 
-    def command(self, run_path: str | Path, out: str = "strip.png") -> str:
+    def command(self, run_path: str | Path, engine: str = "torch", out: str = "strip.png") -> str:
         """The `imagegen interpolate` command that draws the same strip."""
         ends = ["--images", ",".join(map(shell_quote, self.images))] if self.images else [
             "--seeds", ",".join(map(str, self.seeds))]
         labels = ["--labels", shell_quote(self.labels)] if self.labels else []
         return " ".join(["imagegen", "interpolate", str(run_path), *ends, *labels, "--frames", str(self.frames),
-                         "--out", out])
+                         *engine_words(engine), "--out", out])
 
 
 @dataclass
@@ -239,14 +242,14 @@ class InpaintRequest(ImageRequest):
         self._prompts(run)
         return Ready(list(self.seeds), labels, options)
 
-    def command(self, run_path: str | Path, out: str = "inpainted.png") -> str:
+    def command(self, run_path: str | Path, engine: str = "torch", out: str = "inpainted.png") -> str:
         """The `imagegen inpaint` or `imagegen outpaint` command that draws the same pixels."""
         words = ["imagegen", "inpaint" if self.mask else "outpaint", str(run_path), "--image", shell_quote(self.image)]
         words += (["--mask", shell_quote(self.mask)] if self.mask else
                   ["--pad", str(self.pad), "--sides", ",".join(self.sides)])
         words += ["--seed", str(self.seeds[0])] + _text_words(self) + option_words(self.options)
         words += ["--resample", str(self.resample)] if self.resample is not None else []
-        return " ".join(words + ["--out", out])
+        return " ".join(words + engine_words(engine) + ["--out", out])
 
 
 @dataclass
@@ -262,9 +265,10 @@ class TranslateRequest:
         if self.direction not in ("a2b", "b2a"):
             raise ConfigError(f"direction must be a2b or b2a, got {self.direction!r}")
 
-    def command(self, run_path: str | Path, out: str = "translated/") -> str:
+    def command(self, run_path: str | Path, engine: str = "torch", out: str = "translated/") -> str:
+        """The `imagegen translate` command that gives the same images."""
         return " ".join(["imagegen", "translate", str(run_path), "--direction", self.direction,
-                         "--input", shell_quote(self.input), "--out", out])
+                         "--input", shell_quote(self.input), *engine_words(engine), "--out", out])
 
 
 @dataclass

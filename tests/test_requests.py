@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 import imagegen
+from imagegen.cli import build_parser
 from imagegen.errors import ConfigError
 from imagegen.requests import (CLI, HTTP, InpaintRequest, InterpolateRequest, SampleRequest, TrainRequest,
                                TranslateRequest, VaryRequest, shell_quote)
@@ -98,6 +99,12 @@ def test_inpaint_interpolate_and_translate_requests_refuse_what_their_run_cannot
         InpaintRequest([0, 1], mask="m.png").check(flow)
     assert InpaintRequest([4], pad=6, sides=["left", "top"], options={"guidance": 1.5}).command("RUN", out="o.png") == (
         "imagegen outpaint RUN --image image.png --pad 6 --sides left,top --seed 4 --guidance 1.5 --out o.png")
+    # A server that runs onnxruntime names it in every command: the engine decides a pixel's last bits.
+    for ask in (SampleRequest([1]), VaryRequest([1], sources=[2]), InterpolateRequest([1, 2]), TranslateRequest("a.png"),
+                InpaintRequest([1], mask="m.png")):
+        words = shlex.split(ask.command("RUN", "onnxruntime"))
+        assert build_parser().parse_args(words[1:]).engine == "onnxruntime", words   # and the command takes it
+        assert "--engine" not in ask.command("RUN", "torch")
 
     assert InterpolateRequest([3, 9], frames=5, labels="1").check(gan).labels.tolist() == [1]
     with pytest.raises(ConfigError, match="exactly two seeds like 3,9, got 3"):

@@ -47,6 +47,7 @@ def add_commands(sub) -> None:
     p.add_argument("--labels", help="the class of every frame (conditional families)")
     add_number(p, "--frames", FRAMES, "images in the strip, both ends included", default=8)
     p.add_argument("--out", required=True, help="PNG file")
+    add_engine(p)
     p.set_defaults(handler=cmd_interpolate)
 
     for name, what in (("vary", "variations of one image, a seed's or a file's: latent steps (GANs, VAEs), SDEdit (ddpm, flow, consistency)"),
@@ -70,6 +71,7 @@ def add_commands(sub) -> None:
         p.add_argument("--prompt", help="the prompt of every variation (text models)")
         p.add_argument("--negative-prompt", help="what to steer away from (text models)")
         add_sample_options(p)
+        add_engine(p)
         p.set_defaults(handler=cmd_vary)
 
     for name, what in (("inpaint", "fill the white pixels of --mask in --image (diffusion, VAE)"),
@@ -87,6 +89,7 @@ def add_commands(sub) -> None:
         p.add_argument("--labels", help="the class to generate (conditional models)")
         add_number(p, "--resample", RESAMPLE, "RePaint resampling passes per step (default 5)")
         add_sample_options(p, only=("steps", "guidance"))
+        add_engine(p)
         p.set_defaults(handler=cmd_inpaint if name == "inpaint" else cmd_outpaint)
 
     p = sub.add_parser("translate", help="translate images to the other domain with a cyclegan run")
@@ -124,6 +127,7 @@ def cmd_interpolate(a) -> int:
                              images=[p for p in a.images.split(",") if p.strip()] if a.images else [],
                              frames=a.frames, labels=a.labels)
     ready = ask.check(run)
+    use_engine(run.model, a.engine)
     if ask.images:
         a_img, b_img = (model_sized(read_image(p, run.model.cfg.channels), p, run) for p in ask.images)
         images = interpolate_images(run.model, a_img, b_img, a.frames, ready.labels)
@@ -154,6 +158,7 @@ def _source(a, run, text: str | None, what: str) -> list:
 
 def cmd_vary(a) -> int:
     run = load_run(a.run_dir)
+    use_engine(run.model, a.engine)
     breeding = a.command == "breed"
     sources = _source(a, run, a.parents if breeding else (None if a.seed is None else str(a.seed)),
                       "--parents A,B" if breeding else "--seed S")
@@ -180,6 +185,7 @@ def _extend(a, mask: str | None) -> int:
     ask = InpaintRequest([a.seed], labels=a.labels, options=given_options(a), image=a.image, mask=mask,
                          pad=a.pad if mask is None else 0, sides=sides, resample=a.resample)
     ready = ask.check(run)
+    use_engine(run.model, a.engine)
     image = read_image(a.image, run.model.cfg.channels)
     image, holes = (image, read_mask(mask, image.shape[-2], image.shape[-1])) if mask else outpaint_canvas(image, a.pad, sides)
     out = extend_image(run.model, image, holes, a.seed, ready.labels, **ready.options)

@@ -16,6 +16,7 @@ from ..requests import TrainRequest
 from ..train import resolve_config, train
 from .options import TRAIN_RANGES, add_number
 
+
 def add_commands(sub) -> None:
     p = sub.add_parser("train", help="train a model into a new run folder, or --resume one")
     p.add_argument("--data", help="fashion-mnist, mnist, kmnist, cifar10, cifar100, idx:DIR, folder:PATH, zip:PATH (EDM "

@@ -156,7 +156,7 @@ class DDPM(DenoisingFamily):    # the backbone, label dropout, guided call: back
 
         return denoise
 
-    def plan(self, n: int, labels=None, steps=None, guidance=None, eta=None, sampler=None) -> "Timesteps":
+    def plan(self, n: int, labels=None, steps=None, guidance=None, eta=None, sampler=None) -> Timesteps:
         """The checked sampling options of n images, each defaulting to the config's."""
         labels = self.check_labels(n, labels) if labels is not None else None
         steps = self.cfg.sample_steps if steps is None else int(steps)

@@ -127,7 +127,7 @@ class Flow(DenoisingFamily):    # the backbone, label dropout, guided call: back
 
         return v
 
-    def plan(self, n: int, labels=None, steps=None, guidance=None, solver=None) -> "Times":
+    def plan(self, n: int, labels=None, steps=None, guidance=None, solver=None) -> Times:
         """The checked sampling options of n images, each defaulting to the config's."""
         labels = self.check_labels(n, labels) if labels is not None else None
         steps = self.cfg.sample_steps if steps is None else int(steps)

@@ -33,14 +33,14 @@ from fastapi.staticfiles import StaticFiles
 from ..directions import direction_shift
 from .. import requests
 from ..requests import HTTP, InpaintRequest, SampleRequest, TranslateRequest
-from ..runtime.engine import check_engine, engine_of
+from ..runtime.engine import check_engine
 from ..errors import ImagegenError
 from ..models import SAMPLE_OPTIONS
 from ..sample import SEED, check_latent, extend_image, generate, hwc_to_float, interpolate, to_mask
 from ..version import __version__
 from . import worker as W
 from .common import (SERVED_SUFFIXES, AnalyseRequest, Api, GenerateRequest, InterpolateRequest, ModelInfo,
-                     decode_upload, find_runs, latin1, options_of, png_response, read_upload, upload_name)
+                     command_header, decode_upload, find_runs, options_of, png_response, read_upload, upload_name)
 from .worker import MAX_BATCH, Busy, GenItem, Worker
 
 STATIC = Path(__file__).resolve().parent.parent / "static"
@@ -135,8 +135,7 @@ def generation_router(api: Api) -> APIRouter:
 
         key = (served.name, tuple(sorted(opts.items())), tuple(latent), req.prompt, req.negative_prompt)
         images = await worker.batched(key, work, GenItem(seeds, labels))
-        command = latin1(ask.command(served.run.path, engine_of(model)))
-        return png_response(images, headers={"X-Imagegen-Command": command, "X-Imagegen-Seeds": f"{seeds[0]}-{seeds[-1]}"})
+        return png_response(images, headers=command_header(ask, served) | {"X-Imagegen-Seeds": f"{seeds[0]}-{seeds[-1]}"})
 
     @router.post("/api/interpolate", response_class=Response, responses={200: {"content": {"image/png": {}}}})
     async def interpolate_route(req: InterpolateRequest) -> Response:
@@ -146,7 +145,7 @@ def generation_router(api: Api) -> APIRouter:
         ask = requests.InterpolateRequest(seeds=[req.seed_a, req.seed_b], frames=req.frames, labels=req.label or None, names=HTTP)
         labels = ask.check(served.run).labels
         images = await worker.call(lambda: interpolate(served.model, req.seed_a, req.seed_b, req.frames, labels))
-        return png_response(images, nrow=req.frames, headers={"X-Imagegen-Command": latin1(ask.command(served.run.path))})
+        return png_response(images, nrow=req.frames, headers=command_header(ask, served))
 
     return router
 
@@ -168,7 +167,7 @@ def image_router(api: Api) -> APIRouter:
         cfg = served.model.cfg
         x = hwc_to_float(decode_upload(await read_upload(image, "image"), "image", cfg.channels, cfg.image_size))
         out = await worker.call(lambda: served.model.translate(x, direction))
-        return png_response(out, headers={"X-Imagegen-Command": latin1(ask.command(served.run.path))})
+        return png_response(out, headers=command_header(ask, served))
 
     @router.post("/api/inpaint", response_class=Response, responses={200: {"content": {"image/png": {}}}})
     async def inpaint_route(model: str = Form(...), seed: int = Form(0, **SEED.bounds()),
@@ -188,7 +187,7 @@ def image_router(api: Api) -> APIRouter:
         # White (>= 128 of 255) = generate; a mask of another size or with no white pixel is a 400.
         mask01 = to_mask(decode_upload(await read_upload(mask, "mask"), "mask", 1), "mask", *x.shape[-2:])
         out = await worker.call(lambda: extend_image(served.model, x, mask01, seed, ready.labels, **ready.options))
-        return png_response(out, headers={"X-Imagegen-Command": latin1(ask.command(served.run.path))})
+        return png_response(out, headers=command_header(ask, served))
 
     @router.post("/api/analyse")
     async def analyse_route(req: AnalyseRequest) -> dict:

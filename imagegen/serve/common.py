@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from ..checkpoint import Run, load_run
 from ..directions import MAX_DIRECTIONS
-from ..runtime.engine import use_engine
+from ..runtime.engine import engine_of, use_engine
 from ..data.folder import decode_image
 from ..errors import ImagegenError, ImageTooLargeError
 from ..models import SAMPLE_OPTIONS
@@ -247,6 +247,12 @@ class Api:
         if served.model.translates:
             raise bad_request(f"model {served.name!r} translates images: use POST /api/translate")
         return served
+
+
+def command_header(ask, served: Served) -> dict[str, str]:
+    """X-Imagegen-Command: the `imagegen` command (a request's, requests.py) that gives the same pixels
+    as the answer, under the engine the server runs."""
+    return {"X-Imagegen-Command": latin1(ask.command(served.run.path, engine_of(served.model)))}
 
 
 def latin1(text: str) -> str:

@@ -15,7 +15,8 @@ from ..sample import SEED, generate, hwc_to_float
 from ..vary import MIX, breed
 from ..text import MAX_PROMPT_CHARS
 from .. import requests
-from .common import Api, GenerateRequest, bad_request, decode_upload, latin1, options_of, png_response, read_upload
+from .common import (Api, GenerateRequest, bad_request, command_header, decode_upload, options_of, png_response,
+                     read_upload)
 from .worker import MAX_BATCH
 
 
@@ -78,8 +79,7 @@ def studio_router(api: Api) -> APIRouter:
                                                      labels=ready.labels, prompt=req.prompt,
                                                      negative_prompt=req.negative_prompt, batch_size=MAX_BATCH,
                                                      **ready.options))
-        return png_response(images, headers={"X-Imagegen-Command": latin1(ask.command(served.run.path)),
-                                             "X-Imagegen-Seeds": f"{seeds[0]}-{seeds[-1]}"})
+        return png_response(images, headers=command_header(ask, served) | {"X-Imagegen-Seeds": f"{seeds[0]}-{seeds[-1]}"})
 
     @router.post("/api/directions")
     async def directions_route(req: DirectionsRequest) -> dict:
@@ -136,7 +136,6 @@ def studio_router(api: Api) -> APIRouter:
         images = await api.worker.call(lambda: breed(served.model, [x], seeds, strength=req.strength, labels=ready.labels,
                                                      prompt=req.prompt, negative_prompt=req.negative_prompt,
                                                      batch_size=MAX_BATCH, **ready.options))
-        return png_response(images, headers={"X-Imagegen-Command": latin1(ask.command(served.run.path)),
-                                             "X-Imagegen-Seeds": f"{seeds[0]}-{seeds[-1]}"})
+        return png_response(images, headers=command_header(ask, served) | {"X-Imagegen-Seeds": f"{seeds[0]}-{seeds[-1]}"})
 
     return router
