@@ -45,12 +45,10 @@ class Names:
     directions: str
     prompt: str
     negative_prompt: str
-    frames: str = "--frames"
-    resample: str = "--resample"
 
 
 CLI = Names("--", "--labels", "--latent", "--directions", "--prompt", "--negative-prompt")
-HTTP = Names("", "label", "latent", "directions", "prompt", "negative_prompt", "frames", "resample")
+HTTP = Names("", "label", "latent", "directions", "prompt", "negative_prompt")
 
 
 def shell_quote(text: str) -> str:
@@ -194,7 +192,7 @@ class InterpolateRequest:
                 raise ConfigError("interpolate takes exactly two image files like a.png,b.png (and no seeds)")
         elif len(self.seeds) != 2:
             raise ConfigError(f"interpolate takes exactly two seeds like 3,9, got {len(self.seeds)}")
-        FRAMES.check(self.frames, self.names.frames)
+        FRAMES.check(self.frames, self.names.prefix + "frames")
         labels = resolve_labels(run.model, run.classes, self.labels, self.seeds[:1] or [0], what=self.names.labels)
         return Ready(list(self.seeds), labels, {})
 
@@ -231,7 +229,7 @@ class InpaintRequest(ImageRequest):
             raise ConfigError(f"inpainting takes no {', '.join(other)}")
         options = self._options(run)
         if self.resample is not None:
-            RESAMPLE.check(self.resample, self.names.resample)
+            RESAMPLE.check(self.resample, self.names.prefix + "resample")
             options["resample"] = self.resample
         if self.mask is None:
             PAD.check(self.pad, self.names.prefix + "pad")

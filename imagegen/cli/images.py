@@ -88,7 +88,7 @@ def add_commands(sub) -> None:
         add_number(p, "--seed", SEED, "the seed of the generated pixels", default=0)
         p.add_argument("--labels", help="the class to generate (conditional models)")
         add_number(p, "--resample", RESAMPLE, "RePaint resampling passes per step (default 5)")
-        add_sample_options(p, only=("steps", "guidance"))
+        add_sample_options(p, only=InpaintRequest.OPTIONS)
         add_engine(p)
         p.set_defaults(handler=cmd_inpaint if name == "inpaint" else cmd_outpaint)
 

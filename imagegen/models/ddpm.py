@@ -40,7 +40,7 @@ from ..errors import ConfigError
 from ..paths import DiffusionPath
 from ..solvers import Denoise, ddim, ddpm_ancestral, repaint, spaced_timesteps
 from .backbone import BackboneConfig
-from .base import ExportSpec, Generators, SampleOption, eval_mode
+from .base import ExportSpec, Generators, SampleOption
 from .denoising import RESAMPLE, DenoisingFamily
 
 MAX_SAMPLE_STEPS = 1000
@@ -200,10 +200,7 @@ class DDPM(DenoisingFamily):    # the backbone, label dropout, guided call: back
                    guidance: float | None = None, text=None, negative=None) -> torch.Tensor:
         """The images deterministic DDIM (eta = 0) makes of noise z (N x C x H x W at the last timestep):
         the map that `distill` learns in one step."""
-        plan = self.plan(z.shape[0], labels, steps, guidance, 0.0, "ddim")
-        text, negative = self.prompts(z.shape[0], text, negative, None, draw=False)
-        with eval_mode(self):
-            return plan.solve(z.to(self.device), None, text, negative).clamp(-1, 1)
+        return self.carry(self.plan(z.shape[0], labels, steps, guidance, 0.0, "ddim"), z, text, negative)
 
     @torch.no_grad()
     def inpaint(self, image: torch.Tensor, mask: torch.Tensor, *, labels: torch.Tensor | None = None,

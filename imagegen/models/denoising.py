@@ -60,6 +60,14 @@ class DenoisingFamily(BackboneFamily):
         with eval_mode(self):
             return plan.solve(plan.start(noise()), noise, text, negative).clamp(-1, 1)
 
+    def carry(self, plan: Plan, z: torch.Tensor, text: TextEmbedding | None,
+              negative: TextEmbedding | None) -> torch.Tensor:
+        """The images the plan's deterministic sampler makes of noise z (N x C x H x W at its first level):
+        the map that `distill` learns. A grounded model's texts without layouts get their most likely ones."""
+        text, negative = self.prompts(z.shape[0], text, negative, None, draw=False)
+        with eval_mode(self):
+            return plan.solve(z.to(self.device), None, text, negative).clamp(-1, 1)
+
     def redraw(self, plan: Plan, image: torch.Tensor, strength: float, generator: Generators,
                text: TextEmbedding | None, negative: TextEmbedding | None) -> torch.Tensor:
         """SDEdit (Meng et al., ICLR 2022): images noised to `strength` of the way to pure noise, then

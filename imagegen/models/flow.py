@@ -158,10 +158,7 @@ class Flow(DenoisingFamily):    # the backbone, label dropout, guided call: back
                    guidance: float | None = None, solver: str | None = None, text=None, negative=None) -> torch.Tensor:
         """The images the ODE carries noise z (N x C x H x W at t = 0) to: a deterministic map, which
         `distill` learns in one step (a grounded model's texts without layouts get their most likely ones)."""
-        plan = self.plan(z.shape[0], labels, steps, guidance, solver)
-        text, negative = self.prompts(z.shape[0], text, negative, None, draw=False)
-        with eval_mode(self):
-            return plan.solve(z.to(self.device), None, text, negative).clamp(-1, 1)
+        return self.carry(self.plan(z.shape[0], labels, steps, guidance, solver), z, text, negative)
 
     @torch.no_grad()
     def edit(self, image: torch.Tensor, strength: float, *, labels: torch.Tensor | None = None,
