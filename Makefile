@@ -16,14 +16,17 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed data browser
 
-# Fashion-MNIST from Debian's package when we can (root on Debian); otherwise imagegen downloads it,
-# or `make demo` falls back to the built-in shapes dataset and says so.
+# Fashion-MNIST and the EmojiOne icons (`--data emoji`) from Debian's packages when we can (root on
+# Debian); otherwise imagegen downloads Fashion-MNIST, `make demo` falls back to the built-in shapes
+# dataset and says so, and `--data emoji` says which package it needs.
+DATA_PACKAGES = $(if $(wildcard /usr/share/datasets/fashion-mnist),,dataset-fashion-mnist) \
+	$(if $(wildcard /usr/share/rubygems-integration/all/gems/gemojione-*),,ruby-gemojione)
 data:
-	@if [ -d /usr/share/datasets/fashion-mnist ]; then :; \
+	@if [ -z "$(strip $(DATA_PACKAGES))" ]; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
-		{ apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1; } || \
-		echo "note: could not install dataset-fashion-mnist; imagegen will try to download Fashion-MNIST"; \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(DATA_PACKAGES) >/dev/null 2>&1 || \
+		{ apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(DATA_PACKAGES) >/dev/null 2>&1; } || \
+		echo "note: could not install $(strip $(DATA_PACKAGES)); imagegen will try to download Fashion-MNIST"; \
 	fi
 
 # Debian's chromium for the browser test (Playwright drives it; it never downloads a browser of its own).

@@ -31,34 +31,15 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from .config import from_dict
-from .files import sha256_bytes, sha256_file, write_bytes_atomic, write_json_atomic  # noqa: F401 (re-exported)
+from .files import (MANIFEST, sha256_bytes, sha256_file, verify_manifest, write_bytes_atomic,  # noqa: F401 (re-exported)
+                    write_json_atomic)
 from .errors import CheckpointError, ConfigError
 from .models import Family, family_class
 
-MANIFEST = "MANIFEST.json"
 CKPT_RE = re.compile(r"^step-(\d{7,})$")
 
 
 # --- atomic files and hashes: files.py (re-exported: run-folder code calls them through this module)
-
-
-def verify_manifest(folder: Path) -> dict[str, str]:
-    """Check every file listed in folder/MANIFEST.json against its SHA-256; CheckpointError names the file."""
-    mpath = folder / MANIFEST
-    try:
-        manifest = json.loads(mpath.read_text())
-        files = manifest["files"]
-    except FileNotFoundError:
-        raise CheckpointError(f"{mpath}: missing (no weights saved in {folder} yet?)") from None
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{mpath}: unreadable manifest ({e})") from None
-    for name, digest in files.items():
-        p = folder / name
-        if not p.is_file():
-            raise CheckpointError(f"{p}: listed in the manifest but missing")
-        if sha256_file(p) != digest:
-            raise CheckpointError(f"{p}: SHA-256 does not match the manifest (file corrupted or modified)")
-    return files
 
 
 # --- tensors ----------------------------------------------------------------------------------------

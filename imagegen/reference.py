@@ -299,7 +299,8 @@ def family_table() -> str:
     `sample` takes (its sampling options as flags), so that a new family's file is all it takes."""
     rows = ["| family | what | samples with |", "|---|---|---|"]
     for name, cls in REGISTRY.items():
-        takes = ("`imagegen translate`" if cls.translates else
+        takes = ("`imagegen translate`" if cls.translates else "`--set model.autoencoder=RUN` of flow, ddpm"
+                 if cls.autoencodes else
                  " ".join(f"`--{k}`" for k in cls.sample_options) + (" `--labels`" if cls.needs_labels else ""))
         rows.append(f"| `{name}` | {_cell(cls.summary)} | {takes.strip()} |")
     return "\n".join(rows) + "\n"

@@ -189,11 +189,11 @@ def generate(model: Family, seeds: Sequence[int], *, labels: torch.Tensor | None
 
 
 def preview(model: Family, dataset, n: int) -> tuple[torch.Tensor, int | None]:
-    """The images of a run's training grids and how many per row. A translation family shows its own
-    (`model.preview`: inputs, translations, reconstructions); any other draws seeds 0..n-1, for a
+    """The images of a run's training grids and how many per row. A translation family and an
+    autoencoder show their own (`model.preview`: inputs, translations, reconstructions); any other draws seeds 0..n-1, for a
     conditional family one class per column (n rounded up to a multiple of the classes); a text model
     draws seed i for the data's caption i."""
-    if model.translates:
+    if model.translates or model.autoencodes:
         return model.preview(dataset, n)
     if model.reads_text and getattr(dataset, "captioned", False):
         n = min(n, len(dataset.captions))

@@ -292,8 +292,7 @@ def _build(cfg: RunConfig, ds: ImageDataset, device: torch.device, d: distribute
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(tc.seed)
         model: Family = family_class(cfg.family)(cfg.model)
-    if model.reads_text:   # a text network: batches carry the captions' embeddings
-        ds.load_text(log=tqdm.write if main else lambda *_: None)
+    model.ready(ds, log=tqdm.write if main else lambda *_: None)   # e.g. caption embeddings, cached latents
     memory_format = torch.channels_last if tc.channels_last else torch.contiguous_format
     model.to(device=device, memory_format=memory_format)
     ema = copy.deepcopy(model).eval().requires_grad_(False)

@@ -114,7 +114,8 @@ def test_the_check_finds_a_cycle_closed_by_a_lazy_import(tmp_path):
 # Each declared ability (models/base.py) and the methods a family that declares it implements.
 ABILITIES = {"has_latent": ("draw_noise", "latent_network"), "encodes": ("encode", "reconstruct"),
              "edits": ("edit",), "inpaints": ("inpaint",), "has_critic": ("critic",),
-             "has_likelihood": ("log_likelihood", "likelihood_estimator"), "distillable": ("from_noise",)}
+             "has_likelihood": ("log_likelihood", "likelihood_estimator"), "distillable": ("from_noise",),
+             "autoencodes": ("to_latent", "from_latent", "round_trip")}
 
 
 def test_each_family_declares_exactly_the_abilities_it_implements():

@@ -48,7 +48,9 @@ def family_config(variant: str, steps: int, **train):
 def test_every_registered_family_has_a_tiny_config():
     # Translation families take pairs of domains, not seeds: test_cyclegan.py runs the same checks on them.
     # Distilled runs are made from a teacher run: test_distill.py runs these checks on them.
-    assert set(REGISTRY) == {v.split("-")[0] for v in TINY_MODELS} | {"cyclegan", "distilled"}
+    # The autoencoder draws nothing from noise: test_latent.py checks its round trip and resume.
+    assert set(REGISTRY) == {v.split("-")[0] for v in TINY_MODELS} | {"cyclegan", "distilled", "ae"}
+    assert all(REGISTRY[f].autoencodes == (f == "ae") for f in REGISTRY)
     assert all(REGISTRY[f].translates == (f == "cyclegan") for f in REGISTRY)
     assert all((REGISTRY[f].made_by is not None) == (f == "distilled") for f in REGISTRY)
     # every family with a choice of backbone is tested on each

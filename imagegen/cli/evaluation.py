@@ -99,6 +99,10 @@ def cmd_evaluate(a) -> int:
         print(f"# translated {p['translated']} test images of {', '.join(p['domains'])}, judged by {p['evaluator']}; "
               f"written to {a.run_dir}/metrics.json")
         return 0
+    if "seeds" not in p:   # an autoencoder: its reconstructions
+        print(f"# {p['generated']} vs {p['real']} real ({p['data']} {p['real_split']}), evaluator {p['evaluator']}; "
+              f"written to {a.run_dir}/metrics.json")
+        return 0
     print(f"# {p['generated']} generated (seeds {p['seeds']}) vs {p['real']} real ({p['data']} {p['real_split']}), "
           f"evaluator {p['evaluator']}; written to {a.run_dir}/metrics.json")
     if "likelihood" in p:

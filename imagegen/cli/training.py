@@ -129,7 +129,8 @@ def cmd_models(a) -> int:
         opts = " ".join(f"--{k}" for k in cls.sample_options)
         needs = ("needs labels" if cls.needs_labels else "needs pair:" if cls.translates
                  else "needs a teacher" if cls.made_by else "")
-        opts = "(imagegen translate)" if cls.translates else f"(imagegen {cls.made_by})" if cls.made_by else opts
+        opts = ("(imagegen translate)" if cls.translates else f"(imagegen {cls.made_by})" if cls.made_by else
+                "(model.autoencoder of flow, ddpm)" if cls.autoencodes else opts)
         print(f"{name:11s} {(cls.__module__.rsplit('.', 1)[-1]) + '.py':15s} {needs:16s}{opts}")
         print(f"{'':11s} {cls.summary}")
     return 0

@@ -57,6 +57,13 @@ class ImageDataset:
             from ..text import caption_table
             self._text = caption_table(self.captions, log=log)
 
+    def attach(self, key: str, values: torch.Tensor) -> None:
+        """Per-image tensors (N x ...) that every batch carries under `key`, e.g. a latent model's cached
+        latents (models/latent.py)."""
+        if values.shape[0] != len(self):
+            raise ValueError(f"{key}: {values.shape[0]} rows for {len(self)} images")
+        self._attached = {**getattr(self, "_attached", {}), key: values}
+
     def __len__(self) -> int:
         return self.images.shape[0]
 
@@ -90,6 +97,8 @@ class ImageDataset:
             table, rows = text
             words = table[rows[index]]
             out.update(text_pooled=words.pooled, text_tokens=words.tokens, text_mask=words.mask)
+        for key, values in getattr(self, "_attached", {}).items():
+            out[key] = values[index]
         return out
 
     def steps_per_epoch(self, batch_size: int) -> int:

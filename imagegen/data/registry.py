@@ -1,6 +1,6 @@
 """Data sources by name: `--data fashion-mnist | mnist | kmnist | cifar10 | cifar100 | idx:DIR | folder:PATH |
 zip:PATH (an EDM / StyleGAN2-ADA dataset.zip: data/edmzip.py) | store:DIR (a prepared store: data/store.py) |
-shapes | scenes`,
+shapes | scenes | emoji[:DIR]` (Debian's EmojiOne icons, captioned: data/emoji.py),
 `captioned:SOURCE` (a labelled source with captions made from its classes: data/captions.py), and for
 translation models two domains: `pair:DIR | pair:SOURCE:CLASS_A,CLASS_B` (data/paired.py).
 
@@ -25,6 +25,7 @@ from . import paired
 from .captions import class_captions
 from .cifar import CIFAR_DATASETS, load_cifar
 from .edmzip import scan_zip
+from .emoji import load_emoji
 from .store import open_store
 from . import scenes as scenes_source
 from . import shapes as shapes_source
@@ -224,6 +225,8 @@ def load_data(cfg: DataConfig | str) -> ImageDataset | PairedDataset:
         images, labels, captions, skipped, converted = files.load(arg)
         classes, source = files.classes, str(Path(arg))
         notes += _converted_note(arg, converted, images)
+    elif kind == "emoji":   # 64 px colour icons with captions, the category as the class (data/emoji.py)
+        images, labels, classes, skipped, captions, source = load_emoji(arg, cfg.split, cfg.channels or None)
     elif kind == "shapes":
         images, labels = shapes_source.make_shapes(cfg.split, first=cfg.limit or None)
         classes, source = list(shapes_source.CLASSES), "built-in procedural shapes"
@@ -235,7 +238,7 @@ def load_data(cfg: DataConfig | str) -> ImageDataset | PairedDataset:
     else:
         raise ConfigError(
             f"--data {spec!r}: unknown source (use one of {', '.join([*IDX_DATASETS, *CIFAR_DATASETS])}, idx:DIR, folder:PATH, zip:PATH, store:DIR, shapes, scenes, "
-            f"pair:DIR, pair:SOURCE:CLASS_A,CLASS_B)"
+            f"emoji[:DIR], pair:DIR, pair:SOURCE:CLASS_A,CLASS_B)"
         )
     _refuse_if_strict(spec, skipped, cfg.strict)
     if cfg.limit:

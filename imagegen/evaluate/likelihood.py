@@ -41,6 +41,7 @@ def require_likelihood(run) -> None:
     """A one-line error for a run (checkpoint.Run) whose family has no likelihood."""
     if not run.model.has_likelihood:
         raise ConfigError(f"--likelihood: model {run.family!r} has no likelihood (flow, vae and cvae have one)")
+    run.model.likelihood_estimator()   # a model that has none after all (a latent flow) says why here
 
 
 def dequantize(images: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:

@@ -128,3 +128,10 @@ def class_coverage(probs: torch.Tensor) -> dict[str, float]:
     entropy = float(-(nz * nz.log()).sum())
     return {"classes_present": int((counts > 0).sum()), "classes": k,
             "evenness": entropy / math.log(k) if k > 1 else 1.0, "max_share": float(share.max())}
+
+
+def psnr(images: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Per-image peak signal-to-noise ratio in dB (N) of images N x C x H x W in [-1, 1] against the
+    reference images, peak 2 (the 0..255 range of 8-bit pixels); identical images are capped at 120 dB."""
+    mse = (images.double() - reference.double()).square().flatten(1).mean(1).clamp_min(4e-12)
+    return 10 * torch.log10(4.0 / mse)

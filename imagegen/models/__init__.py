@@ -7,6 +7,7 @@ import dataclasses
 from ..config import Range
 from ..errors import ConfigError
 from .base import Family, SampleOption
+from .ae import AE
 from .baseline import RandomPixels
 from .cgan import CGAN
 from .consistency import Consistency
@@ -28,6 +29,7 @@ REGISTRY: dict[str, type[Family]] = {
     Consistency.name: Consistency,
     Distilled.name: Distilled,
     CycleGAN.name: CycleGAN,
+    AE.name: AE,
 }
 
 

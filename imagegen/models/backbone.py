@@ -30,7 +30,9 @@ from ..nets.unet import UNet
 from ..solvers import Noise
 from ..text import DIM as TEXT_DIM
 from ..text import MAX_TOKENS, TextEmbedding, encoder_id
+from . import latent as latent_mode
 from .base import ExportSpec, Family, Generators, adam, eval_mode, per_item_normal, per_item_uniform
+from .latent import LatentSpace
 
 
 LAYOUT_BATCH = 32   # captions per update of the layout prior's first stage (BackboneFamily.prepare)
@@ -77,34 +79,63 @@ class BackboneConfig:
     # are 10,000 updates, about 5 minutes on 2 cores: it learns places and relations only after about
     # 8,000 updates, while the backbone learns to draw a given layout in far fewer steps.
     layout_epochs: float = ranged(16.0, 0.0, 10_000.0)
+    # Latent mode (models/latent.py): an `ae` run folder whose latents the backbone learns. The rest is
+    # filled in from that run and the data: the SHA-256 of its weights, its latent's shape, and the shift
+    # and scale that give the training data's latents zero mean and unit variance.
+    autoencoder: str = ""
+    autoencoder_sha256: str = ""
+    latent_factor: int = ranged(0, 2, 16, zero="pixels")
+    latent_channels: int = ranged(0, 1, 64, zero="pixels")
+    autoencoder_width: int = ranged(0, 1, MAX_WIDTH, zero="pixels")
+    latent_shift: float = ranged(0.0, -1e6, 1e6)
+    latent_scale: float = ranged(1.0, 0.0, 1e6, lo_open=True)
+
+    @property
+    def space(self) -> tuple[int, int]:
+        """(channels, side) of what the backbone works on: the image's, or in latent mode its latent's."""
+        if not self.latent_factor:
+            return self.channels, self.image_size
+        return self.latent_channels, self.image_size // self.latent_factor
 
     def validate_backbone(self) -> None:
+        latent = (self.autoencoder_sha256, self.latent_factor, self.latent_channels, self.autoencoder_width)
+        if any(latent) and not (self.autoencoder and all(latent)):
+            raise ConfigError("model.autoencoder_sha256, latent_factor, latent_channels and autoencoder_width are "
+                              "filled in from model.autoencoder (an ae run); set that instead")
+        if self.latent_factor and self.image_size % self.latent_factor:
+            raise ConfigError(f"model.image_size {self.image_size} is not a multiple of the autoencoder's factor "
+                              f"{self.latent_factor}")
+        side = self.space[1]
         layout = (self.layout_grid, self.layout_classes, self.layout_slots)
         if any(layout) and not (all(layout) and self.text_dim):
             raise ConfigError(f"model.layout_grid, layout_classes and layout_slots come from the data, all three on a "
                               f"text model or none; got {list(layout)} with text_dim {self.text_dim}")
+        where = f"the latent side {side}" if self.latent_factor else f"model.image_size {side}"
         if self.backbone == "dit":
-            if self.image_size % self.patch:
-                raise ConfigError(f"model.image_size {self.image_size} is not a multiple of model.patch {self.patch}")
+            if side % self.patch:
+                raise ConfigError(f"{where} is not a multiple of model.patch {self.patch}")
             return
         if not 1 <= len(self.mults) <= 6 or any(not 1 <= m <= 16 for m in self.mults):
             raise ConfigError(f"model.mults must be 1 to 6 integers in 1..16, got {list(self.mults)}")
-        if self.image_size % self.multiple:
-            raise ConfigError(f"model.image_size {self.image_size} is not a multiple of {self.multiple} "
+        if side % (self.multiple // (self.latent_factor or 1)):
+            raise ConfigError(f"{where} is not a multiple of {self.multiple // (self.latent_factor or 1)} "
                               f"(needed by {len(self.mults)} resolutions in model.mults and model.unet_patch {self.unet_patch})")
 
     @property
     def multiple(self) -> int:
-        """What the backbone needs H and W to be multiples of (canvases are padded up to it)."""
-        return self.patch if self.backbone == "dit" else self.unet_patch * 2 ** (len(self.mults) - 1)
+        """What the backbone needs an image's H and W to be multiples of (canvases are padded up to it); in
+        latent mode, times the autoencoder's factor."""
+        backbone = self.patch if self.backbone == "dit" else self.unet_patch * 2 ** (len(self.mults) - 1)
+        return backbone * (self.latent_factor or 1)
 
 
 def build_backbone(cfg: BackboneConfig) -> nn.Module:
     layout = (cfg.layout_grid, cfg.layout_classes) if cfg.layout_grid else None
+    channels = cfg.space[0]
     if cfg.backbone == "dit":
-        return DiT(cfg.channels, cfg.dit_size, patch=cfg.patch, num_classes=cfg.num_classes, text_dim=cfg.text_dim,
+        return DiT(channels, cfg.dit_size, patch=cfg.patch, num_classes=cfg.num_classes, text_dim=cfg.text_dim,
                    layout=layout)
-    return UNet(cfg.channels, cfg.width, cfg.mults, attention=cfg.attention, num_classes=cfg.num_classes,
+    return UNet(channels, cfg.width, cfg.mults, attention=cfg.attention, num_classes=cfg.num_classes,
                 patch=cfg.unet_patch, text_dim=cfg.text_dim, text_levels=cfg.text_levels, text_positions=cfg.text_positions,
                 layout=layout)
 
@@ -142,18 +173,63 @@ class BackboneFamily(Family):
         # Text -> layout, the first of the two stages (nets/layout.py); the backbone draws to its layout.
         self.layout_prior = (LayoutPrior(cfg.text_dim, cfg.layout_grid, cfg.layout_classes, cfg.layout_slots)
                              if cfg.layout_grid else None)
+        # Latent mode: the autoencoder's frozen encoder and decoder (models/latent.py).
+        self.latent = LatentSpace(cfg) if cfg.latent_factor else None
 
     @classmethod
     def fit_config(cls, cfg, dataset):
         """Captioned data makes a text network, with no flag to set; its captions, not its classes (which
         captioned:SOURCE data still has, for evaluation), condition it."""
         cfg = super().fit_config(cfg, dataset)
+        if cfg.autoencoder:   # latent mode: the autoencoder's shape, hash and the latents' scale
+            cfg = latent_mode.fit(cfg, dataset)
         if getattr(dataset, "captioned", False):
             grid = getattr(dataset, "layout_grid", 0) if cfg.grounded else 0
             return replace(cfg, num_classes=0, text_dim=TEXT_DIM, text_encoder=encoder_id(), layout_grid=grid,
                            layout_classes=dataset.layout_classes if grid else 0,
                            layout_slots=dataset.layout_order.shape[1] if grid else 0)
         return replace(cfg, text_dim=0, text_encoder="", layout_grid=0, layout_classes=0, layout_slots=0)
+
+    def ready(self, dataset, log=print) -> None:
+        """A text network's caption embeddings, and in latent mode the data's cached latents, attached to
+        the dataset's batches."""
+        super().ready(dataset, log)
+        if self.reads_text:
+            dataset.load_text(log=log)
+        if self.latent is not None:
+            ae, sha = latent_mode.open_autoencoder(self.cfg.autoencoder)
+            dataset.attach("latent", latent_mode.cached_latents(ae, sha, dataset, log))
+
+    def training_images(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """What the backbone learns from a batch: its images, or in latent mode their unit-variance latents
+        (cached, `ready`; encoded here when the batch has none)."""
+        if self.latent is None:
+            return batch["image"]
+        if "latent" in batch:
+            return self.latent.scaled(batch["latent"])
+        with torch.no_grad():
+            return self.latent.encode(batch["image"], lambda fn, x: fn(x))
+
+    def space_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """The shape the backbone works at for an image of height x width: the image's, or its latent's."""
+        if self.latent is None:
+            return self.cfg.channels, height, width
+        f = self.cfg.latent_factor
+        return self.cfg.latent_channels, height // f, width // f
+
+    def to_space(self, images: torch.Tensor) -> torch.Tensor:
+        """Images N x C x H x W -> what the backbone works on (latent mode: their latents)."""
+        return images if self.latent is None else self.latent.encode(images, self.run)
+
+    def from_space(self, x: torch.Tensor) -> torch.Tensor:
+        """What the backbone made -> images in [-1, 1] (latent mode: decoded)."""
+        return x.clamp(-1, 1) if self.latent is None else self.latent.decode(x, self.run)
+
+    def pixels_only(self, what: str) -> None:
+        """Refuse what a latent model cannot do yet, naming it."""
+        if self.latent is not None:
+            raise ConfigError(f"{what} of a latent model (model.autoencoder) is not supported: {self.name} learns the "
+                              f"autoencoder's latents, not pixels")
 
     @property
     def reads_text(self) -> bool:
@@ -167,6 +243,7 @@ class BackboneFamily(Family):
                      time_steps: int = 0) -> ExportSpec:
         """One call of the backbone as a graph: x, time [+ label] [+ text] -> outputs; the family's sampler
         runs outside it, over the metadata's settings."""
+        self.pixels_only("export")
         conditional = self.conditional
         text = ["text_pooled", "text_tokens", "text_mask"] if self.reads_text else []
 
@@ -217,6 +294,11 @@ class BackboneFamily(Family):
         random batches (a generator of its own), before the backbone starts; no more than
         LAYOUT_UPDATES_PER_STEP updates per step of the run's budget `steps` (at least LAYOUT_MIN_UPDATES)."""
         super().prepare(dataset, steps)
+        if self.latent is not None:   # a new run starts from the autoencoder run's weights
+            ae, sha = latent_mode.open_autoencoder(self.cfg.autoencoder)
+            if sha != self.cfg.autoencoder_sha256:
+                raise ConfigError(f"model.autoencoder {self.cfg.autoencoder!r} changed while the run was set up")
+            self.latent.adopt(ae)
         updates = math.ceil(self.cfg.layout_epochs * len(dataset) / LAYOUT_BATCH) if self.layout_prior is not None else 0
         if steps is not None:
             updates = min(updates, max(LAYOUT_MIN_UPDATES, LAYOUT_UPDATES_PER_STEP * steps))
@@ -269,7 +351,7 @@ class BackboneFamily(Family):
         keep = 1 where a pixel is kept) and its per-image noise."""
         image = image.to(self.device)
         known, keep = padded_canvas(image, mask.to(self.device), self.cfg.multiple)
-        return image, known, keep, self._noise(image.shape[0], known.shape[1:], generator)
+        return image, known, keep, self._noise(image.shape[0], self.space_shape(*known.shape[-2:]), generator)
 
     def check_text(self, n: int, text: TextEmbedding | None, what: str = "prompt") -> TextEmbedding | None:
         """A sampling call's text, checked: n rows for a text network, refused by any other."""

@@ -11,6 +11,7 @@ runtime/batching.py.
 | `train_step(batch, opt, gen)`           | forward, losses, self.backward(loss), steps; {name: float}    |
 | `sample(n, *, labels, generator, ...)`  | n x C x H x W in [-1, 1]                                      |
 | `fit_config(cfg, dataset)` (classmethod)| the config completed from the data (size, channels, classes)  |
+| `ready(dataset, log)` (optional)        | on every run, new or resumed: what its batches need attached  |
 | `prepare(dataset, steps)` (optional)    | once before step 0 of a new run (statistics, a first stage)   |
 | `train_defaults` (class attribute)      | the family's own TrainConfig defaults (steps, batch size...)  |
 | `sample_options` (class attribute)      | {name: SampleOption}: the keyword options `sample` accepts; the one source of the CLI flags, the HTTP fields, /api/models and the page's controls |
@@ -39,6 +40,7 @@ that each family declares exactly the methods it has, and that nothing outside m
 | `distillable`           | `from_noise(z, labels, steps)`: a deterministic map of noise   | a teacher for `imagegen distill` |
 | `export_spec(direction)` | the sampling graph (ExportSpec); the default refuses: no network | ONNX export, the onnxruntime engine |
 | `draws_layouts` (property) | a layout prior drawn before the image (grounded text models) | the GenEval layout scores    |
+| `autoencodes`           | `to_latent(x)`, `from_latent(z)`, `round_trip(x)`; draws nothing from noise: `preview` and evaluation are of reconstructions | the first stage of latent flow and ddpm (models/latent.py) |
 
 A family is conditional when its config has `num_classes` > 0 (filled in from the data): `sample` then
 takes `labels` (a long tensor of n class indices).
@@ -163,6 +165,7 @@ class Family(nn.Module):
     conditional_likelihood: ClassVar[bool] = False
     has_null_class: ClassVar[bool] = False
     distillable: ClassVar[bool] = False
+    autoencodes: ClassVar[bool] = False
     trains_in_studio: ClassVar[bool] = False   # offered by the studio's "train on your images" (serve/jobs.py)
     draws_layouts = False                  # a property of the families that can be grounded (backbone.py)
 
@@ -221,6 +224,10 @@ class Family(nn.Module):
                                   f"{dataset.name!r} has no classes (use class subfolders)")
             updates["num_classes"] = len(dataset.classes)
         return dataclasses.replace(cfg, **updates)
+
+    def ready(self, dataset, log=print) -> None:
+        """Called on every run, new or resumed, before its first step: what the family's batches need
+        attached to the dataset (a text network's caption embeddings, a latent model's latents)."""
 
     def prepare(self, dataset, steps: int | None = None) -> None:
         """Called once before the first training step of a new run (not on resume). `steps` is the run's

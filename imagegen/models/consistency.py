@@ -75,6 +75,9 @@ class Config(BackboneConfig):   # image size, channels, classes and the backbone
 
     def validate(self) -> None:
         self.validate_backbone()
+        if self.autoencoder:
+            raise ConfigError("model.autoencoder: consistency training works on pixels only (latent mode is for flow "
+                              "and ddpm)")
         if self.max_intervals < self.min_intervals:
             raise ConfigError(f"model.max_intervals {self.max_intervals} is below model.min_intervals {self.min_intervals}")
 

@@ -126,7 +126,7 @@ class DDPM(DenoisingFamily):    # the backbone, label dropout, guided call: back
     # --- training ------------------------------------------------------------------------------------
 
     def train_step(self, batch: dict[str, torch.Tensor], opt: dict, gen: torch.Generator) -> dict[str, float]:
-        x0 = batch["image"]
+        x0 = self.training_images(batch)   # pixels, or in latent mode latents
         n, dev = x0.shape[0], x0.device
         t = torch.randint(0, self.cfg.timesteps, (n,), generator=gen, device=dev)
         eps = torch.randn(x0.shape, generator=gen, device=dev)

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 
 from ..config import Range
 from ..solvers import Noise
@@ -56,14 +57,15 @@ class DenoisingFamily(BackboneFamily):
              negative: TextEmbedding | None) -> torch.Tensor:
         """n images from noise."""
         text, negative = self.prompts(n, text, negative, generator)   # a grounded model's layouts, then the noise
-        noise = self._noise(n, (self.cfg.channels, self.cfg.image_size, self.cfg.image_size), generator)
+        noise = self._noise(n, self.space_shape(self.cfg.image_size, self.cfg.image_size), generator)
         with eval_mode(self):
-            return plan.solve(plan.start(noise()), noise, text, negative).clamp(-1, 1)
+            return self.from_space(plan.solve(plan.start(noise()), noise, text, negative))
 
     def carry(self, plan: Plan, z: torch.Tensor, text: TextEmbedding | None,
               negative: TextEmbedding | None) -> torch.Tensor:
         """The images the plan's deterministic sampler makes of noise z (N x C x H x W at its first level):
         the map that `distill` learns. A grounded model's texts without layouts get their most likely ones."""
+        self.pixels_only("distillation")
         text, negative = self.prompts(z.shape[0], text, negative, None, draw=False)
         with eval_mode(self):
             return plan.solve(z.to(self.device), None, text, negative).clamp(-1, 1)
@@ -76,19 +78,24 @@ class DenoisingFamily(BackboneFamily):
         plan = plan.below(strength)
         n = image.shape[0]
         text, negative = self.prompts(n, text, negative, generator)
-        noise = self._noise(n, image.shape[1:], generator)
+        noise = self._noise(n, self.space_shape(*image.shape[-2:]), generator)
         with eval_mode(self):
-            x = plan.noised(image.to(self.device, torch.float32), noise())
-            return plan.solve(x, noise, text, negative).clamp(-1, 1)
+            x = plan.noised(self.to_space(image.to(self.device, torch.float32)), noise())
+            return self.from_space(plan.solve(x, noise, text, negative))
 
     def fill(self, plan: Plan, image: torch.Tensor, mask: torch.Tensor, generator: Generators,
              text: TextEmbedding | None, negative: TextEmbedding | None) -> torch.Tensor:
         """The pixels where mask == 1 generated on the canvas padded to the backbone's multiple; the others
-        returned exactly as given."""
+        returned exactly as given. In latent mode the schedule keeps the latent cells whose pixels are all
+        kept, and the decoded canvas then gets every kept pixel back exactly."""
         self.check_inpaint(image, mask)
         n = image.shape[0]
         text, negative = self.prompts(n, text, negative, generator)
         image, known, keep, noise = self.canvas(image, mask, generator)
         with eval_mode(self):
-            x = plan.repaint(noise(), noise, text, negative, known, keep)
+            if self.latent is None:
+                x = plan.repaint(noise(), noise, text, negative, known, keep)
+            else:   # a latent cell is kept only when every pixel it covers is (a min-pool of keep)
+                cells = -F.max_pool2d(-keep, self.cfg.latent_factor)
+                x = self.from_space(plan.repaint(noise(), noise, text, negative, self.to_space(known), cells))
         return keep_known(x, image, keep)

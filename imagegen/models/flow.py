@@ -68,6 +68,8 @@ class Config(BackboneConfig):   # image size, channels, classes and the backbone
     def validate(self) -> None:
         self.validate_backbone()
         check_solver(self.solver, "model.solver")
+        if self.dequantize and self.autoencoder:
+            raise ConfigError("model.dequantize is for pixels; a latent model (model.autoencoder) learns latents")
 
 
 def dequantize_batch(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -106,7 +108,7 @@ class Flow(DenoisingFamily):    # the backbone, label dropout, guided call: back
         return torch.sigmoid(self.cfg.logit_mean + self.cfg.logit_std * torch.randn(n, generator=gen, device=device))
 
     def train_step(self, batch: dict[str, torch.Tensor], opt: dict, gen: torch.Generator) -> dict[str, float]:
-        x = batch["image"]
+        x = self.training_images(batch)   # pixels, or in latent mode latents
         n, dev = x.shape[0], x.device
         if self.cfg.dequantize:
             x = dequantize_batch(x, gen)
@@ -173,6 +175,7 @@ class Flow(DenoisingFamily):    # the backbone, label dropout, guided call: back
 
     def likelihood_estimator(self) -> str:
         """How log_likelihood estimates log p, for metrics.json."""
+        self.pixels_only("bits/dim (a density over pixels)")
         return (f"probability-flow ODE solved backwards from the image, Heun on {LIKELIHOOD_STEPS} intervals at "
                 f"s = 1 - t = (i / {LIKELIHOOD_STEPS})^{LIKELIHOOD_RHO:g}, divergence by "
                 "Hutchinson's estimator with 1 Rademacher probe per image (unbiased); unconditional (null class)")
@@ -188,6 +191,7 @@ class Flow(DenoisingFamily):    # the backbone, label dropout, guided call: back
         STEPS.check(steps, "steps")
         PROBES.check(probes, "probes")
         check_solver(solver)
+        self.pixels_only("bits/dim (a density over pixels)")
         x = x.to(self.device, torch.float32)
         n = x.shape[0]
         eps = per_item_normal(n, (probes, *x.shape[1:]), generator, self.device).sign().transpose(0, 1)  # P x N x ...
