@@ -226,3 +226,25 @@ def test_tstr_scores_a_perfect_generator_high_and_shuffled_labels_at_chance(eval
         monkeypatch.setattr(synth, "synthetic_dataset", lambda *a, _ds=stand_in, **k: _ds)
         scores[shuffled] = synth.train_on_synthetic(run_dir, per_class=500, log=None)["tstr_accuracy"]
     assert scores[False] > 0.85 and scores[True] < 0.4, scores
+
+
+def test_memorisation_flags_a_model_that_returns_training_images():
+    """A planted copy: samples that are training images (with 1/255 of noise) are near-copies; fresh images
+    from the same distribution are not, and held-out images score as they do."""
+    from imagegen.evaluate.memorisation import memorisation, nearest_two
+    g = torch.Generator().manual_seed(0)
+    train = torch.rand(200, 3, 16, 16, generator=g) * 2 - 1
+    held_out = torch.rand(50, 3, 16, 16, generator=g) * 2 - 1
+    copies = (train[:40] + torch.randn(40, 3, 16, 16, generator=g) / 255).clamp(-1, 1)
+    fresh = torch.rand(40, 3, 16, 16, generator=g) * 2 - 1
+    copied, honest = memorisation(copies, train, held_out), memorisation(fresh, train, held_out)
+    assert copied["near_copy_share"] == 1.0 and honest["near_copy_share"] == 0.0
+    assert copied["held_out_near_copy_share"] == honest["held_out_near_copy_share"] == 0.0
+    assert copied["nn_distance_median"] < 0.01 < honest["nn_distance_median"]
+    assert honest["nn_distance_median"] == pytest.approx(honest["held_out_nn_distance_median"], rel=0.05)
+    _, index = nearest_two(copies, train)
+    assert index.tolist() == list(range(40))
+    # a folder has no held-out split: its images, each left out of its own comparison, stand in
+    itself = memorisation(fresh, train, train)
+    assert itself["held_out_near_copy_share"] == 0.0
+    assert itself["held_out_nn_distance_median"] == pytest.approx(honest["held_out_nn_distance_median"], rel=0.05)

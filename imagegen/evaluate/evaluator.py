@@ -19,7 +19,7 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,7 @@ from ..checkpoint import load_hashed_weights, save_hashed_weights, slug, write_j
 from ..config import MAX_BATCH, MAX_IMAGE_SIZE, MAX_SEED, MAX_WIDTH, cache_path, from_dict, ranged, validate
 from ..data import DataConfig, load_data
 from ..errors import CheckpointError, ConfigError
+from .contrastive import PROJECTION, fit_contrastive, retrieval_accuracy
 from .geneval import get_judge
 
 BATCH = 256  # images per forward pass when extracting features
@@ -56,6 +57,9 @@ class EvaluatorConfig:
     # image side the evaluator works at, and its channels (1 or 3); 0 = the data's own (as data.size)
     size: int = ranged(0, 8, MAX_IMAGE_SIZE, zero="the data's own")
     channels: int = ranged(0, 1, 3, zero="the data's own")
+    # "classifier" (needs classes), "contrastive" (any images: evaluate/contrastive.py), or "auto": the
+    # classifier where the data has classes, else contrastive
+    kind: Literal["auto", "classifier", "contrastive"] = "auto"
 
     def validate(self) -> None:
         if self.channels not in (0, 1, 3):
@@ -94,6 +98,8 @@ class Evaluator:
         self.net = net.eval().requires_grad_(False)
         self.info = info
         self.name = info["name"]
+        if info.get("kind") == "contrastive":   # no classes: the metrics that need them are skipped
+            self.probs = None
 
     @torch.no_grad()
     def _run(self, images: torch.Tensor, head: bool) -> torch.Tensor:
@@ -114,10 +120,11 @@ class Evaluator:
         return self._run(images, head=True)
 
 
-def cache_dir(data: str, size: int = 0, channels: int = 0) -> Path:
-    """One folder per (data, size, channels). Specs with a path also carry a hash of the spec, so two
+def cache_dir(data: str, size: int = 0, channels: int = 0, kind: str = "auto") -> Path:
+    """One folder per (data, size, channels, kind). Specs with a path also carry a hash of the spec, so two
     folders with the same name never share an evaluator."""
     name = slug(data) + (f"-{size}px" if size else "") + (f"-{channels}ch" if channels else "")
+    name += "" if kind == "auto" else f"-{kind}"
     if "/" in data:
         name += "-" + hashlib.sha256(data.encode()).hexdigest()[:8]
     return cache_path("evaluators", name)
@@ -164,16 +171,25 @@ def train_evaluator(cfg: EvaluatorConfig, *, out: Path | None = None, log=print)
     train_ds, test_ds = (_labelled(load_data(DataConfig(source=cfg.data, split=split, limit=limit, size=cfg.size,
                                                         channels=cfg.channels)))
                          for split, limit in (("train", cfg.limit), ("test", 0)))
+    kind = cfg.kind if cfg.kind != "auto" else "classifier" if train_ds.labelled else "contrastive"
     t0 = time.perf_counter()
-    net = fit_classifier(train_ds, cfg, log)
-    test_accuracy = accuracy(net, test_ds)
+    if kind == "classifier":
+        net = fit_classifier(train_ds, cfg, log)
+        measured = {"test_accuracy": accuracy(net, test_ds)}
+    else:   # no classes needed: SimCLR on the images themselves
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            net = EvalNet(train_ds.channels, PROJECTION, cfg.width)
+        net = fit_contrastive(net, train_ds, cfg, log)
+        measured = {"test_retrieval": retrieval_accuracy(net, test_ds)}
 
-    folder = Path(out) if out is not None else cache_dir(cfg.data, cfg.size, cfg.channels)
+    folder = Path(out) if out is not None else cache_dir(cfg.data, cfg.size, cfg.channels, cfg.kind)
     folder.mkdir(parents=True, exist_ok=True)
     digest = save_hashed_weights(folder / "weights.safetensors", net.state_dict(), "the evaluator")
-    info = {"name": f"cnn{4 * cfg.width}-{slug(train_ds.name)}-{digest[:8]}", "sha256": digest, "config": asdict(cfg),
-            "classes": train_ds.classes, "image_size": train_ds.size, "channels": train_ds.channels,
-            "test_accuracy": test_accuracy, "test_images": len(test_ds), "train_images": len(train_ds),
+    prefix = "cnn" if kind == "classifier" else "simclr"
+    info = {"name": f"{prefix}{4 * cfg.width}-{slug(train_ds.name)}-{digest[:8]}", "sha256": digest, "config": asdict(cfg),
+            "kind": kind, "classes": train_ds.classes if kind == "classifier" else [], "image_size": train_ds.size,
+            "channels": train_ds.channels, **measured, "test_images": len(test_ds), "train_images": len(train_ds),
             "train_seconds": round(time.perf_counter() - t0, 1)}
     write_json_atomic(folder / "evaluator.json", info)
     return Evaluator(net, info)
@@ -192,7 +208,7 @@ def load_evaluator(data: str, *, folder: Path | None = None, size: int = 0, chan
         raise CheckpointError(f"no evaluator for {data!r} in {folder}; run `imagegen evaluator train --data {data}`") from None
     weights = load_hashed_weights(folder / "weights.safetensors", info["sha256"], "evaluator.json")
     cfg = from_dict(EvaluatorConfig, info["config"], "evaluator")
-    net = EvalNet(info["channels"], len(info["classes"]), cfg.width)
+    net = EvalNet(info["channels"], len(info["classes"]) or PROJECTION, cfg.width)
     net.load_state_dict(weights)
     return Evaluator(net, info)
 

@@ -4,6 +4,7 @@ space, and write metrics.json with every number stamped by the protocol that pro
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -11,17 +12,25 @@ import torch
 from ..checkpoint import load_run, write_json_atomic
 from ..config import Range
 from ..data import load_data
-from ..sample import default_labels, generate, to_float
+from ..sample import default_labels, generate, grid, to_float
 from . import metrics as M
 from .evaluator import FeatureExtractor, run_data, run_evaluator
 from .geneval import SceneJudge, geneval
 from .likelihood import measure, require_likelihood
+from .memorisation import memorisation, nearest_two
 from .prompts import class_prompt_accuracy, test_prompts
 from .translation import evaluate_translation
 
 MAX_N = 100_000
 N_IMAGES = Range(2, MAX_N)   # images generated for a measurement (--n)
 N_PROMPTS = Range(1, MAX_N)  # GenEval prompts (--prompts); the scenes test split has 2,000
+NEAREST_SHOWN = 16           # samples in nearest.png, each above its nearest training image
+
+
+def write_nearest(path: Path, samples: torch.Tensor, train: torch.Tensor) -> None:
+    """nearest.png: the samples in a row, each above the training image nearest to it in pixels."""
+    _, index = nearest_two(samples, train)
+    grid(torch.cat([samples, train[index]]), nrow=samples.shape[0]).save(path)
 
 
 def compare(extractor: FeatureExtractor, real: torch.Tensor, fake: torch.Tensor) -> dict:
@@ -67,6 +76,10 @@ def evaluate_run(run_dir: str | Path, *, n: int = 10_000, data: str | None = Non
     sample_seconds = time.perf_counter() - t0
     real_images = to_float(real.images)
     result = compare(extractor, real_images, fake)
+    # Copies of the training set: the samples' nearest training images against the held-out images' own.
+    train_images = to_float(load_data(replace(real_cfg, split="train")).images)
+    result |= memorisation(fake, train_images, real_images)
+    write_nearest(Path(run.path) / "nearest.png", fake[:NEAREST_SHOWN], train_images)
     if run.model.encodes:   # VAEs: how well the test images come back through the latent
         labels = real.labels if run.model.conditional else None
         recon = run.model.reconstruct(real_images, labels).cpu()
@@ -100,6 +113,9 @@ def evaluate_run(run_dir: str | Path, *, n: int = 10_000, data: str | None = Non
                      **({"prompt_following": following} if following else {}),
                      "sampler": sampler or "default", "kid": "50 subsets of 1000, cubic kernel on unit-length features",
                      "precision_recall_k": 3, "density_coverage_k": 5,
+                     "memorisation": f"RMS pixel distance to the nearest of the {len(train_images)} training images; a "
+                                     "near-copy is nearer than 1/3 of the distance to the second nearest; held_out_*: "
+                                     "the same for the test images; nearest.png shows the first samples above theirs",
                      **({"likelihood": bpd} if bpd else {})},
         "metrics": result,
         "sampling_seconds": round(sample_seconds, 2),
