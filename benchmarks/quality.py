@@ -4,6 +4,9 @@ evaluate each with the same protocol, measure the anchors (among them the small 
 
 A family may be named with its backbone: `flow-dit` is the flow family on the DiT (its default size),
 `flow-dit-s` on the DiT of size "s" (nets/dit.py SIZES); the plain name uses the family's default.
+`+latent` after a flow or ddpm entry (`flow+latent`, `flow-dit+latent`) trains it on the latents of an
+`ae` run trained first for --ae-minutes; that time counts in its budget: it trains for the rest of
+--minutes. Its DiT takes patch 2 by default (64 tokens on the 16 x 16 latents of 64 px images).
 For every diffusion and flow entry it also prints the FD against training FLOPs per image (the forward
 and backward of one training step, counted by torch.utils.flop_counter, divided by the batch) and
 against the FLOPs seen in the whole budget: the DiT paper's scaling view, at our scale.
@@ -12,7 +15,10 @@ Also prints, for the GAN families, what `analyse --keep 0.5` does to FD and prec
 conditional GAN its train-on-synthetic / test-on-real accuracy next to the real-data accuracy.
 
     python benchmarks/quality.py [--minutes 3] [--n 2000] [--data fashion-mnist] [--families dcgan,flow-dit]
-        [--out /tmp/imagegen-quality]
+        [--out /tmp/imagegen-quality] [--size 64] [--ae-minutes 10]
+
+    python benchmarks/quality.py --data emoji --size 64 --minutes 30 --ae-minutes 10 --n 1000 \
+        --families flow,flow+latent,flow-dit+latent,dcgan,cgan
 
 The evaluator of the dataset is trained first if it is not cached (about 2.5 minutes for Fashion-MNIST).
 """
@@ -39,7 +45,9 @@ from imagegen.train import GuardedOptimizer, fit_model_to_data, step_generator
 
 
 def variant_config(variant: str) -> tuple[str, dict]:
-    """"flow-dit-s" -> ("flow", {"backbone": "dit", "dit_size": "s"}); "ddpm" -> ("ddpm", {})."""
+    """"flow-dit-s" -> ("flow", {"backbone": "dit", "dit_size": "s"}); "ddpm" -> ("ddpm", {}); the
+    `+latent` of a latent entry is the caller's."""
+    variant = variant.removesuffix("+latent")
     family, _, rest = variant.partition("-dit")
     if family not in REGISTRY or (rest and rest.lstrip("-") not in SIZES):
         raise SystemExit(f"unknown family or variant {variant!r} (families: {', '.join(REGISTRY)}; "
@@ -70,25 +78,46 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=2000, help="generated images per evaluation")
     ap.add_argument("--families", default=",".join(REGISTRY))
     ap.add_argument("--out", default="/tmp/imagegen-quality")
+    ap.add_argument("--size", type=int, default=0, help="image side (0: the data's own)")
+    ap.add_argument("--ae-minutes", type=float, default=0.0,
+                    help="the autoencoder's share of a +latent entry's budget (default: a third of --minutes)")
     args = ap.parse_args()
     out = Path(args.out)
-    evaluator = get_evaluator(args.data)
-    print(f"# evaluator {evaluator.name}: test accuracy {evaluator.info['test_accuracy']:.4f}")
+    data = {"source": args.data, "size": args.size}
+    evaluator = get_evaluator(args.data, size=args.size)
+    print(f"# evaluator {evaluator.name}: {evaluator.info.get('test_accuracy', evaluator.info.get('test_retrieval')):.4f}")
 
     times, extras, scaling = {}, [], []
+    autoencoder, ae_seconds = None, 0.0
     for variant in args.families.split(","):
         family, model = variant_config(variant)
-        cfg = imagegen.resolve_config({"family": family, "model": model, "data": {"source": args.data},
-                                       "train": {"steps": 10**7, "time_limit": args.minutes * 60,
+        budget = args.minutes * 60
+        if variant.endswith("+latent"):
+            if autoencoder is None:   # one autoencoder for every latent entry, its time charged to each
+                t0 = time.perf_counter()
+                autoencoder = imagegen.train(imagegen.resolve_config(
+                    {"family": "ae", "data": data, "train": {"steps": 10**7, "checkpoint_every": 10**7, "sample_every": 0,
+                                                               "time_limit": (args.ae_minutes or args.minutes / 3) * 60}}),
+                    out=out, progress=False)
+                ae_seconds = time.perf_counter() - t0
+                times[autoencoder.name] = ae_seconds
+                print(f"# ae: trained {ae_seconds:.0f} s -> {autoencoder}", flush=True)
+                evaluate_run(autoencoder, log=None)
+            model = {**model, "autoencoder": str(autoencoder)}
+            budget -= ae_seconds
+        cfg = imagegen.resolve_config({"family": family, "model": model, "data": data,
+                                       "train": {"steps": 10**7, "time_limit": budget,
                                                  "checkpoint_every": 10**7, "sample_every": 0}})
         if family == "random":
-            cfg = imagegen.resolve_config({"family": family, "data": {"source": args.data}})
+            cfg = imagegen.resolve_config({"family": family, "data": data})
         t0 = time.perf_counter()
         run_dir = imagegen.train(cfg, out=out, progress=False)
         times[run_dir.name] = time.perf_counter() - t0
         metrics = evaluate_run(run_dir, n=args.n, log=None)["metrics"]
-        print(f"# {variant}: trained {times[run_dir.name]:.0f} s -> {run_dir}", flush=True)
-        if family in ("ddpm", "flow"):
+        print(f"# {variant}: trained {times[run_dir.name]:.0f} s"
+              + (f" after the autoencoder's {ae_seconds:.0f} s" if variant.endswith("+latent") else "")
+              + f" -> {run_dir}", flush=True)
+        if family in ("ddpm", "flow") and not variant.endswith("+latent"):
             steps = imagegen.load_run(run_dir).step
             per_image = train_flops_per_image(run_dir)
             fd = next(v for k, v in metrics.items() if k.startswith("FD-"))
@@ -101,7 +130,7 @@ def main() -> None:
             t = train_on_synthetic(run_dir, per_class=1000, log=None)
             extras.append(f"cgan train-on-synthetic, test-on-real: accuracy {t['tstr_accuracy']:.4f} "
                           f"({t['synthetic_images']} generated images) vs {t['real_accuracy']:.4f} trained on real data")
-    evaluate_anchors(args.data, n=args.n, out_dir=out, log=None)
+    evaluate_anchors(args.data, n=args.n, out_dir=out, log=None, size=args.size)
     markdown, page = leaderboard(collect([out]))
     (out / "leaderboard.html").write_text(page)
     print()

@@ -6,15 +6,47 @@ from __future__ import annotations
 
 import io
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
+from .data import load_data
+from .data.dataset import mix_seed
 from .sample import grid, preview
 from .tboard import Board
+
+VAL_IMAGES = 256   # held-out images the validation loss is measured on (the first of the test split)
+
+
+class Validation:
+    """The validation loss of a run: the family's own objective (`validation_loss`, families that declare
+    `validates`) on the first VAL_IMAGES of the data's held-out test split, with the EMA weights, its noise,
+    times and other draws from one fixed seed, so every check sees the same draws and the curve moves
+    only with the weights. None is measured where the data has no held-out split (a folder's test split
+    is its training images), the run was handed its data (the studio), or the family has no objective."""
+
+    def __init__(self, cfg, ds, model, device: torch.device, main: bool, given: bool, log) -> None:
+        self.batch, self.every = None, cfg.train.val_every
+        if not (main and model.validates and self.every) or given:
+            return
+        held = load_data(replace(cfg.data, split="test", limit=VAL_IMAGES))
+        if held.images.shape == ds.images[:len(held)].shape and torch.equal(held.images, ds.images[:len(held)]):
+            return   # the "test" split is the training images: no held-out data
+        model.ready(held, log)
+        channels_last = cfg.train.channels_last
+        self.batch = {k: v.to(device).contiguous(memory_format=torch.channels_last)
+                      if channels_last and v.ndim == 4 else v.to(device) for k, v in held.batch(torch.arange(len(held))).items()}
+        self.seed, self.images = mix_seed(cfg.train.seed, 0x7A1), len(held)
+
+    def due(self, done: int, last: bool) -> bool:
+        return self.batch is not None and (last or done % self.every == 0)
+
+    def loss(self, ema) -> float:
+        gen = torch.Generator(next(iter(self.batch.values())).device).manual_seed(self.seed)
+        return ema.validation_loss(self.batch, gen)
 
 
 def progress_bar(tc, start: int, progress: bool) -> tqdm:
@@ -68,18 +100,21 @@ class RunWriter:
     def advance(self, elapsed: float) -> None:
         advance(self.bar, self.tc, elapsed)
 
-    def log(self, done: int, window: Window, bad_total: int) -> None:
-        """One line of log.jsonl (and TensorBoard's scalars) for the window, and the bar's figures."""
+    def log(self, done: int, window: Window, bad_total: int, val_loss: float | None = None) -> None:
+        """One line of log.jsonl (and TensorBoard's scalars) for the window, and the bar's figures; with the
+        validation loss of the step where one was measured (Validation)."""
         if not self.main:
             return
         means = window.means()
         record = {"step": done, "images_per_s": window.images / max(window.seconds, 1e-9), "bad_steps": bad_total, **means}
+        if val_loss is not None:
+            record["val_loss"] = val_loss
         if self.scaler is not None:
             record["fp16_scale"] = self.scaler.get_scale()
         self.log_file.write(json.dumps(record) + "\n")
         self.log_file.flush()
         if self.board is not None:
-            self.board.scalars(done, means, "loss")
+            self.board.scalars(done, means | ({} if val_loss is None else {"validation": val_loss}), "loss")
             self.board.scalars(done, {"images_per_s": record["images_per_s"], "bad_steps": bad_total}, "train")
             self.board.scalars(done, {k: o.param_groups[0]["lr"] for k, o in self.opts.items()}, "lr")
         self.bar.set_postfix({**({"step": done} if self.tc.time_limit else {}), **{k: f"{v:.3f}" for k, v in means.items()},

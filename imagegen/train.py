@@ -30,7 +30,7 @@ from .data import DataConfig, ImageDataset, load_data
 from .data.dataset import mix_seed
 from .errors import CheckpointError, ConfigError, TrainingError
 from .models import Family, family_class
-from .progress import RunWriter, Window
+from .progress import RunWriter, Validation, Window
 from .runtime.host import keep_freed_memory
 from .tboard import check_logger
 from .version import __version__
@@ -48,6 +48,9 @@ class TrainConfig:
     ema_decay: float = ranged(0.995, 0.0, 1.0, hi_open=True)   # EMA of the weights; sampling uses them
     log_every: int = ranged(25, 1, MAX_COUNT)      # steps between lines of log.jsonl (and TensorBoard points)
     sample_every: int = ranged(400, 1, MAX_COUNT, zero="only at the end")   # sample grid from fixed seeds
+    # steps between validation losses on held-out images (families that have one; at a log line, so a
+    # multiple of log_every), and at the end
+    val_every: int = ranged(500, 1, MAX_COUNT, zero="never")
     grid_size: int = ranged(64, 1, 1024)           # images in each sample grid
     checkpoint_every: int = ranged(1000, 1, MAX_COUNT)   # and always at the end of a run
     keep_checkpoints: int = ranged(3, 1, 1000)     # the newest this many are kept
@@ -229,6 +232,7 @@ def _train(cfg: RunConfig, d: distributed.Dist | None, main: bool, device: torch
     run_dir, start, bad_total, started = _open_run(cfg, ds, model, ema, opts, d, device, main, out, resume)
     steps = Steps(model, ema, opts, ds, cfg.train, d, device, amp_dtype)
     writer = RunWriter(run_dir, tc, main, start, resume is not None, progress, ds, ema, opts, model.grad_scaler)
+    validation = Validation(cfg, ds, ema, device, main, dataset is not None, tqdm.write)
     window, bad_in_a_row = Window(), 0
     try:
         model.train()
@@ -255,7 +259,7 @@ def _train(cfg: RunConfig, d: distributed.Dist | None, main: bool, device: torch
                 over = distributed.average_values({"over": float(over)}, d, device)["over"] > 0
             last = done == tc.steps or over
             if done % tc.log_every == 0 or last:
-                writer.log(done, window, bad_total)
+                writer.log(done, window, bad_total, validation.loss(ema) if validation.due(done, last) else None)
                 window = Window()
             if (tc.sample_every and done % tc.sample_every == 0) or last:
                 writer.grid(done)

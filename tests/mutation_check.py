@@ -230,6 +230,19 @@ MUTATIONS = [
              "    return (optimizer_steps(),) + tuple(t.data_ptr() for t in tensors)",
              ("tests/test_engine.py::test_the_engine_exports_again_after_the_weights_change",),
              "the engine keeps its graph across an in-place change of a weight (load_state_dict, EMA)"),
+    # --- latent mode and memorisation -------------------------------------------------------------------
+    Mutation("imagegen/models/latent.py",
+             'key = hashlib.sha256(f"{ae_sha256}:{data_sha256}".encode()).hexdigest()[:32]',
+             'key = hashlib.sha256(f"{ae_sha256}".encode()).hexdigest()[:32]',
+             ("tests/test_latent.py",), "the latent cache ignores which images it encoded"),
+    Mutation("imagegen/models/latent.py",
+             "    if cfg.autoencoder_sha256 and cfg.autoencoder_sha256 != sha:\n",
+             "    if False:\n",
+             ("tests/test_latent.py",), "a run resumes on an autoencoder that changed"),
+    Mutation("imagegen/evaluate/memorisation.py",
+             "RATIO = 1 / 3",
+             "RATIO = 0.0",
+             ("tests/test_evaluate.py",), "no sample is ever a near-copy"),
 ]
 
 

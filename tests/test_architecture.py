@@ -115,7 +115,7 @@ def test_the_check_finds_a_cycle_closed_by_a_lazy_import(tmp_path):
 ABILITIES = {"has_latent": ("draw_noise", "latent_network"), "encodes": ("encode", "reconstruct"),
              "edits": ("edit",), "inpaints": ("inpaint",), "has_critic": ("critic",),
              "has_likelihood": ("log_likelihood", "likelihood_estimator"), "distillable": ("from_noise",),
-             "autoencodes": ("to_latent", "from_latent", "round_trip")}
+             "autoencodes": ("to_latent", "from_latent", "round_trip"), "validates": ("validation_loss",)}
 
 
 def test_each_family_declares_exactly_the_abilities_it_implements():

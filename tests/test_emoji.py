@@ -84,3 +84,41 @@ def test_a_missing_package_or_a_bad_index_is_a_clear_error(tmp_path, monkeypatch
     (tmp_path / "config" / "index.json").write_text("{" * 100_000)
     with pytest.raises(DataError, match="not a JSON index"):
         load_data(DataConfig(source=f"emoji:{tmp_path}"))
+
+
+def test_dominant_hue_names_the_colour():
+    import torch
+    from imagegen.evaluate.prompts import dominant_hue, hue_matches
+    x = torch.ones(4, 3, 8, 8)                                   # white
+    for i, rgb in enumerate(([1, -1, -1], [-1, 1, -1], [-1, -1, 1])):
+        x[i, :, 2:6, 2:6] = torch.tensor(rgb, dtype=torch.float)[:, None, None]
+    hues = dominant_hue(x)
+    assert [hue_matches(float(h), w) for h, w in zip(hues[:3], ("red", "green", "blue"))] == [True] * 3
+    assert not hue_matches(float(hues[0]), "blue") and hues[3] == -1    # a white image has no hue
+
+
+def test_held_out_names_are_measured_against_the_real_images(tmp_path, monkeypatch):
+    """A text run on emoji: the held-out names as prompts, judged by the evaluator, beside the real test
+    images and the majority class; names with a colour word also by their hue."""
+    import imagegen
+    from imagegen.evaluate.evaluator import EvaluatorConfig, train_evaluator
+    from imagegen.evaluate.prompts import name_prompt_accuracy
+    monkeypatch.setenv("IMAGEGEN_CACHE", str(tmp_path / "cache"))
+    root = _gem(tmp_path)
+    index = json.loads((root / "config" / "index.json").read_text())
+    for key in ("e00", "e02", "e03", "e05"):                    # e03 and e05 are in the test split
+        index[key]["name"] = f"red thing {key}"
+    (root / "config" / "index.json").write_text(json.dumps(index))
+    source = f"emoji:{root}"
+    run = imagegen.train(imagegen.resolve_config({"family": "flow", "model": {"width": 8, "mults": [1, 2], "sample_steps": 2},
+                                                  "data": {"source": source, "size": 16},
+                                                  "train": {"steps": 2, "batch_size": 8, "sample_every": 0}}),
+                         out=tmp_path / "runs", progress=False)
+    ev = train_evaluator(EvaluatorConfig(data=source, size=16, width=8, batch_size=8, epochs=2), log=None)
+    run_model = imagegen.load_run(run)
+    out = name_prompt_accuracy(run_model, ev)
+    test = load_data(DataConfig(source=source, split="test", size=16))
+    assert out["prompts"] == len(test) and 0 <= out["category_accuracy"] <= 1
+    assert out["majority_share"] >= 0.5 and 0 <= out["category_accuracy_real"] <= 1
+    assert out["coloured_prompts"] == sum(c.startswith("red thing") for c in test.captions) == 2
+    assert out["hue_accuracy_real"] == 1.0                       # their discs are red: (200, 30 or 50, 40)

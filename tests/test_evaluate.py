@@ -248,3 +248,66 @@ def test_memorisation_flags_a_model_that_returns_training_images():
     itself = memorisation(fresh, train, train)
     assert itself["held_out_near_copy_share"] == 0.0
     assert itself["held_out_nn_distance_median"] == pytest.approx(honest["held_out_nn_distance_median"], rel=0.05)
+
+
+def _centred_icons(root, n, seed):
+    """n 32 px images of a centred disc and a smaller square of random colours on white: data with no
+    classes whose objects sit in one place, so that a one-pixel shift is a change."""
+    import numpy as np
+    from PIL import Image
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:32, :32]
+    for i in range(n):
+        img = np.full((32, 32, 3), 255, np.uint8)
+        r = rng.integers(7, 13)
+        img[(yy - 16) ** 2 + (xx - 16) ** 2 < r * r] = rng.integers(0, 200, 3)
+        s = rng.integers(2, 5)
+        img[16 - s:16 + s, 16 - s:16 + s] = rng.integers(0, 256, 3)
+        Image.fromarray(img).save(root / f"{i:04d}.png")
+    return root
+
+
+def test_the_label_free_evaluator_orders_the_anchors(tmp_path, monkeypatch):
+    """On a folder without classes the evaluator is contrastive, and under it the damage anchors come out
+    in their order: noise above blur above a one-pixel shift above the floor."""
+    from imagegen.data import DataConfig, load_data
+    from imagegen.evaluate.anchors import anchor_images
+    from imagegen.evaluate.evaluator import EvaluatorConfig, train_evaluator
+    from imagegen.sample import to_float
+    monkeypatch.setenv("IMAGEGEN_CACHE", str(tmp_path / "cache"))
+    train_dir, test_dir = _centred_icons(tmp_path / "train", 600, 0), _centred_icons(tmp_path / "test", 300, 1)
+    ev = train_evaluator(EvaluatorConfig(data=f"folder:{train_dir}", size=32, width=8, batch_size=64, lr=5e-3), log=None)
+    assert ev.info["kind"] == "contrastive" and ev.name.startswith("simclr32-") and ev.probs is None
+    assert ev.info["test_retrieval"] > 0.5
+    train = load_data(DataConfig(source=f"folder:{train_dir}", size=32))
+    real = to_float(load_data(DataConfig(source=f"folder:{test_dir}", size=32)).images)
+    fd = {a: compare(ev, real, anchor_images(a, train, 600))[f"FD-{ev.name}"] for a in ("floor", "shift", "blur", "noise")}
+    assert fd["noise"] > fd["blur"] > fd["shift"] > fd["floor"], fd
+
+
+@pytest.mark.parametrize("captioned", [False, True])
+def test_evaluate_works_on_a_folder_without_classes(captioned, tmp_path, monkeypatch):
+    """`imagegen evaluate` on a run trained on a folder with no classes, with or without captions: the
+    contrastive evaluator, FD and the memorisation figures, and it says which evaluator it used."""
+    from imagegen.evaluate.evaluator import EvaluatorConfig, cache_dir
+    from conftest import run_main
+    monkeypatch.setenv("IMAGEGEN_CACHE", str(tmp_path / "cache"))
+    folder = _centred_icons(tmp_path / "imgs", 48, 0)
+    if captioned:
+        (folder / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"{i:04d}.png", "text": "a round icon"}) + "\n"
+                                                       for i in range(48)))
+    source = f"folder:{folder}"
+    run = imagegen.train(imagegen.resolve_config({"family": "flow", "model": {"width": 8, "mults": [1, 2], "sample_steps": 2},
+                                                  "data": {"source": source, "size": 32},
+                                                  "train": {"steps": 2, "batch_size": 8, "sample_every": 0}}),
+                         out=tmp_path / "runs", progress=False)
+    train_evaluator(EvaluatorConfig(data=source, size=32, width=8, batch_size=16, lr=5e-3), out=cache_dir(source, 32),
+                    log=None)   # what evaluate would train, smaller
+    r = run_main("evaluate", run, "--n", "8")
+    assert r.returncode == 0, r.stderr
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["protocol"]["evaluator"].startswith("simclr32-") and "evaluator simclr32-" in r.stdout
+    assert any(k.startswith("FD-simclr32-") for k in metrics["metrics"]) and "IS-" not in str(metrics["metrics"])
+    assert metrics["metrics"]["held_out_near_copy_share"] == 0.0 and 0 <= metrics["metrics"]["near_copy_share"] <= 1
+    assert (run / "nearest.png").is_file()

@@ -115,8 +115,7 @@ def test_the_latents_are_cached_reused_and_invalidated(runs, cache, monkeypatch)
     assert torch.equal(latent_mode.cached_latents(ae, sha, other, log=None), first[:95]) and calls == [95]
     latent_mode.cached_latents(ae, "0" * 64, ds, log=None)          # another autoencoder: encoded afresh
     assert calls == [95, 96]
-    path = next(p for p in (cache / "latents").iterdir() if p.stat().st_size > 0)
-    path.write_bytes(b"damaged")                                    # a damaged cache file is encoded again
+    latent_mode.cache_file(sha, latent_mode.images_sha256(other)).write_bytes(b"damaged")   # encoded again
     latent_mode.cached_latents(ae, sha, ds, log=None)
     latent_mode.cached_latents(ae, sha, other, log=None)
     latent_mode.cached_latents(ae, "0" * 64, ds, log=None)
@@ -241,3 +240,64 @@ def test_every_command_on_a_latent_run(runs, tmp_path, shared_evaluators, monkey
     assert r.returncode == 0, r.stderr
     metrics = json.loads((ae / "metrics.json").read_text())["metrics"]
     assert 0 < metrics["psnr"] < 120 and metrics["FD-" + metrics_name(metrics)] >= 0
+
+
+@pytest.mark.parametrize("family,model", [("flow", {"width": 8, "mults": [1, 2]}), ("ddpm", {"width": 8, "mults": [1, 2]}),
+                                          ("vae", {"width": 8, "z_dim": 8}), ("ae", {"width": 8, "critic_width": 8})])
+def test_the_validation_loss_is_logged_on_held_out_images(family, model, cache, tmp_path):
+    """log.jsonl carries val_loss every train.val_every steps and at the end, measured with the same draws
+    each time: a run and its resumed twin log the same numbers."""
+    straight = imagegen.train(_cfg(family, model, 4, val_every=2), out=tmp_path / "a", progress=False)
+    half = imagegen.train(_cfg(family, model, 2, val_every=2), out=tmp_path / "b", progress=False)
+    imagegen.train(_cfg(family, model, 4, val_every=2), resume=half, progress=False)
+    logged = [[json.loads(line).get("val_loss") for line in (run / "log.jsonl").read_text().splitlines()]
+              for run in (straight, half)]
+    assert logged[0] == logged[1] and len(logged[0]) == 2
+    assert all(v is not None and np.isfinite(v) and v > 0 for v in logged[0])
+
+
+def test_no_validation_loss_without_held_out_images(cache, tmp_path):
+    """A folder's test split is its training images: nothing held out, nothing logged."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(20):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    cfg = imagegen.resolve_config({"family": "flow", "model": {"width": 8, "mults": [1, 2]},
+                                   "data": {"source": f"folder:{folder}", "size": 16},
+                                   "train": {**TRAIN, "steps": 2, "val_every": 2}})
+    run = imagegen.train(cfg, out=tmp_path / "runs", progress=False)
+    assert all("val_loss" not in json.loads(line) for line in (run / "log.jsonl").read_text().splitlines())
+
+
+def test_the_flow_time_shift_follows_what_the_backbone_sees():
+    """No shift up to 4,096 numbers (every 32 px image; 16 x 16 x 4 latents), sqrt(d / 4096) above, and the
+    shifted times keep 0 and 1 and their order."""
+    from imagegen.models.flow import Config, Flow
+    assert Flow(Config(image_size=32, channels=3, width=8, mults=(1, 2))).shift == 1.0
+    big = Flow(Config(image_size=64, channels=3, width=8, mults=(1, 2)))
+    assert big.shift == pytest.approx(3 ** 0.5)
+    assert Flow(Config(image_size=64, channels=3, width=8, mults=(1, 2), time_shift=2.5)).shift == 2.5
+    t = torch.linspace(0, 1, 11)
+    s = big.shifted(t)
+    assert s[0] == 0 and s[-1] == 1 and bool((s.diff() > 0).all()) and bool((s[1:-1] < t[1:-1]).all())
+    plan = big.plan(1, steps=4)
+    assert plan.grid[0] == 0 and plan.grid[-1] == 1.0 and len(plan.grid) == 5 and plan.grid[1] < 0.25
+
+
+def test_the_server_serves_a_latent_run_and_says_why_not_its_autoencoder(runs, tmp_path):
+    from fastapi.testclient import TestClient
+    from imagegen.serve import create_app
+    root = tmp_path / "served"
+    for name in ("ae", "flow"):
+        shutil.copytree(runs[name], root / name)
+    said = []
+    with TestClient(create_app(root, log=said.append), raise_server_exceptions=False) as client:
+        names = [m["name"] for m in client.get("/api/models").json()]
+        assert names == ["flow"]
+        assert any("ae" in line and "draws no images" in line for line in said)
+        r = client.post("/api/generate", json={"model": "flow", "seed": 3, "label": "circle", "steps": 2})
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+        r = client.post("/api/vary", json={"model": "flow", "source": 3, "seed": 1, "n": 2, "label": "circle",
+                                           "steps": 2, "strength": 0.5})
+        assert r.status_code == 200, r.text

@@ -58,7 +58,10 @@ def add_commands(sub) -> None:
     q = esub.add_parser("train", help="train (deterministically) and cache the evaluator of a dataset")
     q.add_argument("--data", required=True)
     add_number(q, "--epochs", field_ranges(EvaluatorConfig)["epochs"],
-               "passes over the training split (default 2; 3 for the scenes judge)")
+               "passes over the training split (default 2; 30 for emoji; 3 for the scenes judge)")
+    q.add_argument("--kind", choices=("auto", "classifier", "contrastive"), default=None,
+                   help="a classifier (needs classes) or contrastive (any images); default auto: the classifier "
+                        "where the data has classes")
     p.set_defaults(handler=cmd_evaluator)
 
     p = sub.add_parser("report", help="rebuild a run's report.html")
@@ -158,10 +161,11 @@ def cmd_evaluator(a) -> int:
               f"{judge.info['test_image_accuracy']:.4f} of test images with all nine right, GenEval-style score of "
               f"the real test images {scores['overall']:.4f} ({judge.info['train_seconds']} s of training)")
         return 0
-    from ..evaluate.evaluator import EvaluatorConfig, train_evaluator
-    ev = train_evaluator(EvaluatorConfig(data=a.data, epochs=a.epochs or EvaluatorConfig.epochs))
-    print(f"evaluator {ev.name}: test accuracy {ev.info['test_accuracy']:.4f} on {ev.info['test_images']} images "
-          f"({ev.info['train_seconds']} s of training)")
+    from ..evaluate.evaluator import default_config, train_evaluator
+    ev = train_evaluator(default_config(a.data, epochs=a.epochs, kind=a.kind))
+    measured = (f"test accuracy {ev.info['test_accuracy']:.4f}" if "test_accuracy" in ev.info else
+                f"test retrieval {ev.info['test_retrieval']:.4f} (contrastive: no classes)")
+    print(f"evaluator {ev.name}: {measured} on {ev.info['test_images']} images ({ev.info['train_seconds']} s of training)")
     return 0
 
 

@@ -1,7 +1,8 @@
 """Anchors that give a metric its scale, measured under the same protocol as the runs, and the leaderboard.
 
 - floor:  real training images (the best any model can do: two samples of the real distribution);
-- blur:   real training images blurred (Gaussian, sigma 1.5 px): right content, wrong detail;
+- blur:   real training images blurred (Gaussian, sigma 1.5 px): right content, wrong detail; blur1 the
+          same at sigma 1 px;
 - noise:  Gaussian noise images: nothing right;
 - random: the `random` baseline (per-pixel histograms), the floor every model must beat;
 - shift:  real training images moved one pixel right (wrapped), and
@@ -26,9 +27,10 @@ from ..errors import ConfigError
 from ..models.baseline import RandomPixels
 from ..sample import generate, to_float
 from .evaluator import get_evaluator
+from .memorisation import memorisation
 from .run_eval import N_IMAGES, compare
 
-ANCHORS = ("floor", "shift", "grain", "blur", "noise", "random")
+ANCHORS = ("floor", "shift", "grain", "blur1", "blur", "noise", "random")
 GRAIN_SIGMA = 0.05
 
 
@@ -59,8 +61,8 @@ def anchor_images(name: str, train, n: int, seed: int = 0) -> torch.Tensor:
     if name == "grain":   # its own generator, so the other anchors' draws are what they were before it
         grain = torch.Generator().manual_seed(seed + 1)
         return (real + GRAIN_SIGMA * torch.randn(real.shape, generator=grain)).clamp(-1, 1)
-    if name == "blur":
-        return gaussian_blur(real, 1.5)
+    if name in ("blur", "blur1"):
+        return gaussian_blur(real, 1.5 if name == "blur" else 1.0)
     if name == "noise":
         return torch.randn(real.shape, generator=gen).clamp(-1, 1)
     if name == "random":
@@ -70,12 +72,13 @@ def anchor_images(name: str, train, n: int, seed: int = 0) -> torch.Tensor:
     raise ConfigError(f"unknown anchor {name!r} (known: {', '.join(ANCHORS)})")
 
 
-def evaluate_anchors(data: str, *, n: int = 10_000, out_dir: str | Path = "runs", log=print) -> dict:
-    """anchors-<data>.json in out_dir: every anchor's metrics against the real test split."""
+def evaluate_anchors(data: str, *, n: int = 10_000, out_dir: str | Path = "runs", log=print, size: int = 0) -> dict:
+    """anchors-<data>.json in out_dir: every anchor's metrics against the real test split (at `size`, 0:
+    the data's own)."""
     N_IMAGES.check(n, "--n")
-    extractor = get_evaluator(data, log=log)
-    train = load_data(DataConfig(source=data, split="train"))
-    test = load_data(DataConfig(source=data, split="test"))
+    extractor = get_evaluator(data, size=size, log=log)
+    train = load_data(DataConfig(source=data, split="train", size=size))
+    test = load_data(DataConfig(source=data, split="test", size=size))
     n = min(n, len(train))
     real = to_float(test.images)
     result = {"data": data, "protocol": {"generated": n, "real": len(test), "real_split": "test", "data": data,
@@ -83,12 +86,14 @@ def evaluate_anchors(data: str, *, n: int = 10_000, out_dir: str | Path = "runs"
                                          "evaluator_sha256": getattr(extractor, "info", {}).get("sha256"),
                                          "anchor_images": "drawn from the train split (seed 0); shift 1 px right, wrapped; "
                                                           f"grain: noise sigma {GRAIN_SIGMA} added, clipped; blur sigma "
-                                                          "1.5 px; noise N(0, 1) clipped to [-1, 1]"},
+                                                          "1.5 px, blur1 1 px; noise N(0, 1) clipped to [-1, 1]; "
+                                                          "memorisation against the whole train split"},
               "anchors": {}}
     for name in ANCHORS:
         if log:
             log(f"anchor {name}")
-        result["anchors"][name] = compare(extractor, real, anchor_images(name, train, n))
+        images = anchor_images(name, train, n)
+        result["anchors"][name] = compare(extractor, real, images) | memorisation(images, to_float(train.images), real)
     out = Path(out_dir) / f"anchors-{slug(data)}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out, result)
@@ -125,7 +130,7 @@ def collect(paths: list[str | Path]) -> list[dict]:
 
 
 COLUMNS = [("FD", "FD-"), ("KID", "KID-"), ("precision", "precision"), ("recall", "recall"),
-           ("density", "density"), ("coverage", "coverage"), ("IS", "IS-")]
+           ("density", "density"), ("coverage", "coverage"), ("IS", "IS-"), ("near-copies", "near_copy_share")]
 
 
 def _value(metrics: dict, key: str) -> float | None:

@@ -227,8 +227,14 @@ def get_evaluator(data: str, *, size: int = 0, channels: int = 0, log=print) -> 
         return load_evaluator(data, size=size, channels=channels)
     if log:
         log(f"training the evaluator for {data} (once; cached in {folder})")
+    return train_evaluator(default_config(data, size=size, channels=channels), log=log)
+
+
+def default_config(data: str, **fields) -> EvaluatorConfig:
+    """The evaluator config of `data`: the defaults, the source's own (SOURCE_DEFAULTS), then `fields`
+    (those given as None are left out)."""
     own = SOURCE_DEFAULTS.get(data.partition(":")[0], {})
-    return train_evaluator(EvaluatorConfig(data=data, size=size, channels=channels, **own), log=log)
+    return EvaluatorConfig(data=data, **{**own, **{k: v for k, v in fields.items() if v is not None}})
 
 
 def run_data(run, data: str | None = None, split: str = "test") -> DataConfig:

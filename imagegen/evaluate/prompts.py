@@ -58,3 +58,64 @@ def class_prompt_accuracy(run, extractor, per_class: int = 100, batch_size: int 
         if hits:
             out[name] = round(float(torch.cat(hits).mean()), 4)
     return out
+
+
+# Colour words and their hue ranges in degrees (HSV hue, red wrapping round 0): the words of the emoji
+# names ("red apple", "blue heart", "green book") that name a hue. Black, white and grey name none.
+HUES = {"red": ((345, 360), (0, 15)), "orange": ((15, 45),), "yellow": ((45, 70),), "green": ((70, 170),),
+        "blue": ((170, 260),), "purple": ((260, 320),), "pink": ((300, 345),), "brown": ((10, 40),)}
+
+
+def dominant_hue(images: torch.Tensor) -> torch.Tensor:
+    """N hues in degrees: the peak of each image's histogram (36 bins of 10 degrees) over its coloured
+    pixels (saturation and value above 0.3 on images N x 3 x H x W in [-1, 1]; a grey image gets -1)."""
+    x = (images.float().clamp(-1, 1) + 1) / 2
+    top, _ = x.max(1)
+    low, _ = x.min(1)
+    chroma = top - low
+    r, g, b = x.unbind(1)
+    safe = chroma.clamp_min(1e-6)
+    hue = torch.where(top == r, ((g - b) / safe) % 6, torch.where(top == g, (b - r) / safe + 2, (r - g) / safe + 4)) * 60
+    coloured = (chroma / top.clamp_min(1e-6) > 0.3) & (top > 0.3)
+    out = []
+    for h, keep in zip(hue, coloured):
+        counts = torch.bincount((h[keep] / 10).long().clamp(0, 35), minlength=36)
+        out.append(float(counts.argmax() * 10 + 5) if keep.sum() else -1.0)
+    return torch.tensor(out)
+
+
+def hue_matches(hue: float, word: str) -> bool:
+    return any(lo <= hue < hi for lo, hi in HUES[word])
+
+
+def name_prompt_accuracy(run, extractor, batch_size: int = 256) -> dict | None:
+    """For a text run on data whose test captions begin with a name and whose classes the evaluator knows
+    (`emoji`): each held-out test image's name (its caption up to the first comma: names no training
+    caption holds) drawn with seed PROMPT_SEEDS + i, the share the evaluator puts in that image's class,
+    beside the same judge on the real test images (the ceiling) and the majority class's share (the
+    floor of a guess); and for names with a colour word, the share whose dominant hue is that colour,
+    generated and real. None for other runs."""
+    classes = list(getattr(extractor, "info", {}).get("classes", []))
+    if not run.model.reads_text or not classes or (run.data_source or "").startswith("captioned:"):
+        return None
+    saved = run.config.get("data", {})
+    test = load_data(DataConfig(source=run.data_source, split="test", size=int(saved.get("size", 0)),
+                                channels=int(saved.get("channels", 0))))
+    if not (test.captioned and test.labelled and test.classes == classes):
+        return None
+    names = [c.split(",")[0].strip() for c in test.captions]
+    images = generate(run.model, list(range(PROMPT_SEEDS, PROMPT_SEEDS + len(names))), prompts=names,
+                      batch_size=batch_size)
+    real = test.batch(torch.arange(len(test)))["image"]
+    out = {"prompts": len(names), "seeds": f"from {PROMPT_SEEDS}", "prompt": "the test caption up to its first comma",
+           "category_accuracy": round(float((extractor.probs(images).argmax(1) == test.labels).float().mean()), 4),
+           "category_accuracy_real": round(float((extractor.probs(real).argmax(1) == test.labels).float().mean()), 4),
+           "majority_share": round(float(torch.bincount(test.labels).max() / len(test)), 4)}
+    words = [next((w for w in name.split() if w in HUES), None) for name in names]
+    coloured = [i for i, w in enumerate(words) if w]
+    if coloured:
+        for key, pictures in (("hue_accuracy", images), ("hue_accuracy_real", real)):
+            hues = dominant_hue(pictures[coloured])
+            out[key] = round(sum(hue_matches(float(h), words[i]) for h, i in zip(hues, coloured)) / len(coloured), 4)
+        out["coloured_prompts"] = len(coloured)
+    return out

@@ -18,7 +18,7 @@ from .evaluator import FeatureExtractor, run_data, run_evaluator
 from .geneval import SceneJudge, geneval
 from .likelihood import measure, require_likelihood
 from .memorisation import memorisation, nearest_two
-from .prompts import class_prompt_accuracy, test_prompts
+from .prompts import class_prompt_accuracy, name_prompt_accuracy, test_prompts
 from .translation import evaluate_translation
 
 MAX_N = 100_000
@@ -88,6 +88,9 @@ def evaluate_run(run_dir: str | Path, *, n: int = 10_000, data: str | None = Non
     if following is not None:
         result["prompt_accuracy_training_prompts"] = following["training_prompts"]
         result["prompt_accuracy_held_out_prompts"] = following.get("held_out_prompts")
+    following = following or name_prompt_accuracy(run, extractor, batch_size=batch_size)
+    if following is not None and "category_accuracy" in following:   # held-out names (emoji)
+        result |= {f"names_{k}": v for k, v in following.items() if "accuracy" in k or k == "majority_share"}
     if isinstance(extractor, SceneJudge) and run.model.reads_text:   # GenEval-style, per task
         following = geneval(run, extractor, prompts=prompts, batch_size=batch_size)
         result |= {f"geneval_{task.replace(' ', '_')}": v for task, v in following["generated"].items() if task != "images"}

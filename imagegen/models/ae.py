@@ -64,7 +64,7 @@ class AE(Family):
     Config = Config
     name = "ae"
     summary = "autoencoder, KL latent (factor 4 or 8), patch critic: the first stage of latent flow and ddpm"
-    autoencodes = True
+    autoencodes, validates = True, True
     train_defaults = {"steps": 3000, "batch_size": 32, "ema_decay": 0.999, "sample_every": 1000}
 
     def __init__(self, cfg: Config) -> None:
@@ -123,16 +123,26 @@ class AE(Family):
 
     # --- training ------------------------------------------------------------------------------------
 
-    def train_step(self, batch: dict[str, torch.Tensor], opt: dict, gen: torch.Generator) -> dict[str, float]:
-        x = batch["image"]
+    def objective(self, x: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+        """(the reconstructions, the loss without the critic, its L1, edge and KL parts) of images x, the
+        posterior draw from gen."""
         mean, logvar = self.encoder(x)
         z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=gen, device=mean.device)
         out = self.decoder(z)
-        pixels = x[0].numel()
         rec = (out - x).abs().mean()
         edge = sum((a - b).abs().mean() for a, b in zip(edges(out), edges(x)))
-        kl = 0.5 * (mean.square() + logvar.exp() - 1 - logvar).flatten(1).sum(1).mean() / pixels
-        loss = rec + self.cfg.edge_weight * edge + self.cfg.kl_weight * kl
+        kl = 0.5 * (mean.square() + logvar.exp() - 1 - logvar).flatten(1).sum(1).mean() / x[0].numel()
+        return out, rec + self.cfg.edge_weight * edge + self.cfg.kl_weight * kl, rec, edge, kl
+
+    @torch.no_grad()
+    def validation_loss(self, batch: dict[str, torch.Tensor], gen: torch.Generator) -> float:
+        """The reconstruction loss (L1, edges, KL; not the critic's term) of held-out images."""
+        with eval_mode(self):
+            return float(self.objective(batch["image"], gen)[1])
+
+    def train_step(self, batch: dict[str, torch.Tensor], opt: dict, gen: torch.Generator) -> dict[str, float]:
+        x = batch["image"]
+        out, loss, rec, edge, kl = self.objective(x, gen)
         adversarial = int(self.steps) >= self.cfg.critic_start and self.cfg.critic_weight > 0
         values = {"rec": rec.detach(), "edge": edge.detach(), "kl": kl.detach()}
         if adversarial:

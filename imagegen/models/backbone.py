@@ -59,7 +59,9 @@ class BackboneConfig:
     unet_patch: int = ranged(1, 1, 8)
     # DiT: a size from nets/dit.py SIZES (depth, width, heads) and the patch side in pixels.
     dit_size: Literal["xxs", "xs", "s", "m", "l"] = "xs"
-    patch: int = ranged(4, 1, 16)   # 4: 49 tokens at 28 px, a quarter of the cost per step of 2 (75 against 285 ms)
+    # 0: by what it sees: 4 on pixels (49 tokens at 28 px, a quarter of the cost per step of 2: 75 against
+    # 285 ms), 2 on latents (64 tokens on the 16 x 16 latents of 64 px images; 4 would leave 16)
+    patch: int = ranged(0, 1, 16, zero="4 on pixels, 2 on latents")
     # Text conditioning, filled in from the data: the encoder's width when it has captions, and its name.
     text_dim: int = ranged(0, 1, 4096, zero="no text")
     text_encoder: str = ""
@@ -112,8 +114,8 @@ class BackboneConfig:
                               f"text model or none; got {list(layout)} with text_dim {self.text_dim}")
         where = f"the latent side {side}" if self.latent_factor else f"model.image_size {side}"
         if self.backbone == "dit":
-            if side % self.patch:
-                raise ConfigError(f"{where} is not a multiple of model.patch {self.patch}")
+            if side % self.patch_size:
+                raise ConfigError(f"{where} is not a multiple of model.patch {self.patch_size}")
             return
         if not 1 <= len(self.mults) <= 6 or any(not 1 <= m <= 16 for m in self.mults):
             raise ConfigError(f"model.mults must be 1 to 6 integers in 1..16, got {list(self.mults)}")
@@ -122,10 +124,15 @@ class BackboneConfig:
                               f"(needed by {len(self.mults)} resolutions in model.mults and model.unet_patch {self.unet_patch})")
 
     @property
+    def patch_size(self) -> int:
+        """The DiT's patch side: model.patch, or by what it sees (0)."""
+        return self.patch or (2 if self.latent_factor else 4)
+
+    @property
     def multiple(self) -> int:
         """What the backbone needs an image's H and W to be multiples of (canvases are padded up to it); in
         latent mode, times the autoencoder's factor."""
-        backbone = self.patch if self.backbone == "dit" else self.unet_patch * 2 ** (len(self.mults) - 1)
+        backbone = self.patch_size if self.backbone == "dit" else self.unet_patch * 2 ** (len(self.mults) - 1)
         return backbone * (self.latent_factor or 1)
 
 
@@ -133,7 +140,7 @@ def build_backbone(cfg: BackboneConfig) -> nn.Module:
     layout = (cfg.layout_grid, cfg.layout_classes) if cfg.layout_grid else None
     channels = cfg.space[0]
     if cfg.backbone == "dit":
-        return DiT(channels, cfg.dit_size, patch=cfg.patch, num_classes=cfg.num_classes, text_dim=cfg.text_dim,
+        return DiT(channels, cfg.dit_size, patch=cfg.patch_size, num_classes=cfg.num_classes, text_dim=cfg.text_dim,
                    layout=layout)
     return UNet(channels, cfg.width, cfg.mults, attention=cfg.attention, num_classes=cfg.num_classes,
                 patch=cfg.unet_patch, text_dim=cfg.text_dim, text_levels=cfg.text_levels, text_positions=cfg.text_positions,

@@ -40,6 +40,7 @@ that each family declares exactly the methods it has, and that nothing outside m
 | `distillable`           | `from_noise(z, labels, steps)`: a deterministic map of noise   | a teacher for `imagegen distill` |
 | `export_spec(direction)` | the sampling graph (ExportSpec); the default refuses: no network | ONNX export, the onnxruntime engine |
 | `draws_layouts` (property) | a layout prior drawn before the image (grounded text models) | the GenEval layout scores    |
+| `validates`             | `validation_loss(batch, gen)`: the training objective on held-out images, draws from gen | the validation loss in log.jsonl |
 | `autoencodes`           | `to_latent(x)`, `from_latent(z)`, `round_trip(x)`; draws nothing from noise: `preview` and evaluation are of reconstructions | the first stage of latent flow and ddpm (models/latent.py) |
 
 A family is conditional when its config has `num_classes` > 0 (filled in from the data): `sample` then
@@ -166,6 +167,7 @@ class Family(nn.Module):
     has_null_class: ClassVar[bool] = False
     distillable: ClassVar[bool] = False
     autoencodes: ClassVar[bool] = False
+    validates: ClassVar[bool] = False
     trains_in_studio: ClassVar[bool] = False   # offered by the studio's "train on your images" (serve/jobs.py)
     draws_layouts = False                  # a property of the families that can be grounded (backbone.py)
 

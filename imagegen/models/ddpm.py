@@ -40,7 +40,7 @@ from ..errors import ConfigError
 from ..paths import DiffusionPath
 from ..solvers import Denoise, ddim, ddpm_ancestral, repaint, spaced_timesteps
 from .backbone import BackboneConfig
-from .base import ExportSpec, Generators, SampleOption
+from .base import ExportSpec, Generators, SampleOption, eval_mode
 from .denoising import RESAMPLE, DenoisingFamily
 
 MAX_SAMPLE_STEPS = 1000
@@ -105,7 +105,7 @@ class DDPM(DenoisingFamily):    # the backbone, label dropout, guided call: back
     Config = Config
     name = "ddpm"
     summary = "diffusion, U-Net or DiT; DDIM, guidance, inpainting, outpainting"
-    distillable, trains_in_studio = True, True
+    distillable, trains_in_studio, validates = True, True, True
     sample_options = {
         "steps": SampleOption("denoising steps (default: the model's sample_steps)", STEPS, slider=(1, 100, 1, 20),
                               served_max=MAX_SERVED_STEPS),
@@ -126,6 +126,16 @@ class DDPM(DenoisingFamily):    # the backbone, label dropout, guided call: back
     # --- training ------------------------------------------------------------------------------------
 
     def train_step(self, batch: dict[str, torch.Tensor], opt: dict, gen: torch.Generator) -> dict[str, float]:
+        return self.update(opt, self.objective(batch, gen), batch)
+
+    @torch.no_grad()
+    def validation_loss(self, batch: dict[str, torch.Tensor], gen: torch.Generator) -> float:
+        """The objective on held-out images in eval mode, its timesteps, noise and labels from gen."""
+        with eval_mode(self):
+            return float(self.objective(batch, gen))
+
+    def objective(self, batch: dict[str, torch.Tensor], gen: torch.Generator) -> torch.Tensor:
+        """The weighted diffusion loss of a batch, its timesteps, noise and dropped labels drawn from gen."""
         x0 = self.training_images(batch)   # pixels, or in latent mode latents
         n, dev = x0.shape[0], x0.device
         t = torch.randint(0, self.cfg.timesteps, (n,), generator=gen, device=dev)
@@ -141,7 +151,7 @@ class DDPM(DenoisingFamily):    # the backbone, label dropout, guided call: back
             w = snr.clamp(max=self.cfg.min_snr_gamma) / (snr if self.cfg.prediction == "eps" else snr + 1)
         else:
             w = torch.ones_like(snr)
-        return self.update(opt, (w * per_image).mean(), batch)
+        return (w * per_image).mean()
 
     # --- sampling ------------------------------------------------------------------------------------
 

@@ -44,6 +44,7 @@ from .ddpm import GUIDANCE, GUIDANCE_OPTION, MAX_SERVED_STEPS, STEPS
 from .denoising import RESAMPLE, DenoisingFamily
 
 SOLVERS = {"euler": euler, "midpoint": midpoint, "heun": heun}   # and "dopri5", adaptive
+SHIFT_BASE = 4096   # numbers per image below which time_shift 0 means no shift (Config.time_shift)
 TIME_SCALE = 1000.0
 PROBES = Range(1, 64)   # Hutchinson probes per image
 
@@ -53,6 +54,12 @@ class Config(BackboneConfig):   # image size, channels, classes and the backbone
     time_sampling: Literal["logit-normal", "uniform"] = "logit-normal"
     logit_mean: float = ranged(0.0, -10.0, 10.0)                 # t = sigmoid(mean + std * N(0, 1))
     logit_std: float = ranged(1.0, 0.0, 10.0, lo_open=True)
+    # The resolution shift of SD3 (sec. 5.3.2) and "simple diffusion" (Hoogeboom et al. 2023): a noise level
+    # s = 1 - t is moved to k s / (1 + (k - 1) s), in training and on the solvers' grid, so that a large
+    # image, whose pixels share more of their signal and survive more noise, spends more time near pure
+    # noise. 0 = by size: k = sqrt(d / SHIFT_BASE) for the d = C x H x W numbers the backbone sees, and 1 (no
+    # shift) up to SHIFT_BASE, which holds every 32 px image and the 16 x 16 x 4 latents of 64 px ones.
+    time_shift: float = ranged(0.0, 1.0, 100.0, zero="by size")
     # share of training labels replaced by the null class (for guidance)
     label_dropout: float = ranged(0.1, 0.0, 1.0, hi_open=True)
     lr: float = ranged(1e-3, 0.0, 1.0, lo_open=True)
@@ -91,7 +98,7 @@ class Flow(DenoisingFamily):    # the backbone, label dropout, guided call: back
     Config = Config
     name = "flow"
     summary = "rectified flow / flow matching, U-Net or DiT; Euler, Heun, dopri5; bits/dim"
-    has_likelihood, distillable, trains_in_studio = True, True, True
+    has_likelihood, distillable, trains_in_studio, validates = True, True, True, True
     sample_options = {
         "steps": SampleOption("solver steps (default: the model's sample_steps; heun and midpoint call the network "
                               "twice a step)", STEPS, slider=(1, 100, 1, 20), served_max=MAX_SERVED_STEPS),
@@ -101,13 +108,39 @@ class Flow(DenoisingFamily):    # the backbone, label dropout, guided call: back
 
     # --- training ------------------------------------------------------------------------------------
 
+    @property
+    def shift(self) -> float:
+        """k of Config.time_shift: the config's, or by the size of what the backbone sees."""
+        if self.cfg.time_shift:
+            return self.cfg.time_shift
+        channels, side = self.cfg.space
+        return max(1.0, math.sqrt(channels * side * side / SHIFT_BASE))
+
+    def shifted(self, t):
+        """Times (a tensor or a float) with their noise level s = 1 - t moved to k s / (1 + (k - 1) s): the
+        time t / (t + k (1 - t)), which keeps 0 and 1 exact."""
+        k = self.shift
+        if k == 1.0:
+            return t
+        return t / (t + k * (1 - t))
+
     def sample_times(self, n: int, gen: torch.Generator, device: torch.device) -> torch.Tensor:
-        """N training times in (0, 1)."""
+        """N training times in (0, 1), shifted by resolution (Config.time_shift)."""
         if self.cfg.time_sampling == "uniform":
-            return torch.rand(n, generator=gen, device=device)
-        return torch.sigmoid(self.cfg.logit_mean + self.cfg.logit_std * torch.randn(n, generator=gen, device=device))
+            return self.shifted(torch.rand(n, generator=gen, device=device))
+        return self.shifted(torch.sigmoid(self.cfg.logit_mean + self.cfg.logit_std * torch.randn(n, generator=gen, device=device)))
 
     def train_step(self, batch: dict[str, torch.Tensor], opt: dict, gen: torch.Generator) -> dict[str, float]:
+        return self.update(opt, self.objective(batch, gen), batch)
+
+    @torch.no_grad()
+    def validation_loss(self, batch: dict[str, torch.Tensor], gen: torch.Generator) -> float:
+        """The objective on held-out images in eval mode, its times, noise and labels from gen."""
+        with eval_mode(self):
+            return float(self.objective(batch, gen))
+
+    def objective(self, batch: dict[str, torch.Tensor], gen: torch.Generator) -> torch.Tensor:
+        """The flow-matching loss of a batch, its times, noise and dropped labels drawn from gen."""
         x = self.training_images(batch)   # pixels, or in latent mode latents
         n, dev = x.shape[0], x.device
         if self.cfg.dequantize:
@@ -117,7 +150,7 @@ class Flow(DenoisingFamily):    # the backbone, label dropout, guided call: back
         y = self.training_labels(batch, gen)
         xt = STRAIGHT.point(x, z, t.view(n, 1, 1, 1))
         v = self.net(xt, TIME_SCALE * t, y, *self.training_text(batch, gen))
-        return self.update(opt, (v - STRAIGHT.target(x, z)).square().mean(), batch)
+        return (v - STRAIGHT.target(x, z)).square().mean()
 
     # --- sampling ------------------------------------------------------------------------------------
 
@@ -138,7 +171,8 @@ class Flow(DenoisingFamily):    # the backbone, label dropout, guided call: back
         STEPS.check(steps, "steps")
         GUIDANCE.check(guidance, "guidance")
         check_solver(solver)
-        return Times(self, labels, steps, guidance, solver)
+        grid = None if self.shift == 1.0 else [self.shifted(i / steps) for i in range(steps)] + [1.0]
+        return Times(self, labels, steps, guidance, solver, grid=grid)
 
     def export_spec(self, direction: str = "a2b") -> ExportSpec:
         """One network call: x, time (float in [0, 1]: 0 noise, 1 data) [+ label] [+ text] -> velocity; the

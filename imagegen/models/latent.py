@@ -73,12 +73,17 @@ def images_sha256(dataset) -> str:
     return h.hexdigest()
 
 
+def cache_file(ae_sha256: str, data_sha256: str) -> Path:
+    """Where the latents of one set of images under one autoencoder are cached."""
+    key = hashlib.sha256(f"{ae_sha256}:{data_sha256}".encode()).hexdigest()[:32]
+    return cache_path("latents", f"{key}.safetensors")
+
+
 def cached_latents(ae: AE, ae_sha256: str, dataset, log=print) -> torch.Tensor:
     """The posterior means of every image of `dataset` (float32 N x c x S/f x S/f, unscaled), read from the
     cache when the same autoencoder has encoded the same images before, else encoded and cached."""
     data_sha = images_sha256(dataset)
-    key = hashlib.sha256(f"{ae_sha256}:{data_sha}".encode()).hexdigest()[:32]
-    path = cache_path("latents", f"{key}.safetensors")
+    path = cache_file(ae_sha256, data_sha)
     shape = (len(dataset), *ae.latent_shape)
     if path.is_file():
         try:

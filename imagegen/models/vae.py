@@ -125,7 +125,7 @@ class VAE(Family):
     Config = Config
     name = "vae"
     summary = "VAE, beta-VAE (`model.beta`)"
-    has_latent, encodes, inpaints, has_likelihood = True, True, True, True
+    has_latent, encodes, inpaints, has_likelihood, validates = True, True, True, True, True
     train_defaults = {"steps": 3000, "batch_size": 64}
     trains_in_studio = True
     sample_options = {"temperature": SampleOption("scale of the latent noise (1 = the prior; lower = cleaner, less varied)",
@@ -184,6 +184,21 @@ class VAE(Family):
     # --- training ------------------------------------------------------------------------------------
 
     def train_step(self, batch: dict[str, torch.Tensor], opt: dict, gen: torch.Generator) -> dict[str, float]:
+        loss, rec, kl = self.objective(batch, gen)
+        opt["vae"].zero_grad(set_to_none=True)
+        self.backward(loss)
+        opt["vae"].step()
+        values = torch.stack([loss.detach(), rec.detach(), kl.detach()])
+        return dict(zip(("loss", "recon", "kl"), values.tolist()))
+
+    @torch.no_grad()
+    def validation_loss(self, batch: dict[str, torch.Tensor], gen: torch.Generator) -> float:
+        """The negative ELBO (nats per image) of held-out images, its posterior draws from gen."""
+        with eval_mode(self):
+            return float(self.objective(batch, gen)[0])
+
+    def objective(self, batch: dict[str, torch.Tensor], gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+        """(loss, reconstruction, KL) of a batch, nats per image, the posterior draw from gen."""
         x = batch["image"]
         cond = self._cond(batch["label"]) if self.conditional else None
         mu, logvar = self.encoder(x, cond)
@@ -196,12 +211,7 @@ class VAE(Family):
             rec = 0.5 * ((out - x) / s).square() + math.log(s * math.sqrt(2 * math.pi))
         rec = rec.flatten(1).sum(1).mean()                                          # nats per image
         kl = 0.5 * (mu.square() + logvar.exp() - 1 - logvar).sum(1).mean()
-        loss = rec + self.cfg.beta * kl
-        opt["vae"].zero_grad(set_to_none=True)
-        self.backward(loss)
-        opt["vae"].step()
-        values = torch.stack([loss.detach(), rec.detach(), kl.detach()])
-        return dict(zip(("loss", "recon", "kl"), values.tolist()))
+        return rec + self.cfg.beta * kl, rec, kl
 
     # --- sampling ------------------------------------------------------------------------------------
 

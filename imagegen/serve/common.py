@@ -19,7 +19,7 @@ from ..checkpoint import Run, load_run
 from ..directions import MAX_DIRECTIONS
 from ..runtime.engine import engine_of, use_engine
 from ..data.folder import decode_image
-from ..errors import ImagegenError, ImageTooLargeError
+from ..errors import ConfigError, ImagegenError, ImageTooLargeError
 from ..models import SAMPLE_OPTIONS
 from ..text import MAX_PROMPT_CHARS
 from ..sample import MAX_LATENT_SHIFT, MAX_SEED, SEED, grid, resolve_labels, to_pil, to_uint8
@@ -146,6 +146,8 @@ def load_served(name: str, folder: Path, engine: str = "torch") -> Served:
     """The run in `folder`, served as `name`, sampling with `engine` (imagegen.runtime.engine; onnxruntime exports
     each network the first time a request needs it)."""
     run = load_run(folder)
+    if run.model.autoencodes:
+        raise ConfigError("an autoencoder (model 'ae') draws no images; the latent models built on it are served")
     use_engine(run.model, engine)
     return Served(name, run)
 
