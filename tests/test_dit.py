@@ -101,7 +101,9 @@ def test_the_config_picks_the_backbone_and_checks_its_sizes(family):
     with pytest.raises(ConfigError, match="not a multiple of model.patch 3"):
         imagegen.resolve_config({"family": family, "model": {"backbone": "dit", "patch": 3}})
     with pytest.raises(ConfigError, match="model.patch"):
-        imagegen.resolve_config({"family": family, "model": {"backbone": "dit", "patch": 0}})
+        imagegen.resolve_config({"family": family, "model": {"backbone": "dit", "patch": 17}})
+    by_size = imagegen.build_model(family, {"image_size": 16, "backbone": "dit", "dit_size": "xxs"})   # patch 0
+    assert by_size.cfg.patch == 0 and by_size.net.patch == 4
     with pytest.raises(ConfigError, match="dit_size"):
         imagegen.resolve_config({"family": family, "model": {"backbone": "dit", "dit_size": "huge"}})
 

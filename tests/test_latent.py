@@ -62,6 +62,7 @@ def runs(request, cache, tmp_path_factory):
     return {k: read_only(request, v) for k, v in built.items()}
 
 
+@pytest.mark.rounding
 def test_the_autoencoder_round_trip(runs):
     ae = load_run(runs["ae"]).model
     x = load_data(DataConfig(source="shapes", limit=12)).batch(torch.arange(12))["image"]
@@ -122,6 +123,7 @@ def test_the_latents_are_cached_reused_and_invalidated(runs, cache, monkeypatch)
     assert len(calls) == 3                                          # the damaged one, once
 
 
+@pytest.mark.rounding
 @pytest.mark.parametrize("name", ["flow", "flow-dit", "ddpm"])
 def test_latent_samples_depend_only_on_their_seed(runs, name):
     model = load_run(runs[name]).model

@@ -40,8 +40,8 @@ from ..errors import ConfigError
 from ..paths import DiffusionPath
 from ..solvers import Denoise, ddim, ddpm_ancestral, repaint, spaced_timesteps
 from .backbone import BackboneConfig
-from .base import ExportSpec, Generators, SampleOption, eval_mode
-from .denoising import RESAMPLE, DenoisingFamily
+from .base import ExportSpec, Generators, SampleOption
+from .denoising import RESAMPLE, ObjectiveFamily
 
 MAX_SAMPLE_STEPS = 1000
 # Sampling options' ranges, shared by the config defaults and the CLI's --steps, --eta, --guidance.
@@ -101,11 +101,11 @@ def alphas_cumprod(kind: str, T: int) -> torch.Tensor:
 # --- the family ------------------------------------------------------------------------------------
 
 
-class DDPM(DenoisingFamily):    # the backbone, label dropout, guided call: backbone.py; the sampling loops: denoising.py
+class DDPM(ObjectiveFamily):    # the backbone, label dropout, guided call: backbone.py; the sampling loops: denoising.py
     Config = Config
     name = "ddpm"
     summary = "diffusion, U-Net or DiT; DDIM, guidance, inpainting, outpainting"
-    distillable, trains_in_studio, validates = True, True, True
+    distillable, trains_in_studio = True, True
     sample_options = {
         "steps": SampleOption("denoising steps (default: the model's sample_steps)", STEPS, slider=(1, 100, 1, 20),
                               served_max=MAX_SERVED_STEPS),
@@ -124,15 +124,6 @@ class DDPM(DenoisingFamily):    # the backbone, label dropout, guided call: back
         return DiffusionPath(self.ab, self.cfg.prediction)
 
     # --- training ------------------------------------------------------------------------------------
-
-    def train_step(self, batch: dict[str, torch.Tensor], opt: dict, gen: torch.Generator) -> dict[str, float]:
-        return self.update(opt, self.objective(batch, gen), batch)
-
-    @torch.no_grad()
-    def validation_loss(self, batch: dict[str, torch.Tensor], gen: torch.Generator) -> float:
-        """The objective on held-out images in eval mode, its timesteps, noise and labels from gen."""
-        with eval_mode(self):
-            return float(self.objective(batch, gen))
 
     def objective(self, batch: dict[str, torch.Tensor], gen: torch.Generator) -> torch.Tensor:
         """The weighted diffusion loss of a batch, its timesteps, noise and dropped labels drawn from gen."""

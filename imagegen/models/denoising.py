@@ -99,3 +99,22 @@ class DenoisingFamily(BackboneFamily):
                 cells = -F.max_pool2d(-keep, self.cfg.latent_factor)
                 x = self.from_space(plan.repaint(noise(), noise, text, negative, self.to_space(known), cells))
         return keep_known(x, image, keep)
+
+
+class ObjectiveFamily(DenoisingFamily):
+    """A denoising family whose training is one loss, `objective(batch, gen)` (ddpm, flow): its update
+    step, and the same loss on held-out images for the validation curve."""
+
+    validates = True
+
+    def objective(self, batch: dict[str, torch.Tensor], gen: torch.Generator) -> torch.Tensor:
+        raise NotImplementedError
+
+    def train_step(self, batch: dict[str, torch.Tensor], opt: dict, gen: torch.Generator) -> dict[str, float]:
+        return self.update(opt, self.objective(batch, gen), batch)
+
+    @torch.no_grad()
+    def validation_loss(self, batch: dict[str, torch.Tensor], gen: torch.Generator) -> float:
+        """The objective on held-out images in eval mode, its noise, times and dropped labels from gen."""
+        with eval_mode(self):
+            return float(self.objective(batch, gen))

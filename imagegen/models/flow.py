@@ -41,7 +41,7 @@ from ..solvers import (LIKELIHOOD_RHO, LIKELIHOOD_STEPS, Velocity, adaptive, eul
 from .backbone import BackboneConfig
 from .base import ExportSpec, Generators, SampleOption, eval_mode, per_item_normal
 from .ddpm import GUIDANCE, GUIDANCE_OPTION, MAX_SERVED_STEPS, STEPS
-from .denoising import RESAMPLE, DenoisingFamily
+from .denoising import RESAMPLE, ObjectiveFamily
 
 SOLVERS = {"euler": euler, "midpoint": midpoint, "heun": heun}   # and "dopri5", adaptive
 SHIFT_BASE = 4096   # numbers per image below which time_shift 0 means no shift (Config.time_shift)
@@ -94,11 +94,11 @@ def check_solver(solver: str, what: str = "solver") -> None:
     SOLVER.check(solver, what)
 
 
-class Flow(DenoisingFamily):    # the backbone, label dropout, guided call: backbone.py; the sampling loops: denoising.py
+class Flow(ObjectiveFamily):    # the backbone, label dropout, guided call: backbone.py; the sampling loops: denoising.py
     Config = Config
     name = "flow"
     summary = "rectified flow / flow matching, U-Net or DiT; Euler, Heun, dopri5; bits/dim"
-    has_likelihood, distillable, trains_in_studio, validates = True, True, True, True
+    has_likelihood, distillable, trains_in_studio = True, True, True
     sample_options = {
         "steps": SampleOption("solver steps (default: the model's sample_steps; heun and midpoint call the network "
                               "twice a step)", STEPS, slider=(1, 100, 1, 20), served_max=MAX_SERVED_STEPS),
@@ -129,15 +129,6 @@ class Flow(DenoisingFamily):    # the backbone, label dropout, guided call: back
         if self.cfg.time_sampling == "uniform":
             return self.shifted(torch.rand(n, generator=gen, device=device))
         return self.shifted(torch.sigmoid(self.cfg.logit_mean + self.cfg.logit_std * torch.randn(n, generator=gen, device=device)))
-
-    def train_step(self, batch: dict[str, torch.Tensor], opt: dict, gen: torch.Generator) -> dict[str, float]:
-        return self.update(opt, self.objective(batch, gen), batch)
-
-    @torch.no_grad()
-    def validation_loss(self, batch: dict[str, torch.Tensor], gen: torch.Generator) -> float:
-        """The objective on held-out images in eval mode, its times, noise and labels from gen."""
-        with eval_mode(self):
-            return float(self.objective(batch, gen))
 
     def objective(self, batch: dict[str, torch.Tensor], gen: torch.Generator) -> torch.Tensor:
         """The flow-matching loss of a batch, its times, noise and dropped labels drawn from gen."""
