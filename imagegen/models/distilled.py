@@ -67,6 +67,8 @@ class Config(BackboneConfig):   # the student's backbone: a U-Net on 2 x 2 pixel
 
     def validate(self) -> None:
         self.validate_backbone()
+        if self.autoencoder:
+            raise ConfigError("model.autoencoder: a distilled student works on pixels (latent mode is for flow and ddpm)")
         if self.adversarial:
             gan.layout(self.image_size)   # the discriminator's sizes
 
