@@ -39,7 +39,7 @@ class Validation:
         channels_last = cfg.train.channels_last
         self.batch = {k: v.to(device).contiguous(memory_format=torch.channels_last)
                       if channels_last and v.ndim == 4 else v.to(device) for k, v in held.batch(torch.arange(len(held))).items()}
-        self.seed, self.images = mix_seed(cfg.train.seed, 0x7A1), len(held)
+        self.seed = mix_seed(cfg.train.seed, 0x7A1)
 
     def due(self, done: int, last: bool) -> bool:
         return self.batch is not None and (last or done % self.every == 0)
