@@ -68,17 +68,23 @@ class TextEmbedding:
         that needs them, BackboneFamily.guided, joins them itself)."""
         t = max(p.tokens.shape[1] for p in parts)
         return TextEmbedding(torch.cat([p.pooled for p in parts]),
-                             torch.cat([_pad_tokens(p.tokens, t) for p in parts]),
-                             torch.cat([_pad_tokens(p.mask, t) for p in parts]))
+                             torch.cat([pad_tokens(p.tokens, t) for p in parts]),
+                             torch.cat([pad_tokens(p.mask, t) for p in parts]))
 
     def padded(self, length: int) -> TextEmbedding:
-        return TextEmbedding(self.pooled, _pad_tokens(self.tokens, length), _pad_tokens(self.mask, length), self.layout)
+        return TextEmbedding(self.pooled, pad_tokens(self.tokens, length), pad_tokens(self.mask, length), self.layout)
 
     def with_layout(self, layout: torch.Tensor | None) -> TextEmbedding:
         return TextEmbedding(self.pooled, self.tokens, self.mask, layout)
 
 
-def _pad_tokens(x: torch.Tensor, length: int) -> torch.Tensor:
+def first_phrase(caption: str) -> str:
+    """A caption up to its first comma: "grinning face" of "grinning face, happy, smile"."""
+    return caption.split(",")[0].strip() or caption
+
+
+def pad_tokens(x: torch.Tensor, length: int) -> torch.Tensor:
+    """N x T x ... token states (or an N x T mask) padded with zeros (False) to `length` positions."""
     if x.shape[1] >= length:
         return x
     return torch.cat([x, x.new_zeros((x.shape[0], length - x.shape[1], *x.shape[2:]))], 1)
@@ -143,7 +149,7 @@ def encode(texts: Sequence[str], *, truncate: bool = False) -> TextEmbedding:
     mask = torch.zeros(len(tokens), t, dtype=torch.bool)
     for i, s in enumerate(tokens):
         mask[i, :s.shape[0]] = True
-    stacked = torch.stack([_pad_tokens(s[None], t)[0] for s in tokens]) if tokens else torch.zeros(0, t, DIM)
+    stacked = torch.stack([pad_tokens(s[None], t)[0] for s in tokens]) if tokens else torch.zeros(0, t, DIM)
     return TextEmbedding(torch.stack(pooled) if pooled else torch.zeros(0, DIM), stacked, mask)
 
 

@@ -118,7 +118,7 @@ def test_held_out_names_are_measured_against_the_real_images(tmp_path, monkeypat
     run_model = imagegen.load_run(run)
     out = name_prompt_accuracy(run_model, ev)
     test = load_data(DataConfig(source=source, split="test", size=16))
-    assert out["prompts"] == len(test) and 0 <= out["category_accuracy"] <= 1
+    assert out["prompts"] == len(test) and out["images_per_prompt"] == 4 and 0 <= out["category_accuracy"] <= 1
     assert out["majority_share"] >= 0.5 and 0 <= out["category_accuracy_real"] <= 1
     assert out["coloured_prompts"] == sum(c.startswith("red thing") for c in test.captions) == 2
     assert out["hue_accuracy_real"] == 1.0                       # their discs are red: (200, 30 or 50, 40)

@@ -134,13 +134,46 @@ def test_captioned_data_makes_a_text_run_and_a_seed_and_prompt_give_one_image(te
     assert not torch.equal(other[0], one[0])                 # the prompt matters (a few steps of training)
 
 
-def test_a_text_run_resumes_bit_identically(tmp_path):
-    """Caption dropout draws from the run's generators too: a resumed text run is the straight one."""
+def test_a_share_of_captions_trains_on_their_first_phrase():
+    """model.caption_short: batches carry each caption's first phrase, and the network reads it for the
+    share drawn; at 0 nothing more is drawn, so a run without it keeps its random stream."""
+    from imagegen.data.dataset import ImageDataset
+    from imagegen.models.flow import Config, Flow
+    captions = ["grinning face, happy, smile", "red apple, fruit, food", "a star", ", odd"]
+    data = ImageDataset(torch.zeros(4, 3, 8, 8, dtype=torch.uint8), torch.full((4,), -1), [], "t", "t", captions=captions)
+    data.load_text(short=True)
+    batch = data.batch(torch.arange(4))
+    short, full = T.encode(["grinning face", "red apple", "a star", ", odd"]), T.encode(captions)
+    n = short.tokens.shape[1]
+    assert torch.equal(batch["short_pooled"], short.pooled) and torch.equal(batch["short_tokens"][:, :n], short.tokens)
+    assert n < full.tokens.shape[1] == batch["text_tokens"].shape[1]
+
+    def read(share, seed=0):
+        flow = Flow(Config(image_size=8, channels=3, width=8, mults=(1, 2), text_dim=T.DIM, label_dropout=0.0,
+                           caption_short=share))
+        gen = torch.Generator().manual_seed(seed)
+        return flow.training_text(batch, gen), gen
+    (pooled, tokens, mask), _ = read(1.0)
+    assert torch.equal(pooled, short.pooled) and torch.equal(mask.sum(1), short.mask.sum(1))
+    assert torch.equal(tokens[:, :n], short.tokens) and not tokens[:, n:].any()
+    (pooled, tokens, mask), gen = read(0.0)
+    assert torch.equal(pooled, full.pooled) and torch.equal(tokens, full.tokens) and torch.equal(mask, full.mask)
+    once = torch.Generator().manual_seed(0)
+    torch.rand(4, generator=once)                                  # the caption dropout's draw, and no other
+    assert torch.equal(gen.get_state(), once.get_state())
+    cut = [sum(not torch.equal(read(0.5, seed)[0][0][i], full.pooled[i]) for seed in range(40)) for i in range(3)]
+    assert 8 <= min(cut[:2]) <= max(cut[:2]) <= 32 and cut[2] == 0, cut   # about half of 40; "a star" is its own phrase
+
+
+@pytest.mark.parametrize("short", [0.0, 0.5])
+def test_a_text_run_resumes_bit_identically(tmp_path, short):
+    """Caption dropout and the first-phrase draw use the run's generators too: a resumed text run is the
+    straight one."""
     from imagegen.checkpoint import list_checkpoints, load_checkpoint
     from test_train import _assert_same_optim, _assert_same_tensors
 
     def cfg(steps):
-        return imagegen.resolve_config({"family": "flow", "model": {"width": 8, "mults": [1, 2]},
+        return imagegen.resolve_config({"family": "flow", "model": {"width": 8, "mults": [1, 2], "caption_short": short},
                                         "data": {"source": "scenes", "limit": 64},
                                         "train": {"steps": steps, "batch_size": 8, "sample_every": 0, "grid_size": 4,
                                                   "checkpoint_every": 3}})

@@ -49,13 +49,16 @@ class ImageDataset:
     def captioned(self) -> bool:
         return bool(self.captions)
 
-    def load_text(self, log=print) -> None:
+    def load_text(self, log=print, short: bool = False) -> None:
         """Encode the captions (once per distinct caption, cached: imagegen/text.caption_table), so that
         every batch carries its captions' embeddings: text_pooled N x D, text_tokens N x T x D, text_mask
-        N x T. For text networks; other families never pay for the encoder."""
+        N x T; with `short`, also their first phrases' (text.first_phrase) as short_pooled, short_tokens
+        and short_mask. For text networks; other families never pay for the encoder."""
+        from ..text import caption_table, first_phrase
         if self.captioned and getattr(self, "_text", None) is None:
-            from ..text import caption_table
             self._text = caption_table(self.captions, log=log)
+        if short and self.captioned and getattr(self, "_short", None) is None:
+            self._short = caption_table([first_phrase(c) for c in self.captions], log=log)
 
     def attach(self, key: str, values: torch.Tensor) -> None:
         """Per-image tensors (N x ...) that every batch carries under `key`, e.g. a latent model's cached
@@ -92,11 +95,11 @@ class ImageDataset:
         out = {"image": image, "label": self.labels[index]}
         if self.layout is not None:
             out.update(layout=self.layout[index], layout_order=self.layout_order[index])
-        text = getattr(self, "_text", None)
-        if text is not None:   # load_text() was called
-            table, rows = text
-            words = table[rows[index]]
-            out.update(text_pooled=words.pooled, text_tokens=words.tokens, text_mask=words.mask)
+        for key in ("text", "short"):   # after load_text()
+            if getattr(self, f"_{key}", None) is not None:
+                table, rows = getattr(self, f"_{key}")
+                words = table[rows[index]]
+                out.update({f"{key}_pooled": words.pooled, f"{key}_tokens": words.tokens, f"{key}_mask": words.mask})
         for key, values in getattr(self, "_attached", {}).items():
             out[key] = values[index]
         return out

@@ -17,6 +17,7 @@ import torch
 from ..data import DataConfig, load_data
 from ..data.captions import held_out_prompts, training_prompts
 from ..sample import generate
+from ..text import first_phrase
 from .geneval import PROMPT_SEEDS
 
 
@@ -60,6 +61,8 @@ def class_prompt_accuracy(run, extractor, per_class: int = 100, batch_size: int 
     return out
 
 
+NAME_REPEATS = 4   # images per held-out name: 175 names x 4 on emoji, so one draw's luck moves the share less
+
 # Colour words and their hue ranges in degrees (HSV hue, red wrapping round 0): the words of the emoji
 # names ("red apple", "blue heart", "green book") that name a hue. Black, white and grey name none.
 HUES = {"red": ((345, 360), (0, 15)), "orange": ((15, 45),), "yellow": ((45, 70),), "green": ((70, 170),),
@@ -88,13 +91,13 @@ def hue_matches(hue: float, word: str) -> bool:
     return any(lo <= hue < hi for lo, hi in HUES[word])
 
 
-def name_prompt_accuracy(run, extractor, batch_size: int = 256) -> dict | None:
+def name_prompt_accuracy(run, extractor, repeats: int = NAME_REPEATS, batch_size: int = 256) -> dict | None:
     """For a text run on data whose test captions begin with a name and whose classes the evaluator knows
-    (`emoji`): each held-out test image's name (its caption up to the first comma: names no training
-    caption holds) drawn with seed PROMPT_SEEDS + i, the share the evaluator puts in that image's class,
-    beside the same judge on the real test images (the ceiling) and the majority class's share (the
-    floor of a guess); and for names with a colour word, the share whose dominant hue is that colour,
-    generated and real. None for other runs."""
+    (`emoji`): each held-out test image's name (its caption's first phrase: names no training caption
+    holds) drawn `repeats` times, name i with seeds PROMPT_SEEDS + i + k x names; the share the evaluator
+    puts in that image's class, beside the same judge on the real test images (the ceiling) and the
+    majority class's share (the floor of a guess); and for names with a colour word, the share whose
+    dominant hue is that colour, generated and real. None for other runs."""
     classes = list(getattr(extractor, "info", {}).get("classes", []))
     if not run.model.reads_text or not classes or (run.data_source or "").startswith("captioned:"):
         return None
@@ -103,19 +106,21 @@ def name_prompt_accuracy(run, extractor, batch_size: int = 256) -> dict | None:
                                 channels=int(saved.get("channels", 0))))
     if not (test.captioned and test.labelled and test.classes == classes):
         return None
-    names = [c.split(",")[0].strip() for c in test.captions]
-    images = generate(run.model, list(range(PROMPT_SEEDS, PROMPT_SEEDS + len(names))), prompts=names,
-                      batch_size=batch_size)
+    names = [first_phrase(c) for c in test.captions]
+    images = generate(run.model, list(range(PROMPT_SEEDS, PROMPT_SEEDS + repeats * len(names))),
+                      prompts=names * repeats, batch_size=batch_size)
     real = test.batch(torch.arange(len(test)))["image"]
-    out = {"prompts": len(names), "seeds": f"from {PROMPT_SEEDS}", "prompt": "the test caption up to its first comma",
-           "category_accuracy": round(float((extractor.probs(images).argmax(1) == test.labels).float().mean()), 4),
+    out = {"prompts": len(names), "images_per_prompt": repeats, "seeds": f"from {PROMPT_SEEDS}",
+           "prompt": "the test caption's first phrase (up to its first comma)",
+           "category_accuracy": round(float((extractor.probs(images).argmax(1) == test.labels.repeat(repeats)).float().mean()), 4),
            "category_accuracy_real": round(float((extractor.probs(real).argmax(1) == test.labels).float().mean()), 4),
            "majority_share": round(float(torch.bincount(test.labels).max() / len(test)), 4)}
     words = [next((w for w in name.split() if w in HUES), None) for name in names]
     coloured = [i for i, w in enumerate(words) if w]
     if coloured:
-        for key, pictures in (("hue_accuracy", images), ("hue_accuracy_real", real)):
-            hues = dominant_hue(pictures[coloured])
-            out[key] = round(sum(hue_matches(float(h), words[i]) for h, i in zip(hues, coloured)) / len(coloured), 4)
+        drawn = [i + k * len(names) for k in range(repeats) for i in coloured]   # rows of `images`
+        for key, pictures, rows in (("hue_accuracy", images, drawn), ("hue_accuracy_real", real, coloured)):
+            hues = dominant_hue(pictures[rows])
+            out[key] = round(sum(hue_matches(float(h), words[r % len(names)]) for h, r in zip(hues, rows)) / len(rows), 4)
         out["coloured_prompts"] = len(coloured)
     return out

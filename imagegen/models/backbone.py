@@ -28,7 +28,7 @@ from ..nets.dit import DiT
 from ..nets.layout import LayoutPrior
 from ..nets.unet import UNet
 from ..solvers import Noise
-from ..text import DIM as TEXT_DIM
+from ..text import DIM as TEXT_DIM, pad_tokens
 from ..text import MAX_TOKENS, TextEmbedding, encoder_id
 from . import latent as latent_mode
 from .base import ExportSpec, Family, Generators, adam, eval_mode, per_item_normal, per_item_uniform
@@ -69,6 +69,10 @@ class BackboneConfig:
     # the one in the middle, as runs saved before this field had).
     text_levels: int = ranged(2, 0, 6)
     text_positions: bool = True   # U-Net: each cross-attention's queries carry a 2-D position code
+    # Share of training captions cut to their first phrase, up to the first comma ("grinning face" of
+    # "grinning face, happy, smile"), so that a short prompt, as people type them, is not outside what
+    # the model learned; a caption without a comma is its own first phrase.
+    caption_short: float = ranged(0.0, 0.0, 1.0)
     # Layouts (nets/layout.py), filled in from data that has a ground-truth grid beside each caption
     # (`scenes`): the grid's side, its cell classes and the most objects a caption names. `grounded`
     # False trains the text model alone.
@@ -202,7 +206,7 @@ class BackboneFamily(Family):
         the dataset's batches."""
         super().ready(dataset, log)
         if self.reads_text:
-            dataset.load_text(log=log)
+            dataset.load_text(log=log, short=self.cfg.caption_short > 0)
         if self.latent is not None:
             ae, sha = latent_mode.open_autoencoder(self.cfg.autoencoder)
             dataset.attach("latent", latent_mode.cached_latents(ae, sha, dataset, log))
@@ -285,13 +289,20 @@ class BackboneFamily(Family):
 
     def training_text(self, batch: dict[str, torch.Tensor], gen: torch.Generator) -> list[torch.Tensor]:
         """The network's text inputs for a training batch ([] for a network without text): the batch's
-        caption embeddings with a `label_dropout` share replaced by the null text (all zeros, empty mask),
+        caption embeddings, a `caption_short` share of them its captions' first phrases, with a
+        `label_dropout` share replaced by the null text (all zeros, empty mask),
         and for a grounded network the true layouts, null where the caption was dropped."""
         if not self.reads_text:
             return []
-        mask = batch["text_mask"]
+        pooled, tokens, mask = batch["text_pooled"], batch["text_tokens"], batch["text_mask"]
         keep = torch.rand(mask.shape[0], generator=gen, device=mask.device) >= self.cfg.label_dropout
-        words = [batch["text_pooled"] * keep[:, None], batch["text_tokens"] * keep[:, None, None], mask & keep[:, None]]
+        if self.cfg.caption_short:   # drawn only when asked: a run without it keeps its random stream
+            cut = torch.rand(mask.shape[0], generator=gen, device=mask.device) < self.cfg.caption_short
+            t = max(tokens.shape[1], batch["short_tokens"].shape[1])   # each table is padded to its longest
+            pooled = torch.where(cut[:, None], batch["short_pooled"], pooled)
+            tokens = torch.where(cut[:, None, None], pad_tokens(batch["short_tokens"], t), pad_tokens(tokens, t))
+            mask = torch.where(cut[:, None], pad_tokens(batch["short_mask"], t), pad_tokens(mask, t))
+        words = [pooled * keep[:, None], tokens * keep[:, None, None], mask & keep[:, None]]
         if self.layout_prior is None:
             return words
         return [*words, torch.where(keep[:, None], batch["layout"], self.cfg.layout_classes)]
