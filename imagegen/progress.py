@@ -15,6 +15,7 @@ from tqdm import tqdm
 from . import checkpoint as ckpt
 from .data import load_data
 from .data.dataset import mix_seed
+from .errors import ConfigError
 from .sample import grid, preview
 from .tboard import Board
 
@@ -29,17 +30,30 @@ class Validation:
     is its training images), the run was handed its data (the studio), or the family has no objective."""
 
     def __init__(self, cfg, ds, model, device: torch.device, main: bool, given: bool, log) -> None:
-        self.batch, self.every = None, cfg.train.val_every
-        if not (main and model.validates and self.every) or given:
-            return
+        self.batch, self.every, self.patience = None, cfg.train.val_every, cfg.train.patience
+        # train.patience's counters: the lowest loss so far, its step, and the validations since
+        self.best, self.best_step, self.since = None, 0, 0
+        if main and model.validates and self.every and not given:
+            self.batch = self._held_out(cfg, ds, model, device, log)
+        if main and self.patience and self.batch is None:
+            raise ConfigError("train.patience stops on the validation loss, which this run would not have: it needs "
+                              "held-out images (a folder has none), a family that has one (flow, ddpm, vae, ae) and "
+                              "train.val_every > 0")
+        self.seed = mix_seed(cfg.train.seed, 0x7A1)
+
+    @staticmethod
+    def _held_out(cfg, ds, model, device: torch.device, log) -> dict[str, torch.Tensor] | None:
         held = load_data(replace(cfg.data, split="test", limit=VAL_IMAGES))
         if held.images.shape == ds.images[:len(held)].shape and torch.equal(held.images, ds.images[:len(held)]):
-            return   # the "test" split is the training images: no held-out data
+            return None   # the "test" split is the training images: no held-out data
         model.ready(held, log)
         channels_last = cfg.train.channels_last
-        self.batch = {k: v.to(device).contiguous(memory_format=torch.channels_last)
-                      if channels_last and v.ndim == 4 else v.to(device) for k, v in held.batch(torch.arange(len(held))).items()}
-        self.seed = mix_seed(cfg.train.seed, 0x7A1)
+        return {k: v.to(device).contiguous(memory_format=torch.channels_last)
+                if channels_last and v.ndim == 4 else v.to(device) for k, v in held.batch(torch.arange(len(held))).items()}
+
+    def restore(self, saved: dict) -> None:
+        """The counters of the checkpoint a run resumes from, so that it stops where the straight run does."""
+        self.best, self.best_step, self.since = saved.get("val_best"), saved.get("val_best_step", 0), saved.get("val_since", 0)
 
     def due(self, done: int, last: bool) -> bool:
         return self.batch is not None and (last or done % self.every == 0)
@@ -47,6 +61,24 @@ class Validation:
     def loss(self, ema) -> float:
         gen = torch.Generator(next(iter(self.batch.values())).device).manual_seed(self.seed)
         return ema.validation_loss(self.batch, gen)
+
+    def stalled(self, step: int, loss: float | None) -> bool:
+        """Counts a validation loss measured at `step` (None: none measured); whether train.patience of
+        them in a row have now stayed at or above the lowest."""
+        if loss is None:
+            return False
+        if self.best is None or loss < self.best:
+            self.best, self.best_step, self.since = loss, step, 0
+        else:
+            self.since += 1
+        return bool(self.patience) and self.since >= self.patience
+
+    def stopped(self, step: int) -> str:
+        return (f"stopped at step {step}: {self.since} validations without a loss below {self.best:.4g} (step "
+                f"{self.best_step}); the same command with --steps {self.best_step} gives that step's weights")
+
+    def state(self) -> dict:
+        return {"val_best": self.best, "val_best_step": self.best_step, "val_since": self.since} if self.best is not None else {}
 
 
 def progress_bar(tc, start: int, progress: bool) -> tqdm:
@@ -133,11 +165,12 @@ class RunWriter:
         if self.board is not None:
             self.board.image(step, "samples", picture)
 
-    def save(self, step: int, model: torch.nn.Module, bad_total: int) -> None:
+    def save(self, step: int, model: torch.nn.Module, counters: dict) -> None:
+        """A checkpoint with the run's counters (bad steps, the validation's lowest loss) for resume."""
         if self.main:
             ckpt.save_checkpoint(self.run_dir, step, model.state_dict(), self.ema.state_dict(),
                                  {k: o.opt.state_dict() for k, o in self.opts.items()},
-                                 {"bad_steps_total": bad_total}, keep=self.tc.keep_checkpoints)
+                                 counters, keep=self.tc.keep_checkpoints)
 
     def close(self) -> None:
         self.bar.close()

@@ -51,6 +51,9 @@ class TrainConfig:
     # steps between validation losses on held-out images (families that have one; at a log line, so a
     # multiple of log_every), and at the end
     val_every: int = ranged(500, 1, MAX_COUNT, zero="never")
+    # Early stopping: end the run, saved, once this many validations in a row have not gone below the
+    # lowest validation loss so far (small data is learned by heart; the loss turns up where it starts)
+    patience: int = ranged(0, 1, MAX_COUNT, zero="never")
     grid_size: int = ranged(64, 1, 1024)           # images in each sample grid
     checkpoint_every: int = ranged(1000, 1, MAX_COUNT)   # and always at the end of a run
     keep_checkpoints: int = ranged(3, 1, 1000)     # the newest this many are kept
@@ -229,10 +232,12 @@ def _train(cfg: RunConfig, d: distributed.Dist | None, main: bool, device: torch
     ds = _training_data(cfg, dataset, main)
     cfg = fit_model_to_data(cfg, ds)     # the model's size, channels and classes follow the data
     model, ema, opts = _build(cfg, ds, device, d, amp_dtype, main)
-    run_dir, start, bad_total, started = _open_run(cfg, ds, model, ema, opts, d, device, main, out, resume)
+    validation = Validation(cfg, ds, ema, device, main, dataset is not None, tqdm.write)
+    run_dir, start, saved, started = _open_run(cfg, ds, model, ema, opts, d, device, main, out, resume)
+    bad_total = int(saved.get("bad_steps_total", 0))
+    validation.restore(saved)
     steps = Steps(model, ema, opts, ds, cfg.train, d, device, amp_dtype)
     writer = RunWriter(run_dir, tc, main, start, resume is not None, progress, ds, ema, opts, model.grad_scaler)
-    validation = Validation(cfg, ds, ema, device, main, dataset is not None, tqdm.write)
     window, bad_in_a_row = Window(), 0
     try:
         model.train()
@@ -258,8 +263,17 @@ def _train(cfg: RunConfig, d: distributed.Dist | None, main: bool, device: torch
             if d is not None and tc.time_limit:
                 over = distributed.average_values({"over": float(over)}, d, device)["over"] > 0
             last = done == tc.steps or over
-            if done % tc.log_every == 0 or last:
-                writer.log(done, window, bad_total, validation.loss(ema) if validation.due(done, last) else None)
+            logged = done % tc.log_every == 0 or last
+            val = validation.loss(ema) if logged and validation.due(done, last) else None
+            stalled = validation.stalled(done, val)   # train.patience validations without a new lowest loss
+            if d is not None and tc.patience:
+                stalled = distributed.average_values({"stalled": float(stalled)}, d, device)["stalled"] > 0
+            if stalled and not last:
+                last = logged = True
+                if main:
+                    tqdm.write(validation.stopped(done))
+            if logged:
+                writer.log(done, window, bad_total, val)
                 window = Window()
             if (tc.sample_every and done % tc.sample_every == 0) or last:
                 writer.grid(done)
@@ -267,7 +281,7 @@ def _train(cfg: RunConfig, d: distributed.Dist | None, main: bool, device: torch
                 # Every rank must hold the same weights; a mismatch is a bug worth stopping for.
                 if not distributed.same_everywhere(steps.params + steps.buffers, d):
                     raise TrainingError(f"step {done}: the ranks' weights differ (they should be bit-identical)")
-                writer.save(done, model, bad_total)
+                writer.save(done, model, {"bad_steps_total": bad_total, **validation.state()})
             if last:
                 break
         if on_end is not None:
@@ -307,12 +321,12 @@ def _build(cfg: RunConfig, ds: ImageDataset, device: torch.device, d: distribute
 
 
 def _open_run(cfg: RunConfig, ds: ImageDataset, model: Family, ema: Family, opts: dict[str, GuardedOptimizer],
-              d: distributed.Dist | None, device: torch.device, main: bool, out, resume) -> tuple[Path, int, int, float]:
-    """(run folder, first step, bad steps so far, the time the clock of train.time_limit starts): a new
-    folder (made by rank 0) after the family's `prepare`, or the one resumed, with its weights, EMA,
-    optimizers and step restored. Rank 0 writes its config.json."""
+              d: distributed.Dist | None, device: torch.device, main: bool, out, resume) -> tuple[Path, int, dict, float]:
+    """(run folder, first step, the resumed checkpoint's saved counters ({} for a new run), the time the
+    clock of train.time_limit starts): a new folder (made by rank 0) after the family's `prepare`, or the
+    one resumed, with its weights, EMA, optimizers and step restored. Rank 0 writes its config.json."""
     tc = cfg.train
-    start, bad_total = 0, 0
+    start, saved = 0, {}
     if resume is not None:
         run_dir = Path(resume)
         found = ckpt.list_checkpoints(run_dir)
@@ -324,8 +338,7 @@ def _open_run(cfg: RunConfig, ds: ImageDataset, model: Family, ema: Family, opts
         for name, sd in state["optimizers"].items():
             opts[name].opt.load_state_dict(sd)
             match_param_layouts(opts[name].opt)
-        start = int(state["state"]["step"])
-        bad_total = int(state["state"].get("bad_steps_total", 0))
+        start, saved = int(state["state"]["step"]), state["state"]
         if start >= tc.steps:
             raise ConfigError(f"{run_dir} is already at step {start}; ask for more with --steps N > {start}")
         started = time.perf_counter()
@@ -340,7 +353,7 @@ def _open_run(cfg: RunConfig, ds: ImageDataset, model: Family, ema: Family, opts
         ckpt.write_json_atomic(run_dir / "config.json", {**cfg.to_json(), "classes": ds.classes, "data_source": ds.source,
                                                           "imagegen_version": __version__,
                                                           **({"world_size": d.world} if d else {})})
-    return run_dir, start, bad_total, started
+    return run_dir, start, saved, started
 
 
 class Steps:

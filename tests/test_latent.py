@@ -258,6 +258,47 @@ def test_the_validation_loss_is_logged_on_held_out_images(family, model, cache, 
     assert all(v is not None and np.isfinite(v) and v > 0 for v in logged[0])
 
 
+def test_patience_ends_the_run_where_the_validation_loss_stopped_falling_and_a_resumed_run_too(cache, tmp_path):
+    """train.patience: the run ends, saved, at the validation that makes `patience` in a row without a new
+    lowest loss (replayed here from its own log); resumed from a checkpoint in the middle of such a row, it
+    ends at the same step with the same weights, since the counters travel in the checkpoint."""
+    def cfg(steps):   # a high rate and no EMA: the loss jumps about, so the row comes soon
+        return _cfg("flow", {"width": 8, "mults": [1, 2], "lr": 0.05}, steps, val_every=2, patience=2, ema_decay=0.0)
+    straight = imagegen.train(cfg(60), out=tmp_path / "a", progress=False)
+    logged = [json.loads(line) for line in (straight / "log.jsonl").read_text().splitlines()]
+    best, since, stop, row_start = None, 0, None, None
+    for line in logged:
+        if "val_loss" not in line:
+            continue
+        if best is None or line["val_loss"] < best:
+            best, since = line["val_loss"], 0
+        else:
+            since, row_start = since + 1, line["step"] if since == 0 else row_start
+        if since == 2:
+            stop = line["step"]
+            break
+    assert stop is not None and stop < 60 and logged[-1]["step"] == stop, (stop, logged[-1])
+    assert int(load_checkpoint(list_checkpoints(straight)[-1])["state"]["step"]) == stop
+    half = imagegen.train(cfg(row_start), out=tmp_path / "b", progress=False)   # one validation into the row
+    resumed = imagegen.train(cfg(60), resume=half, progress=False)
+    a, b = load_checkpoint(list_checkpoints(straight)[-1]), load_checkpoint(list_checkpoints(resumed)[-1])
+    assert b["state"]["step"] == stop
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_patience_needs_a_validation_loss(cache, tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((16, 16, 3), 60 * i, dtype=np.uint8)).save(folder / f"{i}.png")
+    cfg = imagegen.resolve_config({"family": "flow", "model": {"width": 8, "mults": [1, 2]},
+                                   "data": {"source": f"folder:{folder}", "size": 16},
+                                   "train": {**TRAIN, "steps": 2, "patience": 3}})
+    with pytest.raises(ConfigError, match="train.patience .* held-out images"):
+        imagegen.train(cfg, out=tmp_path / "runs", progress=False)
+    assert not (tmp_path / "runs").exists()
+
+
 def test_no_validation_loss_without_held_out_images(cache, tmp_path):
     """A folder's test split is its training images: nothing held out, nothing logged."""
     folder = tmp_path / "imgs"
