@@ -236,6 +236,9 @@ def _as_saved_then(cfg: dict) -> dict:
     model = cfg["model"]
     if isinstance(model, dict) and "mults" in model and "unet_patch" not in model:
         cfg = {**cfg, "model": {**model, "unet_patch": 1}}   # U-Nets saved before the field: no patches
+    model = cfg["model"]
+    if isinstance(model, dict) and "time_sampling" in model and "time_shift" not in model:
+        cfg = {**cfg, "model": {**model, "time_shift": 1.0}}   # flows saved before the field: no shift
     return cfg
 
 

@@ -328,6 +328,20 @@ def test_the_flow_time_shift_follows_what_the_backbone_sees():
     assert plan.grid[0] == 0 and plan.grid[-1] == 1.0 and len(plan.grid) == 5 and plan.grid[1] < 0.25
 
 
+def test_a_flow_saved_before_the_time_shift_loads_without_one(tmp_path):
+    """A 64 px flow trained before model.time_shift existed learned unshifted times: its config.json, which
+    has no such key, loads as time_shift 1, not as 0 ("by size", 1.73 here), which would move its solver grid."""
+    cfg = imagegen.resolve_config({"family": "flow", "model": {"width": 8, "mults": [1, 2]},
+                                   "data": {"source": "shapes", "limit": 16, "size": 64},
+                                   "train": {"steps": 1, "batch_size": 4, "sample_every": 0, "grid_size": 4}})
+    run = imagegen.train(cfg, out=tmp_path, progress=False)
+    assert load_run(run).model.shift == pytest.approx(3 ** 0.5)
+    saved = json.loads((run / "config.json").read_text())
+    del saved["model"]["time_shift"]
+    (run / "config.json").write_text(json.dumps(saved))
+    assert load_run(run).model.shift == 1.0
+
+
 def test_the_server_serves_a_latent_run_and_says_why_not_its_autoencoder(runs, tmp_path):
     from fastapi.testclient import TestClient
     from imagegen.serve import create_app
