@@ -27,7 +27,7 @@ from ..errors import ConfigError
 from ..models.baseline import RandomPixels
 from ..sample import generate, to_float
 from .evaluator import get_evaluator
-from .memorisation import memorisation
+from .memorisation import held_out_nearest, memorisation
 from .run_eval import N_IMAGES, compare
 
 ANCHORS = ("floor", "shift", "grain", "blur1", "blur", "noise", "random")
@@ -89,11 +89,13 @@ def evaluate_anchors(data: str, *, n: int = 10_000, out_dir: str | Path = "runs"
                                                           "1.5 px, blur1 1 px; noise N(0, 1) clipped to [-1, 1]; "
                                                           "memorisation against the whole train split"},
               "anchors": {}}
+    train_images = to_float(train.images)
+    held = held_out_nearest(train_images, real)   # the same for every anchor: measured once
     for name in ANCHORS:
         if log:
             log(f"anchor {name}")
         images = anchor_images(name, train, n)
-        result["anchors"][name] = compare(extractor, real, images) | memorisation(images, to_float(train.images), real)
+        result["anchors"][name] = compare(extractor, real, images) | memorisation(images, train_images, real, held)
     out = Path(out_dir) / f"anchors-{slug(data)}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out, result)

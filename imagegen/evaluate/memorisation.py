@@ -39,13 +39,20 @@ def nearest_two(queries: torch.Tensor, reference: torch.Tensor, skip: int = 0) -
     return torch.cat(dists).float(), torch.cat(index)
 
 
-def memorisation(samples: torch.Tensor, train: torch.Tensor, held_out: torch.Tensor) -> dict:
-    """The samples' nearest-training-image distances and near-copy share beside the held-out images' own.
+def held_out_nearest(train: torch.Tensor, held_out: torch.Tensor) -> torch.Tensor:
+    """N x 2 RMS distances of the held-out images to their nearest and second-nearest training images.
     Data without a held-out split (a folder: its test split is its training images) is compared with
     itself leaving each image out, which is what a held-out image would see."""
-    ds, _ = nearest_two(samples, train)
     same = held_out.shape == train.shape and torch.equal(held_out, train)
-    dh, _ = nearest_two(held_out, train, skip=1 if same else 0)
+    return nearest_two(held_out, train, skip=1 if same else 0)[0]
+
+
+def memorisation(samples: torch.Tensor, train: torch.Tensor, held_out: torch.Tensor,
+                 held: torch.Tensor | None = None) -> dict:
+    """The samples' nearest-training-image distances and near-copy share beside the held-out images' own;
+    `held`: those images' held_out_nearest, where several sets of samples are read against the same ones."""
+    ds, _ = nearest_two(samples, train)
+    dh = held_out_nearest(train, held_out) if held is None else held
     return {"nn_distance_median": float(ds[:, 0].median()), "held_out_nn_distance_median": float(dh[:, 0].median()),
             "near_copy_share": float((ds[:, 0] < RATIO * ds[:, 1]).float().mean()),
             "held_out_near_copy_share": float((dh[:, 0] < RATIO * dh[:, 1]).float().mean())}
