@@ -31,9 +31,9 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from .config import from_dict
-from .files import (MANIFEST, sha256_bytes, sha256_file, verify_manifest, write_bytes_atomic,  # noqa: F401 (re-exported)
+from .files import (MANIFEST, manifest_step, sha256_bytes, sha256_file, verify_manifest, write_bytes_atomic,  # noqa: F401 (re-exported)
                     write_json_atomic)
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, ImagegenError
 from .models import Family, family_class
 
 CKPT_RE = re.compile(r"^step-(\d{7,})$")
@@ -214,16 +214,28 @@ def new_run_dir(out_root: Path, data_name: str, model_name: str) -> Path:
             n += 1
 
 
+# The sections of config.json and the type each must have: a run folder may come from anyone (a shared
+# folder, a download), so a wrong type is a CheckpointError naming the field, never a TypeError later.
+CONFIG_SECTIONS = {"family": str, "model": dict, "data": dict, "train": dict, "classes": list}
+
+
 def read_config(run_dir: Path) -> dict:
     path = Path(run_dir) / "config.json"
     try:
-        cfg = json.loads(path.read_text())
+        cfg = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CheckpointError(f"{run_dir}: not a run folder (no config.json)") from None
-    except ValueError as e:
-        raise CheckpointError(f"{path}: unreadable ({e})") from None
+    except (ValueError, RecursionError) as e:    # RecursionError: JSON nested thousands deep
+        raise CheckpointError(f"{path}: unreadable ({str(e)[:200] or type(e).__name__})") from None
     if not isinstance(cfg, dict) or "family" not in cfg or "model" not in cfg:
         raise CheckpointError(f"{path}: missing 'family' or 'model'")
+    for key, kind in CONFIG_SECTIONS.items():
+        if key in cfg and not isinstance(cfg[key], kind):
+            raise CheckpointError(f"{path}: '{key}' is a {type(cfg[key]).__name__}, not a {kind.__name__}")
+    if not all(isinstance(c, str) for c in cfg.get("classes", [])):
+        raise CheckpointError(f"{path}: 'classes' must be a list of names")
+    if not isinstance(cfg.get("data", {}).get("source", ""), (str, type(None))):
+        raise CheckpointError(f"{path}: 'data.source' must be a string")
     return _as_saved_then(cfg)
 
 
@@ -273,13 +285,36 @@ def build_model(family: str, model_cfg: dict) -> Family:
     return cls(cfg)
 
 
-def load_run(path: str | Path, *, weights: str = "ema", device: str | torch.device = "cpu") -> Run:
-    """Rebuild a run's model from its folder alone, after checking the files against the manifest."""
+def weight_bytes(family: str, model_cfg: dict) -> int:
+    """The bytes of the state dict that a model config describes, counted on the meta device: nothing is
+    allocated, so a config asking for 10 GiB of weights costs nothing to refuse."""
+    try:
+        with torch.device("meta"):
+            model = build_model(family, model_cfg)
+        return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    except ImagegenError:
+        raise
+    except (RuntimeError, ValueError, TypeError, OverflowError, MemoryError) as e:
+        raise CheckpointError(f"config.json: the model cannot be built ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+def load_run(path: str | Path, *, weights: str = "ema", device: str | torch.device = "cpu",
+             max_bytes: int | None = None) -> Run:
+    """Rebuild a run's model from its folder alone, after checking the files against the manifest and the
+    model's size against its weights file (and `max_bytes`, if given), before allocating it."""
     run_dir = Path(path)
     if weights not in ("ema", "model"):
         raise ValueError("weights must be 'ema' or 'model'")
     cfg = read_config(run_dir)
     verify_manifest(run_dir)
+    file = run_dir / f"{weights}.safetensors"
+    need = weight_bytes(cfg["family"], cfg["model"])
+    if max_bytes is not None and need > max_bytes:
+        raise CheckpointError(f"{run_dir / 'config.json'}: the model needs {need / 2**20:.0f} MiB of weights; "
+                              f"at most {max_bytes / 2**20:.0f} MiB are loaded here")
+    if file.is_file() and need > file.stat().st_size:
+        raise CheckpointError(f"{run_dir / 'config.json'}: the model needs {need / 2**20:.1f} MiB of weights; "
+                              f"{file.name} holds {file.stat().st_size / 2**20:.1f} MiB")
     model = build_model(cfg["family"], cfg["model"])
     try:
         model.load_state_dict(load_weights(run_dir / f"{weights}.safetensors"))
@@ -290,5 +325,4 @@ def load_run(path: str | Path, *, weights: str = "ema", device: str | torch.devi
     channels_last = cfg.get("train", {}).get("channels_last", True)
     model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     model.eval().requires_grad_(False)
-    step = json.loads((run_dir / MANIFEST).read_text()).get("step", 0)
-    return Run(path=run_dir, config=cfg, model=model, step=int(step))
+    return Run(path=run_dir, config=cfg, model=model, step=manifest_step(run_dir))

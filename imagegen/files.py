@@ -39,16 +39,32 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def verify_manifest(folder: Path) -> dict[str, str]:
-    """Check every file listed in folder/MANIFEST.json against its SHA-256; CheckpointError names the file."""
+def read_manifest(folder: Path) -> dict:
+    """folder/MANIFEST.json, checked: {"files": {NAME: SHA-256}, "step": INT}, every NAME a plain path inside
+    the folder (no absolute path, no '..'); CheckpointError names what is wrong."""
     mpath = folder / MANIFEST
     try:
-        manifest = json.loads(mpath.read_text())
-        files = manifest["files"]
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CheckpointError(f"{mpath}: missing (no weights saved in {folder} yet?)") from None
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{mpath}: unreadable manifest ({e})") from None
+    except (ValueError, RecursionError) as e:
+        raise CheckpointError(f"{mpath}: unreadable manifest ({str(e)[:200] or type(e).__name__})") from None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+        raise CheckpointError(f"{mpath}: unreadable manifest ('files' must map file names to SHA-256 digests)")
+    step = manifest.get("step", 0)
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise CheckpointError(f"{mpath}: 'step' is {str(step)[:40]!r}, not a step number")
+    root = folder.resolve()
+    for name in files:
+        if Path(name).is_absolute() or ".." in Path(name).parts or not (root / name).resolve().is_relative_to(root):
+            raise CheckpointError(f"{mpath}: {name[:100]!r} is not a file inside {folder}")
+    return manifest
+
+
+def verify_manifest(folder: Path) -> dict[str, str]:
+    """Check every file listed in folder/MANIFEST.json against its SHA-256; CheckpointError names the file."""
+    files = read_manifest(folder)["files"]
     for name, digest in files.items():
         p = folder / name
         if not p.is_file():
@@ -56,3 +72,8 @@ def verify_manifest(folder: Path) -> dict[str, str]:
         if sha256_file(p) != digest:
             raise CheckpointError(f"{p}: SHA-256 does not match the manifest (file corrupted or modified)")
     return files
+
+
+def manifest_step(folder: Path) -> int:
+    """The training step a run folder's or checkpoint's manifest records."""
+    return read_manifest(folder)["step"]

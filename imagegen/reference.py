@@ -256,24 +256,30 @@ def _routes(routes) -> list:
 def http_page() -> str:
     import tempfile
     from .serve.app import create_app
+    from .serve.guard import BODY_LIMITS, CHANGING_PATHS, Policy, SMALL_BODY
     with tempfile.TemporaryDirectory() as empty:
         app = create_app(empty, log=lambda *_: None, token="reference-token")
     spec = app.openapi()
-    # The routes that change anything carry the token check as their one route-level dependency.
-    guarded = {(route.path, method.lower()) for route in _routes(app.routes) if getattr(route, "dependencies", None)
-               for method in route.methods}
+    policy = Policy(token="reference-token")      # on loopback: the routes that change anything need it
+    guarded = {(path, "post") for path in CHANGING_PATHS if policy.needs_token("POST", path)}
     schemas = spec["components"]["schemas"]
     out = ["# HTTP API reference", "", GENERATED, "",
            "`imagegen serve RUNS_DIR` serves these routes ([Deploy over HTTP](../guides/deploy-http.md)); a "
-           "running server gives the same as an OpenAPI schema at `/openapi.json` and a page at `/docs`. "
-           "Bodies are JSON unless the route says `multipart/form-data`; an unknown field is an error. Bad "
-           "input is a 4xx with a one-line `detail`, never a 500. The routes marked *token* need the "
-           "server's token in the `X-Imagegen-Token` header (401 without it, 403 if wrong).", ""]
+           "running server gives the same as an OpenAPI schema at `/openapi.json`. Bodies are JSON unless "
+           "the route says `multipart/form-data`; an unknown field is an error. Bad input is a 4xx with a "
+           "one-line `detail`, never a 500. The routes marked *token* need the server's token, in the "
+           "`X-Imagegen-Token` header or the cookie the page gets (401 without it, 403 if wrong); a server "
+           "bound off loopback asks for it on every route but `/health`. A Host header that names another "
+           "server, and a POST from another site, are 403; a body over its route's cap is 413 "
+           f"({SMALL_BODY >> 10} KiB unless the route says otherwise).", ""]
     for path, methods in spec["paths"].items():
         for method, op in methods.items():
             token = " (*token*)" if (path, method) in guarded else ""
             about = op.get("description", op.get("summary", "")).replace("\n", " ")
             out += [f"## {method.upper()} `{path}`{token}", "", about, ""]
+            if path in BODY_LIMITS and method == "post":
+                cap, deadline = BODY_LIMITS[path]
+                out += [f"Body cap: {cap / 2**20:.2f} MiB, sent within {deadline:g} s.", ""]
             body = op.get("requestBody", {}).get("content", {})
             for kind, content in body.items():
                 ref = content["schema"].get("$ref", "").rsplit("/", 1)[-1]

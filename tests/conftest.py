@@ -95,6 +95,9 @@ def run_maker(request, tmp_path_factory, variants: dict[str, tuple[str, dict]], 
     return get
 
 
+LOCAL = "http://127.0.0.1"   # TestClient's base address: the server answers to loopback names only (guard.py)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now (for a server a test starts)."""
     with socket.socket() as s:
@@ -115,12 +118,14 @@ def private_cache(tmp_path_factory):
 @contextlib.contextmanager
 def chromium(**options):
     """A browser context of Debian's Chromium driven by Playwright (never a browser Playwright downloads);
-    `options` go to new_context (accept_downloads=True...)."""
+    `options` go to new_context (accept_downloads=True...). The page's Content-Security-Policy is bypassed:
+    Playwright's wait_for_function evaluates its predicate with eval(), which that policy forbids
+    (test_serve.py checks the page under its policy)."""
     from playwright.sync_api import sync_playwright
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
         try:
-            yield browser.new_context(**options)
+            yield browser.new_context(**{"bypass_csp": True, **options})
         finally:
             browser.close()
 

@@ -17,7 +17,7 @@ from imagegen.models.base import per_item_normal
 from imagegen.models.consistency import SIGMA_MAX, SIGMA_MIN, Config, Consistency, karras_sigmas
 from imagegen.sample import seed_generators
 
-from conftest import run_main, run_maker
+from conftest import LOCAL, run_main, run_maker
 
 VARIANTS = {"unet": ("consistency", {"width": 8, "mults": [1, 2], "sample_steps": 2})}   # the DiT: test_families.py
 
@@ -154,7 +154,7 @@ def test_the_front_ends_pick_the_family_up_from_its_file(runs, tmp_path):
     refused = run_main("sample", run, "--seeds", "0", "--solver", "heun", "--out", tmp_path / "t")
     assert refused.returncode != 0 and "--solver does not apply to a consistency model" in refused.stderr
     assert "consistency" in TRAIN_FAMILIES
-    with TestClient(create_app(run.parent, log=None), raise_server_exceptions=False) as client:
+    with TestClient(create_app(run.parent, log=None), raise_server_exceptions=False, base_url=LOCAL) as client:
         (info,) = client.get("/api/models").json()
         assert info["family"] == "consistency" and info["inpaints"] and info["varies"]
         assert info["options"]["steps"] == {"help": info["options"]["steps"]["help"], "min": 1, "max": 8, "step": 1,

@@ -14,7 +14,7 @@ import imagegen
 from imagegen.directions import direction_shift, principal_directions
 from imagegen.errors import ConfigError
 
-from conftest import chromium, fetched, live_server, run_main, run_maker
+from conftest import LOCAL, chromium, fetched, live_server, run_main, run_maker
 
 VARIANTS = {
     "dcgan": ("dcgan", {"width": 8, "z_dim": 16}),
@@ -97,7 +97,7 @@ def test_the_api_moves_along_directions_with_a_command_that_reproduces_it(runs, 
     from fastapi.testclient import TestClient
 
     from imagegen.serve import create_app
-    client = TestClient(create_app(served, log=None))
+    client = TestClient(create_app(served, log=None), base_url=LOCAL)
     r = client.post("/api/generate", json={"model": "dcgan", "seed": 4, "directions": [0.7, -1.2]})
     assert r.status_code == 200, r.text
     command = r.headers["X-Imagegen-Command"].split()

@@ -25,7 +25,7 @@ from imagegen.errors import ConfigError
 from imagegen.models.base import adam
 from imagegen.sample import generate
 
-from conftest import run_maker
+from conftest import LOCAL, run_maker
 from test_cyclegan import cg_config
 from test_families import family_config
 
@@ -142,7 +142,7 @@ def test_the_server_samples_with_its_engine_and_its_command_gives_the_same_pixel
 
     from imagegen.serve import create_app
     shutil.copytree(tiny_run, tmp_path / "runs" / "gan")
-    with TestClient(create_app(tmp_path / "runs", log=None, engine="onnxruntime")) as c:
+    with TestClient(create_app(tmp_path / "runs", log=None, engine="onnxruntime"), base_url=LOCAL) as c:
         r = c.post("/api/generate", json={"model": "gan", "seed": 5})
     assert r.status_code == 200
     command = shlex.split(r.headers["X-Imagegen-Command"])

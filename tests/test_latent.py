@@ -20,7 +20,7 @@ from imagegen.models import latent as latent_mode
 from imagegen.models.ae import AE
 from imagegen.sample import generate, seed_generators
 
-from conftest import private_copy, read_only, run_main
+from conftest import LOCAL, private_copy, read_only, run_main
 
 
 def metrics_name(metrics: dict) -> str:
@@ -349,7 +349,7 @@ def test_the_server_serves_a_latent_run_and_says_why_not_its_autoencoder(runs, t
     for name in ("ae", "flow"):
         shutil.copytree(runs[name], root / name)
     said = []
-    with TestClient(create_app(root, log=said.append), raise_server_exceptions=False) as client:
+    with TestClient(create_app(root, log=said.append), raise_server_exceptions=False, base_url=LOCAL) as client:
         names = [m["name"] for m in client.get("/api/models").json()]
         assert names == ["flow"]
         assert any("ae" in line and "draws no images" in line for line in said)

@@ -234,10 +234,12 @@ def test_the_api_takes_a_prompt_and_refuses_bad_ones(text_runs, tiny_run, tmp_pa
 
     from fastapi.testclient import TestClient
 
+    from conftest import LOCAL
+
     from imagegen.serve import create_app
     shutil.copytree(text_runs("flow"), tmp_path / "text")
     shutil.copytree(tiny_run, tmp_path / "gan")
-    with TestClient(create_app(tmp_path, log=None), raise_server_exceptions=False) as c:
+    with TestClient(create_app(tmp_path, log=None), raise_server_exceptions=False, base_url=LOCAL) as c:
         info = {m["name"]: m for m in c.get("/api/models").json()}
         assert info["text"]["text"] and not info["gan"]["text"]
         r = c.post("/api/generate", json={"model": "text", "seed": 3, "prompt": "a red star", "steps": 2})
@@ -277,7 +279,7 @@ def test_the_page_has_a_prompt_box_for_a_text_model(text_runs, tiny_run, tmp_pat
     shutil.copytree(tiny_run, tmp_path / "gan")
     with live_server(tmp_path) as port, sync_playwright() as p:
         browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
-        page = browser.new_page()
+        page = browser.new_page(bypass_csp=True)   # wait_for_function evaluates with eval(), which the page's CSP forbids
         page.goto(f"http://127.0.0.1:{port}/")
         page.wait_for_function("document.querySelectorAll('#model option').length === 2")
         page.select_option("#model", "gan")

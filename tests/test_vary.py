@@ -16,7 +16,7 @@ import imagegen
 from imagegen.errors import ConfigError
 from imagegen.sample import to_uint8
 
-from conftest import chromium, fetched, live_server, run_main, run_maker
+from conftest import LOCAL, chromium, fetched, live_server, run_main, run_maker
 
 VARIANTS = {   # on shapes: the diffusion families and the CVAE are class-conditional, the DCGAN and VAE not
     "dcgan": ("dcgan", {"width": 8, "z_dim": 16}),
@@ -154,7 +154,7 @@ def client(served):
     from fastapi.testclient import TestClient
 
     from imagegen.serve import create_app
-    return TestClient(create_app(served, log=None))
+    return TestClient(create_app(served, log=None), base_url=LOCAL)
 
 
 @pytest.mark.parametrize("body", [{"model": "flow", "source": 7, "seed": 2, "n": 3, "strength": 0.3, "steps": 3},

@@ -23,6 +23,9 @@ def add_commands(sub) -> None:
     add_number(p, "--threads", Range(1, 1024, zero="all cores but one"), "torch threads for the models", default=0)
     p.add_argument("--token", help="the token that uploads and training need (default: a new one, printed at start)")
     p.add_argument("--no-token", action="store_true", help="no token (allowed with a loopback --host only)")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="off loopback: another name the Host header may carry (repeatable; '*' for any, behind "
+                        "a proxy that checks it)")
     add_engine(p)
     p.set_defaults(handler=cmd_serve)
 
@@ -42,5 +45,6 @@ def cmd_export(a) -> int:
 
 def cmd_serve(a) -> int:
     from ..serve import serve
-    serve(a.runs_dir, host=a.host, port=a.port, threads=a.threads, token=a.token, no_token=a.no_token, engine=a.engine)
+    serve(a.runs_dir, host=a.host, port=a.port, threads=a.threads, token=a.token, no_token=a.no_token, engine=a.engine,
+          allow_hosts=tuple(a.allow_host))
     return 0

@@ -39,30 +39,37 @@ from ..models import SAMPLE_OPTIONS
 from ..sample import SEED, check_latent, extend_image, generate, hwc_to_float, interpolate, to_mask
 from ..version import __version__
 from . import worker as W
-from .common import (SERVED_SUFFIXES, AnalyseRequest, Api, GenerateRequest, InterpolateRequest, ModelInfo,
-                     command_header, decode_upload, find_runs, options_of, png_response, read_upload, upload_name)
+from .common import (MAX_NAME_CHARS, SERVED_SUFFIXES, AnalyseRequest, Api, GenerateRequest, InterpolateRequest, ModelInfo,
+                     SkippedRun, command_header, decode_upload, find_runs, options_of, png_response, read_upload, upload_name)
+from .guard import LOOPBACK, Guard, Policy
 from .worker import MAX_BATCH, Busy, GenItem, Worker
 
 STATIC = Path(__file__).resolve().parent.parent / "static"
 
 
-def create_app(runs_dir: str | Path, *, log=print, token: str | None = None, engine: str = "torch") -> FastAPI:
-    """The app over the runs under runs_dir. `token`: what the routes that change anything (upload,
-    train, cancel) require in their X-Imagegen-Token header; None = no token (loopback only: serve()).
-    `engine`: what runs the networks (imagegen.runtime.engine)."""
+def create_app(runs_dir: str | Path, *, log=print, token: str | None = None, engine: str = "torch",
+               hosts: tuple[str, ...] = LOOPBACK, token_everywhere: bool = False) -> FastAPI:
+    """The app over the runs under runs_dir, behind the gate of guard.py. `token`: what the routes that
+    change anything (upload, train, cancel) require, and with `token_everywhere` every route but /health
+    (a server reachable off loopback); None = no token (loopback only: serve()). `hosts`: the names the
+    Host header may carry. `engine`: what runs the networks (imagegen.runtime.engine)."""
     from .studio import studio_router
     from .training import training_router
     root = Path(runs_dir).resolve()
     if not root.is_dir():
         raise ImagegenError(f"{runs_dir}: not a folder")
-    runs = find_runs(root, log=log, engine=check_engine(engine))
+    skipped: dict[str, str] = {}
+    runs = find_runs(root, log=log, engine=check_engine(engine), skipped=skipped)
     worker = Worker()
-    app = FastAPI(title="imagegen", version=__version__,
+    # No /docs or /redoc: FastAPI's pages load their scripts from a CDN into this origin. The schema
+    # stays at /openapi.json, for programs and for any OpenAPI viewer the user runs.
+    app = FastAPI(title="imagegen", version=__version__, docs_url=None, redoc_url=None,
                   description="Generate, interpolate, translate, inpaint and score images with trained imagegen runs.")
-    app.state.runs, app.state.worker = runs, worker
-    api = Api(runs, worker, engine)
+    app.add_middleware(Guard, policy=Policy(frozenset(h.lower() for h in hosts), token, token_everywhere))
+    app.state.runs, app.state.worker, app.state.skipped = runs, worker, skipped
+    api = Api(runs, worker, engine, skipped)
     add_error_handlers(app)
-    for router in (generation_router(api), image_router(api), studio_router(api), training_router(api, root, token),
+    for router in (generation_router(api), image_router(api), studio_router(api), training_router(api, root),
                    page_router(api)):
         app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
@@ -106,9 +113,16 @@ def generation_router(api: Api) -> APIRouter:
         return {"status": "ok", "models": len(runs), "pending": worker.pending}
 
     @router.get("/api/models", response_model=list[ModelInfo])
-    async def models() -> list[ModelInfo]:
-        """Every served run: name, family, classes, sampling options, latent sliders, domains."""
+    async def models(response: Response) -> list[ModelInfo]:
+        """Every served run: name, family, classes, sampling options, latent sliders, domains. The header
+        X-Imagegen-Skipped counts the run folders that were found but not served (GET /api/skipped)."""
+        response.headers["X-Imagegen-Skipped"] = str(len(api.skipped))
         return [s.info() for s in runs.values()]
+
+    @router.get("/api/skipped")
+    async def skipped() -> list[SkippedRun]:
+        """The run folders found but not served, each with its one-line reason."""
+        return [SkippedRun(name=name, reason=reason) for name, reason in api.skipped.items()]
 
     @router.post("/api/generate", response_class=Response,
                  responses={200: {"content": {"image/png": {}}, "description": "one PNG (a grid when n > 1)"}})
@@ -157,7 +171,7 @@ def image_router(api: Api) -> APIRouter:
     seed_range, check_diffusion_work, generator_of = api.seed_range, api.check_diffusion_work, api.generator_of
 
     @router.post("/api/translate", response_class=Response, responses={200: {"content": {"image/png": {}}}})
-    async def translate_route(model: str = Form(...), direction: Literal["a2b", "b2a"] = Form("a2b"),
+    async def translate_route(model: str = Form(..., max_length=MAX_NAME_CHARS), direction: Literal["a2b", "b2a"] = Form("a2b"),
                               image: UploadFile = File(...)) -> Response:
         """An uploaded image translated to the other domain (cyclegan models), at the model's size. The
         header X-Imagegen-Command holds the matching `imagegen translate` command."""
@@ -170,7 +184,7 @@ def image_router(api: Api) -> APIRouter:
         return png_response(out, headers=command_header(ask, served))
 
     @router.post("/api/inpaint", response_class=Response, responses={200: {"content": {"image/png": {}}}})
-    async def inpaint_route(model: str = Form(...), seed: int = Form(0, **SEED.bounds()),
+    async def inpaint_route(model: str = Form(..., max_length=MAX_NAME_CHARS), seed: int = Form(0, **SEED.bounds()),
                             label: str | None = Form(None, max_length=200),
                             steps: int | None = Form(None, **SAMPLE_OPTIONS["steps"].bounds()),
                             guidance: float | None = Form(None, **SAMPLE_OPTIONS["guidance"].bounds()),
@@ -248,14 +262,15 @@ def _plain(errors: list) -> list:
     return out
 
 
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
-
 def serve(runs_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, threads: int = 0,
-          token: str | None = None, no_token: bool = False, engine: str = "torch") -> None:
-    """Serve until stopped. The routes that change anything need a token: `token`, or one made here and
-    printed in the page's address (as Jupyter does); `no_token` only on a loopback host."""
+          token: str | None = None, no_token: bool = False, engine: str = "torch",
+          allow_hosts: tuple[str, ...] = ()) -> None:
+    """Serve until stopped. The routes that change anything need a token (off loopback every route does):
+    `token`, or one made here and printed in the page's address (as Jupyter does); `no_token` only on a
+    loopback host. The Host header must name this server: an IP address, "localhost", `host` (and this
+    machine's names when `host` is a wildcard such as 0.0.0.0) or one of `allow_hosts`."""
     import secrets
+    import socket
 
     import uvicorn
     if no_token and host not in LOOPBACK:
@@ -266,12 +281,18 @@ def serve(runs_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, threa
     if token is not None and len(token) < 8:
         raise ImagegenError("--token must be at least 8 characters")
     token = None if no_token else token or secrets.token_urlsafe(24)
+    local = host in LOOPBACK
+    names = set(LOOPBACK) | {host} | set(allow_hosts)   # IP addresses are accepted as well (guard.py)
+    if host in ("0.0.0.0", "::"):
+        names |= {socket.gethostname(), socket.getfqdn()}
     # torch's threads for the model work; by default all cores but one, which stays free for the event
     # loop (HTTP parsing, validation, PNG encoding), so a request never waits for a core to parse it.
     torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) - 1))
-    app = create_app(runs_dir, token=token, engine=engine)
+    app = create_app(runs_dir, token=token, engine=engine, hosts=tuple(names), token_everywhere=not local)
     where = f"http://{host}:{port}/" + (f"?token={token}" if token else "")
-    print(f"serving {len(app.state.runs)} run(s) from {runs_dir} at {where} (API docs at /docs)")
+    print(f"serving {len(app.state.runs)} run(s) from {runs_dir} at {where} (the API's schema at /openapi.json)")
+    if not local:
+        print(f"answering to the host names {', '.join(sorted(names))} (add others with --allow-host)")
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
 

@@ -35,6 +35,8 @@ MAX_FRAMES = 16                 # interpolation frames
 MAX_LATENT_DIMS = 16            # latent sliders
 MAX_UPLOAD_BYTES = 2 << 20      # one uploaded file
 MAX_UPLOAD_PIXELS = 1 << 20     # width x height of one uploaded image (decompression bombs stop here)
+MAX_MODEL_BYTES = 1 << 30       # a served model's weights (checked on the meta device before allocating)
+MAX_NAME_CHARS = 300            # a model's name (a run's path under RUNS_DIR)
 RUN_SEARCH_DEPTH = 3            # run folders are found up to this deep under RUNS_DIR
 SERVED_SUFFIXES = {".png", ".html", ".json"}
 
@@ -46,7 +48,7 @@ Seed = Field(default=0, **SEED.bounds(), description="the image's seed: the same
 
 class GenerateBase(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    model: str = Field(description="a name from GET /api/models")
+    model: str = Field(max_length=MAX_NAME_CHARS, description="a name from GET /api/models")
     seed: int = Seed
     n: int = Field(default=1, ge=1, le=MAX_IMAGES, description="images: seeds seed .. seed + n - 1 (a grid when n > 1)")
     label: str | None = Field(default=None, max_length=200, description="class name or index (conditional models)")
@@ -76,7 +78,7 @@ OPTION_FIELDS = tuple(name for name, opt in SAMPLE_OPTIONS.items() if opt.served
 
 class InterpolateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    model: str
+    model: str = Field(max_length=MAX_NAME_CHARS)
     seed_a: int = Seed
     seed_b: int = Field(default=1, **SEED.bounds())
     frames: int = Field(default=8, ge=2, le=MAX_FRAMES)
@@ -85,7 +87,7 @@ class InterpolateRequest(BaseModel):
 
 class AnalyseRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    model: str
+    model: str = Field(max_length=MAX_NAME_CHARS)
     seed: int = Seed
     n: int = Field(default=1, ge=1, le=MAX_IMAGES)
     label: str | None = Field(default=None, max_length=200)
@@ -118,18 +120,29 @@ class ModelInfo(BaseModel):
     varies: bool = False   # POST /api/vary works for it (a latent space, or a denoiser to re-noise with)
 
 
+class SkippedRun(BaseModel):
+    name: str
+    reason: str
+
+
 # --- the served runs -----------------------------------------------------------------------------------
 
 @dataclass
 class Served:
     name: str
     run: Run
+    about: ModelInfo | None = None   # what GET /api/models says of it, made once when it is loaded
 
     @property
     def model(self):
         return self.run.model
 
     def info(self) -> ModelInfo:
+        if self.about is None:
+            self.about = self.describe()
+        return self.about
+
+    def describe(self) -> ModelInfo:
         m, cfg = self.run.model, self.run.model.cfg
         return ModelInfo(
             name=self.name, family=self.run.family, classes=self.run.classes if m.conditional else [],
@@ -145,16 +158,20 @@ class Served:
 def load_served(name: str, folder: Path, engine: str = "torch") -> Served:
     """The run in `folder`, served as `name`, sampling with `engine` (imagegen.runtime.engine; onnxruntime exports
     each network the first time a request needs it)."""
-    run = load_run(folder)
+    run = load_run(folder, max_bytes=MAX_MODEL_BYTES)
     if run.model.autoencodes:
         raise ConfigError("an autoencoder (model 'ae') draws no images; the latent models built on it are served")
     use_engine(run.model, engine)
-    return Served(name, run)
+    served = Served(name, run)
+    served.info()     # a run that cannot describe itself fails here, not in every GET /api/models
+    return served
 
 
-def find_runs(root: Path, log=print, engine: str = "torch") -> dict[str, Served]:
+def find_runs(root: Path, log=print, engine: str = "torch", skipped: dict | None = None) -> dict[str, Served]:
     """Every loadable run folder at or under root, up to RUN_SEARCH_DEPTH deep, named by its path relative
-    to root (root itself by its folder name). Broken runs are reported and left out."""
+    to root (root itself by its folder name). A run that fails to load for any reason is left out with a
+    one-line reason, logged and put in `skipped` (name -> reason, paths relative to root): one bad folder
+    never stops the others from being served."""
     folders = [root] + [p.parent for d in range(1, RUN_SEARCH_DEPTH + 1) for p in sorted(root.glob("*/" * d + "config.json"))]
     runs: dict[str, Served] = {}
     for folder in folders:
@@ -163,9 +180,13 @@ def find_runs(root: Path, log=print, engine: str = "torch") -> dict[str, Served]
         name = root.name if folder == root else folder.relative_to(root).as_posix()
         try:
             runs[name] = load_served(name, folder, engine)
-        except ImagegenError as e:
+        except Exception as e:   # noqa: BLE001 - whatever a folder holds, it costs only itself
+            reason = str(e) if isinstance(e, ImagegenError) else f"{type(e).__name__}: {e}"
+            reason = " ".join(reason.replace(f"{root}/", "").split())[:300]
+            if skipped is not None:
+                skipped[name] = reason
             if log:
-                log(f"not serving {folder}: {e}")
+                log(f"not serving {folder}: {reason}")
     return runs
 
 
@@ -221,12 +242,13 @@ class Api:
     """What every route needs: the served runs, the model worker, and the checks that turn a request's
     fields into library arguments (bad ones are 4xx answers that name them)."""
 
-    def __init__(self, runs: dict[str, Served], worker: Worker, engine: str = "torch") -> None:
+    def __init__(self, runs: dict[str, Served], worker: Worker, engine: str = "torch", skipped: dict | None = None) -> None:
         self.runs, self.worker, self.engine = runs, worker, engine
+        self.skipped: dict[str, str] = {} if skipped is None else skipped   # run name -> why it is not served
 
     def get(self, name: str) -> Served:
         if name not in self.runs:
-            raise bad_request(f"unknown model {name!r} (GET /api/models lists them)", 404)
+            raise bad_request(f"unknown model {name[:MAX_NAME_CHARS]!r} (GET /api/models lists them)", 404)
         return self.runs[name]
 
     def labels_for(self, served: Served, label: str | None, seeds: list[int]) -> torch.Tensor | None:

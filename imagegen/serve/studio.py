@@ -15,8 +15,8 @@ from ..sample import SEED, generate, hwc_to_float
 from ..vary import MIX, breed
 from ..text import MAX_PROMPT_CHARS
 from .. import requests
-from .common import (Api, GenerateRequest, bad_request, command_header, decode_upload, options_of, png_response,
-                     read_upload)
+from .common import (MAX_NAME_CHARS, Api, GenerateRequest, bad_request, command_header, decode_upload, options_of,
+                     png_response, read_upload)
 from .worker import MAX_BATCH
 
 
@@ -35,14 +35,14 @@ SKETCH_FILE = "sketch.png"   # what the page calls the sketch it offers for down
 
 class DirectionsRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    model: str
+    model: str = Field(max_length=MAX_NAME_CHARS)
     k: int = Field(default=4, ge=1, le=MAX_DIRECTIONS, description="how many directions")
 
 
 class StripRequest(BaseModel):
     """A strip of images of one seed moved along one direction, from -reach to +reach."""
     model_config = ConfigDict(extra="forbid")
-    model: str
+    model: str = Field(max_length=MAX_NAME_CHARS)
     index: int = Field(default=0, ge=0, lt=MAX_DIRECTIONS, description="which direction (0 = the largest)")
     seed: int = Field(default=0, **SEED.bounds())
     label: str | None = Field(default=None, max_length=200)

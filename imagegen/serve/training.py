@@ -2,21 +2,20 @@
 its progress (server-sent events) and its sample grids, cancel it, then find the new run among the
 served models.
 
-Every route that changes anything (upload, train, cancel) needs the server's token in the
-X-Imagegen-Token header: `imagegen serve` makes one at start and prints it, as Jupyter does (or takes
---token); no token is 401, a wrong one 403. Everything is written under the work folder,
-RUNS_DIR/studio/: uploads/ID/ (the unpacked files), logs/, and runs/ (the trained runs, served).
+Every route that changes anything (upload, train, cancel) needs the server's token, checked by the gate
+(guard.py) before a byte of the body is read: `imagegen serve` makes one at start and prints it, as
+Jupyter does (or takes --token); no token is 401, a wrong one 403. Everything is written under the work
+folder, RUNS_DIR/studio/: uploads/ID/ (the unpacked files), logs/, and runs/ (the trained runs, served).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import secrets
 import tempfile
 from pathlib import Path
 
-from fastapi import APIRouter, Depends, File, Request, UploadFile
+from fastapi import APIRouter, File, UploadFile
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -24,7 +23,6 @@ from ..errors import ImagegenError
 from .common import Api, bad_request, load_served
 from .jobs import MAX_TRAIN_MINUTES, MAX_ZIP_BYTES, TRAIN_FAMILIES, TrainJob, UploadError, new_upload_id, start_training, unpack_upload
 
-TOKEN_HEADER = "X-Imagegen-Token"
 EVENT_EVERY_S = 0.5
 
 
@@ -35,21 +33,11 @@ class TrainRequest(BaseModel):
     minutes: float = Field(default=1.0, gt=0, le=MAX_TRAIN_MINUTES, description="the training time budget")
 
 
-def training_router(api: Api, root: Path, token: str | None) -> APIRouter:
+def training_router(api: Api, root: Path) -> APIRouter:
     """/api/upload, /api/train and its status, grid, events and cancel."""
     router = APIRouter()
     work = root / "studio"
     state: dict = {"job": None}
-
-    def authorised(request: Request) -> None:
-        if token is None:
-            return
-        given = request.headers.get(TOKEN_HEADER)
-        if not given:
-            raise bad_request(f"this needs the server's token in the {TOKEN_HEADER} header "
-                              "(imagegen serve printed it at start)", 401)
-        if not secrets.compare_digest(given.encode(), token.encode()):
-            raise bad_request("wrong token", 403)
 
     def serve_run(folder: Path) -> str:
         """The served name of a run that training finished (its path under RUNS_DIR, as find_runs names
@@ -59,7 +47,7 @@ def training_router(api: Api, root: Path, token: str | None) -> APIRouter:
             api.runs[name] = load_served(name, folder, api.engine)
         return name
 
-    @router.post("/api/upload", dependencies=[Depends(authorised)])
+    @router.post("/api/upload")
     async def upload_route(archive: UploadFile = File(..., description="a zip of images (class folders or captions)")) -> dict:
         """Unpack a zip of images into a new upload folder; answers its id for POST /api/train."""
         with tempfile.NamedTemporaryFile(suffix=".zip") as tmp:
@@ -79,7 +67,7 @@ def training_router(api: Api, root: Path, token: str | None) -> APIRouter:
                 raise bad_request(str(e)) from None
         return {"upload": upload, **counts}
 
-    @router.post("/api/train", dependencies=[Depends(authorised)])
+    @router.post("/api/train")
     async def train_route(req: TrainRequest) -> dict:
         """Start training on an upload (one job at a time: 409 while one runs)."""
         job: TrainJob | None = state["job"]
@@ -94,7 +82,7 @@ def training_router(api: Api, root: Path, token: str | None) -> APIRouter:
             raise bad_request(str(e)) from None
         return state["job"].status()
 
-    @router.post("/api/train/cancel", dependencies=[Depends(authorised)])
+    @router.post("/api/train/cancel")
     async def cancel_route() -> dict:
         job: TrainJob | None = state["job"]
         if job is None:

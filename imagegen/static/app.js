@@ -326,9 +326,10 @@ function downloadBoard() {
 }
 
 // --- training from the browser: upload a zip, train, follow the job's events, then explore the run ----
-// The token comes from the address `imagegen serve` printed (?token=...), kept for this tab.
+// The token: opening the address `imagegen serve` printed (?token=...) gave this page a cookie that
+// carries it (the server then cleaned the address); one typed in the field is sent as a header.
 function tokenHeader() {
-  return { "X-Imagegen-Token": $("token").value };
+  return $("token").value ? { "X-Imagegen-Token": $("token").value } : {};
 }
 
 async function sendWithToken(url, init) {
@@ -585,9 +586,6 @@ async function start() {
   // Training and the board work without any model: a first run can be trained from this page.
   $("train-go").addEventListener("click", trainNow);
   $("train-cancel").addEventListener("click", cancelTraining);
-  const given = new URLSearchParams(location.search).get("token");
-  if (given) sessionStorage.setItem("imagegen-token", given);
-  $("token").value = sessionStorage.getItem("imagegen-token") || "";
   $("board-download").addEventListener("click", downloadBoard);
   $("board-clear").addEventListener("click", () => { localStorage.removeItem(BOARD_KEY); showBoard(); });
   showBoard();
