@@ -257,6 +257,24 @@ def test_interpolate_translate_inpaint_analyse(client, runs_dir):
     assert client.post("/api/analyse", json={"model": CYCLE}).status_code == 400
 
 
+def test_an_inpaint_canvas_counts_as_its_pixels(client):
+    """A canvas k times the model's pixels costs k ** 1.5 images (common.CANVAS_EXPONENT): the largest one
+    (256 px a side, which took over 30 s at one step) is refused, one of twice the model's side is drawn
+    at 2 steps, and the model's own size at 10."""
+    side = {m["name"]: m for m in client.get("/api/models").json()}[DDPM]["image_size"]
+    for canvas, steps, status in ((256, 1, 400), (2 * side, 2, 200), (side, 10, 200)):
+        image = np.random.default_rng(1).integers(0, 256, (canvas, canvas, 3), dtype=np.uint8)
+        mask = np.zeros((canvas, canvas), np.uint8)
+        mask[:, canvas // 2:] = 255
+        files = {"image": ("i.png", png_upload(image), "image/png"), "mask": ("m.png", png_upload(mask), "image/png")}
+        r = client.post("/api/inpaint", data={"model": DDPM, "steps": str(steps), "label": "square"}, files=files)
+        assert r.status_code == status, (canvas, steps, r.text)
+        if status == 400:
+            assert f"counted as {(canvas / side) ** 3:g} images" in r.json()["detail"] and "image-steps" in r.json()["detail"]
+        else:
+            assert png(r).shape[:2] == (canvas, canvas)
+
+
 def test_overload_is_503_with_retry_after(client):
     worker = client.app.state.worker
     worker.pending = W.MAX_PENDING
@@ -510,6 +528,28 @@ def test_serve_refuses_a_missing_folder(tmp_path, capsys):
     assert main(["serve", str(tmp_path / "nowhere"), "--port", "8765"]) == 2
     err = capsys.readouterr().err
     assert "nowhere: not a folder" in err and "Traceback" not in err
+
+
+def test_work_past_its_deadline_stops_at_the_next_network_call(runs_dir, monkeypatch):
+    """A 100-step request whose deadline passes after a few steps: its answer is 503, and the model thread
+    stops at its next network call instead of running the other steps (which would hold it 5 s)."""
+    app = create_app(runs_dir, log=None)
+    calls = []
+
+    def slow_step(module, args):
+        calls.append(time.monotonic())
+        time.sleep(0.05)
+    app.state.runs[DDPM].model.net.register_forward_pre_hook(slow_step)
+    monkeypatch.setattr(W, "DEADLINE_S", 0.3)
+    with TestClient(app, base_url=LOCAL) as c:
+        for route, body in (("/api/generate", {"model": DDPM, "steps": 100}),       # the micro-batched path
+                            ("/api/analyse", {"model": DDPM, "n": 1})):             # Worker.call
+            calls.clear()
+            assert c.post(route, json=body).status_code == 503
+            time.sleep(0.5)
+            assert 3 <= len(calls) <= 10, len(calls)         # 0.3 s of 0.05 s steps, then one more call at most
+        monkeypatch.setattr(W, "DEADLINE_S", 30.0)
+        assert c.post("/api/generate", json={"model": DDPM, "steps": 2}).status_code == 200
 
 
 def test_a_request_past_the_deadline_is_503_and_the_server_recovers(runs_dir, monkeypatch):

@@ -106,7 +106,7 @@ def generation_router(api: Api) -> APIRouter:
     router = APIRouter()
     runs, worker = api.runs, api.worker
     get, seed_range = api.get, api.seed_range
-    check_diffusion_work, generator_of = api.check_diffusion_work, api.generator_of
+    check_work, generator_of = api.check_work, api.generator_of
 
     @router.get("/health")
     async def health() -> dict:
@@ -135,7 +135,7 @@ def generation_router(api: Api) -> APIRouter:
                             options=options_of(req), latent=req.latent, directions=req.directions, names=HTTP)
         ready = ask.check(served.run)
         opts, labels, latent, model = ready.options, ready.labels, ready.latent or [], served.model
-        check_diffusion_work(served, req.n, opts)
+        check_work(served, req.n, opts)
         if req.directions:
             latent = check_latent(model, await worker.call(lambda: direction_shift(model, req.directions))) or []
         words = {"prompts": req.prompt, "negative_prompt": req.negative_prompt}
@@ -168,7 +168,7 @@ def image_router(api: Api) -> APIRouter:
     """Routes that take an uploaded image or score samples: /api/translate, /api/inpaint, /api/analyse."""
     router = APIRouter()
     worker, get, labels_for = api.worker, api.get, api.labels_for
-    seed_range, check_diffusion_work, generator_of = api.seed_range, api.check_diffusion_work, api.generator_of
+    seed_range, check_work, generator_of = api.seed_range, api.check_work, api.generator_of
 
     @router.post("/api/translate", response_class=Response, responses={200: {"content": {"image/png": {}}}})
     async def translate_route(model: str = Form(..., max_length=MAX_NAME_CHARS), direction: Literal["a2b", "b2a"] = Form("a2b"),
@@ -196,8 +196,9 @@ def image_router(api: Api) -> APIRouter:
                              mask=upload_name(mask, "mask.png"), names=HTTP,
                              options={k: v for k, v in (("steps", steps), ("guidance", guidance)) if v is not None})
         ready = ask.check(served.run)
-        check_diffusion_work(served, 5, ready.options)          # RePaint runs about 5 passes per step
         x = hwc_to_float(decode_upload(await read_upload(image, "image"), "image", served.model.cfg.channels))
+        # RePaint runs about 5 passes per step, each over the whole canvas: the canvas counts as its pixels.
+        check_work(served, 1, ready.options, pixels=x.shape[-2] * x.shape[-1], passes=5)
         # White (>= 128 of 255) = generate; a mask of another size or with no white pixel is a 400.
         mask01 = to_mask(decode_upload(await read_upload(mask, "mask"), "mask", 1), "mask", *x.shape[-2:])
         out = await worker.call(lambda: extend_image(served.model, x, mask01, seed, ready.labels, **ready.options))
@@ -211,7 +212,7 @@ def image_router(api: Api) -> APIRouter:
         served = generator_of(get(req.model))
         seeds = seed_range(req.seed, req.n)
         labels = labels_for(served, req.label, seeds)
-        check_diffusion_work(served, req.n, {})
+        check_work(served, req.n, {})
         return await worker.call(lambda: score_images(served.run, seeds, labels))
 
     return router

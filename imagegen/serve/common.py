@@ -23,13 +23,18 @@ from ..errors import ConfigError, ImagegenError, ImageTooLargeError
 from ..models import SAMPLE_OPTIONS
 from ..text import MAX_PROMPT_CHARS
 from ..sample import MAX_LATENT_SHIFT, MAX_SEED, SEED, grid, resolve_labels, to_pil, to_uint8
-from .worker import Worker
+from .worker import Worker, stop_if_late
 
 
 # Limits. Each is checked before any work is done, and exceeding one is a 4xx that names it.
 MAX_IMAGES = 64                 # images per request (n, seeds, frames)
 MAX_STEPS = SAMPLE_OPTIONS["steps"].bounds()["le"]   # sampling steps per request (models/ddpm.py MAX_SERVED_STEPS)
-MAX_DIFFUSION_WORK = 1600       # images x steps per diffusion request (e.g. 16 x 100, 64 x 25)
+MAX_WORK = 1600                 # one request's work in image-steps at the model's own size (Api.check_work):
+                                # 16 images x 100 steps, 64 x 25, or a 64 px inpaint on a 32 px model at 40 steps
+# A canvas k times the model's pixels costs k ** CANVAS_EXPONENT images: convolutions grow with the pixels,
+# self-attention with their square. One RePaint step of the test suite's 32 px U-Net took 0.18 s on a
+# 32 px canvas, 0.56 s at 64 and 4.6 s at 128 (x8.2 for x4 pixels between the last two: k ** 1.5).
+CANVAS_EXPONENT = 1.5
 ADAPTIVE_STEPS = 100            # what the flow's adaptive solver counts as (it took 38 to 74 calls in tests)
 MAX_FRAMES = 16                 # interpolation frames
 MAX_LATENT_DIMS = 16            # latent sliders
@@ -162,6 +167,8 @@ def load_served(name: str, folder: Path, engine: str = "torch") -> Served:
     if run.model.autoencodes:
         raise ConfigError("an autoencoder (model 'ae') draws no images; the latent models built on it are served")
     use_engine(run.model, engine)
+    for net in run.model.children():  # a request past its deadline stops at its next network call (each
+        net.register_forward_pre_hook(stop_if_late)   # network, not each layer: a hook per layer cost 8%)
     served = Served(name, run)
     served.info()     # a run that cannot describe itself fails here, not in every GET /api/models
     return served
@@ -259,13 +266,25 @@ class Api:
             raise bad_request(f"seed + n - 1 is over the largest seed {MAX_SEED}")
         return list(range(seed, seed + n))
 
-    def check_diffusion_work(self, served: Served, n: int, opts: dict) -> None:
-        if "steps" in served.model.sample_options:
-            steps = opts.get("steps") or served.model.cfg.sample_steps
-            if (opts.get("solver") or served.model.sampling_settings().get("solver")) == "dopri5":
-                steps = ADAPTIVE_STEPS                  # it picks its own steps: count it as this many
-            if n * steps > MAX_DIFFUSION_WORK:
-                raise bad_request(f"{n} images x {steps} steps is over the limit of {MAX_DIFFUSION_WORK} image-steps per request")
+    def steps(self, served: Served, opts: dict) -> int:
+        """The network calls per image a request's options ask of the model (1 for a one-pass family)."""
+        if "steps" not in served.model.sample_options:
+            return 1
+        if (opts.get("solver") or served.model.sampling_settings().get("solver")) == "dopri5":
+            return ADAPTIVE_STEPS                     # it picks its own steps: count it as this many
+        return opts.get("steps") or served.model.cfg.sample_steps
+
+    def check_work(self, served: Served, images: int, opts: dict, pixels: int | None = None, passes: int = 1) -> None:
+        """The one cost of every route that runs a network, in image-steps at the model's own size: images x
+        steps x passes per step x what a canvas larger than the model's images weighs (CANVAS_EXPONENT);
+        400 over MAX_WORK."""
+        steps = self.steps(served, opts)
+        weight = max(1.0, (pixels or 0) / served.model.cfg.image_size ** 2) ** CANVAS_EXPONENT
+        work = images * steps * passes * weight
+        if work > MAX_WORK:
+            parts = [f"{images} images", f"{steps} steps"] + [f"{passes} passes"] * (passes > 1) + \
+                    [f"a {pixels}-pixel canvas counted as {weight:g} images"] * (weight > 1)
+            raise bad_request(f"{' x '.join(parts)} is over the limit of {MAX_WORK} image-steps per request")
 
     def generator_of(self, served: Served) -> Served:
         if served.model.translates:

@@ -74,7 +74,7 @@ def studio_router(api: Api) -> APIRouter:
         ask = variations(req, seeds)
         ready = ask.check(served.run)
         # the source image(s) are drawn too: up to two more images' worth of steps
-        api.check_diffusion_work(served, req.n + len(ask.sources), ready.options)
+        api.check_work(served, req.n + len(ask.sources), ready.options)
         images = await api.worker.call(lambda: breed(served.model, ask.sources, seeds, strength=req.strength, mix=req.mix,
                                                      labels=ready.labels, prompt=req.prompt,
                                                      negative_prompt=req.negative_prompt, batch_size=MAX_BATCH,
@@ -126,7 +126,7 @@ def studio_router(api: Api) -> APIRouter:
         seeds = api.seed_range(req.seed, req.n)
         ask = variations(req, seeds, image=SKETCH_FILE)
         ready = ask.check(served.run)
-        api.check_diffusion_work(served, req.n, ready.options)
+        api.check_work(served, req.n, ready.options)
         cfg = served.model.cfg
         size = cfg.image_size
         pixels = decode_upload(await read_upload(image, "image"), "image", cfg.channels)

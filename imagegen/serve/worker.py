@@ -7,6 +7,8 @@ only on its seed, whatever the batch it is drawn in (models/base.py)."""
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -22,6 +24,34 @@ RETRY_AFTER_S = 1
 
 class Busy(Exception):
     pass
+
+
+class Late(Exception):
+    """Raised in the model thread at a network call made after the request's deadline: its answer (503)
+    has gone, so the rest of its work is dropped instead of holding the one model thread."""
+
+
+_due = threading.local()   # the deadline of the work the model thread runs now (time.monotonic())
+
+
+def stop_if_late(module, args) -> None:
+    """A forward pre-hook on every served network (common.load_served): the work stops at the first
+    network call past its deadline. Sampling calls the network once per step, so a 100-step request
+    stops within one step of it."""
+    due = getattr(_due, "at", None)
+    if due is not None and time.monotonic() > due:
+        raise Late()
+
+
+def until(due: float, fn: Callable[[], Any]) -> Callable[[], Any]:
+    """fn, run in the model thread with its deadline known to stop_if_late."""
+    def run():
+        _due.at = due
+        try:
+            return fn()
+        finally:
+            _due.at = None
+    return run
 
 
 # --- admission, deadline and micro-batching -------------------------------------------------------------
@@ -44,8 +74,9 @@ class Worker:
     async def call(self, fn: Callable[[], Any]) -> Any:
         """fn() in the model thread, under admission and the deadline."""
         self.admit()
+        due = time.monotonic() + DEADLINE_S
         try:
-            return await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(self.executor, fn), DEADLINE_S)
+            return await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(self.executor, until(due, fn)), DEADLINE_S)
         finally:
             self.pending -= 1
 
@@ -56,7 +87,7 @@ class Worker:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         try:
-            self.queues.setdefault(key, []).append((item, future))
+            self.queues.setdefault(key, []).append((item, future, time.monotonic() + DEADLINE_S))
             if key not in self.draining:
                 self.draining.add(key)
                 task = loop.create_task(self._drain(key, work))
@@ -88,13 +119,14 @@ class Worker:
                     size += job[0].size
             if not jobs:
                 continue
+            due = max(d for _, _, d in jobs)        # the batch runs while one of its requests still waits
             try:
-                results = await loop.run_in_executor(self.executor, work, [item for item, _ in jobs])
-                for (_, fut), result in zip(jobs, results):
+                results = await loop.run_in_executor(self.executor, until(due, lambda: work([item for item, _, _ in jobs])))
+                for (_, fut, _), result in zip(jobs, results):
                     if not fut.done():
                         fut.set_result(result)
             except Exception as e:                  # the library's typed errors reach each request
-                for _, fut in jobs:
+                for _, fut, _ in jobs:
                     if not fut.done():
                         fut.set_exception(e)
             await asyncio.sleep(0)                  # let requests that arrived meanwhile join the queue
