@@ -1,12 +1,18 @@
-"""Training from the browser (issue 17): the token on the routes that change anything, uploads that cannot
-write outside the work folder or unpack without bound, and a whole upload -> train -> serve cycle with a
-training process of its own (including one that fails and one that is cancelled)."""
+"""Training from the browser: the token on the routes that change anything, uploads that cannot write
+outside the work folder or unpack without bound, a whole upload -> train -> serve cycle with a training
+process of its own (including one that fails and one that is cancelled), the studio's disk (uploads by
+content, kept to the newest, refused when full) and the job's limits (priority, memory, budget, the
+server's end)."""
 
 from __future__ import annotations
 
 import io
 import json
+import os
+import signal
 import stat
+import subprocess
+import sys
 import time
 import zipfile
 from pathlib import Path
@@ -19,7 +25,7 @@ from PIL import Image
 from imagegen.serve import create_app
 from imagegen.serve import jobs
 
-from conftest import LOCAL, chromium, live_server, run_main
+from conftest import LOCAL, chromium, free_port, live_server, run_main
 
 TOKEN = "a-test-token-0123"
 
@@ -228,3 +234,138 @@ def test_the_page_uploads_trains_and_explores_a_first_model_from_an_empty_folder
         commands = page.eval_on_selector_all(".candidate", "els => els.map(e => e.dataset.command)")
         assert all(str(served / name) in c for c in commands)
     assert (served / name / "model.safetensors").is_file()
+
+
+# --- the studio's disk and the job's limits ----------------------------------------------------------------
+
+def test_the_same_zip_is_stored_once_and_only_the_newest_uploads_stay(client, served, monkeypatch):
+    monkeypatch.setattr(jobs, "KEEP_UPLOADS", 2)
+    data = tiny_folder_zip()                          # one file's bytes (a zip made again has new timestamps)
+    first = upload(client, data).json()
+    again = upload(client, data).json()
+    assert again["upload"] == first["upload"] and again["reused"] and not first["reused"]
+    assert again["images"] == first["images"] == 24
+    ids = [upload(client, zip_bytes({f"a/{i}.png": png(i + 1000 * k) for i in range(4)})).json()["upload"] for k in range(2)]
+    kept = {p.name for p in (served / "studio" / "uploads").iterdir()}
+    assert kept == {ids[0], ids[1], f"{ids[0]}.json", f"{ids[1]}.json"}      # the oldest went, with its counts
+
+
+def test_a_full_studio_refuses_uploads_before_reading_them(client, served, monkeypatch):
+    upload(client, tiny_folder_zip())
+    monkeypatch.setattr(jobs, "MAX_STUDIO_BYTES", 1000)
+    r = upload(client, zip_bytes({"a/1.png": png(1)}))
+    assert r.status_code == 507 and "over its cap" in r.json()["detail"]
+    assert len(list((served / "studio" / "uploads").iterdir())) == 2         # the first upload and its counts only
+    monkeypatch.setattr(jobs, "MAX_STUDIO_BYTES", 1 << 40)
+    monkeypatch.setattr(jobs, "MIN_FREE_BYTES", 1 << 60)
+    r = upload(client, zip_bytes({"a/1.png": png(1)}))
+    assert r.status_code == 507 and "free on the disk" in r.json()["detail"]
+
+
+def test_an_unpack_past_the_deadline_leaves_a_whole_upload_or_nothing(served, monkeypatch):
+    from imagegen.serve import worker as W
+    (served / "studio" / "uploads" / ".partial-0123456789abcdef-00").mkdir(parents=True)   # a crashed unpack
+    check = jobs._safe_member
+
+    def slow(info):                                   # 24 members x 25 ms, once the zip is open
+        time.sleep(0.025)
+        return check(info)
+    monkeypatch.setattr(jobs, "_safe_member", slow)
+    monkeypatch.setattr(W, "DEADLINE_S", 0.2)
+    data = tiny_folder_zip()
+    with TestClient(create_app(served, log=None, token=TOKEN), base_url=LOCAL) as c:
+        assert not list((served / "studio" / "uploads").glob(".partial-*"))      # cleared at start-up
+        assert upload(c, data).status_code == 503
+        time.sleep(1.0)                                                          # the unpack finishes meanwhile
+        names = {p.name for p in (served / "studio" / "uploads").iterdir()}
+        assert len(names) == 2 and not any(n.startswith(".") for n in names)   # whole, under its content's id
+        monkeypatch.setattr(W, "DEADLINE_S", 30.0)
+        again = upload(c, data).json()
+        assert again["reused"] and again["upload"] in names
+
+
+def child_limits(pid: int) -> tuple[int, int]:
+    """(nice, the address-space cap in bytes) of a process, from /proc."""
+    nice = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+    line = next(x for x in Path(f"/proc/{pid}/limits").read_text().splitlines() if x.startswith("Max address space"))
+    return nice, int(line.split()[3])
+
+
+def test_a_job_runs_below_the_server_and_is_killed_past_its_budget(tmp_path, monkeypatch):
+    monkeypatch.setattr(jobs, "GRACE_S", 0.5)
+    job = jobs.launch([sys.executable, "-c", "import time; time.sleep(60)"], tmp_path / "job.log", "u" * 16, "dcgan",
+                      minutes=0.01, out=tmp_path)
+    time.sleep(0.3)
+    nice, cap = child_limits(job.process.pid)
+    assert nice == os.nice(0) + jobs.JOB_NICE and cap == jobs.job_memory_bytes()
+    job.process.wait(5)                                      # 0.6 s of budget, 0.5 s of grace
+    status = job.status()
+    assert status["state"] == "failed" and "killed" in status["error"]
+
+
+def job_pids(marker: str, started: bool = False) -> list[int]:
+    """The processes whose command line holds `marker` (the upload folder a job trains on); `started`:
+    only those past their limits, now `imagegen train` itself (jobs.LIMITED has exec'd)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            line = (proc / "cmdline").read_bytes().decode(errors="replace") if proc.name.isdigit() else ""
+        except OSError:
+            continue
+        if marker in line and (not started or line.split("\0")[1:4] == ["-m", "imagegen", "train"]):
+            pids.append(int(proc.name))
+    return pids
+
+
+@pytest.mark.parametrize("how", ["stopped", "killed"])
+def test_the_training_process_ends_with_the_server(served, how):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "imagegen", "serve", str(served), "--port", str(port), "--threads", "1",
+                             "--token", TOKEN], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        import httpx
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 60
+        while True:
+            try:
+                httpx.get(base + "/health", timeout=2)
+                break
+            except httpx.HTTPError:
+                assert time.time() < deadline and proc.poll() is None, "the server did not start"
+                time.sleep(0.2)
+        headers = {"X-Imagegen-Token": TOKEN}
+        up = httpx.post(base + "/api/upload", files={"archive": ("d.zip", tiny_folder_zip(), "application/zip")},
+                        headers=headers, timeout=30).json()
+        r = httpx.post(base + "/api/train", json={"upload": up["upload"], "family": "dcgan", "minutes": 5}, headers=headers,
+                       timeout=30)
+        assert r.status_code == 200
+        marker = str(served / "studio" / "uploads" / up["upload"])
+        while not job_pids(marker, started=True):            # the job itself runs, its limits set
+            assert time.time() < deadline + 30, "the training process did not start"
+            time.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGTERM if how == "stopped" else signal.SIGKILL)
+        proc.wait(15)
+    t = time.time()
+    while job_pids(marker):
+        assert time.time() - t < 5, f"the training process outlived the server ({how})"
+        time.sleep(0.1)
+
+
+def test_stopping_the_app_ends_its_job_without_the_linux_death_signal(served, monkeypatch):
+    """The app's own shutdown ends the job (for systems without PR_SET_PDEATHSIG, simulated by a launcher
+    that does not set it): gone within 5 s of the app stopping."""
+    monkeypatch.setattr(jobs, "LIMITED", jobs.LIMITED.replace("ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)", "pass"))
+    with TestClient(create_app(served, log=None, token=TOKEN), base_url=LOCAL) as c:
+        up = upload(c, tiny_folder_zip()).json()
+        assert c.post("/api/train", json={"upload": up["upload"], "family": "dcgan", "minutes": 5},
+                      headers={"X-Imagegen-Token": TOKEN}).status_code == 200
+        marker = str(served / "studio" / "uploads" / up["upload"])
+        t = time.time()
+        while not job_pids(marker, started=True):
+            assert time.time() - t < 30, "the training process did not start"
+            time.sleep(0.1)
+    t = time.time()
+    while job_pids(marker):
+        assert time.time() - t < 5, "the training process outlived the app"
+        time.sleep(0.1)

@@ -19,6 +19,7 @@ given (through /files/MODEL/PATH, resolved and checked to stay inside the run fo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from pathlib import Path
 from typing import Literal
@@ -61,16 +62,22 @@ def create_app(runs_dir: str | Path, *, log=print, token: str | None = None, eng
     skipped: dict[str, str] = {}
     runs = find_runs(root, log=log, engine=check_engine(engine), skipped=skipped)
     worker = Worker()
+    api = Api(runs, worker, engine, skipped)
+    training, stop_training = training_router(api, root)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI):
+        yield
+        stop_training()            # a training job ends with the server
+
     # No /docs or /redoc: FastAPI's pages load their scripts from a CDN into this origin. The schema
     # stays at /openapi.json, for programs and for any OpenAPI viewer the user runs.
-    app = FastAPI(title="imagegen", version=__version__, docs_url=None, redoc_url=None,
+    app = FastAPI(title="imagegen", version=__version__, docs_url=None, redoc_url=None, lifespan=lifespan,
                   description="Generate, interpolate, translate, inpaint and score images with trained imagegen runs.")
     app.add_middleware(Guard, policy=Policy(frozenset(h.lower() for h in hosts), token, token_everywhere))
     app.state.runs, app.state.worker, app.state.skipped = runs, worker, skipped
-    api = Api(runs, worker, engine, skipped)
     add_error_handlers(app)
-    for router in (generation_router(api), image_router(api), studio_router(api), training_router(api, root),
-                   page_router(api)):
+    for router in (generation_router(api), image_router(api), studio_router(api), training, page_router(api)):
         app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.openapi = lambda: served_openapi(app, runs)

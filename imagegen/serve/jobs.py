@@ -8,9 +8,19 @@ each member's size, the total size and each member's compression ratio (zip bomb
 image and caption files are kept; the images are decoded later, by the same decoder and limits as any
 `folder:` data, when training reads them (a bad image is reported and skipped there).
 
+Uploads are content-addressed: an upload's id is the start of its zip's SHA-256, so the same zip sent
+twice (the page sends it on every Train click) is stored once. A zip is unpacked into a hidden partial
+folder and renamed into place when whole, so an unpack that outlives its request leaves a complete,
+addressable upload or nothing. Only the newest KEEP_UPLOADS uploads and KEEP_LOGS logs are kept (never
+the upload a job is training on), and a new upload is refused (507) while the studio folder is over
+MAX_STUDIO_BYTES or the disk has less than MIN_FREE_BYTES free. Trained runs are the user's: they stay.
+
 One training job at a time runs as its own process (`python -m imagegen train ...`), so a crash in it
 cannot take the server down; its progress is the run folder's log.jsonl, and cancelling it kills the
-process group. The server's routes (routes in studio.py) only call this module.
+process group. It runs at a lower priority (nice JOB_NICE) on all cores but one, under a memory cap, so
+the server stays responsive; it is killed GRACE_S after its time budget if it has not stopped by then,
+when the server stops, and (on Linux) when the server's process dies. The server's routes (training.py)
+only call this module.
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 import zipfile
 import zlib
@@ -31,6 +42,7 @@ from pathlib import Path, PurePosixPath
 
 from ..data.folder import ALLOWED_SUFFIXES, CAPTION_SUFFIXES
 from ..errors import ImagegenError
+from ..files import sha256_file, write_json_atomic
 from ..models import REGISTRY
 from ..requests import TrainRequest
 
@@ -43,6 +55,13 @@ KEPT_SUFFIXES = ALLOWED_SUFFIXES | set(CAPTION_SUFFIXES) | {".jsonl", ".csv"}
 TRAIN_FAMILIES = tuple(name for name, cls in REGISTRY.items() if cls.trains_in_studio)
 MAX_TRAIN_MINUTES = 120.0
 GRID_EVERY = 100                  # steps between the job's sample grids, so that they arrive while it runs
+MAX_STUDIO_BYTES = 4 << 30        # the studio folder (uploads, logs, runs): new uploads are refused past it
+MIN_FREE_BYTES = 1 << 30          # the free disk a new upload must leave
+KEEP_UPLOADS = 8                  # the newest uploads kept (and the one a job trains on)
+KEEP_LOGS = 8                     # the newest job logs kept
+GRACE_S = 60.0                    # a job still running this long after its budget is killed
+JOB_NICE = 10                     # the job's priority below the server's
+JOB_MEMORY_FRACTION = 0.5         # the job's address space: this share of the machine's memory (at least 4 GiB)
 
 
 class UploadError(ImagegenError):
@@ -128,8 +147,75 @@ def unpack_upload(zip_path: Path, dest: Path) -> dict:
     return {"images": images, "captions": len(plan) - images, "skipped": skipped}
 
 
-def new_upload_id() -> str:
-    return secrets.token_hex(8)
+class StudioFull(UploadError):
+    """The studio folder or the disk is over its cap: 507, nothing stored."""
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and not f.is_symlink()) if folder.is_dir() else 0
+
+
+def check_room(work: Path) -> None:
+    """StudioFull when the studio folder is over MAX_STUDIO_BYTES or the disk under it has less than
+    MIN_FREE_BYTES free."""
+    used = folder_bytes(work)
+    if used > MAX_STUDIO_BYTES:
+        raise StudioFull(f"the studio folder holds {used >> 20} MiB, over its cap of {MAX_STUDIO_BYTES >> 20} MiB: "
+                         f"remove old runs under {work.name}/runs")
+    probe = work if work.is_dir() else work.parent
+    free = shutil.disk_usage(probe).free
+    if free < MIN_FREE_BYTES:
+        raise StudioFull(f"{free >> 20} MiB free on the disk, under the {MIN_FREE_BYTES >> 20} MiB an upload must leave")
+
+
+def upload_id(zip_path: Path) -> str:
+    """An upload's id: the first 16 hex digits of its zip's SHA-256 (the same zip, the same id)."""
+    return sha256_file(zip_path)[:16]
+
+
+def store_upload(zip_path: Path, uploads: Path, keep: set[str] = frozenset()) -> dict:
+    """The zip at zip_path, unpacked (unpack_upload) into uploads/ID, ID = upload_id; a zip stored before is
+    reused, not unpacked again. Then only the newest KEEP_UPLOADS uploads stay, and those in `keep` (a
+    job's). Returns {"upload": ID, "images", "captions", "skipped", "reused"}."""
+    upload = upload_id(zip_path)
+    final, counts_file = uploads / upload, uploads / f"{upload}.json"
+    if final.is_dir() and counts_file.is_file():
+        os.utime(final)                                   # used again: the newest
+        return {"upload": upload, **json.loads(counts_file.read_text()), "reused": True}
+    check_room(uploads.parent)
+    partial = uploads / f".partial-{upload}-{secrets.token_hex(4)}"
+    uploads.mkdir(parents=True, exist_ok=True)
+    counts = unpack_upload(zip_path, partial)             # removes `partial` itself on any failure
+    try:
+        shutil.rmtree(final, ignore_errors=True)          # a folder without its counts: an earlier crash
+        os.replace(partial, final)
+        write_json_atomic(counts_file, counts)
+    except OSError:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    prune(uploads, KEEP_UPLOADS, keep | {upload})
+    return {"upload": upload, **counts, "reused": False}
+
+
+def prune(folder: Path, keep_newest: int, keep: set[str] = frozenset()) -> None:
+    """Remove all but the newest `keep_newest` entries of folder (uploads with their counts file, or log
+    files) and those named in `keep`; hidden partial folders are left to clear_partials."""
+    entries = sorted((p for p in folder.iterdir() if not p.name.startswith(".") and p.suffix != ".json"),
+                     key=lambda p: p.stat().st_mtime, reverse=True) if folder.is_dir() else []
+    for old in entries[keep_newest:]:
+        if old.stem in keep or old.name in keep:
+            continue
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
+        (folder / f"{old.name}.json").unlink(missing_ok=True)
+
+
+def clear_partials(uploads: Path) -> None:
+    """Partial unpacks a stopped server left behind (start-up: no unpack runs yet)."""
+    for partial in uploads.glob(".partial-*") if uploads.is_dir() else []:
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 @dataclass
@@ -144,7 +230,20 @@ class TrainJob:
     before: frozenset = frozenset()   # the folders in `out` when the job started: earlier jobs' runs
     started: float = field(default_factory=time.time)
     cancelled: bool = False
+    killed: bool = False              # by the watchdog, past its budget and grace
     _run: Path | None = None
+    _watchdog: threading.Timer | None = None
+
+    def watch(self, limit_s: float) -> None:
+        """Kill the job if it still runs limit_s from now (its own time limit should have ended it)."""
+        self._watchdog = threading.Timer(limit_s, self.overdue)
+        self._watchdog.daemon = True
+        self._watchdog.start()
+
+    def overdue(self) -> None:
+        if self.process.poll() is None:
+            self.killed = True
+            self.stop()
 
     def run_dir(self) -> Path | None:
         """The run folder this job writes: the one new folder in `out` with a config.json, once it exists
@@ -157,6 +256,8 @@ class TrainJob:
     def status(self) -> dict:
         code = self.process.poll()
         state = "running" if code is None else "cancelled" if self.cancelled else "done" if code == 0 else "failed"
+        if self.killed and code is not None:
+            state = "failed"
         run = self.run_dir()
         last = {}
         if run is not None and (run / "log.jsonl").is_file():
@@ -168,7 +269,9 @@ class TrainJob:
                 except ValueError:
                     continue
         error = ""
-        if state == "failed":   # the process's last lines say why (a typed error is one line)
+        if self.killed:
+            error = f"killed: still running {GRACE_S:g} s after its {self.minutes:g}-minute budget"
+        elif state == "failed":   # the process's last lines say why (a typed error is one line)
             tail = self.log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-3:] if self.log.is_file() else []
             error = " ".join(tail)[-500:] or f"the training process exited with status {code}"
         grid = self.latest_grid()
@@ -187,12 +290,22 @@ class TrainJob:
     def cancel(self) -> None:
         if self.process.poll() is None:
             self.cancelled = True
+            self.stop()
+
+    def stop(self, wait_s: float = 3.0) -> None:
+        """End the process group: SIGTERM, then SIGKILL if it has not gone within wait_s."""
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        if self.process.poll() is not None:
+            return
+        try:
             os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+            self.process.wait(wait_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        except ProcessLookupError:
+            self.process.wait()
 
 
 def start_training(upload_dir: Path, upload: str, family: str, minutes: float, out: Path, logs: Path,
@@ -205,12 +318,51 @@ def start_training(upload_dir: Path, upload: str, family: str, minutes: float, o
     before = frozenset(p.name for p in out.iterdir())
     logs.mkdir(parents=True, exist_ok=True)
     log = logs / f"train-{upload}-{int(time.time())}.log"
+    threads = max(1, (os.cpu_count() or 2) - 1)          # one core stays the server's
     ask = TrainRequest(model=family, data=f"folder:{upload_dir}",
-                       sets=[f"train.time_limit={60 * minutes:g}", f"train.sample_every={GRID_EVERY}"]
+                       sets=[f"train.time_limit={60 * minutes:g}", f"train.sample_every={GRID_EVERY}",
+                             f"train.threads={threads}"]
                        + [f"{key}={value}" for key, value in (overrides or {}).items()])
     ask.check()   # an unknown key or a bad value is refused here, before a process starts
     cmd = [sys.executable, "-m", *ask.command(out), "--no-progress"]
+    job = launch(cmd, log, upload, family, minutes, out, before)
+    prune(logs, KEEP_LOGS, {log.name})
+    return job
+
+
+def launch(cmd: list[str], log: Path, upload: str, family: str, minutes: float, out: Path,
+           before: frozenset = frozenset()) -> TrainJob:
+    """The job's process: its own session (so that cancelling ends its whole group), started through
+    LIMITED (a lower priority, an address-space cap, and on Linux SIGTERM when the server's process dies),
+    and watched: killed GRACE_S after its budget."""
+    limits = [str(JOB_NICE), str(job_memory_bytes()), str(os.getpid())]
     with open(log, "wb") as f:
-        process = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   start_new_session=True)
-    return TrainJob(upload, family, minutes, out, process, log, before)
+        process = subprocess.Popen([sys.executable, "-c", LIMITED, *limits, *cmd], stdout=f, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, start_new_session=True)
+    job = TrainJob(upload, family, minutes, out, process, log, before)
+    job.watch(60 * minutes + GRACE_S)
+    return job
+
+
+def job_memory_bytes() -> int:
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        total = 8 << 30
+    return max(4 << 30, int(total * JOB_MEMORY_FRACTION))
+
+
+# The job's first moments, in a bare interpreter (no imports of ours, so it starts at once): its limits,
+# then exec of the real command in the same process. Done there rather than in a preexec_fn, which is
+# unsafe in a process with threads (the server has several). PR_SET_PDEATHSIG (Linux) sends SIGTERM when
+# the server's process dies; a server that died before it was set is caught by the parent-pid check.
+LIMITED = """import ctypes, os, resource, signal, sys
+nice, cap, server = (int(a) for a in sys.argv[1:4])
+os.nice(nice)
+resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+if sys.platform.startswith("linux"):
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+    if os.getppid() != server:
+        sys.exit("the server that started this job has gone")
+os.execv(sys.argv[4], sys.argv[4:])
+"""

@@ -14,6 +14,7 @@ import asyncio
 import json
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 from fastapi import APIRouter, File, UploadFile
 from fastapi.responses import Response, StreamingResponse
@@ -21,7 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import ImagegenError
 from .common import Api, bad_request, load_served
-from .jobs import MAX_TRAIN_MINUTES, MAX_ZIP_BYTES, TRAIN_FAMILIES, TrainJob, UploadError, new_upload_id, start_training, unpack_upload
+from .jobs import (MAX_TRAIN_MINUTES, MAX_ZIP_BYTES, TRAIN_FAMILIES, StudioFull, TrainJob, UploadError, check_room,
+                   clear_partials, start_training, store_upload)
 
 EVENT_EVERY_S = 0.5
 
@@ -33,11 +35,22 @@ class TrainRequest(BaseModel):
     minutes: float = Field(default=1.0, gt=0, le=MAX_TRAIN_MINUTES, description="the training time budget")
 
 
-def training_router(api: Api, root: Path) -> APIRouter:
-    """/api/upload, /api/train and its status, grid, events and cancel."""
+def training_router(api: Api, root: Path) -> tuple[APIRouter, Callable[[], None]]:
+    """/api/upload, /api/train and its status, grid, events and cancel; and the function that ends the
+    training job when the server stops."""
     router = APIRouter()
     work = root / "studio"
     state: dict = {"job": None}
+    clear_partials(work / "uploads")
+
+    def stop() -> None:
+        job: TrainJob | None = state["job"]
+        if job is not None:
+            job.stop()
+
+    def training_upload() -> set[str]:
+        job: TrainJob | None = state["job"]
+        return {job.upload} if job is not None and job.process.poll() is None else set()
 
     def serve_run(folder: Path) -> str:
         """The served name of a run that training finished (its path under RUNS_DIR, as find_runs names
@@ -49,7 +62,12 @@ def training_router(api: Api, root: Path) -> APIRouter:
 
     @router.post("/api/upload")
     async def upload_route(archive: UploadFile = File(..., description="a zip of images (class folders or captions)")) -> dict:
-        """Unpack a zip of images into a new upload folder; answers its id for POST /api/train."""
+        """Unpack a zip of images into an upload folder named by the zip's content (the same zip twice is
+        stored once); answers its id for POST /api/train. 507 while the studio folder or the disk is full."""
+        try:
+            check_room(work)
+        except StudioFull as e:
+            raise bad_request(str(e), 507) from None
         with tempfile.NamedTemporaryFile(suffix=".zip") as tmp:
             size = 0
             while block := await archive.read(1 << 20):
@@ -60,12 +78,13 @@ def training_router(api: Api, root: Path) -> APIRouter:
             tmp.flush()
             if size == 0:
                 raise bad_request("empty upload")
-            upload = new_upload_id()
+            keep = training_upload()
             try:
-                counts = await api.worker.call(lambda: unpack_upload(Path(tmp.name), work / "uploads" / upload))
+                return await api.worker.call(lambda: store_upload(Path(tmp.name), work / "uploads", keep))
+            except StudioFull as e:
+                raise bad_request(str(e), 507) from None
             except UploadError as e:
                 raise bad_request(str(e)) from None
-        return {"upload": upload, **counts}
 
     @router.post("/api/train")
     async def train_route(req: TrainRequest) -> dict:
@@ -134,4 +153,4 @@ def training_router(api: Api, root: Path) -> APIRouter:
                 await asyncio.sleep(EVENT_EVERY_S)
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
 
-    return router
+    return router, stop
