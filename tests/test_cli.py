@@ -70,6 +70,7 @@ def test_end_to_end_cli_on_shapes(tmp_path):
     (["sample", "/nonexistent-run", "--out", "x"], "not a run folder"),
     (["sample", "/nonexistent-run", "--seeds", "9-1", "--out", "x"], "runs backwards"),
     (["data", "info", "idx:/nonexistent"], "not a directory"),
+    (["train", "--data", "shapes", "--model", "dcgan", "--steps", "1", "--set", "family=[1]"], "[1] is not a name"),
 ])
 def test_bad_input_is_one_clear_line_not_a_traceback(args, words, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -145,3 +146,14 @@ def test_evaluator_evaluate_tstr_analyse_and_synth_through_the_cli(tmp_path, mon
     # A folder that is not a run: one line, exit 2.
     assert main(["synth", str(run.parent.parent / "nope"), "--per-class", "3", "--out", str(tmp_path / "s2")]) == 2
     assert "not a run folder" in capsys.readouterr().err
+
+
+def test_a_grid_in_a_new_folder_is_written_and_a_metrics_list_is_refused(tiny_run, tmp_path):
+    r = run_main("sample", tiny_run, "--seeds", "0-3", "--out", tmp_path / "o", "--grid", tmp_path / "new" / "deeper" / "g.png")
+    assert r.returncode == 0 and (tmp_path / "new" / "deeper" / "g.png").is_file()
+    r = run_main("sample", tiny_run, "--seeds", "0", "--out", tmp_path / "o", "--grid", "/proc/no-such-folder/g.png")
+    assert r.returncode == 2 and "cannot write the image" in r.stderr and "Traceback" not in r.stderr
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.json").write_text("[1, 2]")
+    r = run_main("leaderboard", tmp_path / "run")
+    assert r.returncode == 2 and "not a metrics or anchors file" in r.stderr

@@ -153,3 +153,20 @@ def test_captions_from_csv_metadata_and_a_folder_without_captions_is_not_caption
     assert len(ds) == 6 and not ds.skipped and "a shape, number 3" in ds.captions
     plain = _captioned_folder(tmp_path / "p", rng)
     assert not load_data(DataConfig(source=f"folder:{plain}", size=16)).captioned
+
+
+def test_hostile_metadata_is_reported_line_by_line_not_a_traceback(tmp_path):
+    """A metadata.jsonl line nested 100,000 deep, and a CSV field over csv's 128 KiB limit: each reported
+    as a problem of its file, the other captions kept."""
+    rng = np.random.default_rng(3)
+    root = _captioned_folder(tmp_path / "j", rng)
+    (root / "metadata.jsonl").write_text('{"file_name": "img0.png", "text": "a circle"}\n'
+                                         + '{"file_name": "img1.png", "text": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    ds = load_data(DataConfig(source=f"folder:{root}", size=16))
+    assert "a circle" in ds.captions
+    assert any(where.endswith("metadata.jsonl:2") and "nested too deeply" in why for where, why in ds.skipped)
+    root = _captioned_folder(tmp_path / "c", rng)
+    (root / "metadata.csv").write_text("file_name,text\nimg0.png,a square\nimg1.png," + "x" * 200_000 + "\n")
+    ds = load_data(DataConfig(source=f"folder:{root}", size=16))
+    assert "a square" in ds.captions
+    assert any("unreadable CSV at line 3" in why for _, why in ds.skipped)

@@ -141,6 +141,13 @@ def test_edm_zip_problems_are_reported(tmp_path):
         zf.writestr("dataset.json", json.dumps({"labels": [[names[0], 0], ["gone.png", 1]]}))
     ds = load_data(f"zip:{tmp_path / 'c.zip'}")
     assert len(ds) == 1 and any("'gone.png', which is not an image" in why for _, why in ds.skipped)
+    for bad, message in (([[names[0], 10**12]], "class indices go up to 99999"),      # 10**12 class names
+                         ("[" * 100_000 + "]" * 100_000, "nested too deeply")):
+        with zipfile.ZipFile(tmp_path / "e.zip", "w") as zf:
+            zf.writestr(names[0], _png(images[0]))
+            zf.writestr("dataset.json", bad if isinstance(bad, str) else json.dumps({"labels": bad}))
+        with pytest.raises(DataError, match=message):
+            load_data(f"zip:{tmp_path / 'e.zip'}")
     (tmp_path / "d.zip").write_bytes(b"PK not a zip")
     with pytest.raises(DataError, match="not a readable zip"):
         load_data(f"zip:{tmp_path / 'd.zip'}")

@@ -105,6 +105,9 @@ def test_no_token_is_refused_off_loopback(tmp_path):
     ({"bomb.png": b"\0" * (8 << 20)}, (), "zip bomb"),
     ({f"f{i}.png": b"x" for i in range(10_000)}, (), "at most"),                  # 10,000 tiny files
     ({"notes.md": b"hello"}, (), "no images"),
+    ({"a.png": png(1), "a.png/b.png": png(2)}, (), "both a file and a folder"),
+    ({"n" * 300 + ".png": png(1)}, (), "over 100 characters"),
+    ({"d/" * 1500 + "a.png": png(1)}, (), "folders deep"),
 ])
 def test_unsafe_or_unbounded_zips_are_refused_and_write_nothing(client, served, tmp_path, members, links, message):
     before = everything_under(tmp_path)
@@ -168,7 +171,7 @@ def wait_for(client, state: str, timeout: float = 180.0) -> dict:
     raise AssertionError(f"training did not reach {state!r} in {timeout} s: {now}")
 
 
-def test_upload_train_and_serve_the_new_run_and_a_failure_or_cancel_leaves_a_working_server(client):
+def test_upload_train_and_serve_the_new_run_and_a_failure_or_cancel_leaves_a_working_server(client, served):
     headers = {"X-Imagegen-Token": TOKEN}
     up = upload(client, tiny_folder_zip()).json()
     assert up["images"] == 24
@@ -184,7 +187,8 @@ def test_upload_train_and_serve_the_new_run_and_a_failure_or_cancel_leaves_a_wor
     assert done["step"] > 0 and done["model"] and done["grid_step"] == done["step"]   # the last grid: at the end
     grid = client.get("/api/train/grid")
     assert grid.status_code == 200 and grid.content.startswith(b"\x89PNG")
-    assert done["model"] in [m["name"] for m in client.get("/api/models").json()]
+    info = {m["name"]: m for m in client.get("/api/models").json()}[done["model"]]
+    assert info["data"] == f"folder:{up['upload']}"                        # no absolute path in an open answer
     image = client.post("/api/generate", json={"model": done["model"], "seed": 3})
     assert image.status_code == 200 and image.content.startswith(b"\x89PNG")
     # cgan needs labelled data: on the same upload with captions only... here a folder without classes
@@ -192,6 +196,7 @@ def test_upload_train_and_serve_the_new_run_and_a_failure_or_cancel_leaves_a_wor
     client.post("/api/train", json={"upload": flat["upload"], "family": "cgan", "minutes": 0.1}, headers=headers)
     failed = wait_for(client, "failed")
     assert "labelled" in failed["error"] or "class" in failed["error"], failed
+    assert str(served) not in failed["error"]                             # the log's paths, relative
     assert failed["run"] != done["run"] and failed["step"] == 0            # not the earlier job's run
     # a long job, cancelled: the process goes, the server stays
     client.post("/api/train", json={"upload": up["upload"], "family": "dcgan", "minutes": 5}, headers=headers)

@@ -244,6 +244,8 @@ def test_the_api_takes_a_prompt_and_refuses_bad_ones(text_runs, tiny_run, tmp_pa
         assert info["text"]["text"] and not info["gan"]["text"]
         r = c.post("/api/generate", json={"model": "text", "seed": 3, "prompt": "a red star", "steps": 2})
         assert r.status_code == 200 and "--prompt 'a red star'" in r.headers["X-Imagegen-Command"]
+        r = c.post("/api/generate", json={"model": "text", "seed": 3, "prompt": "a red\nstar\t", "steps": 2})
+        assert r.status_code == 200 and "a red\\nstar\\t" in r.headers["X-Imagegen-Command"]   # not a 500
         for body, code in [({"model": "text", "prompt": ""}, 400), ({"model": "text", "prompt": "w " * 60}, 400),
                            ({"model": "gan", "prompt": "a red star"}, 400), ({"model": "text", "prompt": "x" * 301}, 422)]:
             assert c.post("/api/generate", json=body).status_code == code, body

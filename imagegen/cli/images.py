@@ -4,6 +4,7 @@ command's flags beside its handler."""
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import torch
 
@@ -103,6 +104,17 @@ def add_commands(sub) -> None:
     p.set_defaults(handler=cmd_translate)
 
 
+def save_png(image, path: str) -> None:
+    """A PIL image written to `path` (a --grid or --out file), its folder made as --out folders are; a
+    path that cannot be written is a ConfigError naming it."""
+    target = Path(path)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        image.save(target, format="PNG")
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: cannot write the image ({e})") from None
+
+
 def cmd_sample(a) -> int:
     seeds = parse_seeds(a.seeds)
     run = load_run(a.run_dir, weights=a.weights)
@@ -116,7 +128,7 @@ def cmd_sample(a) -> int:
                       negative_prompt=a.negative_prompt, **ready.options)
     paths = save_images(images, a.out, seeds)
     if a.grid:
-        grid(images).save(a.grid)
+        save_png(grid(images), a.grid)
     print(f"wrote {len(paths)} images to {a.out}" + (f" and a grid to {a.grid}" if a.grid else ""))
     return 0
 
@@ -133,7 +145,7 @@ def cmd_interpolate(a) -> int:
         images = interpolate_images(run.model, a_img, b_img, a.frames, ready.labels)
     else:
         images = interpolate(run.model, ask.seeds[0], ask.seeds[1], a.frames, ready.labels)
-    grid(images, nrow=a.frames).save(a.out)
+    save_png(grid(images, nrow=a.frames), a.out)
     print(f"wrote a {a.frames}-frame strip to {a.out}")
     return 0
 
@@ -174,7 +186,7 @@ def cmd_vary(a) -> int:
                    negative_prompt=a.negative_prompt, batch_size=a.batch_size, **ready.options)
     paths = save_images(images, a.out, seeds)
     if a.grid:
-        grid(images).save(a.grid)
+        save_png(grid(images), a.grid)
     print(f"wrote {len(paths)} images to {a.out}" + (f" and a grid to {a.grid}" if a.grid else ""))
     return 0
 
@@ -189,7 +201,7 @@ def _extend(a, mask: str | None) -> int:
     image = read_image(a.image, run.model.cfg.channels)
     image, holes = (image, read_mask(mask, image.shape[-2], image.shape[-1])) if mask else outpaint_canvas(image, a.pad, sides)
     out = extend_image(run.model, image, holes, a.seed, ready.labels, **ready.options)
-    to_pil(to_uint8(out)[0]).save(a.out)
+    save_png(to_pil(to_uint8(out)[0]), a.out)
     print(f"wrote {a.out} ({out.shape[-1]}x{out.shape[-2]})")
     return 0
 
@@ -216,8 +228,8 @@ def cmd_translate(a) -> int:
     save_named(translated, a.out, names)
     if a.grid:
         k = min(len(names), a.grid_images)
-        grid(torch.cat([images[:k], translated[:k].cpu(), reconstructed[:k].cpu()]), nrow=k,
-             scale=2 if cfg.image_size < 48 else 1).save(a.grid)
+        save_png(grid(torch.cat([images[:k], translated[:k].cpu(), reconstructed[:k].cpu()]), nrow=k,
+                      scale=2 if cfg.image_size < 48 else 1), a.grid)
     src, dst = (cfg.domain_a, cfg.domain_b) if a.direction == "a2b" else (cfg.domain_b, cfg.domain_a)
     print(f"translated {len(names)} image(s) {src} -> {dst} into {a.out}"
           + (f"; grid (input / translated / reconstructed) in {a.grid}" if a.grid else ""))

@@ -24,6 +24,8 @@ from ..errors import DataError, ImageFileError
 from .folder import ALLOWED_SUFFIXES, GRAY_MODES, MAX_FILE_BYTES, ImageFiles, decode_image
 
 LABELS_FILE = "dataset.json"
+MAX_CLASSES = 100_000             # as many as a conditional model takes (models' num_classes)
+MAX_LABELS_BYTES = 256 << 20      # dataset.json itself (ImageNet's 1.28 M labels take about 50 MiB)
 
 
 def scan_zip(path: str | Path, size: int, channels: int | None) -> ImageFiles:
@@ -94,10 +96,14 @@ def _first_image(zf: zipfile.ZipFile, names: list[str]) -> tuple[int, bool]:
 def _read_labels(zf: zipfile.ZipFile, path: Path) -> dict[str, int] | None:
     """{member: class} from dataset.json, or None when it says "labels": null."""
     where = f"{path}:{LABELS_FILE}"
+    if zf.getinfo(LABELS_FILE).file_size > MAX_LABELS_BYTES:
+        raise DataError(f"{where}: {zf.getinfo(LABELS_FILE).file_size} bytes, over the {MAX_LABELS_BYTES} a label table may have")
     try:
         meta = json.loads(zf.read(LABELS_FILE).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, zipfile.BadZipFile) as e:
         raise DataError(f"{where}: not readable JSON ({e})") from None
+    except RecursionError:
+        raise DataError(f"{where}: not readable JSON (nested too deeply)") from None
     if not isinstance(meta, dict) or "labels" not in meta:
         raise DataError(f"{where}: expected an object with a \"labels\" field")
     rows = meta["labels"]
@@ -113,6 +119,8 @@ def _read_labels(zf: zipfile.ZipFile, path: Path) -> dict[str, int] | None:
         if isinstance(label, list):
             raise DataError(f"{where}: labels[{i}] is a vector; imagegen takes class labels (integers) only")
         if not isinstance(label, int) or isinstance(label, bool) or label < 0:
-            raise DataError(f"{where}: labels[{i}] = {label!r} is not a class index (an integer >= 0)")
+            raise DataError(f"{where}: labels[{i}] = {str(label)[:40]} is not a class index (an integer >= 0)")
+        if label >= MAX_CLASSES:   # classes are 0 .. the largest label: 10**12 would be 10**12 names
+            raise DataError(f"{where}: labels[{i}] = {label}; class indices go up to {MAX_CLASSES - 1}")
         table[row[0]] = label
     return table

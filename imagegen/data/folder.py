@@ -271,9 +271,21 @@ def folder_captions(root: Path, paths: list[Path]) -> tuple[dict[Path, str], lis
                 except json.JSONDecodeError as e:
                     problems.append((f"{meta}:{i}", f"not JSON ({e.msg})"))
                     continue
+                except RecursionError:
+                    problems.append((f"{meta}:{i}", "not JSON (nested too deeply)"))
+                    continue
                 rows.append((i, row if isinstance(row, dict) else {}))
         else:
-            rows = [(i + 2, row) for i, row in enumerate(csv.DictReader(lines))]
+            reader = enumerate(csv.DictReader(lines))
+            while True:   # row by row: a bad row (say a field over csv's 128 KiB limit) ends the file, reported
+                try:
+                    i, row = next(reader)
+                except StopIteration:
+                    break
+                except csv.Error as e:
+                    problems.append((str(meta), f"unreadable CSV at line {len(rows) + 2} ({e}); its other rows are not read"))
+                    break
+                rows.append((i + 2, row))
         for i, row in rows:
             file_name = row.get("file_name")
             if not isinstance(file_name, str) or not file_name:

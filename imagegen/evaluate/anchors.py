@@ -117,8 +117,10 @@ def collect(paths: list[str | Path]) -> list[dict]:
         for f in files:
             try:
                 doc = json.loads(f.read_text())
-            except ValueError as e:
-                raise ConfigError(f"{f}: unreadable ({e})") from None
+            except (ValueError, RecursionError) as e:
+                raise ConfigError(f"{f}: unreadable ({str(e)[:200] or type(e).__name__})") from None
+            if not isinstance(doc, dict):
+                raise ConfigError(f"{f}: not a metrics or anchors file (it holds a {type(doc).__name__}, not an object)")
             if "anchors" in doc:
                 for name, m in doc["anchors"].items():
                     rows.append({"name": f"anchor: {name}", "kind": "anchor", "step": "", "metrics": m,

@@ -65,6 +65,8 @@ SAMPLE_OPTIONS = merged_options(REGISTRY.values())
 
 
 def family_class(name: str) -> type[Family]:
+    if not isinstance(name, str):   # `--set family=[1]`, or a config.json that holds a list there
+        raise ConfigError(f"model family: {str(name)[:60]} is not a name (known: {', '.join(sorted(REGISTRY))})")
     try:
         return REGISTRY[name]
     except KeyError:

@@ -5,6 +5,7 @@ answers. A thin layer over the library: a bad field becomes a 4xx answer that na
 from __future__ import annotations
 
 import io
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -153,11 +154,20 @@ class Served:
             name=self.name, family=self.run.family, classes=self.run.classes if m.conditional else [],
             conditional=m.conditional, translates=m.translates, inpaints=m.inpaints,
             image_size=cfg.image_size, channels=cfg.channels,
-            step=self.run.step, data=self.run.data_source,
+            step=self.run.step, data=shown_source(self.run.data_source),
             options={k: OptionInfo(**o.control()) for k, o in m.sample_options.items() if o.served},
             latent_dims=cfg.z_dim if m.has_latent else 0,
             domains=[cfg.domain_a, cfg.domain_b] if m.translates else [], text=m.reads_text,
             varies=not m.translates and (m.edits or m.has_latent))
+
+
+def shown_source(source: str | None) -> str | None:
+    """A data source as GET /api/models shows it to anyone who can reach the server: a path only by its last
+    part ("folder:/home/me/photos" -> "folder:photos"), so that no answer spells out the machine's folders."""
+    if source is None or ":" not in source:
+        return source
+    kind, _, rest = source.partition(":")
+    return f"{kind}:{Path(rest).name}" if "/" in rest or "\\" in rest else source
 
 
 def load_served(name: str, folder: Path, engine: str = "torch") -> Served:
@@ -299,5 +309,7 @@ def command_header(ask, served: Served) -> dict[str, str]:
 
 
 def latin1(text: str) -> str:
-    """A header value: HTTP headers are Latin-1, so a prompt outside it is written with escapes there."""
-    return text.encode("latin-1", "backslashreplace").decode("latin-1")
+    """A header value: HTTP headers are Latin-1 without control characters, so a prompt outside Latin-1 is
+    written with escapes there, and a newline or tab in it (or in a class name) as \\n or \\t."""
+    text = text.encode("latin-1", "backslashreplace").decode("latin-1")
+    return re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m.group())[1:-1], text)

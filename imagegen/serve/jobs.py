@@ -50,6 +50,8 @@ MAX_ZIP_BYTES = 64 << 20          # the uploaded zip itself
 MAX_MEMBERS = 5000                # files in it
 MAX_MEMBER_BYTES = 16 << 20       # one unpacked file
 MAX_TOTAL_BYTES = 256 << 20       # all unpacked files together
+MAX_DEPTH = 16                    # folders above a member
+MAX_NAME = 100                    # characters of one file or folder name
 MAX_RATIO = 100                   # unpacked / packed size of one member (a zip bomb goes far beyond)
 KEPT_SUFFIXES = ALLOWED_SUFFIXES | set(CAPTION_SUFFIXES) | {".jsonl", ".csv"}
 TRAIN_FAMILIES = tuple(name for name, cls in REGISTRY.items() if cls.trains_in_studio)
@@ -76,7 +78,10 @@ def _safe_member(info: zipfile.ZipInfo) -> PurePosixPath | None:
         raise UploadError(f"zip member {name!r}: absolute or Windows-style path")
     path = PurePosixPath(name)
     if ".." in path.parts:
-        raise UploadError(f"zip member {name!r}: a path with '..' leaves the upload folder")
+        raise UploadError(f"zip member {name[:100]!r}: a path with '..' leaves the upload folder")
+    if len(path.parts) > MAX_DEPTH or any(len(part) > MAX_NAME for part in path.parts):
+        raise UploadError(f"zip member {name[:100]!r}: more than {MAX_DEPTH} folders deep or a name over "
+                          f"{MAX_NAME} characters")
     mode = info.external_attr >> 16
     if stat.S_ISLNK(mode):
         raise UploadError(f"zip member {name!r}: a symbolic link")
@@ -122,6 +127,9 @@ def unpack_upload(zip_path: Path, dest: Path) -> dict:
         names = [str(p).lower() for _, p in plan]
         if len(set(names)) < len(names):   # also "A.png" beside "a.png": one file on case-insensitive disks
             raise UploadError("the zip holds two members with the same name")
+        folders = {str(parent).lower() for _, p in plan for parent in p.parents}
+        if clash := sorted(folders & set(names)):   # "a.png" and "a.png/b.png": a file and a folder at once
+            raise UploadError(f"zip member {clash[0][:100]!r} is both a file and a folder")
         dest.mkdir(parents=True)
         root = dest.resolve()
         try:

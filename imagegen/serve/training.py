@@ -114,6 +114,7 @@ def training_router(api: Api, root: Path) -> tuple[APIRouter, Callable[[], None]
         if job is None:
             return {"state": "none"}
         out = job.status()
+        out["error"] = out["error"].replace(f"{root}/", "")   # the log's paths, relative to RUNS_DIR
         if out["state"] == "done" and job.run_dir() is not None:
             try:
                 out["model"] = serve_run(job.run_dir())   # found once, then remembered by the job
