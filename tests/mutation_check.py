@@ -214,8 +214,8 @@ MUTATIONS = [
              "                x = x + self.net(x, t, y)",
              ("tests/test_export.py",), "the distilled sampler graph takes whole steps, not 1/K"),
     Mutation("imagegen/progress.py",
-             '            self.board.scalars(done, means, "loss")',
-             '            self.board.scalars(done - 1, means, "loss")',
+             '            self.board.scalars(done, means | ({} if val_loss is None else {"validation": val_loss}), "loss")',
+             '            self.board.scalars(done - 1, means | ({} if val_loss is None else {"validation": val_loss}), "loss")',
              ("tests/test_tboard.py",), "TensorBoard's losses are logged one step early"),
     # --- serve/ -----------------------------------------------------------------------------------------
     Mutation("imagegen/serve/common.py",

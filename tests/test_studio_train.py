@@ -238,6 +238,14 @@ def test_the_page_uploads_trains_and_explores_a_first_model_from_an_empty_folder
         assert name.startswith("studio/runs/") and page.is_visible("#generate-panel")
         commands = page.eval_on_selector_all(".candidate", "els => els.map(e => e.dataset.command)")
         assert all(str(served / name) in c for c in commands)
+        # Train again on the same file: the page trains on the upload the server holds, not sending it twice.
+        sent = []
+        page.on("request", lambda r: sent.append(r.url))
+        page.click("#train-go")
+        page.wait_for_function("document.getElementById('train-status').textContent.startsWith('training dcgan')")
+        assert any(u.endswith("/api/train") for u in sent) and not any(u.endswith("/api/upload") for u in sent)
+        page.click("#train-cancel")
+        page.wait_for_function("document.getElementById('train-status').textContent.startsWith('cancelled')")
     assert (served / name / "model.safetensors").is_file()
 
 
@@ -374,3 +382,11 @@ def test_stopping_the_app_ends_its_job_without_the_linux_death_signal(served, mo
     while job_pids(marker):
         assert time.time() - t < 5, "the training process outlived the app"
         time.sleep(0.1)
+
+
+def test_a_cancel_racing_the_jobs_end_is_no_error(tmp_path):
+    job = jobs.launch([sys.executable, "-c", "pass"], tmp_path / "job.log", "u" * 16, "dcgan", minutes=1, out=tmp_path)
+    job.process.wait(30)                       # the job has ended and been reaped ...
+    job.process.poll = lambda: None            # ... but the cancel saw it running a moment before
+    job.cancel()                               # its process group is gone: no ProcessLookupError
+    assert job.cancelled

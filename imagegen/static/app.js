@@ -351,18 +351,29 @@ function showTraining(job) {
   $("train-status").textContent = text;
 }
 
+let lastUpload = null;                  // {key, upload}: the zip this page sent last, not sent again
+
 async function trainNow() {
   try {
     const file = $("train-zip").files[0];
     if (!file) throw new Error("choose a zip of images to train on");
-    const form = new FormData();
-    form.append("archive", file, file.name);
-    $("train-status").textContent = "uploading...";
-    const up = await sendWithToken("/api/upload", { body: form });
-    const job = await sendWithToken("/api/train", {
-      headers: { "Content-Type": "application/json" },
-      body: JSON.stringify({ upload: up.upload, family: $("train-family").value, minutes: parseFloat($("train-minutes").value) }),
+    const key = `${file.name}/${file.size}/${file.lastModified}`;
+    const train = (upload) => fetch("/api/train", {
+      method: "POST", headers: { "Content-Type": "application/json", ...tokenHeader() },
+      body: JSON.stringify({ upload, family: $("train-family").value, minutes: parseFloat($("train-minutes").value) }),
     });
+    // The same file again: train on the upload the server holds (unless it has dropped it: 404).
+    let response = lastUpload && lastUpload.key === key ? await train(lastUpload.upload) : null;
+    if (!response || response.status === 404) {
+      const form = new FormData();
+      form.append("archive", file, file.name);
+      $("train-status").textContent = "uploading...";
+      const up = await sendWithToken("/api/upload", { body: form });
+      lastUpload = { key, upload: up.upload };
+      response = await train(up.upload);
+    }
+    if (!response.ok) throw new Error(await explain(response));
+    const job = await response.json();
     showTraining(job);
     clearError();
     const events = new EventSource("/api/train/events");
