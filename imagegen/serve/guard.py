@@ -128,8 +128,9 @@ class Guard:
         name = host_name(host)
         if "*" not in policy.hosts and name not in policy.hosts and not is_address(name):
             shown = (host or "missing or repeated")[:80]
-            return 403, (f"Host {shown!r} is not served here (allowed: {', '.join(sorted(policy.hosts))}); "
-                         "start imagegen serve with --allow-host NAME to answer to another name")
+            # The names allowed are not listed: a rebinding page can read this answer.
+            return 403, (f"Host {shown!r} is not served here; start imagegen serve with --allow-host NAME to "
+                         "answer to another name")
         if method not in ("GET", "HEAD", "OPTIONS"):
             site = first(headers, "sec-fetch-site")
             origin = first(headers, "origin")
