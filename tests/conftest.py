@@ -46,6 +46,13 @@ SLOWEST_FIRST = ("test_text_follows.py", "test_conditional.py", "test_studio_tra
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))   # stable: order within a module kept
+    # The tests marked `cuda` need a GPU: without one they are deselected (and counted in the summary as
+    # such), not skipped, unless the run asks for them by name (`-m cuda`, as benchmarks/gpu_check.py does).
+    if not torch.cuda.is_available() and "cuda" not in (config.option.markexpr or ""):
+        gpu = [item for item in items if item.get_closest_marker("cuda")]
+        if gpu:
+            config.hook.pytest_deselected(items=gpu)
+            items[:] = [item for item in items if not item.get_closest_marker("cuda")]
 
 
 TINY = {
