@@ -174,3 +174,38 @@ def test_global_batch_must_divide_over_ranks(tmp_path, monkeypatch):
     r = run_main("train", "--data", "shapes", "--model", "dcgan", "--steps", "1", "--batch-size", "15", "--out", tmp_path / "x")
     assert r.returncode == 2 and "must divide evenly over 2 processes" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_the_launcher_starts_torchrun_and_writes_one_run(tmp_path):
+    """`imagegen train --nproc 2`: two processes (the command torchrun by hand would run), one run folder."""
+    r = subprocess.run([sys.executable, "-m", "imagegen", "train", "--nproc", "2", "--data", "shapes", "--model", "dcgan",
+                        "--steps", "3", "--batch-size", "8", "--set", "model.width=8", "--set", "model.z_dim=16",
+                        "--set", "data.limit=64", "--set", "train.sample_every=0", "--out", str(tmp_path), "--no-progress"],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "torch.distributed.run --nproc_per_node 2" in r.stdout and r.stdout.count("run folder:") == 1
+    (run,) = tmp_path.iterdir()
+    assert json.loads((run / "config.json").read_text())["world_size"] == 2 and imagegen.load_run(run).step == 3
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--nproc", "2", "--batch-size", "15"], "must divide evenly over 2 processes"),
+    (["--nproc", "2", "--nnodes", "2", "--batch-size", "16"], "needs --master"),
+    (["--nproc", "2", "--nnodes", "2", "--batch-size", "16", "--master", "node0:29500"], "absolute path"),
+    (["--nproc", "2", "--nnodes", "2", "--node-rank", "2", "--batch-size", "16"], "ranks of 2 machines"),
+    (["--nproc", "2", "--batch-size", "16", "--master", "node0:29500"], "for --nnodes > 1"),
+])
+def test_the_launchers_bad_input_is_one_line(tmp_path, args, words):
+    r = run_main("train", "--data", "shapes", "--model", "dcgan", "--steps", "1", *args)
+    assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr
+
+
+def test_the_launcher_refuses_a_master_port_in_use(tmp_path):
+    import socket
+    with socket.socket() as held:
+        held.bind(("", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        r = run_main("train", "--data", "shapes", "--model", "dcgan", "--steps", "1", "--nproc", "2", "--nnodes", "2",
+                     "--batch-size", "16", "--master", f"127.0.0.1:{port}", "--out", str(tmp_path / "shared"))
+    assert r.returncode == 2 and f"port {port} is in use" in r.stderr and not (tmp_path / "shared").exists()

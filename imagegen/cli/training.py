@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import shlex
+import socket
+import subprocess
 import sys
+from pathlib import Path
 
 from ..checkpoint import read_config
 from ..data import DataConfig, load_data
@@ -14,6 +19,7 @@ from ..models.ddpm import STEPS as SAMPLE_STEPS
 from ..report import write_report
 from ..requests import TrainRequest
 from ..train import resolve_config, train
+from ..config import Range
 from .options import TRAIN_RANGES, add_number
 
 
@@ -38,6 +44,12 @@ def add_commands(sub) -> None:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue this run up to --steps")
     p.add_argument("--strict", action="store_true", help="any bad data file is an error")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    launch = p.add_argument_group("several processes (this command starts torchrun for you)")
+    add_number(launch, "--nproc", Range(1, 1024), "processes on this machine (one per GPU); --batch-size is global")
+    add_number(launch, "--nnodes", Range(1, 1024), "machines in the job (default 1)", default=1)
+    add_number(launch, "--node-rank", Range(0, 1023), "this machine's rank, 0 .. --nnodes - 1 (default 0)", default=0)
+    launch.add_argument("--master", metavar="HOST:PORT", help="with --nnodes > 1: the address of node 0, the same on every node")
+    add_number(launch, "--max-restarts", Range(0, 1000), "torchrun restarts of failed workers (default 0)", default=0)
     p.set_defaults(handler=cmd_train)
 
     p = sub.add_parser("demo", help="the main job: train the DCGAN on Fashion-MNIST (or shapes) and write the report")
@@ -89,10 +101,64 @@ def cmd_train(a) -> int:
         print(json.dumps(cfg.to_json(), indent=2))
         print("# model.image_size and model.channels are filled in from the data when training starts")
         return 0
+    if a.nproc and "LOCAL_RANK" not in os.environ:   # the launcher; under torchrun this flag is already served
+        return launch_torchrun(a, cfg.train.batch_size)
     run_dir = train(cfg, out=a.out, resume=a.resume, progress=not a.no_progress)
-    report = write_report(run_dir)
-    print(f"run folder: {run_dir}\nreport:     {report}")
+    if int(os.environ.get("RANK", "0")) == 0:   # under torchrun, rank 0 alone writes, as in training
+        report = write_report(run_dir)
+        print(f"run folder: {run_dir}\nreport:     {report}")
     return 0
+
+
+def launch_torchrun(a, batch_size: int) -> int:
+    """`imagegen train --nproc N ...` as `torchrun ... -m imagegen train ...`: the same code path as torchrun
+    typed by hand, with the launcher's own flags checked first (one-line errors, nothing started)."""
+    world = a.nproc * a.nnodes
+    if batch_size % world:
+        raise ConfigError(f"--batch-size {batch_size} must divide evenly over {world} processes "
+                          f"({a.nproc} per machine x {a.nnodes} machines)")
+    if a.node_rank >= a.nnodes:
+        raise ConfigError(f"--node-rank {a.node_rank}: the ranks of {a.nnodes} machines are 0 .. {a.nnodes - 1}")
+    rdzv = ["--standalone"]
+    if a.nnodes > 1:
+        if not a.master:
+            raise ConfigError("--nnodes > 1 needs --master HOST:PORT, the address of node 0 (the same on every node)")
+        if a.out == "runs" or not Path(a.out).is_absolute():
+            raise ConfigError("--nnodes > 1 needs --out as an absolute path to a folder every node shares "
+                              "(rank 0 writes the run there; the other nodes read its checkpoints)")
+        host, _, port = a.master.rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError(f"--master {a.master!r}: give HOST:PORT, e.g. node0.cluster:29500")
+        if a.node_rank == 0:
+            check_port_free(int(port))
+        rdzv = ["--nnodes", str(a.nnodes), "--node_rank", str(a.node_rank), "--master_addr", host, "--master_port", port]
+    elif a.master:
+        raise ConfigError("--master is for --nnodes > 1 (one machine needs no address: torchrun --standalone)")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(a.nproc),
+           "--max_restarts", str(a.max_restarts), *rdzv, "-m", "imagegen", "train", *worker_argv(a)]
+    print("launching: " + " ".join(shlex.quote(c) for c in cmd), flush=True)
+    return subprocess.run(cmd).returncode
+
+
+def check_port_free(port: int) -> None:
+    with socket.socket() as s:
+        try:
+            s.bind(("", port))
+        except OSError as e:
+            raise ConfigError(f"--master port {port} is in use on this machine ({e.strerror}): choose another") from None
+
+
+def worker_argv(a) -> list[str]:
+    """The `imagegen train` arguments of the namespace, without the launcher's: what each process gets."""
+    out: list[str] = []
+    for flag in ("data", "model", "steps", "batch_size", "seed", "device", "precision", "logger", "out", "config", "resume"):
+        value = getattr(a, flag)
+        if value is not None:
+            out += [f"--{flag.replace('_', '-')}", str(value)]
+    for kv in a.set:
+        out += ["--set", kv]
+    out += ["--strict"] * a.strict + ["--no-progress"] * a.no_progress
+    return out
 
 
 def cmd_distill(a) -> int:
