@@ -263,7 +263,7 @@ def test_the_same_zip_is_stored_once_and_only_the_newest_uploads_stay(client, se
     assert kept == {ids[0], ids[1], f"{ids[0]}.json", f"{ids[1]}.json"}      # the oldest went, with its counts
 
 
-def test_a_full_studio_refuses_uploads_before_reading_them(client, served, monkeypatch):
+def test_a_full_studio_refuses_uploads_and_stores_nothing(client, served, monkeypatch):
     upload(client, tiny_folder_zip())
     monkeypatch.setattr(jobs, "MAX_STUDIO_BYTES", 1000)
     r = upload(client, zip_bytes({"a/1.png": png(1)}))
