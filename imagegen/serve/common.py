@@ -178,7 +178,7 @@ def load_served(name: str, folder: Path, engine: str = "torch") -> Served:
         raise ConfigError("an autoencoder (model 'ae') draws no images; the latent models built on it are served")
     use_engine(run.model, engine)
     for net in run.model.children():  # a request past its deadline stops at its next network call (each
-        net.register_forward_pre_hook(stop_if_late)   # network, not each layer: a hook per layer cost 8%)
+        net.register_forward_pre_hook(stop_if_late)   # network, not each layer: a hook per layer cost 8-11%)
     served = Served(name, run)
     served.info()     # a run that cannot describe itself fails here, not in every GET /api/models
     return served
