@@ -312,14 +312,15 @@ def load_run(path: str | Path, *, weights: str = "ema", device: str | torch.devi
     if max_bytes is not None and need > max_bytes:
         raise CheckpointError(f"{run_dir / 'config.json'}: the model needs {need / 2**20:.0f} MiB of weights; "
                               f"at most {max_bytes / 2**20:.0f} MiB are loaded here")
-    if file.is_file() and need > file.stat().st_size:
+    have = file.stat().st_size if file.is_file() else None
+    if have is not None and need > have:
         raise CheckpointError(f"{run_dir / 'config.json'}: the model needs {need / 2**20:.1f} MiB of weights; "
-                              f"{file.name} holds {file.stat().st_size / 2**20:.1f} MiB")
+                              f"{file.name} holds {have / 2**20:.1f} MiB")
     model = build_model(cfg["family"], cfg["model"])
     try:
-        model.load_state_dict(load_weights(run_dir / f"{weights}.safetensors"))
+        model.load_state_dict(load_weights(file))
     except RuntimeError as e:
-        raise CheckpointError(f"{run_dir / f'{weights}.safetensors'}: does not fit the model in config.json ({e})") from None
+        raise CheckpointError(f"{file}: does not fit the model in config.json ({e})") from None
     # The memory format the run trained and drew its grids in: convolution kernels round differently in
     # each, so this keeps `sample` bit-identical to the run's own grids.
     channels_last = cfg.get("train", {}).get("channels_last", True)

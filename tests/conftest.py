@@ -167,6 +167,29 @@ def live_server(runs_dir: Path, token: str | None = None):
         thread.join(10)
 
 
+def serve_process(runs_dir: Path, *args) -> tuple[subprocess.Popen, int]:
+    """`imagegen serve RUNS_DIR ARGS` as a user starts it, a process of its own on a free port (one torch
+    thread), once its /health answers: (the process, its port). Its output is in proc.stdout; the caller
+    stops it."""
+    import sys
+    import time
+    import urllib.request
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "imagegen", "serve", str(runs_dir), "--port", str(port), "--threads", "1",
+                             *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.time() + 60
+    while True:
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                assert r.status == 200
+                return proc, port
+        except OSError:
+            assert time.time() < deadline, "the server did not start"
+            time.sleep(0.2)
+
+
 def private_copy(folder: Path, tmp_path: Path) -> Path:
     """A copy of a shared fixture folder that a test may write into."""
     return Path(shutil.copytree(folder, tmp_path / folder.name))

@@ -143,7 +143,7 @@ MUTATIONS = [
              "for old in list_checkpoints(run_dir)[:-keep - 1] if keep > 0 else []:",
              ("tests/test_checkpoint.py",), "one checkpoint too many kept"),
     Mutation("imagegen/checkpoint.py",
-             "        raise CheckpointError(f\"{run_dir / f'{weights}.safetensors'}: does not fit the model in config.json ({e})\") from None",
+             "        raise CheckpointError(f\"{file}: does not fit the model in config.json ({e})\") from None",
              "        raise",
              ("tests/test_checkpoint.py",), "weights that do not fit config.json end in a RuntimeError traceback"),
     # --- data/ ----------------------------------------------------------------------------------------

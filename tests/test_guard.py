@@ -5,11 +5,8 @@ the cap on open requests; over raw ASGI (counting the body bytes the app pulls) 
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import socket
-import subprocess
-import sys
 import time
 import warnings
 
@@ -22,7 +19,7 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
     from fastapi.testclient import TestClient
 
-from conftest import LOCAL, free_port
+from conftest import LOCAL, serve_process
 
 TOKEN = "a-test-token-0123"
 CHUNK = 64 << 10
@@ -213,21 +210,8 @@ def test_open_requests_are_capped(monkeypatch):
 def test_a_real_server_answers_before_the_body_and_refuses_a_foreign_host(served):
     """`imagegen serve` as started by a user: a 10 MiB upload announced without a token is answered 401
     while the client has sent its headers only; a rebinding page's Host is 403."""
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "imagegen", "serve", str(served), "--port", str(port), "--threads", "1",
-                             "--token", TOKEN], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc, port = serve_process(served, "--token", TOKEN)
     try:
-        deadline = time.time() + 60
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert time.time() < deadline, "the server did not start"
-                time.sleep(0.2)
-
         def raw(head: str) -> bytes:
             with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
                 s.sendall(head.encode())                  # the headers only: no byte of a body follows

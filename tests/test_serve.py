@@ -8,10 +8,7 @@ import http.client
 import io
 import shlex
 import json
-import os
 import shutil
-import subprocess
-import sys
 import time
 import urllib.request
 import warnings
@@ -34,7 +31,7 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
     from fastapi.testclient import TestClient
 
-from conftest import LOCAL, free_port, live_server, read_only
+from conftest import LOCAL, live_server, read_only, serve_process
 from test_cyclegan import cg_config
 from test_families import family_config
 
@@ -489,20 +486,8 @@ def test_serve_command_finds_nested_runs_and_reports_broken_ones(tiny_run, tmp_p
     data = bytearray((broken / "ema.safetensors").read_bytes())
     data[-50] ^= 1
     (broken / "ema.safetensors").write_bytes(bytes(data))
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "imagegen", "serve", str(root), "--port", str(port), "--threads", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc, port = serve_process(root)
     try:
-        deadline = time.time() + 60
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                    assert r.status == 200
-                    break
-            except OSError:
-                assert time.time() < deadline, "the server did not start"
-                time.sleep(0.2)
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as r:
             assert '<select id="model"' in r.read().decode()
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/models", timeout=10) as r:

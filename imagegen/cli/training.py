@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from ..checkpoint import read_config
+from ..config import Range
 from ..data import DataConfig, load_data
 from ..distill import PAIRS, STUDENT_STEPS
 from ..errors import ConfigError, DataError
@@ -19,7 +20,6 @@ from ..models.ddpm import STEPS as SAMPLE_STEPS
 from ..report import write_report
 from ..requests import TrainRequest
 from ..train import resolve_config, train
-from ..config import Range
 from .options import TRAIN_RANGES, add_number
 
 

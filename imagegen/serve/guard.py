@@ -153,7 +153,7 @@ class Guard:
             if not secrets.compare_digest(given.encode(), policy.token.encode()):
                 return 403, "wrong token"
         length = first(headers, "content-length")
-        cap, _ = BODY_LIMITS.get(path, (SMALL_BODY, SMALL_DEADLINE_S))
+        cap, _ = body_limits(path)
         if length is not None:
             if not length.isdigit():
                 return 400, f"Content-Length {length[:40]!r} is not a byte count"
@@ -164,7 +164,7 @@ class Guard:
     async def limited(self, scope, receive, send) -> None:
         """The app, with its body counted against the route's cap and read within its deadline. A refusal
         while reading replaces the app's own answer (FastAPI turns an error in reading into a 400)."""
-        cap, deadline_s = BODY_LIMITS.get(scope["path"], (SMALL_BODY, SMALL_DEADLINE_S))
+        cap, deadline_s = body_limits(scope["path"])
         state = {"read": 0, "done": False, "refused": None, "started": False}
         deadline = time.monotonic() + deadline_s
 
@@ -203,6 +203,11 @@ class Guard:
             pass
         if state["refused"] is not None and not state["started"]:
             await answer(send, state["refused"].status, state["refused"].detail, {"Connection": "close"})
+
+
+def body_limits(path: str) -> tuple[int, float]:
+    """(the largest body in bytes, the seconds to send it in) of a route: BODY_LIMITS, else the small ones."""
+    return BODY_LIMITS.get(path, (SMALL_BODY, SMALL_DEADLINE_S))
 
 
 def request_headers(scope) -> dict[str, list[str]]:
