@@ -199,6 +199,44 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.]+", "-", text).strip("-")[:40] or "data"
 
 
+def run_folders(out_root: Path) -> list[Path]:
+    """The numbered run folders in `out_root`, newest (highest number) first."""
+    out_root = Path(out_root)
+    if not out_root.is_dir():
+        return []
+    return sorted((p for p in out_root.iterdir() if p.is_dir() and p.name[:5].isdigit()), key=lambda p: p.name, reverse=True)
+
+
+def start_over(run_dir: Path) -> None:
+    """Empty a run folder that never reached a checkpoint (its job died first) so a new start can use it:
+    only what training writes is removed (log, grids, TensorBoard events, report, unfinished checkpoints)."""
+    run_dir = Path(run_dir)
+    for name in ("log.jsonl", "report.html", "metrics.json"):
+        (run_dir / name).unlink(missing_ok=True)
+    for path in [*run_dir.glob("events.out.tfevents.*"), *(run_dir / "samples").glob("step-*.png")]:
+        path.unlink()
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+
+
+def trim_log(path: Path, step: int) -> None:
+    """Keep the lines of log.jsonl up to `step`: a resumed run logs the later steps again, and a line a
+    killed process left half-written would run into the next one."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line + "\n")
+    if len(kept) != len(lines):
+        write_bytes_atomic(path, "".join(kept).encode())
+
+
 def new_run_dir(out_root: Path, data_name: str, model_name: str) -> Path:
     """runs/NNNNN-<data>-<model>, numbered one past the highest existing number."""
     out_root = Path(out_root)

@@ -176,7 +176,7 @@ def distill(teacher_dir: str | Path, *, steps: int = 1, out: str | Path = "runs"
     else:
         kept = load_couplings(teacher, resume, pairs, real) if resume is not None else None
     pairs_ds = kept if kept is not None else couplings(teacher, pairs, steps=teacher_steps, real=real, progress=progress)
-    run_dir = train(cfg, out=out, resume=resume, progress=progress, dataset=pairs_ds)
+    run_dir = train(cfg, out=out, resume=resume or "never", progress=progress, dataset=pairs_ds)
     if kept is None or couplings_from is not None:   # keep them in this folder too, for a resume
         save_couplings(pairs_ds, run_dir, teacher_hash(teacher.path))
     return run_dir

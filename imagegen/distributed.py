@@ -56,6 +56,14 @@ def from_env() -> tuple[int, int, int]:
         raise ConfigError(f"RANK / WORLD_SIZE / LOCAL_RANK must be integers ({e})") from None
 
 
+def elastic_job() -> str | None:
+    """The id torchrun's elastic agent gives this job: the same in every worker and across the agent's
+    restarts of them (--max-restarts). "" under the agent when the id names no job (a multi-node launch
+    with a fixed master address and no --rdzv-id has "none"); None when not launched by torchrun."""
+    job = os.environ.get("TORCHELASTIC_RUN_ID")
+    return None if job is None else "" if job == "none" else job
+
+
 def setup(device: torch.device) -> Dist | None:
     """Join (or reuse) the process group; None for a single process."""
     if dist.is_available() and dist.is_initialized():
@@ -73,8 +81,18 @@ def setup(device: torch.device) -> Dist | None:
     # during interpreter shutdown aborts the process ("terminate called without an active exception").
     # Imported here, while there is no group yet, it holds None.
     import torch.distributed.nn  # noqa: F401
+    timeout = datetime.timedelta(seconds=TIMEOUT_S)
     try:
-        dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=TIMEOUT_S),
+        store = {}
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        if attempt is not None:
+            # torchrun's elastic agent serves one store to all its attempts, and the process group
+            # publishes each rank's address under the same keys every time: a restarted rank could read
+            # the address of a rank that died and fail to connect ("Connection refused"). Each attempt
+            # gets keys of its own.
+            agent_store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=timeout))
+            store = {"store": dist.PrefixStore(f"imagegen/attempt-{attempt}", agent_store)}
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout, **store,
                                 **({"device_id": device} if device.type == "cuda" else {}))
     except (RuntimeError, ValueError) as e:
         raise TrainingError(f"rank {rank}: could not join the process group of {world} ({backend}): {e}") from None

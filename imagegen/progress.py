@@ -124,6 +124,8 @@ class RunWriter:
     def __init__(self, run_dir: Path, tc, main: bool, start: int, resumed: bool, progress: bool, ds, ema,
                  opts: dict, scaler) -> None:
         self.run_dir, self.tc, self.main, self.ds, self.ema, self.opts, self.scaler = run_dir, tc, main, ds, ema, opts, scaler
+        if main and resumed:
+            ckpt.trim_log(run_dir / "log.jsonl", start)
         self.log_file = (run_dir / "log.jsonl").open("a") if main else None
         self.board = (Board(run_dir, resume_step=start if resumed else None)
                       if main and tc.logger == "tensorboard" else None)

@@ -14,6 +14,7 @@ or fp16 with a gradient scaler on CUDA); train.channels_last the memory format.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import time
 from dataclasses import dataclass, field, replace
@@ -199,11 +200,16 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 def train(cfg: RunConfig, *, out: str | Path = "runs", resume: str | Path | None = None,
           progress: bool = True, dataset: ImageDataset | None = None,
           on_end: Callable[[Family, Family], None] | None = None) -> Path:
-    """Train `cfg` into a new run folder under `out` (or continue the run at `resume` up to
-    cfg.train.steps). Returns the run folder.
+    """Train `cfg` into a new run folder under `out`, or continue a run up to cfg.train.steps. Returns
+    the run folder. `resume` is that run's folder, "auto" (the newest run in `out` that holds a checkpoint
+    of this config, else a new one: find_resumable), or "never" (always a new folder). None means "auto"
+    under torchrun's elastic agent, so that the workers it restarts continue the run they were writing,
+    and "never" otherwise.
 
     Launched by torchrun, every rank runs this same function (see distributed.py): rank 0 alone writes
     files and shows progress. `on_end(model, ema)` is called on every rank after the last step."""
+    if resume is None:
+        resume = "auto" if distributed.elastic_job() is not None else "never"
     tc = cfg.train
     if tc.threads:
         torch.set_num_threads(tc.threads)
@@ -234,10 +240,12 @@ def _train(cfg: RunConfig, d: distributed.Dist | None, main: bool, device: torch
     model, ema, opts = _build(cfg, ds, device, d, amp_dtype, main)
     validation = Validation(cfg, ds, ema, device, main, dataset is not None, tqdm.write)
     run_dir, start, saved, started = _open_run(cfg, ds, model, ema, opts, d, device, main, out, resume)
+    if start >= tc.steps:     # --resume auto found the run finished (a worker died after its last checkpoint)
+        return run_dir
     bad_total = int(saved.get("bad_steps_total", 0))
     validation.restore(saved)
     steps = Steps(model, ema, opts, ds, cfg.train, d, device, amp_dtype)
-    writer = RunWriter(run_dir, tc, main, start, resume is not None, progress, ds, ema, opts, model.grad_scaler)
+    writer = RunWriter(run_dir, tc, main, start, start > 0, progress, ds, ema, opts, model.grad_scaler)
     window, bad_in_a_row = Window(), 0
     try:
         model.train()
@@ -323,37 +331,97 @@ def _build(cfg: RunConfig, ds: ImageDataset, device: torch.device, d: distribute
 def _open_run(cfg: RunConfig, ds: ImageDataset, model: Family, ema: Family, opts: dict[str, GuardedOptimizer],
               d: distributed.Dist | None, device: torch.device, main: bool, out, resume) -> tuple[Path, int, dict, float]:
     """(run folder, first step, the resumed checkpoint's saved counters ({} for a new run), the time the
-    clock of train.time_limit starts): a new folder (made by rank 0) after the family's `prepare`, or the
-    one resumed, with its weights, EMA, optimizers and step restored. Rank 0 writes its config.json."""
+    clock of train.time_limit starts): a new folder (chosen by rank 0: _choose_run) after the family's
+    `prepare`, or the one resumed, with its weights, EMA, optimizers and step restored. Rank 0 writes its
+    config.json, unless the run is already at cfg.train.steps (then the first step is that step)."""
     tc = cfg.train
     start, saved = 0, {}
-    if resume is not None:
-        run_dir = Path(resume)
+    run_dir, continues = _choose_run(cfg, d, device, main, out, resume)
+    if continues:
         found = ckpt.list_checkpoints(run_dir)
         if not found:
             raise CheckpointError(f"{run_dir}: no checkpoint to resume from")
         state = ckpt.load_checkpoint(found[-1])
+        start, saved = int(state["state"]["step"]), state["state"]
+        if start >= tc.steps:
+            if resume != "auto":
+                raise ConfigError(f"{run_dir} is already at step {start}; ask for more with --steps N > {start}")
+            if main:
+                tqdm.write(f"{run_dir} is already at step {start} (--resume auto): nothing to train")
+            return run_dir, start, saved, time.perf_counter()
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         for name, sd in state["optimizers"].items():
             opts[name].opt.load_state_dict(sd)
             match_param_layouts(opts[name].opt)
-        start, saved = int(state["state"]["step"]), state["state"]
-        if start >= tc.steps:
-            raise ConfigError(f"{run_dir} is already at step {start}; ask for more with --steps N > {start}")
         started = time.perf_counter()
     else:
         started = time.perf_counter()   # what prepare() fits counts against train.time_limit too
         model.prepare(ds, steps=tc.steps)
         ema.load_state_dict(model.state_dict())  # what prepare() computed (buffers) goes into the EMA copy too
-        run_dir = ckpt.new_run_dir(Path(out), cfg.data.source, cfg.family) if main else None
-        run_dir = Path(distributed.broadcast_text(str(run_dir), d, device))
     if main:
         (run_dir / "samples").mkdir(exist_ok=True)
+        job = distributed.elastic_job()
         ckpt.write_json_atomic(run_dir / "config.json", {**cfg.to_json(), "classes": ds.classes, "data_source": ds.source,
                                                           "imagegen_version": __version__,
-                                                          **({"world_size": d.world} if d else {})})
+                                                          **({"world_size": d.world} if d else {}),
+                                                          **({"elastic_job": job} if job else {})})
     return run_dir, start, saved, started
+
+
+# What a continued run may change: how long and how to run it, never what is trained.
+MAY_CHANGE_ON_RESUME = ("steps", "device", "precision", "logger")
+
+
+def same_run(saved: dict, cfg: RunConfig) -> bool:
+    """Whether the config.json `saved` (checkpoint.read_config) trains what `cfg` (fitted to its data) trains."""
+    now = json.loads(json.dumps(cfg.to_json()))        # tuples as lists, as config.json holds them
+    def what(train: dict) -> dict:
+        return {k: v for k, v in train.items() if k not in MAY_CHANGE_ON_RESUME}
+    return (all(saved.get(k) == now[k] for k in ("family", "model", "data"))
+            and what(saved.get("train", {})) == what(now["train"]))
+
+
+def find_resumable(out: Path, cfg: RunConfig, job: str | None) -> tuple[Path | None, bool]:
+    """The run `--resume auto` continues, as (folder, whether it holds a checkpoint), or (None, False):
+    - the folder this torchrun job (`job`, its elastic run id) made before a worker died and the agent
+      restarted them all: continued from its checkpoint, or started over in it when it has none;
+    - else the newest run folder in `out` holding a checkpoint of this config (same_run).
+    A folder without a checkpoint from anyone else is never chosen: it may be another job's, just started."""
+    newest = None
+    for run_dir in ckpt.run_folders(out):
+        try:
+            saved = ckpt.read_config(run_dir)
+        except CheckpointError:
+            continue
+        if not same_run(saved, cfg):
+            continue
+        has_checkpoint = bool(ckpt.list_checkpoints(run_dir))
+        if job and saved.get("elastic_job") == job:
+            return run_dir, has_checkpoint
+        if has_checkpoint and newest is None:
+            newest = run_dir
+    return newest, newest is not None
+
+
+def _choose_run(cfg: RunConfig, d: distributed.Dist | None, device: torch.device, main: bool, out,
+                resume) -> tuple[Path, bool]:
+    """(the run folder, whether it continues from a checkpoint). Rank 0 chooses, and makes or empties the
+    folder; the other ranks take its answer, so every rank continues the same run whatever it would
+    have seen in `out` (rank 0 may be writing there)."""
+    if resume not in ("auto", "never"):
+        return Path(resume), True
+    choice = ""
+    if main:
+        found, continues = find_resumable(Path(out), cfg, distributed.elastic_job()) if resume == "auto" else (None, False)
+        if found is not None and not continues:
+            ckpt.start_over(found)
+            tqdm.write(f"{found}: this job died before its first checkpoint; starting over in it")
+        elif found is not None:
+            tqdm.write(f"resuming {found} (--resume auto)")
+        choice = f"{int(continues)}{found or ckpt.new_run_dir(Path(out), cfg.data.source, cfg.family)}"
+    choice = distributed.broadcast_text(choice, d, device)
+    return Path(choice[1:]), choice[0] == "1"
 
 
 class Steps:

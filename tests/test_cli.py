@@ -44,6 +44,12 @@ def test_end_to_end_cli_on_shapes(tmp_path):
     r = run_main("train", "--resume", run_dir, "--steps", "16", "--no-progress")
     assert r.returncode == 0, r.stderr
     assert json.loads((run_dir / "MANIFEST.json").read_text())["step"] == 16
+    # The first command again with --resume auto: it finds that run by its config and continues it.
+    r = run_main("train", "--data", "shapes", "--model", "dcgan", "--steps", "18", "--batch-size", "16", "--config", cfg,
+                 "--set", "train.checkpoint_every=6", "--out", tmp_path / "runs", "--no-progress", "--resume", "auto")
+    assert r.returncode == 0, r.stderr
+    assert f"resuming {run_dir}" in r.stdout and json.loads((run_dir / "MANIFEST.json").read_text())["step"] == 18
+    assert len(list((tmp_path / "runs").iterdir())) == 1
 
     r = run_main("sample", run_dir, "--seeds", "0-7", "--out", tmp_path / "imgs", "--grid", tmp_path / "g.png")
     assert r.returncode == 0, r.stderr

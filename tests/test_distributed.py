@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -142,6 +143,103 @@ def test_two_ranks_stay_bit_identical_only_rank_0_writes_and_torchrun_resumes_ex
     _assert_same_tensors(a["model"], b["model"], "model")
     _assert_same_tensors(a["ema"], b["ema"], "ema")
     _assert_same_optim(a["optimizers"], b["optimizers"])
+
+
+# The elastic jobs below: 60 steps of the tiny DCGAN, a checkpoint every 20.
+ELASTIC_TREE = with_train(TINY_DCGAN, steps=60, checkpoint_every=20)
+
+
+def torchrun_job(out: Path, max_restarts: int) -> subprocess.Popen:
+    """`torchrun --standalone --nproc_per_node 2 --max-restarts N -m imagegen train ...` of ELASTIC_TREE,
+    its config given as a user types it (--set for every key), with no --resume: the default under torchrun."""
+    sets = [f"{section}.{k}={v}" for section in ("model", "data", "train") for k, v in ELASTIC_TREE[section].items()
+            if (section, k) != ("data", "source")]
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             f"--max-restarts={max_restarts}", "--monitor-interval=0.1",
+                             "-m", "imagegen", "train", "--data", ELASTIC_TREE["data"]["source"],
+                             "--model", ELASTIC_TREE["family"], *[x for kv in sets for x in ("--set", kv)],
+                             "--out", str(out), "--no-progress"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def worker_pid(agent: int, local_rank: int, restart: int) -> int | None:
+    """The pid of torchrun's worker `local_rank` in its `restart`-th attempt: a child of the agent process
+    whose environment says so (the agent starts its workers as subprocesses)."""
+    want = {f"LOCAL_RANK={local_rank}".encode(), f"TORCHELASTIC_RESTART_COUNT={restart}".encode()}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if parent == agent and want <= set((entry / "environ").read_bytes().split(b"\0")):
+                return int(entry.name)
+        except (OSError, IndexError, ValueError):    # gone meanwhile, or not ours to read
+            continue
+    return None
+
+
+def logged_step(out: Path) -> int:
+    """The last step rank 0 has logged in the one run folder under `out` (0 before there is one)."""
+    steps = [json.loads(line)["step"] for log in out.glob("*/log.jsonl") for line in log.read_text().splitlines()
+             if line.endswith("}")]
+    return max(steps, default=0)
+
+
+def kill_rank_1_at(jobs: dict[str, tuple[subprocess.Popen, Path, int, bool]]) -> dict[str, int]:
+    """For each job (process, out, step, after_checkpoint): SIGKILL worker 1 of its first attempt once rank 0
+    has logged `step` (and, if asked, written its first checkpoint). The jobs run side by side, so they are
+    watched together. Returns the step each had logged when it was killed."""
+    killed: dict[str, int] = {}
+    deadline = time.time() + 180
+    while len(killed) < len(jobs):
+        assert time.time() < deadline, f"the jobs did not reach their steps: killed {killed}"
+        for name, (job, out, step, after_checkpoint) in jobs.items():
+            if name in killed:
+                continue
+            assert job.poll() is None, f"{name} ended before the kill: " + job.communicate()[1][-3000:]
+            runs = list(out.glob("*/"))
+            if logged_step(out) >= step and (not after_checkpoint or (runs and list_checkpoints(runs[0]))):
+                pid = worker_pid(job.pid, 1, 0)
+                assert pid is not None, "no worker 1 under the agent"
+                os.kill(pid, signal.SIGKILL)
+                killed[name] = logged_step(out)
+        time.sleep(0.01)
+    return killed
+
+
+def test_a_job_whose_rank_dies_is_restarted_by_torchrun_and_ends_as_an_uninterrupted_one(tmp_path):
+    """Three torchrun jobs of 2 ranks side by side: one uninterrupted; one whose rank 1 is killed at a
+    random step after the first checkpoint (the restarted workers resume the run they were writing); one
+    killed before any checkpoint (they start over in the same folder). Every job ends on its own with the
+    same final weights, EMA and Adam moments, bit for bit, in one run folder whose log holds each step once."""
+    rng = random.Random()
+    jobs = {name: torchrun_job(tmp_path / name, max_restarts=0 if name == "straight" else 1)
+            for name in ("straight", "late", "early")}
+    try:
+        killed = kill_rank_1_at({"late": (jobs["late"], tmp_path / "late", rng.randrange(21, 41), True),  # after step 20's checkpoint
+                                 "early": (jobs["early"], tmp_path / "early", rng.randrange(2, 11), False)})
+        assert killed["early"] < 19, killed     # a rank that lost its peer stops within a step: no checkpoint yet
+        outs = {name: job.communicate(timeout=300) for name, job in jobs.items()}
+    finally:
+        for job in jobs.values():     # the agent and its workers, whatever happened
+            if job.poll() is None:
+                os.killpg(job.pid, signal.SIGKILL)
+    for name, (o, e) in outs.items():
+        assert jobs[name].returncode == 0, (name, killed, e[-3000:])
+    assert "resuming" in outs["late"][0] and "starting over" in outs["early"][0], (killed, outs["late"][0], outs["early"][0])
+    (reference,) = (tmp_path / "straight").iterdir()
+    want = load_checkpoint(list_checkpoints(reference)[-1])
+    for name in ("late", "early"):
+        (run,) = (tmp_path / name).iterdir()            # the restart wrote into the run it was writing
+        got = load_checkpoint(list_checkpoints(run)[-1])
+        assert got["state"]["step"] == 60, name
+        _assert_same_tensors(want["model"], got["model"], f"{name} (killed at step {killed[name]}): model")
+        _assert_same_tensors(want["ema"], got["ema"], f"{name}: ema")
+        _assert_same_optim(want["optimizers"], got["optimizers"])
+        records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in records] == list(range(1, 61)), name
+        assert json.loads((run / "config.json").read_text())["elastic_job"]
 
 
 def test_precision_choices(tmp_path):

@@ -51,6 +51,45 @@ def test_resume_is_bit_identical(tmp_path, loss, sn):
     assert steps == [5, 10, 15, 20]
 
 
+def test_resume_auto_continues_the_newest_run_of_the_same_config(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "runs"
+    first = imagegen.train(tiny_config(10), out=out, progress=False)
+    other_seed = imagegen.train(tiny_config(10, train={"seed": 1}), out=out, progress=False)
+    # A newer folder of the same config without a checkpoint (another job, just started) is never chosen.
+    (out / "00009-shapes-dcgan").mkdir()
+    (out / "00009-shapes-dcgan" / "config.json").write_text((first / "config.json").read_text())
+    # What may change on resume (steps, device, precision, logger) still finds the run; the rest does not.
+    continued = imagegen.train(tiny_config(20, train={"precision": "fp32"}), out=out, resume="auto", progress=False)
+    assert continued == first and imagegen.load_run(first).step == 20
+    straight = imagegen.train(tiny_config(20), out=tmp_path / "straight", progress=False)
+    _assert_same_tensors(load_checkpoint(list_checkpoints(straight)[-1])["model"],
+                         load_checkpoint(list_checkpoints(first)[-1])["model"], "auto-resumed vs straight")
+    # Already there: nothing to train, nothing rewritten.
+    before = (first / "config.json").read_text(), (first / "log.jsonl").read_text()
+    assert imagegen.train(tiny_config(15), out=out, resume="auto", progress=False) == first
+    assert ((first / "config.json").read_text(), (first / "log.jsonl").read_text()) == before
+    assert "already at step 20" in capsys.readouterr().out
+    # A config no run holds, and "never", start new runs; so does None outside torchrun's agent.
+    new = imagegen.train(tiny_config(10, model={"z_dim": 8}), out=out, resume="auto", progress=False)
+    assert new not in (first, other_seed) and imagegen.load_run(new).step == 10
+    assert imagegen.train(tiny_config(20), out=out, resume="never", progress=False) not in (first, new)
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    assert imagegen.train(tiny_config(20), out=out, progress=False) not in (first, new)
+    # An explicit run folder already at --steps is still an error.
+    with pytest.raises(ConfigError, match="already at step 20"):
+        imagegen.train(tiny_config(20), resume=first, progress=False)
+
+
+def test_a_resumed_log_drops_the_lines_after_its_checkpoint(tmp_path):
+    """A killed run may have logged past its last checkpoint, and left its last line half-written."""
+    run = imagegen.train(tiny_config(10), out=tmp_path, progress=False)
+    with (run / "log.jsonl").open("a") as f:
+        f.write('{"step": 15, "loss_d": 1.0}\n{"step": 20, "lo')
+    imagegen.train(tiny_config(20), resume=run, progress=False)
+    steps = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
+    assert steps == [5, 10, 15, 20]
+
+
 def test_losses_are_finite_and_training_moves_the_weights(tmp_path):
     run_dir = imagegen.train(tiny_config(10), out=tmp_path, progress=False)
     records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]

@@ -41,7 +41,10 @@ def add_commands(sub) -> None:
     p.add_argument("--config", help="TOML file of overrides ([model], [data], [train] tables)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one key, e.g. model.width=48")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue this run up to --steps")
+    p.add_argument("--resume", metavar="RUN_DIR|auto|never",
+                   help="continue the run in RUN_DIR up to --steps; auto: continue the newest run in --out that holds "
+                        "a checkpoint of this config, else start one (the default under torchrun, so that its "
+                        "restarts continue the run); never: always a new run (the default otherwise)")
     p.add_argument("--strict", action="store_true", help="any bad data file is an error")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     launch = p.add_argument_group("several processes (this command starts torchrun for you)")
@@ -78,7 +81,7 @@ def add_commands(sub) -> None:
 
 
 def cmd_train(a) -> int:
-    if a.resume:
+    if a.resume and a.resume not in ("auto", "never"):
         changed = [f"--{k.replace('_', '-')}" for k in ("data", "model", "batch_size", "seed", "config")
                    if getattr(a, k) is not None] + (["--set"] if a.set else [])
         if changed:
@@ -103,7 +106,7 @@ def cmd_train(a) -> int:
         return 0
     if a.nproc and "LOCAL_RANK" not in os.environ:   # the launcher; under torchrun this flag is already served
         return launch_torchrun(a, cfg.train.batch_size)
-    run_dir = train(cfg, out=a.out, resume=a.resume, progress=not a.no_progress)
+    run_dir = train(cfg, out=a.out, resume=a.resume, progress=not a.no_progress)   # None: train() picks auto or never
     if int(os.environ.get("RANK", "0")) == 0:   # under torchrun, rank 0 alone writes, as in training
         report = write_report(run_dir)
         print(f"run folder: {run_dir}\nreport:     {report}")
