@@ -359,6 +359,9 @@ def _open_run(cfg: RunConfig, ds: ImageDataset, model: Family, ema: Family, opts
         started = time.perf_counter()   # what prepare() fits counts against train.time_limit too
         model.prepare(ds, steps=tc.steps)
         ema.load_state_dict(model.state_dict())  # what prepare() computed (buffers) goes into the EMA copy too
+        if run_dir is None:    # a new folder, made once prepare() has worked
+            run_dir = ckpt.new_run_dir(Path(out), cfg.data.source, cfg.family) if main else None
+            run_dir = Path(distributed.broadcast_text(str(run_dir), d, device))
     if main:
         (run_dir / "samples").mkdir(exist_ok=True)
         job = distributed.elastic_job()
@@ -405,23 +408,25 @@ def find_resumable(out: Path, cfg: RunConfig, job: str | None) -> tuple[Path | N
 
 
 def _choose_run(cfg: RunConfig, d: distributed.Dist | None, device: torch.device, main: bool, out,
-                resume) -> tuple[Path, bool]:
-    """(the run folder, whether it continues from a checkpoint). Rank 0 chooses, and makes or empties the
-    folder; the other ranks take its answer, so every rank continues the same run whatever it would
-    have seen in `out` (rank 0 may be writing there)."""
-    if resume not in ("auto", "never"):
+                resume) -> tuple[Path | None, bool]:
+    """(the run folder, None for a new one; whether it continues from a checkpoint). Under "auto" rank 0
+    chooses (and empties a folder to start over in); the other ranks take its answer, so every rank
+    continues the same run whatever it would have seen in `out` (rank 0 may be writing there)."""
+    if resume == "never":
+        return None, False
+    if resume != "auto":
         return Path(resume), True
     choice = ""
     if main:
-        found, continues = find_resumable(Path(out), cfg, distributed.elastic_job()) if resume == "auto" else (None, False)
+        found, continues = find_resumable(Path(out), cfg, distributed.elastic_job())
         if found is not None and not continues:
             ckpt.start_over(found)
             tqdm.write(f"{found}: this job died before its first checkpoint; starting over in it")
         elif found is not None:
             tqdm.write(f"resuming {found} (--resume auto)")
-        choice = f"{int(continues)}{found or ckpt.new_run_dir(Path(out), cfg.data.source, cfg.family)}"
+        choice = f"{int(continues)}{found or ''}"
     choice = distributed.broadcast_text(choice, d, device)
-    return Path(choice[1:]), choice[0] == "1"
+    return Path(choice[1:]) if choice[1:] else None, choice[0] == "1"
 
 
 class Steps:
