@@ -289,6 +289,9 @@ def _as_saved_then(cfg: dict) -> dict:
     model = cfg["model"]
     if isinstance(model, dict) and "time_sampling" in model and "time_shift" not in model:
         cfg = {**cfg, "model": {**model, "time_shift": 1.0}}   # flows saved before the field: no shift
+    model = cfg["model"]
+    if isinstance(model, dict) and "schedule" in model and "schedule_shift" not in model:
+        cfg = {**cfg, "model": {**model, "schedule_shift": 1.0}}   # ddpm runs saved before the field: no shift
     return cfg
 
 

@@ -65,6 +65,33 @@ def test_schedules_decrease_from_one_towards_zero(kind):
     assert 0.99 < ab[0] < 1 and ab[-1] < 0.01
 
 
+def test_the_schedule_shift_follows_what_the_backbone_sees_and_divides_every_snr(tmp_path):
+    """No shift up to 4,096 numbers (32 px images), sqrt(3) for 64 px RGB pixels, the config's when set; the
+    shifted table divides the signal-to-noise ratio of every step by k^2 and keeps the order of the steps."""
+    import json
+    from imagegen.models.ddpm import DDPM, Config
+    small = DDPM(Config(image_size=32, channels=3, width=8, mults=(1, 2)))
+    assert small.shift == 1.0 and torch.equal(small.ab, alphas_cumprod("cosine", 1000).float())
+    big = DDPM(Config(image_size=64, channels=3, width=8, mults=(1, 2)))
+    assert big.shift == pytest.approx(3 ** 0.5)
+    assert DDPM(Config(image_size=64, channels=3, width=8, mults=(1, 2), schedule_shift=2.5)).shift == 2.5
+    for kind in ("cosine", "linear"):
+        ab, shifted = alphas_cumprod(kind, 1000), alphas_cumprod(kind, 1000, 3 ** 0.5)
+        snr = lambda a: a / (1 - a)   # noqa: E731
+        assert torch.allclose(snr(shifted) / snr(ab), torch.full_like(ab, 1 / 3), rtol=1e-9)
+        assert (shifted[1:] < shifted[:-1]).all() and (shifted < ab).all()
+    # A ddpm saved before the field learned the unshifted table: it loads as schedule_shift 1, not "by size".
+    cfg = imagegen.resolve_config({"family": "ddpm", "model": {"width": 8, "mults": [1, 2]},
+                                   "data": {"source": "shapes", "limit": 16, "size": 64},
+                                   "train": {"steps": 1, "batch_size": 4, "sample_every": 0, "grid_size": 4}})
+    run = imagegen.train(cfg, out=tmp_path, progress=False)
+    assert imagegen.load_run(run).model.shift == pytest.approx(3 ** 0.5)
+    saved = json.loads((run / "config.json").read_text())
+    del saved["model"]["schedule_shift"]
+    (run / "config.json").write_text(json.dumps(saved))
+    assert imagegen.load_run(run).model.shift == 1.0
+
+
 def test_spaced_timesteps_start_at_the_last_step():
     assert spaced_timesteps(1000, 1) == [999]
     ts = spaced_timesteps(1000, 20)

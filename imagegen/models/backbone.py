@@ -35,6 +35,7 @@ from .base import ExportSpec, Family, Generators, adam, eval_mode, per_item_norm
 from .latent import LatentSpace
 
 
+SHIFT_BASE = 4096   # numbers per image up to which the resolution shift "by size" is none (shift_by_size)
 LAYOUT_BATCH = 32   # captions per update of the layout prior's first stage (BackboneFamily.prepare)
 # The first stage makes at most this many updates per training step of the run (and at least
 # LAYOUT_MIN_UPDATES), so that a smoke run (`--steps 3`) does not fit the prior for minutes first. A prior
@@ -102,6 +103,16 @@ class BackboneConfig:
         if not self.latent_factor:
             return self.channels, self.image_size
         return self.latent_channels, self.image_size // self.latent_factor
+
+    def shift_by_size(self) -> float:
+        """k of the resolution shift (SD3 sec. 5.3.2; "simple diffusion", Hoogeboom et al. 2023) for what the
+        backbone sees: sqrt(d / SHIFT_BASE) for its d = C x H x W numbers, and 1 (no shift) up to
+        SHIFT_BASE, which holds every 32 px image and the 16 x 16 x 4 latents of 64 px ones. The signal-to-
+        noise ratio of every noise level is divided by k^2: a large image, whose neighbouring pixels share
+        more of their signal and so survive more noise, spends more of its training and sampling near pure
+        noise. flow shifts its times, ddpm its alpha_bar table."""
+        channels, side = self.space
+        return max(1.0, math.sqrt(channels * side * side / SHIFT_BASE))
 
     def validate_backbone(self) -> None:
         latent = (self.autoencoder_sha256, self.latent_factor, self.latent_channels, self.autoencoder_width)

@@ -58,6 +58,11 @@ SAMPLER = SampleOption("ddim or ddpm (ancestral)", choices=("ddim", "ddpm"))
 class Config(BackboneConfig):   # image size, channels, classes and the backbone's fields (backbone.py)
     timesteps: int = ranged(1000, 1, 100_000)   # T
     schedule: Literal["cosine", "linear"] = "cosine"
+    # The resolution shift (as flow's time_shift): the schedule's signal-to-noise ratio at every step divided
+    # by k^2, alpha_bar -> alpha_bar / (alpha_bar + k^2 (1 - alpha_bar)) ("simple diffusion" shifts the cosine
+    # schedule's log-SNR by 2 log k the same way). 0 = by size: k = sqrt(C x H x W / 4096) of what the backbone
+    # sees, so none up to 32 px images and 64 px latents, 1.73 for 64 px RGB pixels.
+    schedule_shift: float = ranged(0.0, 1.0, 100.0, zero="by size")
     prediction: Literal["eps", "v"] = "v"
     weighting: Literal["min-snr", "uniform"] = "min-snr"
     min_snr_gamma: float = ranged(5.0, 0.0, MAX_WEIGHT, lo_open=True)
@@ -87,15 +92,17 @@ def check_sampling(steps: int, eta: float, guidance: float, timesteps: int, pref
 # --- the noise schedule ------------------------------------------------------------------------------
 
 
-def alphas_cumprod(kind: str, T: int) -> torch.Tensor:
-    """alpha_bar_t for t = 0..T-1 (float64): the share of signal variance left at step t."""
+def alphas_cumprod(kind: str, T: int, shift: float = 1.0) -> torch.Tensor:
+    """alpha_bar_t for t = 0..T-1 (float64): the share of signal variance left at step t, with its
+    signal-to-noise ratio alpha_bar / (1 - alpha_bar) divided by shift^2 (Config.schedule_shift)."""
     if kind == "linear":   # Ho et al.: betas from 1e-4 to 0.02 for T = 1000, rescaled for other T
         betas = torch.linspace(1e-4 * 1000 / T, 0.02 * 1000 / T, T, dtype=torch.float64)
     else:                  # Nichol & Dhariwal: alpha_bar(t) = cos^2((t/T + s) / (1 + s) * pi/2), s = 0.008
         s = 0.008
         f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + s) / (1 + s) * math.pi / 2) ** 2
         betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)
-    return torch.cumprod(1 - betas, 0)
+    ab = torch.cumprod(1 - betas, 0)
+    return ab if shift == 1.0 else ab / (ab + shift ** 2 * (1 - ab))
 
 
 # --- the family ------------------------------------------------------------------------------------
@@ -116,7 +123,12 @@ class DDPM(ObjectiveFamily):    # the backbone, label dropout, guided call: back
 
     def __init__(self, cfg: Config) -> None:
         super().__init__(cfg)
-        self.register_buffer("ab", alphas_cumprod(cfg.schedule, cfg.timesteps).float(), persistent=False)
+        self.register_buffer("ab", alphas_cumprod(cfg.schedule, cfg.timesteps, self.shift).float(), persistent=False)
+
+    @property
+    def shift(self) -> float:
+        """k of Config.schedule_shift: the config's, or by the size of what the backbone sees."""
+        return self.cfg.schedule_shift or self.cfg.shift_by_size()
 
     @property
     def path(self) -> DiffusionPath:

@@ -44,7 +44,6 @@ from .ddpm import GUIDANCE, GUIDANCE_OPTION, MAX_SERVED_STEPS, STEPS
 from .denoising import RESAMPLE, ObjectiveFamily
 
 SOLVERS = {"euler": euler, "midpoint": midpoint, "heun": heun}   # and "dopri5", adaptive
-SHIFT_BASE = 4096   # numbers per image below which time_shift 0 means no shift (Config.time_shift)
 TIME_SCALE = 1000.0
 PROBES = Range(1, 64)   # Hutchinson probes per image
 
@@ -57,8 +56,8 @@ class Config(BackboneConfig):   # image size, channels, classes and the backbone
     # The resolution shift of SD3 (sec. 5.3.2) and "simple diffusion" (Hoogeboom et al. 2023): a noise level
     # s = 1 - t is moved to k s / (1 + (k - 1) s), in training and on the solvers' grid, so that a large
     # image, whose pixels share more of their signal and survive more noise, spends more time near pure
-    # noise. 0 = by size: k = sqrt(d / SHIFT_BASE) for the d = C x H x W numbers the backbone sees, and 1 (no
-    # shift) up to SHIFT_BASE, which holds every 32 px image and the 16 x 16 x 4 latents of 64 px ones.
+    # noise. 0 = by size: k = sqrt(C x H x W / 4096) of what the backbone sees, so none up to 32 px images
+    # and 64 px latents, 1.73 for 64 px RGB pixels.
     time_shift: float = ranged(0.0, 1.0, 100.0, zero="by size")
     # share of training labels replaced by the null class (for guidance)
     label_dropout: float = ranged(0.1, 0.0, 1.0, hi_open=True)
@@ -111,10 +110,7 @@ class Flow(ObjectiveFamily):    # the backbone, label dropout, guided call: back
     @property
     def shift(self) -> float:
         """k of Config.time_shift: the config's, or by the size of what the backbone sees."""
-        if self.cfg.time_shift:
-            return self.cfg.time_shift
-        channels, side = self.cfg.space
-        return max(1.0, math.sqrt(channels * side * side / SHIFT_BASE))
+        return self.cfg.time_shift or self.cfg.shift_by_size()
 
     def shifted(self, t):
         """Times (a tensor or a float) with their noise level s = 1 - t moved to k s / (1 + (k - 1) s): the
