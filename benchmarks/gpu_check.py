@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import imagegen  # noqa: E402
 from imagegen.sample import generate  # noqa: E402
+from prompt_speed import cpu_model  # noqa: E402
 
 # Dense (no sparsity) tensor-core peaks in TFLOP/s, from NVIDIA's data sheets: what "x% of peak" is of.
 PEAK_TFLOPS = {"H100 PCIe": {"bf16": 756, "fp16": 756}, "H100": {"bf16": 989, "fp16": 989},
@@ -54,9 +55,7 @@ def machine(device: torch.device) -> dict:
         out |= {"name": props.name, "memory_gib": round(props.total_memory / 2**30, 1), "cuda": torch.version.cuda,
                 "capability": f"{props.major}.{props.minor}", "bf16": torch.cuda.is_bf16_supported()}
     else:
-        model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                      if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
-        out |= {"name": model, "threads": torch.get_num_threads()}
+        out |= {"name": cpu_model(), "threads": torch.get_num_threads()}
     return out
 
 
