@@ -241,7 +241,7 @@ def new_run_dir(out_root: Path, data_name: str, model_name: str) -> Path:
     """runs/NNNNN-<data>-<model>, numbered one past the highest existing number."""
     out_root = Path(out_root)
     out_root.mkdir(parents=True, exist_ok=True)
-    numbers = [int(p.name[:5]) for p in out_root.iterdir() if p.is_dir() and p.name[:5].isdigit()]
+    numbers = [int(p.name[:5]) for p in run_folders(out_root)]
     n = max(numbers, default=-1) + 1
     while True:
         path = out_root / f"{n:05d}-{slug(data_name)}-{model_name}"

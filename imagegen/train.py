@@ -376,9 +376,9 @@ def _open_run(cfg: RunConfig, ds: ImageDataset, model: Family, ema: Family, opts
 MAY_CHANGE_ON_RESUME = ("steps", "device", "precision", "logger")
 
 
-def same_run(saved: dict, cfg: RunConfig) -> bool:
-    """Whether the config.json `saved` (checkpoint.read_config) trains what `cfg` (fitted to its data) trains."""
-    now = json.loads(json.dumps(cfg.to_json()))        # tuples as lists, as config.json holds them
+def same_run(saved: dict, now: dict) -> bool:
+    """Whether the config.json `saved` (checkpoint.read_config) trains what `now` (a fitted RunConfig's
+    to_json, through JSON: tuples as lists, as config.json holds them) trains."""
     def what(train: dict) -> dict:
         return {k: v for k, v in train.items() if k not in MAY_CHANGE_ON_RESUME}
     return (all(saved.get(k) == now[k] for k in ("family", "model", "data"))
@@ -391,13 +391,13 @@ def find_resumable(out: Path, cfg: RunConfig, job: str | None) -> tuple[Path | N
       restarted them all: continued from its checkpoint, or started over in it when it has none;
     - else the newest run folder in `out` holding a checkpoint of this config (same_run).
     A folder without a checkpoint from anyone else is never chosen: it may be another job's, just started."""
-    newest = None
+    newest, now = None, json.loads(json.dumps(cfg.to_json()))
     for run_dir in ckpt.run_folders(out):
         try:
             saved = ckpt.read_config(run_dir)
         except CheckpointError:
             continue
-        if not same_run(saved, cfg):
+        if not same_run(saved, now):
             continue
         has_checkpoint = bool(ckpt.list_checkpoints(run_dir))
         if job and saved.get("elastic_job") == job:
