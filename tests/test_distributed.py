@@ -63,6 +63,14 @@ def with_train(tree: dict, **train) -> dict:
     return {**tree, "train": {**tree["train"], **train}}
 
 
+def typed(tree: dict) -> list[str]:
+    """The `imagegen train` arguments of a config tree as a user types them: --data, --model and a --set
+    for every other key."""
+    sets = [f"{section}.{k}={v}" for section in ("model", "data", "train") for k, v in tree[section].items()
+            if (section, k) != ("data", "source")]
+    return ["--data", tree["data"]["source"], "--model", tree["family"], *[x for kv in sets for x in ("--set", kv)]]
+
+
 def test_gradients_of_two_ranks_at_half_batch_match_one_process(tmp_path):
     tree = {"family": "lin", "data": {"source": "shapes", "limit": 256},
             "train": {"batch_size": 16, "steps": 3, "log_every": 1, "sample_every": 0, "grid_size": 4,
@@ -111,13 +119,9 @@ def test_two_ranks_stay_bit_identical_only_rank_0_writes_and_torchrun_resumes_ex
     dump = tmp_path / "dump"
     dump.mkdir()
     straight_procs = start(2, with_train(TINY_DCGAN, steps=6, checkpoint_every=3), tmp_path / "a", dump=dump)
-    # The same config as a user types it: --set for every key of the tree, so the two cannot drift apart.
-    half_tree = with_train(TINY_DCGAN, steps=3, checkpoint_every=3)
-    sets = [f"{section}.{k}={v}" for section in ("model", "data", "train") for k, v in half_tree[section].items()
-            if (section, k) != ("data", "source")]
+    # The same config as a user types it, so the two cannot drift apart.
     torchrun = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                                 "-m", "imagegen", "train", "--data", half_tree["data"]["source"],
-                                 "--model", half_tree["family"], *[x for kv in sets for x in ("--set", kv)],
+                                 "-m", "imagegen", "train", *typed(with_train(TINY_DCGAN, steps=3, checkpoint_every=3)),
                                  "--out", str(tmp_path / "b"), "--no-progress"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -152,13 +156,9 @@ ELASTIC_TREE = with_train(TINY_DCGAN, steps=60, checkpoint_every=20)
 def torchrun_job(out: Path, max_restarts: int) -> subprocess.Popen:
     """`torchrun --standalone --nproc_per_node 2 --max-restarts N -m imagegen train ...` of ELASTIC_TREE,
     its config given as a user types it (--set for every key), with no --resume: the default under torchrun."""
-    sets = [f"{section}.{k}={v}" for section in ("model", "data", "train") for k, v in ELASTIC_TREE[section].items()
-            if (section, k) != ("data", "source")]
     return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              f"--max-restarts={max_restarts}", "--monitor-interval=0.1",
-                             "-m", "imagegen", "train", "--data", ELASTIC_TREE["data"]["source"],
-                             "--model", ELASTIC_TREE["family"], *[x for kv in sets for x in ("--set", kv)],
-                             "--out", str(out), "--no-progress"],
+                             "-m", "imagegen", "train", *typed(ELASTIC_TREE), "--out", str(out), "--no-progress"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
 
