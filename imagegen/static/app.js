@@ -332,8 +332,12 @@ function tokenHeader() {
   return $("token").value ? { "X-Imagegen-Token": $("token").value } : {};
 }
 
+function postWithToken(url, init) {
+  return fetch(url, { method: "POST", ...init, headers: { ...(init.headers || {}), ...tokenHeader() } });
+}
+
 async function sendWithToken(url, init) {
-  const response = await fetch(url, { method: "POST", ...init, headers: { ...(init.headers || {}), ...tokenHeader() } });
+  const response = await postWithToken(url, init);
   if (!response.ok) throw new Error(await explain(response));
   return response.json();
 }
@@ -358,8 +362,8 @@ async function trainNow() {
     const file = $("train-zip").files[0];
     if (!file) throw new Error("choose a zip of images to train on");
     const key = `${file.name}/${file.size}/${file.lastModified}`;
-    const train = (upload) => fetch("/api/train", {
-      method: "POST", headers: { "Content-Type": "application/json", ...tokenHeader() },
+    const train = (upload) => postWithToken("/api/train", {
+      headers: { "Content-Type": "application/json" },
       body: JSON.stringify({ upload, family: $("train-family").value, minutes: parseFloat($("train-minutes").value) }),
     });
     // The same file again: train on the upload the server holds (unless it has dropped it: 404).
