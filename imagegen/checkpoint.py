@@ -277,22 +277,26 @@ def read_config(run_dir: Path) -> dict:
     return _as_saved_then(cfg)
 
 
+# Model fields added after runs were saved: (the saved models they concern, the fields, with the values those
+# runs were trained with). The first field's absence marks a run saved before them.
+ADDED_LATER = (
+    # text runs: cross-attention in the middle only, without position codes
+    (lambda model: model.get("text_dim"), {"text_levels": 0, "text_positions": False}),
+    (lambda model: "mults" in model, {"unet_patch": 1}),                # U-Nets: no patches
+    (lambda model: "time_sampling" in model, {"time_shift": 1.0}),      # flows: no resolution shift
+    (lambda model: "schedule" in model, {"schedule_shift": 1.0}),       # ddpm runs: no resolution shift
+)
+
+
 def _as_saved_then(cfg: dict) -> dict:
     """A config.json written before a model field existed, with the value that field stands for in it."""
     model = cfg["model"]
-    if isinstance(model, dict) and model.get("text_dim") and "text_levels" not in model:
-        # text runs saved before these fields: cross-attention in the middle only, without position codes
-        cfg = {**cfg, "model": {**model, "text_levels": 0, "text_positions": False}}
-    model = cfg["model"]
-    if isinstance(model, dict) and "mults" in model and "unet_patch" not in model:
-        cfg = {**cfg, "model": {**model, "unet_patch": 1}}   # U-Nets saved before the field: no patches
-    model = cfg["model"]
-    if isinstance(model, dict) and "time_sampling" in model and "time_shift" not in model:
-        cfg = {**cfg, "model": {**model, "time_shift": 1.0}}   # flows saved before the field: no shift
-    model = cfg["model"]
-    if isinstance(model, dict) and "schedule" in model and "schedule_shift" not in model:
-        cfg = {**cfg, "model": {**model, "schedule_shift": 1.0}}   # ddpm runs saved before the field: no shift
-    return cfg
+    if not isinstance(model, dict):
+        return cfg
+    for concerns, fields in ADDED_LATER:
+        if concerns(model) and next(iter(fields)) not in model:
+            model = {**model, **fields}
+    return {**cfg, "model": model}
 
 
 @dataclass
