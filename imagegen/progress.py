@@ -27,7 +27,8 @@ class Validation:
     `validates`) on the first VAL_IMAGES of the data's held-out test split, with the EMA weights, its noise,
     times and other draws from one fixed seed, so every check sees the same draws and the curve moves
     only with the weights. None is measured where the data has no held-out split (a folder's test split
-    is its training images), the run was handed its data (the studio), or the family has no objective."""
+    is its training images unless data.held_out sets one apart), the run was handed its data (the
+    studio), or the family has no objective."""
 
     def __init__(self, cfg, ds, model, device: torch.device, main: bool, given: bool, log) -> None:
         self.batch, self.every, self.patience = None, cfg.train.val_every, cfg.train.patience
@@ -37,7 +38,8 @@ class Validation:
             self.batch = self._held_out(cfg, ds, model, device, log)
         if main and self.patience and self.batch is None:
             raise ConfigError("train.patience stops on the validation loss, which this run would not have: it needs "
-                              "held-out images (a folder has none), a family that has one (flow, ddpm, vae, ae) and "
+                              "held-out images (a folder has them with data.held_out), a family that has one "
+                              "(flow, ddpm, vae, ae) and "
                               "train.val_every > 0")
         self.seed = mix_seed(cfg.train.seed, 0x7A1)
 

@@ -363,6 +363,27 @@ MUTATIONS = [
              "    if False:",
              ("tests/test_train.py::test_a_resumed_log_drops_the_lines_after_its_checkpoint",),
              "a resumed log keeps the steps logged after its checkpoint"),
+    # --- a folder's held-out split -------------------------------------------------------------------------
+    Mutation("imagegen/data/folder.py",
+             "    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], \"big\") < share * 2**64",
+             "    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], \"big\") <= share * 2**65",
+             ("tests/test_folder.py::test_data_held_out_sets_a_share_of_a_folder_apart_by_file_name",),
+             "data.held_out holds out twice its share"),
+    Mutation("imagegen/data/folder.py",
+             "    inside = Path(root).resolve()\n",
+             "    inside = Path(\"/\")\n",
+             ("tests/test_folder.py::test_data_held_out_sets_a_share_of_a_folder_apart_by_file_name",),
+             "a folder's held-out split moves with the folder (hashes of absolute paths)"),
+    Mutation("imagegen/evaluate/evaluator.py",
+             "channels=int(saved.get(\"channels\", 0)), held_out=float(saved.get(\"held_out\", 0)))",
+             "channels=int(saved.get(\"channels\", 0)))",
+             ("tests/test_evaluate.py::test_evaluate_works_on_a_folder_without_classes",),
+             "evaluate compares a held-out run with its training images"),
+    Mutation("imagegen/progress.py",
+             "        held = load_data(replace(cfg.data, split=\"test\", limit=VAL_IMAGES))",
+             "        held = load_data(replace(cfg.data, split=\"test\", limit=VAL_IMAGES, held_out=0.0))",
+             ("tests/test_latent.py::test_a_folder_has_a_validation_loss_only_with_data_held_out",),
+             "a folder's held-out share gets no validation loss"),
 ]
 
 

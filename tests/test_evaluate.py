@@ -286,10 +286,12 @@ def test_the_label_free_evaluator_orders_the_anchors(tmp_path, monkeypatch):
     assert fd["noise"] > fd["blur"] > fd["shift"] > fd["floor"], fd
 
 
-@pytest.mark.parametrize("captioned", [False, True])
-def test_evaluate_works_on_a_folder_without_classes(captioned, tmp_path, monkeypatch):
+@pytest.mark.parametrize("captioned,held_out", [(False, 0), (True, 0), (True, 0.25)])
+def test_evaluate_works_on_a_folder_without_classes(captioned, held_out, tmp_path, monkeypatch):
     """`imagegen evaluate` on a run trained on a folder with no classes, with or without captions: the
-    contrastive evaluator, FD and the memorisation figures, and it says which evaluator it used."""
+    contrastive evaluator, FD and the memorisation figures, and it says which evaluator it used. With
+    data.held_out, the run's held-out images are the reference and the memorisation check's held-out set,
+    and the evaluator trains on the others."""
     from imagegen.evaluate.evaluator import EvaluatorConfig, cache_dir
     from conftest import run_main
     monkeypatch.setenv("IMAGEGEN_CACHE", str(tmp_path / "cache"))
@@ -299,11 +301,11 @@ def test_evaluate_works_on_a_folder_without_classes(captioned, tmp_path, monkeyp
                                                        for i in range(48)))
     source = f"folder:{folder}"
     run = imagegen.train(imagegen.resolve_config({"family": "flow", "model": {"width": 8, "mults": [1, 2], "sample_steps": 2},
-                                                  "data": {"source": source, "size": 32},
+                                                  "data": {"source": source, "size": 32, "held_out": held_out},
                                                   "train": {"steps": 2, "batch_size": 8, "sample_every": 0}}),
                          out=tmp_path / "runs", progress=False)
-    train_evaluator(EvaluatorConfig(data=source, size=32, width=8, batch_size=16, lr=5e-3), out=cache_dir(source, 32),
-                    log=None)   # what evaluate would train, smaller
+    ev = train_evaluator(EvaluatorConfig(data=source, size=32, width=8, batch_size=16, lr=5e-3, held_out=held_out),
+                         out=cache_dir(source, 32, held_out=held_out), log=None)   # what evaluate would train, smaller
     r = run_main("evaluate", run, "--n", "8")
     assert r.returncode == 0, r.stderr
     metrics = json.loads((run / "metrics.json").read_text())
@@ -311,3 +313,8 @@ def test_evaluate_works_on_a_folder_without_classes(captioned, tmp_path, monkeyp
     assert any(k.startswith("FD-simclr32-") for k in metrics["metrics"]) and "IS-" not in str(metrics["metrics"])
     assert metrics["metrics"]["held_out_near_copy_share"] == 0.0 and 0 <= metrics["metrics"]["near_copy_share"] <= 1
     assert (run / "nearest.png").is_file()
+    held = 48 if not held_out else metrics["protocol"]["real"]
+    assert metrics["protocol"].get("data_held_out", 0) == held_out and 0 < held <= 48 and (held < 48) == bool(held_out)
+    assert metrics["protocol"]["evaluator"] == ev.name                                  # the one of this split
+    assert ev.info["train_images"] == (48 if not held_out else 48 - held) and ev.info["test_images"] == held
+    assert f"of the {ev.info['train_images']} training images" in metrics["protocol"]["memorisation"]

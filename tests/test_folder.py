@@ -170,3 +170,58 @@ def test_hostile_metadata_is_reported_line_by_line_not_a_traceback(tmp_path):
     ds = load_data(DataConfig(source=f"folder:{root}", size=16))
     assert "a square" in ds.captions
     assert any("unreadable CSV at line 3" in why for _, why in ds.skipped)
+
+
+def test_data_held_out_sets_a_share_of_a_folder_apart_by_file_name(tmp_path):
+    """data.held_out: the test split is that share of the files, the train split the rest, each image with
+    its own label and caption; a file stays on its side when images are added or the folder moves. A zip
+    splits the same way; other sources, an empty side and a share out of range are refused."""
+    from imagegen.errors import ConfigError
+    from test_store import _edm_zip
+
+    def write(root, first, n):
+        for i in range(first, first + n):   # image i: its top-left red value is i, its caption says i
+            arr = np.zeros((8, 8, 3), np.uint8)
+            arr[0, 0, 0] = i
+            Image.fromarray(arr).save(root / ("a", "b")[i % 2] / f"{i:03d}.png")
+        with open(root / "metadata.jsonl", "a") as f:
+            f.writelines(f'{{"file_name": "{("a", "b")[i % 2]}/{i:03d}.png", "text": "image {i}"}}\n'
+                         for i in range(first, first + n))
+
+    def load(root, split, share=0.2):
+        return load_data(DataConfig(source=f"folder:{root}", split=split, size=8, held_out=share))
+
+    root = tmp_path / "imgs"
+    (root / "a").mkdir(parents=True)
+    (root / "b").mkdir()
+    write(root, 0, 120)
+    train, test = load(root, "train"), load(root, "test")
+    assert 10 < len(test) < 40 and len(train) + len(test) == 120 and train.classes == test.classes == ["a", "b"]
+    for ds in (train, test):
+        index = ds.images[:, 0, 0, 0].tolist()
+        assert ds.captions == [f"image {i}" for i in index] and ds.labels.tolist() == [i % 2 for i in index]
+    assert not set(train.captions) & set(test.captions)
+    assert len(load(root, "test", 0)) == len(load(root, "train", 0)) == 120      # no share: no split
+    write(root, 120, 60)                                                         # more images: none moves
+    before = set(load(root, "test").captions)
+    assert set(test.captions) < before
+    moved = root.rename(tmp_path / "elsewhere")
+    assert set(load(moved, "test").captions) == before                            # nor when the folder moves
+    assert before < set(load(moved, "test", 0.3).captions)                        # a larger share: a superset
+
+    images = np.stack([np.full((8, 8, 3), i, np.uint8) for i in range(40)])
+    _edm_zip(tmp_path / "dataset.zip", images, None)
+    zipped = [load_data(DataConfig(source=f"zip:{tmp_path / 'dataset.zip'}", split=s, held_out=0.25))
+              for s in ("train", "test")]
+    seen = [set(ds.images[:, 0, 0, 0].tolist()) for ds in zipped]
+    assert seen[0] | seen[1] == set(range(40)) and not seen[0] & seen[1] and seen[1]
+
+    (tmp_path / "two").mkdir()
+    for i in range(2):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "two" / f"{i}.png")
+    with pytest.raises(DataError, match=r"held_out = 0.01 leaves none of its 2 images in the test split"):
+        load(tmp_path / "two", "test", 0.01)
+    with pytest.raises(ConfigError, match="data.held_out splits a folder: or zip: source.*'shapes' is neither"):
+        load_data(DataConfig(source="shapes", held_out=0.1))
+    with pytest.raises(ConfigError, match=r"data.held_out must be 0 .* or \(0, 0.5\], got 0.6"):
+        load(moved, "train", 0.6)

@@ -299,18 +299,31 @@ def test_patience_needs_a_validation_loss(cache, tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-def test_no_validation_loss_without_held_out_images(cache, tmp_path):
-    """A folder's test split is its training images: nothing held out, nothing logged."""
+def test_a_folder_has_a_validation_loss_only_with_data_held_out(cache, tmp_path, monkeypatch):
+    """A folder's test split is its training images: nothing held out, nothing logged. With data.held_out
+    its held-out share is measured, and those images are never trained on."""
+    from imagegen import progress
     folder = tmp_path / "imgs"
     folder.mkdir()
     rng = np.random.default_rng(0)
     for i in range(20):
         Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    cfg = imagegen.resolve_config({"family": "flow", "model": {"width": 8, "mults": [1, 2]},
-                                   "data": {"source": f"folder:{folder}", "size": 16},
-                                   "train": {**TRAIN, "steps": 2, "val_every": 2}})
-    run = imagegen.train(cfg, out=tmp_path / "runs", progress=False)
+
+    def cfg(held_out):
+        return imagegen.resolve_config({"family": "flow", "model": {"width": 8, "mults": [1, 2]},
+                                        "data": {"source": f"folder:{folder}", "size": 16, "held_out": held_out},
+                                        "train": {**TRAIN, "steps": 2, "val_every": 2}})
+    run = imagegen.train(cfg(0), out=tmp_path / "runs", progress=False)
     assert all("val_loss" not in json.loads(line) for line in (run / "log.jsonl").read_text().splitlines())
+    loaded = []
+    monkeypatch.setattr(progress, "load_data", lambda c: loaded.append(load_data(c)) or loaded[-1])
+    run = imagegen.train(cfg(0.3), out=tmp_path / "runs", progress=False)
+    logged = [json.loads(line).get("val_loss") for line in (run / "log.jsonl").read_text().splitlines()]
+    assert logged[-1] is not None and np.isfinite(logged[-1])
+    train = load_data(DataConfig(source=f"folder:{folder}", size=16, held_out=0.3))
+    held = loaded[0].images
+    assert 0 < len(held) < 20 and len(train) == 20 - len(held)
+    assert not any(torch.equal(h, t) for h in held for t in train.images)   # the validation images are not trained on
 
 
 def test_the_flow_time_shift_follows_what_the_backbone_sees():

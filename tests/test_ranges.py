@@ -106,6 +106,7 @@ def base_args(path: tuple[str, ...], run: Path, files: Path, out: Path) -> list[
         ("serve",): [str(files / "runs")],
         ("distill",): ["/nonexistent-run", "--out", str(out / "d")],
         ("data", "prepare"): ["folder:/nonexistent-folder", "--out", str(out / "p")],
+        ("data", "info"): ["shapes"],
     }.get(path)
 
 

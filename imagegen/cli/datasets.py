@@ -13,6 +13,8 @@ def add_commands(sub) -> None:
     q = dsub.add_parser("info", help="counts, shape, classes and where the files came from")
     q.add_argument("data")
     q.add_argument("--split", default="train", choices=["train", "test"])
+    add_number(q, "--held-out", field_ranges(DataConfig)["held_out"], "a folder's or zip's share held out as its "
+               "test split (data.held_out)", default=0.0)
     q.add_argument("--strict", action="store_true", help="any bad file is an error")
     q = dsub.add_parser("prepare", help="decode a source once into a memory-mapped store (then --data store:DIR)")
     q.add_argument("data", help="any --data source but pair: (folder:PATH, zip:PATH, fashion-mnist, cifar10...)")
@@ -30,6 +32,6 @@ def cmd_data(a) -> int:
         prepare(a.data, a.out, size=a.size or 0, channels=int(a.channels or 0), strict=a.strict,
                 progress=not a.no_progress)
         return 0
-    ds = load_data(DataConfig(source=a.data, split=a.split, strict=a.strict))
+    ds = load_data(DataConfig(source=a.data, split=a.split, strict=a.strict, held_out=a.held_out))
     print(describe(ds))
     return 0

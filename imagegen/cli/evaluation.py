@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from ..config import field_ranges
+from ..data import DataConfig
 from ..errors import ConfigError
 from ..evaluate.analyse import KEEP
 from ..evaluate.evaluator import EvaluatorConfig
@@ -17,6 +18,9 @@ from ..report import write_report
 from .options import add_number
 
 
+HELD_OUT = field_ranges(DataConfig)["held_out"]
+
+
 def add_commands(sub) -> None:
     p = sub.add_parser("evaluate", help="metrics.json for a run: FD, KID, precision/recall... in the evaluator's features")
     p.add_argument("run_dir", nargs="?")
@@ -24,6 +28,8 @@ def add_commands(sub) -> None:
     p.add_argument("--data", help="dataset whose test split and evaluator to use (default: the run's)")
     p.add_argument("--anchors", action="store_true", help="measure the anchors (floor, shift, grain, blur, noise, random) of --data")
     p.add_argument("--out", default="runs", help="with --anchors: folder for anchors-<data>.json")
+    add_number(p, "--held-out", HELD_OUT, "with --anchors: the test split is this share of a folder or zip, as "
+               "its runs' data.held_out", default=0.0)
     p.add_argument("--tstr", action="store_true", help="also train-on-synthetic, test-on-real (conditional runs)")
     add_number(p, "--per-class", PER_CLASS, "with --tstr: synthetic images per class", default=1000)
     add_number(p, "--likelihood", N_LIKELIHOOD, "also bits/dim of the first N test images (flow, vae, cvae)")
@@ -62,6 +68,8 @@ def add_commands(sub) -> None:
     q.add_argument("--kind", choices=("auto", "classifier", "contrastive"), default=None,
                    help="a classifier (needs classes) or contrastive (any images); default auto: the classifier "
                         "where the data has classes")
+    add_number(q, "--held-out", HELD_OUT, "the test split is this share of a folder or zip, as its runs' "
+               "data.held_out (the evaluator trains on the rest)", default=0.0)
     p.set_defaults(handler=cmd_evaluator)
 
     p = sub.add_parser("report", help="rebuild a run's report.html")
@@ -80,7 +88,7 @@ def cmd_evaluate(a) -> int:
         from ..evaluate.anchors import evaluate_anchors
         if a.run_dir or not a.data:
             raise ConfigError("--anchors takes --data DATA and no run folder")
-        out = evaluate_anchors(a.data, n=a.n, out_dir=a.out)
+        out = evaluate_anchors(a.data, n=a.n, out_dir=a.out, held_out=a.held_out)
         for name, m in out["anchors"].items():
             print(f"== anchor {name}")
             _print_metrics(m)
@@ -162,7 +170,7 @@ def cmd_evaluator(a) -> int:
               f"the real test images {scores['overall']:.4f} ({judge.info['train_seconds']} s of training)")
         return 0
     from ..evaluate.evaluator import default_config, train_evaluator
-    ev = train_evaluator(default_config(a.data, epochs=a.epochs, kind=a.kind))
+    ev = train_evaluator(default_config(a.data, epochs=a.epochs, kind=a.kind, held_out=a.held_out or None))
     measured = (f"test accuracy {ev.info['test_accuracy']:.4f}" if "test_accuracy" in ev.info else
                 f"test retrieval {ev.info['test_retrieval']:.4f} (contrastive: no classes)")
     print(f"evaluator {ev.name}: {measured} on {ev.info['test_images']} images ({ev.info['train_seconds']} s of training)")

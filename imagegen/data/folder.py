@@ -12,6 +12,8 @@ fatal (`--strict`). A symlink whose target lies outside the folder is refused.
 from __future__ import annotations
 
 import csv
+import dataclasses
+import hashlib
 import json
 import os
 import warnings
@@ -171,6 +173,20 @@ class ImageFiles:
     def __len__(self) -> int:
         return len(self.keys)
 
+    def split(self, which: str, share: float, relative: Callable[[Any], str], what: str) -> "ImageFiles":
+        """The files of one split when `share` of them is held out as the test split ("test": those;
+        "train": the rest), each file's side chosen by a hash of its name within the folder (`relative`),
+        so a file keeps its side when others are added, removed or the folder moves. share 0: no split,
+        every file in both. `what` names the source in the error when the split would be empty."""
+        if not share:
+            return self
+        keep = [i for i, key in enumerate(self.keys) if held_out(relative(key), share) == (which == "test")]
+        if not keep and self.keys:
+            raise DataError(f"{what}: data.held_out = {share:g} leaves none of its {len(self.keys)} images in the "
+                            f"{which} split; {'raise' if which == 'test' else 'lower'} it")
+        return dataclasses.replace(self, keys=[self.keys[i] for i in keep], labels=[self.labels[i] for i in keep],
+                                   captions=[self.captions[i] for i in keep] if self.captions else [])
+
     def chunks(self, n: int = 1024) -> Iterator[tuple[torch.Tensor | None, torch.Tensor, list[str], list[tuple[str, str]], list[str]]]:
         """Per chunk of n keys, in order: (uint8 k x C x S x S of its good images or None, their labels,
         their captions, (file, reason) of its bad ones, the files whose channel count was converted)."""
@@ -194,6 +210,12 @@ class ImageFiles:
                 [c for p in good for c in p[2]], skipped, sorted(c for p in parts for c in p[4]))
 
 
+def held_out(name: str, share: float) -> bool:
+    """Whether the file `name` (its path within the folder, / separated) is in the held-out `share`: the
+    first 8 bytes of its name's SHA-256, read as a fraction of 2^64, fall below the share."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") < share * 2**64
+
+
 def scan_folder(root: str | Path, size: int, channels: int | None, *, classes: bool = True) -> ImageFiles:
     """The images under `root` with their classes and captions, listed but not decoded (see load_folder)."""
     root = Path(root)
@@ -214,13 +236,17 @@ def scan_folder(root: str | Path, size: int, channels: int | None, *, classes: b
                       skipped=skipped, size=size, channels=channels)
 
 
-def load_folder(root: str | Path, size: int, channels: int | None, *, classes: bool = True
+def load_folder(root: str | Path, size: int, channels: int | None, *, classes: bool = True, split: str = "train",
+                held_out: float = 0.0
                 ) -> tuple[torch.Tensor, torch.Tensor, list[str], list[tuple[str, str]], list[str], list[str]]:
     """Load every good image under `root`: (uint8 N x C x H x W, labels, classes, skipped, converted,
     captions), where `converted` lists the files whose channel count was changed to `channels` (by
     default that of the first images: 1 when they are all grayscale, else 3), and `captions` has one
-    caption per image or is empty (folder_captions). classes=False: no class subfolders."""
-    files = scan_folder(root, size, channels, classes=classes)
+    caption per image or is empty (folder_captions). classes=False: no class subfolders. `held_out`:
+    the share of the files that is the test split (ImageFiles.split), and `split` the one loaded."""
+    inside = Path(root).resolve()
+    files = scan_folder(root, size, channels, classes=classes).split(
+        split, held_out, lambda path: path.relative_to(inside).as_posix(), f"folder:{root}")
     images, labels, captions, skipped, converted = files.load(str(Path(root)))
     return images, labels, files.classes, skipped, converted, captions
 

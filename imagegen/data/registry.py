@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..config import MAX_IMAGE_SIZE, cache_path, ranged
+from ..config import MAX_IMAGE_SIZE, Range, cache_path, ranged, validate
 from ..errors import ConfigError, DataError, DownloadError
 from . import folder as folder_source
 from . import idx as idx_source
@@ -36,6 +36,9 @@ from . import locate
 from .locate import expand_source
 
 
+HELD_OUT = Range(0.0, 0.5, kind=float, lo_open=True, zero="none: the test split is the training images")
+
+
 @dataclass
 class DataConfig:
     source: str = "shapes"        # the --data spec
@@ -45,6 +48,11 @@ class DataConfig:
     channels: int = ranged(0, 1, 3, zero="the source's own")   # 1 or 3 (validate refuses 2)
     limit: int = ranged(0, 1, 2**31 - 1, zero="all")   # use only the first N images; handy for quick runs
     strict: bool = False          # any bad file is an error instead of a reported skip
+    # The share of a folder's or zip's images kept out of training as its test split (the validation
+    # loss, `evaluate`'s reference and memorisation check), chosen by a hash of each file's name: a file
+    # stays on its side as images are added. 0: no test split of its own, the test split is the training
+    # images. Sources with their own test split (emoji, fashion-mnist...) take none.
+    held_out: float = ranged(0.0, HELD_OUT)
 
     def __post_init__(self) -> None:
         self.source = expand_source(self.source)   # so the run's config.json names the real path
@@ -54,6 +62,12 @@ class DataConfig:
             raise ConfigError(f"data.split must be 'train' or 'test', got {self.split!r}")
         if self.channels not in (0, 1, 3):
             raise ConfigError(f"data.channels must be 0, 1 or 3, got {self.channels}")
+        if self.held_out and self.source.removeprefix("captioned:").partition(":")[0] not in HELD_OUT_SOURCES:
+            raise ConfigError(f"data.held_out splits a folder: or zip: source, which has no test split of its own; "
+                              f"{self.source!r} is neither (set data.held_out = 0)")
+
+
+HELD_OUT_SOURCES = ("folder", "zip")   # the sources data.held_out splits
 
 
 @dataclass(frozen=True)
@@ -156,6 +170,7 @@ def load_data(cfg: DataConfig | str) -> ImageDataset | PairedDataset:
     `pair:` sources give a PairedDataset of two unpaired domains (data/paired.py)."""
     if isinstance(cfg, str):
         cfg = DataConfig(source=cfg)
+    validate(cfg, "data")
     spec = cfg.source
     kind, _, arg = spec.partition(":")
     skipped: list[tuple[str, str]] = []
@@ -208,8 +223,8 @@ def load_data(cfg: DataConfig | str) -> ImageDataset | PairedDataset:
     elif kind == "folder":
         if not arg:
             raise ConfigError("--data folder:PATH needs a path")
-        images, labels, classes, skipped, converted, captions = folder_source.load_folder(arg, cfg.size or 64,
-                                                                                          cfg.channels or None)
+        images, labels, classes, skipped, converted, captions = folder_source.load_folder(
+            arg, cfg.size or 64, cfg.channels or None, split=cfg.split, held_out=cfg.held_out)
         source = str(Path(arg))
         notes += _converted_note(arg, converted, images)
     elif kind == "store":   # a prepared store, memory-mapped (data/store.py)
@@ -221,7 +236,7 @@ def load_data(cfg: DataConfig | str) -> ImageDataset | PairedDataset:
     elif kind == "zip":     # an EDM / StyleGAN2-ADA dataset.zip (data/edmzip.py)
         if not arg:
             raise ConfigError("--data zip:PATH needs a dataset.zip")
-        files = scan_zip(arg, cfg.size, cfg.channels or None)
+        files = scan_zip(arg, cfg.size, cfg.channels or None).split(cfg.split, cfg.held_out, str, spec)
         images, labels, captions, skipped, converted = files.load(arg)
         classes, source = files.classes, str(Path(arg))
         notes += _converted_note(arg, converted, images)

@@ -234,11 +234,12 @@ def score_images(run, seeds: list[int], labels: torch.Tensor | None = None) -> d
         for p, v in zip(per, d.float().cpu().tolist()):
             p["discriminator"] = v
     data = run_data(run)
-    folder = cache_dir(data.source, data.size, data.channels)
+    folder = cache_dir(data.source, data.size, data.channels, held_out=data.held_out)
     evaluator = None
     if (folder / "evaluator.json").exists():
         if folder not in _EVALUATORS:
-            _EVALUATORS[folder] = load_evaluator(data.source, size=data.size, channels=data.channels)
+            _EVALUATORS[folder] = load_evaluator(data.source, size=data.size, channels=data.channels,
+                                                 held_out=data.held_out)
         evaluator = _EVALUATORS[folder]
         confidence, predicted = evaluator.probs(images).max(dim=1)
         for p, c, k in zip(per, confidence.tolist(), predicted.tolist()):

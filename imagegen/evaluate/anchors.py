@@ -72,16 +72,18 @@ def anchor_images(name: str, train, n: int, seed: int = 0) -> torch.Tensor:
     raise ConfigError(f"unknown anchor {name!r} (known: {', '.join(ANCHORS)})")
 
 
-def evaluate_anchors(data: str, *, n: int = 10_000, out_dir: str | Path = "runs", log=print, size: int = 0) -> dict:
+def evaluate_anchors(data: str, *, n: int = 10_000, out_dir: str | Path = "runs", log=print, size: int = 0,
+                     held_out: float = 0.0) -> dict:
     """anchors-<data>.json in out_dir: every anchor's metrics against the real test split (at `size`, 0:
-    the data's own)."""
+    the data's own; a folder's test split the `held_out` share of it, as its runs' data.held_out)."""
     N_IMAGES.check(n, "--n")
-    extractor = get_evaluator(data, size=size, log=log)
-    train = load_data(DataConfig(source=data, split="train", size=size))
-    test = load_data(DataConfig(source=data, split="test", size=size))
+    extractor = get_evaluator(data, size=size, held_out=held_out, log=log)
+    train = load_data(DataConfig(source=data, split="train", size=size, held_out=held_out))
+    test = load_data(DataConfig(source=data, split="test", size=size, held_out=held_out))
     n = min(n, len(train))
     real = to_float(test.images)
     result = {"data": data, "protocol": {"generated": n, "real": len(test), "real_split": "test", "data": data,
+                                         **({"data_held_out": held_out} if held_out else {}),
                                          "evaluator": extractor.name,
                                          "evaluator_sha256": getattr(extractor, "info", {}).get("sha256"),
                                          "anchor_images": "drawn from the train split (seed 0); shift 1 px right, wrapped; "
@@ -96,7 +98,7 @@ def evaluate_anchors(data: str, *, n: int = 10_000, out_dir: str | Path = "runs"
             log(f"anchor {name}")
         images = anchor_images(name, train, n)
         result["anchors"][name] = compare(extractor, real, images) | memorisation(images, train_images, real, held)
-    out = Path(out_dir) / f"anchors-{slug(data)}.json"
+    out = Path(out_dir) / f"anchors-{slug(data)}{f'-heldout{held_out:g}' if held_out else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out, result)
     result["path"] = str(out)

@@ -28,6 +28,7 @@ from torch import nn
 from ..checkpoint import load_hashed_weights, save_hashed_weights, slug, write_json_atomic
 from ..config import MAX_BATCH, MAX_IMAGE_SIZE, MAX_SEED, MAX_WIDTH, cache_path, from_dict, ranged, validate
 from ..data import DataConfig, load_data
+from ..data.registry import HELD_OUT
 from ..errors import CheckpointError, ConfigError
 from .contrastive import PROJECTION, fit_contrastive, retrieval_accuracy
 from .geneval import get_judge
@@ -60,6 +61,7 @@ class EvaluatorConfig:
     # "classifier" (needs classes), "contrastive" (any images: evaluate/contrastive.py), or "auto": the
     # classifier where the data has classes, else contrastive
     kind: Literal["auto", "classifier", "contrastive"] = "auto"
+    held_out: float = ranged(0.0, HELD_OUT)   # the data's data.held_out: trained on the rest, measured on it
 
     def validate(self) -> None:
         if self.channels not in (0, 1, 3):
@@ -120,11 +122,11 @@ class Evaluator:
         return self._run(images, head=True)
 
 
-def cache_dir(data: str, size: int = 0, channels: int = 0, kind: str = "auto") -> Path:
-    """One folder per (data, size, channels, kind). Specs with a path also carry a hash of the spec, so two
-    folders with the same name never share an evaluator."""
+def cache_dir(data: str, size: int = 0, channels: int = 0, kind: str = "auto", held_out: float = 0.0) -> Path:
+    """One folder per (data, size, channels, kind, held-out share). Specs with a path also carry a hash of
+    the spec, so two folders with the same name never share an evaluator."""
     name = slug(data) + (f"-{size}px" if size else "") + (f"-{channels}ch" if channels else "")
-    name += "" if kind == "auto" else f"-{kind}"
+    name += ("" if kind == "auto" else f"-{kind}") + (f"-heldout{held_out:g}" if held_out else "")
     if "/" in data:
         name += "-" + hashlib.sha256(data.encode()).hexdigest()[:8]
     return cache_path("evaluators", name)
@@ -169,7 +171,7 @@ def train_evaluator(cfg: EvaluatorConfig, *, out: Path | None = None, log=print)
     validate(cfg, "evaluator")
     # A pair of domains (pair:DIR) gives a two-class domain classifier: label 0 = A, 1 = B.
     train_ds, test_ds = (_labelled(load_data(DataConfig(source=cfg.data, split=split, limit=limit, size=cfg.size,
-                                                        channels=cfg.channels)))
+                                                        channels=cfg.channels, held_out=cfg.held_out)))
                          for split, limit in (("train", cfg.limit), ("test", 0)))
     kind = cfg.kind if cfg.kind != "auto" else "classifier" if train_ds.labelled else "contrastive"
     t0 = time.perf_counter()
@@ -183,7 +185,7 @@ def train_evaluator(cfg: EvaluatorConfig, *, out: Path | None = None, log=print)
         net = fit_contrastive(net, train_ds, cfg, log)
         measured = {"test_retrieval": retrieval_accuracy(net, test_ds)}
 
-    folder = Path(out) if out is not None else cache_dir(cfg.data, cfg.size, cfg.channels, cfg.kind)
+    folder = Path(out) if out is not None else cache_dir(cfg.data, cfg.size, cfg.channels, cfg.kind, cfg.held_out)
     folder.mkdir(parents=True, exist_ok=True)
     digest = save_hashed_weights(folder / "weights.safetensors", net.state_dict(), "the evaluator")
     prefix = "cnn" if kind == "classifier" else "simclr"
@@ -199,9 +201,10 @@ def _labelled(ds):
     return ds.labelled_view() if hasattr(ds, "labelled_view") else ds
 
 
-def load_evaluator(data: str, *, folder: Path | None = None, size: int = 0, channels: int = 0) -> Evaluator:
+def load_evaluator(data: str, *, folder: Path | None = None, size: int = 0, channels: int = 0,
+                   held_out: float = 0.0) -> Evaluator:
     """The cached evaluator of `data`, verified against its recorded SHA-256."""
-    folder = Path(folder) if folder is not None else cache_dir(data, size, channels)
+    folder = Path(folder) if folder is not None else cache_dir(data, size, channels, held_out=held_out)
     try:
         info = json.loads((folder / "evaluator.json").read_text())
     except FileNotFoundError:
@@ -219,15 +222,16 @@ def load_evaluator(data: str, *, folder: Path | None = None, size: int = 0, chan
 SOURCE_DEFAULTS = {"emoji": {"epochs": 30}}
 
 
-def get_evaluator(data: str, *, size: int = 0, channels: int = 0, log=print) -> Evaluator:
-    """The cached evaluator of `data` (at `size` and `channels`, 0 = the data's own), trained first
-    (default config, with SOURCE_DEFAULTS) when there is none."""
-    folder = cache_dir(data, size, channels)
+def get_evaluator(data: str, *, size: int = 0, channels: int = 0, held_out: float = 0.0, log=print) -> Evaluator:
+    """The cached evaluator of `data` (at `size` and `channels`, 0 = the data's own; with the folder's
+    `held_out` share as its test split), trained first (default config, with SOURCE_DEFAULTS) when there
+    is none."""
+    folder = cache_dir(data, size, channels, held_out=held_out)
     if (folder / "evaluator.json").exists():
-        return load_evaluator(data, size=size, channels=channels)
+        return load_evaluator(data, size=size, channels=channels, held_out=held_out)
     if log:
         log(f"training the evaluator for {data} (once; cached in {folder})")
-    return train_evaluator(default_config(data, size=size, channels=channels), log=log)
+    return train_evaluator(default_config(data, size=size, channels=channels, held_out=held_out), log=log)
 
 
 def default_config(data: str, **fields) -> EvaluatorConfig:
@@ -238,8 +242,8 @@ def default_config(data: str, **fields) -> EvaluatorConfig:
 
 
 def run_data(run, data: str | None = None, split: str = "test") -> DataConfig:
-    """The DataConfig to measure a run against: its own source at its own size and channels, or `data`
-    (at that source's own size and channels)."""
+    """The DataConfig to measure a run against: its own source at its own size, channels and held-out
+    share, or `data` (at that source's own size and channels)."""
     own = data is None or data == run.data_source
     if own and not run.data_source:
         raise ConfigError(f"{run.path}: config.json names no data source; pass --data")
@@ -247,8 +251,8 @@ def run_data(run, data: str | None = None, split: str = "test") -> DataConfig:
     source = run.data_source if own else data
     # captioned:X has X's images: it is measured against X's test split, by X's evaluator
     source = source.removeprefix("captioned:")
-    return DataConfig(source=source, split=split,
-                      size=int(saved.get("size", 0)), channels=int(saved.get("channels", 0)))
+    return DataConfig(source=source, split=split, size=int(saved.get("size", 0)),
+                      channels=int(saved.get("channels", 0)), held_out=float(saved.get("held_out", 0)))
 
 
 def run_evaluator(run, data: str | None = None, log=print) -> FeatureExtractor:
@@ -257,4 +261,4 @@ def run_evaluator(run, data: str | None = None, log=print) -> FeatureExtractor:
     d = run_data(run, data)
     if d.source == "scenes":
         return get_judge(log=log)
-    return get_evaluator(d.source, size=d.size, channels=d.channels, log=log)
+    return get_evaluator(d.source, size=d.size, channels=d.channels, held_out=d.held_out, log=log)

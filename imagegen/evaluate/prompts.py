@@ -27,7 +27,7 @@ def test_prompts(run, n: int) -> list[str] | None:
         return None
     saved = run.config.get("data", {})
     test = load_data(DataConfig(source=run.data_source, split="test", size=int(saved.get("size", 0)),
-                                channels=int(saved.get("channels", 0))))
+                                channels=int(saved.get("channels", 0)), held_out=float(saved.get("held_out", 0))))
     if not test.captioned:
         return None
     return [test.captions[i % len(test.captions)] for i in range(n)]
@@ -103,7 +103,7 @@ def name_prompt_accuracy(run, extractor, repeats: int = NAME_REPEATS, batch_size
         return None
     saved = run.config.get("data", {})
     test = load_data(DataConfig(source=run.data_source, split="test", size=int(saved.get("size", 0)),
-                                channels=int(saved.get("channels", 0))))
+                                channels=int(saved.get("channels", 0)), held_out=float(saved.get("held_out", 0))))
     if not (test.captioned and test.labelled and test.classes == classes):
         return None
     names = [first_phrase(c) for c in test.captions]

@@ -110,7 +110,8 @@ def evaluate_run(run_dir: str | Path, *, n: int = 10_000, data: str | None = Non
     out = {
         "run": str(run.path), "family": run.family, "step": run.step,
         "protocol": {"generated": n, "seeds": f"0-{n - 1}", "labels": "seed mod classes" if run.model.conditional else None,
-                     "real": len(real), "real_split": "test", "data": data, "evaluator": extractor.name,
+                     "real": len(real), "real_split": "test", "data": data,
+                     **({"data_held_out": real_cfg.held_out} if real_cfg.held_out else {}), "evaluator": extractor.name,
                      "evaluator_sha256": getattr(extractor, "info", {}).get("sha256"), "weights": "ema",
                      **({"prompts": "the test split's captions, caption i for seed i"} if captions else {}),
                      **({"prompt_following": following} if following else {}),
