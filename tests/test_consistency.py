@@ -89,7 +89,9 @@ def test_one_step_sample_is_f_of_sigma_max_noise_and_a_second_step_renoises():
 def test_it_learns_a_two_point_distribution():
     """Half the images all -0.6, half all +0.6: after 300 updates, two steps from fresh noise land near one
     of the two, both of them drawn, and one step is far nearer than the untrained network (about 0
-    everywhere)."""
+    everywhere). How the draws split between the two is not settled after 300 updates: rounding alone
+    (one torch thread or two) moves the smaller mode's share between 13% and 20% of 512 draws, and
+    which mode is the smaller, so "both drawn" asks for 1% of 512 each."""
     model = tiny(min_intervals=4, max_intervals=32, curriculum_steps=200, label_dropout=0.0)
     opt = model.configure_optimizers(None)
 
@@ -102,11 +104,11 @@ def test_it_learns_a_two_point_distribution():
         sign = torch.randint(2, (32, 1, 1, 1), generator=gen) * 2 - 1
         model.train_step({"image": 0.6 * sign.float().expand(32, 1, 8, 8)}, opt, torch.Generator().manual_seed(step))
     one = distance(model.sample(64, generator=seed_generators(range(64)), steps=1)).mean()
-    two = model.sample(64, generator=seed_generators(range(64)), steps=2)
+    two = model.sample(512, generator=seed_generators(range(512)), steps=2)
     assert before > 0.5 and one < before - 0.15, (before, one)
     assert distance(two).mean() < 0.2, distance(two)
     means = two.mean(dim=(1, 2, 3))
-    assert (means > 0.3).sum() >= 4 and (means < -0.3).sum() >= 4    # both modes, not one
+    assert (means > 0.3).sum() >= 5 and (means < -0.3).sum() >= 5    # both modes, not one
 
 
 @pytest.mark.rounding

@@ -533,10 +533,11 @@ def test_work_past_its_deadline_stops_at_the_next_network_call(runs_dir, monkeyp
             assert c.post(route, json=body).status_code == 503
             time.sleep(0.5)
             # Each step takes 0.05 s at least, so at most 0.3 / 0.05 steps start before the deadline, and one more
-            # at which the thread stops. How many fewer depends on the machine's load (a busy CI runner may start
-            # only one step before the deadline), so the lower bound is what any machine guarantees: one.
+            # at which the thread stops. How many fewer depends on the machine's load: a busy CI runner started
+            # one, and a busy 2-core machine none (the deadline passed before the first step), so there is no
+            # lower bound; what any machine guarantees is the upper one, and that the steps end.
             stopped_at = len(calls)
-            assert 1 <= stopped_at <= 10, stopped_at
+            assert stopped_at <= 10, stopped_at
             time.sleep(0.3)
             assert len(calls) == stopped_at                  # stopped, not still running its 100 steps
         monkeypatch.setattr(W, "DEADLINE_S", 30.0)
