@@ -384,6 +384,17 @@ MUTATIONS = [
              "        held = load_data(replace(cfg.data, split=\"test\", limit=VAL_IMAGES, held_out=0.0))",
              ("tests/test_latent.py::test_a_folder_has_a_validation_loss_only_with_data_held_out",),
              "a folder's held-out share gets no validation loss"),
+    # --- the studio's latent job ----------------------------------------------------------------------------
+    Mutation("imagegen/serve/chain.py",
+             "            process.terminate()\n",
+             "            pass\n",
+             ("tests/test_studio_train.py::test_the_training_process_ends_with_the_server",),
+             "a latent job's autoencoder outlives the server"),
+    Mutation("imagegen/serve/jobs.py",
+             "    if latent and family not in LATENT_FAMILIES:",
+             "    if False:",
+             ("tests/test_studio_train.py::test_a_latent_job_trains_an_autoencoder_then_the_model_on_its_latents",),
+             "the studio takes a latent job for a family that learns no latents"),
 ]
 
 

@@ -209,6 +209,35 @@ def test_upload_train_and_serve_the_new_run_and_a_failure_or_cancel_leaves_a_wor
     assert bad.status_code == 400 and "family" in bad.json()["detail"]
 
 
+def test_a_latent_job_trains_an_autoencoder_then_the_model_on_its_latents(client, served):
+    """`latent`: an autoencoder first (the status names the stage and shows its steps), then flow on its
+    latents; the new run names that autoencoder, is served, and draws 64 px images. A family that learns
+    no latents is refused, naming those that do."""
+    headers = {"X-Imagegen-Token": TOKEN}
+    up = upload(client, tiny_folder_zip()).json()
+    assert client.get("/api/train/latent-families").json() == list(jobs.LATENT_FAMILIES)
+    assert "flow" in jobs.LATENT_FAMILIES and "dcgan" not in jobs.LATENT_FAMILIES
+    refused = client.post("/api/train", json={"upload": up["upload"], "family": "dcgan", "latent": True}, headers=headers)
+    assert refused.status_code == 400 and "does not train on latents" in refused.json()["detail"]
+    assert client.get("/api/train").json()["state"] == "none"
+    r = client.post("/api/train", json={"upload": up["upload"], "family": "flow", "minutes": 0.4, "latent": True},
+                    headers=headers)
+    assert r.status_code == 200 and r.json()["stage"] == "autoencoder"
+    seen, end = set(), time.time() + 180
+    while (now := client.get("/api/train").json())["state"] == "running":
+        seen.add((now["stage"], now["step"] > 0))
+        assert time.time() < end, now
+        time.sleep(0.2)
+    assert now["state"] == "done" and now["stage"] == "model" and now["step"] > 0, now
+    assert ("autoencoder", True) in seen, seen                       # its steps were shown while it trained
+    model = json.loads((served / "studio" / "runs" / now["run"] / "config.json").read_text())["model"]
+    autoencoder = Path(model["autoencoder"])
+    assert autoencoder.parent.parent == served / "studio" / "autoencoders" and model["autoencoder_sha256"]
+    assert json.loads((autoencoder / "config.json").read_text())["family"] == "ae"
+    image = client.post("/api/generate", json={"model": now["model"], "seed": 3})
+    assert image.status_code == 200 and Image.open(io.BytesIO(image.content)).size == (64, 64)
+
+
 def test_the_page_uploads_trains_and_explores_a_first_model_from_an_empty_folder(served, tmp_path):
     archive = tmp_path / "pets.zip"
     archive.write_bytes(tiny_folder_zip())
@@ -224,7 +253,10 @@ def test_the_page_uploads_trains_and_explores_a_first_model_from_an_empty_folder
         assert page.url == f"http://127.0.0.1:{port}/"                         # the token left the address ...
         assert page.input_value("#token") == ""                                # ... and travels in the cookie
         page.set_input_files("#train-zip", str(archive))
+        page.select_option("#train-family", "flow")
+        assert page.is_enabled("#train-latent")                                # flow learns latents ...
         page.select_option("#train-family", "dcgan")
+        assert page.is_disabled("#train-latent")                               # ... dcgan does not
         page.fill("#train-minutes", "0.2")                                     # a 12-second budget
         page.click("#train-go")
         page.wait_for_function("document.getElementById('train-status').textContent.startsWith('training dcgan')")
@@ -237,11 +269,15 @@ def test_the_page_uploads_trains_and_explores_a_first_model_from_an_empty_folder
         assert name.startswith("studio/runs/") and page.is_visible("#generate-panel")
         commands = page.eval_on_selector_all(".candidate", "els => els.map(e => e.dataset.command)")
         assert all(str(served / name) in c for c in commands)
-        # Train again on the same file: the page trains on the upload the server holds, not sending it twice.
+        # Train again on the same file, on latents: the page trains on the upload the server holds, not
+        # sending it twice, and the job begins with its autoencoder.
         sent = []
         page.on("request", lambda r: sent.append(r.url))
+        page.select_option("#train-family", "flow")
+        page.check("#train-latent")
+        page.fill("#train-minutes", "5")
         page.click("#train-go")
-        page.wait_for_function("document.getElementById('train-status').textContent.startsWith('training dcgan')")
+        page.wait_for_function("document.getElementById('train-status').textContent.startsWith('training the autoencoder')")
         assert any(u.endswith("/api/train") for u in sent) and not any(u.endswith("/api/upload") for u in sent)
         page.click("#train-cancel")
         page.wait_for_function("document.getElementById('train-status').textContent.startsWith('cancelled')")
@@ -329,8 +365,10 @@ def job_pids(marker: str, started: bool = False) -> list[int]:
     return pids
 
 
-@pytest.mark.parametrize("how", ["stopped", "killed"])
-def test_the_training_process_ends_with_the_server(served, how):
+@pytest.mark.parametrize("how,latent", [("stopped", False), ("killed", False), ("killed", True)])
+def test_the_training_process_ends_with_the_server(served, how, latent):
+    """Also a latent job's: the death signal reaches its first process (serve/chain.py), which ends the
+    autoencoder's training it started."""
     proc, port = serve_process(served, "--token", TOKEN)
     try:
         import httpx
@@ -339,8 +377,8 @@ def test_the_training_process_ends_with_the_server(served, how):
         headers = {"X-Imagegen-Token": TOKEN}
         up = httpx.post(base + "/api/upload", files={"archive": ("d.zip", tiny_folder_zip(), "application/zip")},
                         headers=headers, timeout=30).json()
-        r = httpx.post(base + "/api/train", json={"upload": up["upload"], "family": "dcgan", "minutes": 5}, headers=headers,
-                       timeout=30)
+        r = httpx.post(base + "/api/train", json={"upload": up["upload"], "family": "flow" if latent else "dcgan",
+                                                  "minutes": 5, "latent": latent}, headers=headers, timeout=30)
         assert r.status_code == 200
         marker = str(served / "studio" / "uploads" / up["upload"])
         while not job_pids(marker, started=True):            # the job itself runs, its limits set

@@ -37,6 +37,7 @@ that each family declares exactly the methods it has, and that nothing outside m
 | `conditional_likelihood`| its likelihood is log p(x given class) when conditional     | analyse --images refuses it    |
 | `has_null_class`        | class index `num_classes` is the null class (guidance)        | export's example labels        |
 | `trains_in_studio`      | nothing more: it trains from a folder of images in minutes    | the studio's training (serve/jobs.py) |
+| `learns_latents`        | nothing more: its config takes `model.autoencoder` (an ae run; models/latent.py) | the studio's latent training (serve/jobs.py) |
 | `distillable`           | `from_noise(z, labels, steps)`: a deterministic map of noise   | a teacher for `imagegen distill` |
 | `export_spec(direction)` | the sampling graph (ExportSpec); the default refuses: no network | ONNX export, the onnxruntime engine |
 | `draws_layouts` (property) | a layout prior drawn before the image (grounded text models) | the GenEval layout scores    |
@@ -169,6 +170,7 @@ class Family(nn.Module):
     autoencodes: ClassVar[bool] = False
     validates: ClassVar[bool] = False
     trains_in_studio: ClassVar[bool] = False   # offered by the studio's "train on your images" (serve/jobs.py)
+    learns_latents: ClassVar[bool] = False     # model.autoencoder = RUN trains it on an ae run's latents
     draws_layouts = False                  # a property of the families that can be grounded (backbone.py)
 
     def __init__(self, cfg) -> None:

@@ -112,7 +112,7 @@ class DDPM(ObjectiveFamily):    # the backbone, label dropout, guided call: back
     Config = Config
     name = "ddpm"
     summary = "diffusion, U-Net or DiT; DDIM, guidance, inpainting, outpainting"
-    distillable, trains_in_studio = True, True
+    distillable, trains_in_studio, learns_latents = True, True, True
     sample_options = {
         "steps": SampleOption("denoising steps (default: the model's sample_steps)", STEPS, slider=(1, 100, 1, 20),
                               served_max=MAX_SERVED_STEPS),

@@ -97,7 +97,7 @@ class Flow(ObjectiveFamily):    # the backbone, label dropout, guided call: back
     Config = Config
     name = "flow"
     summary = "rectified flow / flow matching, U-Net or DiT; Euler, Heun, dopri5; bits/dim"
-    has_likelihood, distillable, trains_in_studio = True, True, True
+    has_likelihood, distillable, trains_in_studio, learns_latents = True, True, True, True
     sample_options = {
         "steps": SampleOption("solver steps (default: the model's sample_steps; heun and midpoint call the network "
                               "twice a step)", STEPS, slider=(1, 100, 1, 20), served_max=MAX_SERVED_STEPS),

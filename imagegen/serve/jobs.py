@@ -21,6 +21,10 @@ process group. It runs at a lower priority (nice JOB_NICE) on all cores but one,
 the server stays responsive; it is killed GRACE_S after its time budget if it has not stopped by then,
 when the server stops, and (on Linux) when the server's process dies. The server's routes (training.py)
 only call this module.
+
+A latent job (flow or ddpm on colour images of 64 px and more) is one process too (serve/chain.py): an
+autoencoder (`ae`) for AE_SHARE of the minutes, written under the work folder's autoencoders/, then the
+model on its latents for the rest, written with the other runs; its status says which stage runs.
 """
 
 from __future__ import annotations
@@ -55,6 +59,8 @@ MAX_NAME = 100                    # characters of one file or folder name
 MAX_RATIO = 100                   # unpacked / packed size of one member (a zip bomb goes far beyond)
 KEPT_SUFFIXES = ALLOWED_SUFFIXES | set(CAPTION_SUFFIXES) | {".jsonl", ".csv"}
 TRAIN_FAMILIES = tuple(name for name, cls in REGISTRY.items() if cls.trains_in_studio)
+LATENT_FAMILIES = tuple(name for name in TRAIN_FAMILIES if REGISTRY[name].learns_latents)
+AE_SHARE = 1 / 3                  # a latent job's autoencoder: this share of its minutes (the model the rest)
 MAX_TRAIN_MINUTES = 120.0
 GRID_EVERY = 100                  # steps between the job's sample grids, so that they arrive while it runs
 MAX_STUDIO_BYTES = 4 << 30        # the studio folder (uploads, logs, runs): new uploads are refused past it
@@ -236,6 +242,7 @@ class TrainJob:
     process: subprocess.Popen
     log: Path
     before: frozenset = frozenset()   # the folders in `out` when the job started: earlier jobs' runs
+    first_out: Path | None = None     # a latent job's autoencoder folder (its first stage), else None
     started: float = field(default_factory=time.time)
     cancelled: bool = False
     killed: bool = False              # by the watchdog, past its budget and grace
@@ -261,15 +268,23 @@ class TrainJob:
             self._run = new[-1] if new else None
         return self._run
 
+    def working_dir(self) -> Path | None:
+        """The run folder being written: the model's, or in a latent job before it exists the autoencoder's."""
+        run = self.run_dir()
+        if run is not None or self.first_out is None or not self.first_out.is_dir():
+            return run
+        runs = sorted(p for p in self.first_out.iterdir() if (p / "config.json").is_file())
+        return runs[-1] if runs else None
+
     def status(self) -> dict:
         code = self.process.poll()
         state = "running" if code is None else "cancelled" if self.cancelled else "done" if code == 0 else "failed"
         if self.killed and code is not None:
             state = "failed"
-        run = self.run_dir()
+        run, working = self.run_dir(), self.working_dir()
         last = {}
-        if run is not None and (run / "log.jsonl").is_file():
-            lines = (run / "log.jsonl").read_text(encoding="utf-8", errors="replace").splitlines()
+        if working is not None and (working / "log.jsonl").is_file():
+            lines = (working / "log.jsonl").read_text(encoding="utf-8", errors="replace").splitlines()
             for line in reversed(lines):
                 try:
                     last = json.loads(line)
@@ -284,14 +299,16 @@ class TrainJob:
             error = " ".join(tail)[-500:] or f"the training process exited with status {code}"
         grid = self.latest_grid()
         return {"state": state, "family": self.family, "minutes": self.minutes, "upload": self.upload,
+                "stage": None if self.first_out is None else "model" if run is not None else "autoencoder",
                 "seconds": round(time.time() - self.started, 1), "step": last.get("step", 0),
                 "loss": {k: v for k, v in last.items() if k not in ("step", "images_per_s", "bad_steps")},
                 "run": run.name if run is not None else None, "error": error,
                 "grid_step": int(grid.stem.split("-")[1]) if grid is not None else None}
 
     def latest_grid(self) -> Path | None:
-        """The newest sample grid the job has written (samples/step-NNNNNNN.png), if any."""
-        run = self.run_dir()
+        """The newest sample grid the job has written (samples/step-NNNNNNN.png; in a latent job's first
+        stage the autoencoder's reconstructions), if any."""
+        run = self.working_dir()
         grids = sorted((run / "samples").glob("step-*.png")) if run is not None else []
         return grids[-1] if grids else None
 
@@ -317,11 +334,14 @@ class TrainJob:
 
 
 def start_training(upload_dir: Path, upload: str, family: str, minutes: float, out: Path, logs: Path,
-                   overrides: dict | None = None) -> TrainJob:
+                   overrides: dict | None = None, *, latent: bool = False) -> TrainJob:
     """The training process for an unpacked upload: `imagegen train --data folder:DIR --model F` with a
-    time limit, into `out` (a folder the server serves runs from), its output in `logs`."""
+    time limit, into `out` (a folder the server serves runs from), its output in `logs`. `latent`: an
+    autoencoder first, into out's sibling autoencoders/, and the model on its latents (serve/chain.py)."""
     if family not in TRAIN_FAMILIES:
         raise UploadError(f"family {family!r}: one of {', '.join(TRAIN_FAMILIES)}")
+    if latent and family not in LATENT_FAMILIES:
+        raise UploadError(f"family {family!r} does not train on latents; one of {', '.join(LATENT_FAMILIES)} does")
     out.mkdir(parents=True, exist_ok=True)
     before = frozenset(p.name for p in out.iterdir())
     logs.mkdir(parents=True, exist_ok=True)
@@ -333,13 +353,23 @@ def start_training(upload_dir: Path, upload: str, family: str, minutes: float, o
                        + [f"{key}={value}" for key, value in (overrides or {}).items()])
     ask.check()   # an unknown key or a bad value is refused here, before a process starts
     cmd = [sys.executable, "-m", *ask.command(out), "--no-progress"]
-    job = launch(cmd, log, upload, family, minutes, out, before)
+    first_out = None
+    if latent:   # the model's config is checked as pixels: its autoencoder does not exist yet
+        first_out = out.parent / "autoencoders" / log.stem.removeprefix("train-")
+        first = TrainRequest(model="ae", data=f"folder:{upload_dir}",
+                             sets=[f"train.time_limit={60 * minutes * AE_SHARE:g}", f"train.sample_every={GRID_EVERY}",
+                                   f"train.threads={threads}"])
+        first.check()
+        spec = {"first": ["-m", *first.command(first_out), "--no-progress"], "first_out": str(first_out),
+                "then": cmd[1:], "seconds": 60 * minutes}
+        cmd = [sys.executable, "-m", "imagegen.serve.chain", json.dumps(spec)]
+    job = launch(cmd, log, upload, family, minutes, out, before, first_out)
     prune(logs, KEEP_LOGS, {log.name})
     return job
 
 
 def launch(cmd: list[str], log: Path, upload: str, family: str, minutes: float, out: Path,
-           before: frozenset = frozenset()) -> TrainJob:
+           before: frozenset = frozenset(), first_out: Path | None = None) -> TrainJob:
     """The job's process: its own session (so that cancelling ends its whole group), started through
     LIMITED (a lower priority, an address-space cap, and on Linux SIGTERM when the server's process dies),
     and watched: killed GRACE_S after its budget."""
@@ -347,7 +377,7 @@ def launch(cmd: list[str], log: Path, upload: str, family: str, minutes: float, 
     with open(log, "wb") as f:
         process = subprocess.Popen([sys.executable, "-c", LIMITED, *limits, *cmd], stdout=f, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, start_new_session=True)
-    job = TrainJob(upload, family, minutes, out, process, log, before)
+    job = TrainJob(upload, family, minutes, out, process, log, before, first_out)
     job.watch(60 * minutes + GRACE_S)
     return job
 

@@ -22,8 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import ImagegenError
 from .common import Api, bad_request, load_served
-from .jobs import (MAX_TRAIN_MINUTES, MAX_ZIP_BYTES, TRAIN_FAMILIES, StudioFull, TrainJob, UploadError, check_room,
-                   clear_partials, start_training, store_upload)
+from .jobs import (AE_SHARE, LATENT_FAMILIES, MAX_TRAIN_MINUTES, MAX_ZIP_BYTES, TRAIN_FAMILIES, StudioFull, TrainJob,
+                   UploadError, check_room, clear_partials, start_training, store_upload)
 
 EVENT_EVERY_S = 0.5
 
@@ -33,6 +33,8 @@ class TrainRequest(BaseModel):
     upload: str = Field(pattern=r"^[0-9a-f]{16}$", description="the id POST /api/upload answered")
     family: str = Field(default="dcgan", description=f"one of {', '.join(TRAIN_FAMILIES)}")
     minutes: float = Field(default=1.0, gt=0, le=MAX_TRAIN_MINUTES, description="the training time budget")
+    latent: bool = Field(default=False, description=f"an autoencoder first ({AE_SHARE:.0%} of the minutes), then the "
+                         f"family on its latents: for colour images of 64 px and more ({', '.join(LATENT_FAMILIES)})")
 
 
 def training_router(api: Api, root: Path) -> tuple[APIRouter, Callable[[], None]]:
@@ -96,7 +98,8 @@ def training_router(api: Api, root: Path) -> tuple[APIRouter, Callable[[], None]
         if not folder.is_dir():
             raise bad_request(f"unknown upload {req.upload!r}", 404)
         try:
-            state["job"] = start_training(folder, req.upload, req.family, req.minutes, work / "runs", work / "logs")
+            state["job"] = start_training(folder, req.upload, req.family, req.minutes, work / "runs", work / "logs",
+                                          latent=req.latent)
         except UploadError as e:
             raise bad_request(str(e)) from None
         return state["job"].status()
@@ -127,9 +130,15 @@ def training_router(api: Api, root: Path) -> tuple[APIRouter, Callable[[], None]
         """The families the studio trains (each family's file declares it: trains_in_studio)."""
         return list(TRAIN_FAMILIES)
 
+    @router.get("/api/train/latent-families")
+    async def latent_families() -> list[str]:
+        """The families the studio also trains on latents (`latent`: each family's file declares it)."""
+        return list(LATENT_FAMILIES)
+
     @router.get("/api/train")
     async def train_status() -> dict:
-        """The training job: state (none, running, done, failed, cancelled), step, losses, its run."""
+        """The training job: state (none, running, done, failed, cancelled), step, losses, its run, and
+        for a latent job its stage (autoencoder, then model)."""
         return status()
 
     @router.get("/api/train/grid", response_class=Response, responses={200: {"content": {"image/png": {}}}})

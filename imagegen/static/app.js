@@ -350,7 +350,8 @@ function showTraining(job) {
     $("train-grid").src = `/api/train/grid?step=${gridStep}`;   // a new URL per grid: no stale cache
     $("train-grid").hidden = false;
   }
-  const text = job.state === "running" ? `training ${job.family}: step ${job.step}, ${job.seconds} s of ${job.minutes * 60} s`
+  const what = job.stage === "autoencoder" ? "the autoencoder" : job.stage === "model" ? `${job.family} on latents` : job.family;
+  const text = job.state === "running" ? `training ${what}: step ${job.step}, ${job.seconds} s of ${job.minutes * 60} s`
     : job.state === "failed" ? `failed: ${job.error}` : `${job.state}${job.run ? `: ${job.run}` : ""}`;
   $("train-status").textContent = text;
 }
@@ -364,7 +365,8 @@ async function trainNow() {
     const key = `${file.name}/${file.size}/${file.lastModified}`;
     const train = (upload) => postWithToken("/api/train", {
       headers: { "Content-Type": "application/json" },
-      body: JSON.stringify({ upload, family: $("train-family").value, minutes: parseFloat($("train-minutes").value) }),
+      body: JSON.stringify({ upload, family: $("train-family").value, minutes: parseFloat($("train-minutes").value),
+                             latent: $("train-latent").checked && !$("train-latent").disabled }),
     });
     // The same file again: train on the upload the server holds (unless it has dropped it: 404).
     let response = lastUpload && lastUpload.key === key ? await train(lastUpload.upload) : null;
@@ -604,9 +606,14 @@ async function start() {
   $("board-download").addEventListener("click", downloadBoard);
   $("board-clear").addEventListener("click", () => { localStorage.removeItem(BOARD_KEY); showBoard(); });
   showBoard();
-  fetch("/api/train/families").then((r) => r.json()).then((names) => {
-    $("train-family").replaceChildren(...names.map((n) => new Option(n, n)));
-  }).catch((e) => showError(`cannot list the families to train: ${e.message}`));
+  // "on latents" is offered for the families that learn an autoencoder's latents (flow, ddpm).
+  Promise.all(["/api/train/families", "/api/train/latent-families"].map((u) => fetch(u).then((r) => r.json())))
+    .then(([names, latent]) => {
+      $("train-family").replaceChildren(...names.map((n) => new Option(n, n)));
+      const offer = () => { $("train-latent").disabled = !latent.includes($("train-family").value); };
+      $("train-family").addEventListener("change", offer);
+      offer();
+    }).catch((e) => showError(`cannot list the families to train: ${e.message}`));
   $("model").addEventListener("change", () => { newMask(); selectModel($("model").value); });
   try {
     const response = await fetch("/api/models");
