@@ -154,9 +154,7 @@ def distill(teacher_dir: str | Path, *, steps: int = 1, out: str | Path = "runs"
     cfg = resolve_config(tree)
     real = None
     if cfg.model.adversarial:
-        data = teacher.config.get("data", {})
-        real = load_data(DataConfig(source=data.get("source", "shapes"), size=int(data.get("size", 0)),
-                                    channels=int(data.get("channels", 0)), held_out=float(data.get("held_out", 0))))
+        real = load_data(DataConfig.as_saved(teacher.config.get("data", {})))
     if couplings_from is not None:
         if resume is not None:
             raise ConfigError("--couplings-from is for a new student; a resumed one keeps its own couplings")

@@ -57,6 +57,14 @@ class DataConfig:
     def __post_init__(self) -> None:
         self.source = expand_source(self.source)   # so the run's config.json names the real path
 
+    @classmethod
+    def as_saved(cls, saved: dict, split: str = "train", source: str | None = None) -> "DataConfig":
+        """The images of a run's config.json data section `saved` (its source, or `source` in its place;
+        size, channels, held-out share) in `split`: what evaluation, prompts and distillation read. A field
+        it lacks has its default, as when the run's config is read."""
+        return cls(source=source or saved.get("source", cls.source), split=split, size=int(saved.get("size", 0)),
+                   channels=int(saved.get("channels", 0)), held_out=float(saved.get("held_out", 0)))
+
     def validate(self) -> None:
         if self.split not in ("train", "test"):
             raise ConfigError(f"data.split must be 'train' or 'test', got {self.split!r}")

@@ -250,9 +250,7 @@ def run_data(run, data: str | None = None, split: str = "test") -> DataConfig:
     saved = run.config.get("data", {}) if own else {}
     source = run.data_source if own else data
     # captioned:X has X's images: it is measured against X's test split, by X's evaluator
-    source = source.removeprefix("captioned:")
-    return DataConfig(source=source, split=split, size=int(saved.get("size", 0)),
-                      channels=int(saved.get("channels", 0)), held_out=float(saved.get("held_out", 0)))
+    return DataConfig.as_saved(saved, split, source.removeprefix("captioned:"))
 
 
 def run_evaluator(run, data: str | None = None, log=print) -> FeatureExtractor:

@@ -25,9 +25,7 @@ def test_prompts(run, n: int) -> list[str] | None:
     """Captions of the run's data, test split, cycled to n (None for a run without text)."""
     if not run.model.reads_text:
         return None
-    saved = run.config.get("data", {})
-    test = load_data(DataConfig(source=run.data_source, split="test", size=int(saved.get("size", 0)),
-                                channels=int(saved.get("channels", 0)), held_out=float(saved.get("held_out", 0))))
+    test = load_data(DataConfig.as_saved(run.config.get("data", {}), "test"))
     if not test.captioned:
         return None
     return [test.captions[i % len(test.captions)] for i in range(n)]
@@ -101,9 +99,7 @@ def name_prompt_accuracy(run, extractor, repeats: int = NAME_REPEATS, batch_size
     classes = list(getattr(extractor, "info", {}).get("classes", []))
     if not run.model.reads_text or not classes or (run.data_source or "").startswith("captioned:"):
         return None
-    saved = run.config.get("data", {})
-    test = load_data(DataConfig(source=run.data_source, split="test", size=int(saved.get("size", 0)),
-                                channels=int(saved.get("channels", 0)), held_out=float(saved.get("held_out", 0))))
+    test = load_data(DataConfig.as_saved(run.config.get("data", {}), "test"))
     if not (test.captioned and test.labelled and test.classes == classes):
         return None
     names = [first_phrase(c) for c in test.captions]
