@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..config import field_ranges
 from ..data import DataConfig, describe, load_data
+from ..data.registry import HELD_OUT
 from .options import add_number
 
 
@@ -13,7 +14,7 @@ def add_commands(sub) -> None:
     q = dsub.add_parser("info", help="counts, shape, classes and where the files came from")
     q.add_argument("data")
     q.add_argument("--split", default="train", choices=["train", "test"])
-    add_number(q, "--held-out", field_ranges(DataConfig)["held_out"], "a folder's or zip's share held out as its "
+    add_number(q, "--held-out", HELD_OUT, "a folder's or zip's share held out as its "
                "test split (data.held_out)", default=0.0)
     q.add_argument("--strict", action="store_true", help="any bad file is an error")
     q = dsub.add_parser("prepare", help="decode a source once into a memory-mapped store (then --data store:DIR)")

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from ..config import field_ranges
-from ..data import DataConfig
+from ..data.registry import HELD_OUT
 from ..errors import ConfigError
 from ..evaluate.analyse import KEEP
 from ..evaluate.evaluator import EvaluatorConfig
@@ -16,9 +16,6 @@ from ..evaluate.run_eval import N_IMAGES, N_PROMPTS
 from ..evaluate.synth import PER_CLASS
 from ..report import write_report
 from .options import add_number
-
-
-HELD_OUT = field_ranges(DataConfig)["held_out"]
 
 
 def add_commands(sub) -> None:
