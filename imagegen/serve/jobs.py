@@ -44,6 +44,7 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from ..checkpoint import run_folders
 from ..data.folder import ALLOWED_SUFFIXES, CAPTION_SUFFIXES
 from ..errors import ImagegenError
 from ..files import sha256_file, write_json_atomic
@@ -271,10 +272,9 @@ class TrainJob:
     def working_dir(self) -> Path | None:
         """The run folder being written: the model's, or in a latent job before it exists the autoencoder's."""
         run = self.run_dir()
-        if run is not None or self.first_out is None or not self.first_out.is_dir():
+        if run is not None or self.first_out is None:
             return run
-        runs = sorted(p for p in self.first_out.iterdir() if (p / "config.json").is_file())
-        return runs[-1] if runs else None
+        return next((p for p in run_folders(self.first_out) if (p / "config.json").is_file()), None)
 
     def status(self) -> dict:
         code = self.process.poll()
@@ -347,20 +347,21 @@ def start_training(upload_dir: Path, upload: str, family: str, minutes: float, o
     logs.mkdir(parents=True, exist_ok=True)
     log = logs / f"train-{upload}-{int(time.time())}.log"
     threads = max(1, (os.cpu_count() or 2) - 1)          # one core stays the server's
-    ask = TrainRequest(model=family, data=f"folder:{upload_dir}",
-                       sets=[f"train.time_limit={60 * minutes:g}", f"train.sample_every={GRID_EVERY}",
-                             f"train.threads={threads}"]
-                       + [f"{key}={value}" for key, value in (overrides or {}).items()])
-    ask.check()   # an unknown key or a bad value is refused here, before a process starts
-    cmd = [sys.executable, "-m", *ask.command(out), "--no-progress"]
+
+    def command(model: str, seconds: float, into: Path, sets: list[str]) -> list[str]:
+        """`-m imagegen train ...` on the upload: an unknown key or a bad value is refused here, before a
+        process starts."""
+        ask = TrainRequest(model=model, data=f"folder:{upload_dir}",
+                           sets=[f"train.time_limit={seconds:g}", f"train.sample_every={GRID_EVERY}",
+                                 f"train.threads={threads}", *sets])
+        ask.check()
+        return ["-m", *ask.command(into), "--no-progress"]
+
+    cmd = [sys.executable, *command(family, 60 * minutes, out, [f"{k}={v}" for k, v in (overrides or {}).items()])]
     first_out = None
     if latent:   # the model's config is checked as pixels: its autoencoder does not exist yet
         first_out = out.parent / "autoencoders" / log.stem.removeprefix("train-")
-        first = TrainRequest(model="ae", data=f"folder:{upload_dir}",
-                             sets=[f"train.time_limit={60 * minutes * AE_SHARE:g}", f"train.sample_every={GRID_EVERY}",
-                                   f"train.threads={threads}"])
-        first.check()
-        spec = {"first": ["-m", *first.command(first_out), "--no-progress"], "first_out": str(first_out),
+        spec = {"first": command("ae", 60 * minutes * AE_SHARE, first_out, []), "first_out": str(first_out),
                 "then": cmd[1:], "seconds": 60 * minutes}
         cmd = [sys.executable, "-m", "imagegen.serve.chain", json.dumps(spec)]
     job = launch(cmd, log, upload, family, minutes, out, before, first_out)
