@@ -374,7 +374,7 @@ MUTATIONS = [
              "    inside = Path(\"/\")\n",
              ("tests/test_folder.py::test_data_held_out_sets_a_share_of_a_folder_apart_by_file_name",),
              "a folder's held-out split moves with the folder (hashes of absolute paths)"),
-    Mutation("imagegen/evaluate/evaluator.py",
+    Mutation("imagegen/data/registry.py",
              "channels=int(saved.get(\"channels\", 0)), held_out=float(saved.get(\"held_out\", 0)))",
              "channels=int(saved.get(\"channels\", 0)))",
              ("tests/test_evaluate.py::test_evaluate_works_on_a_folder_without_classes",),
