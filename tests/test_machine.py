@@ -8,15 +8,25 @@ import sys
 import pytest
 import torch
 
-LEVELS = {"default": 0, "avx2": 1, "avx512": 2}
+LEVELS = {"default": 0, "avx2": 1, "avx512": 2}                                     # ATEN_CPU_CAPABILITY
+ONEDNN_LEVELS = {"SSE41": 0, "AVX": 1, "AVX2": 2}                                    # ONEDNN_MAX_CPU_ISA
+ONEDNN_NAMES = {"Intel SSE4.1": "SSE41", "Intel AVX": "AVX", "Intel AVX2": "AVX2"}   # its verbose names
 
 
-@pytest.mark.trained       # so it runs in both passes: the second one proves its limit took effect
+@pytest.mark.trained       # so it runs in the second pass, where it proves that pass's limits took effect
 def test_the_instruction_set_limit_is_in_force():
     asked = os.environ.get("ATEN_CPU_CAPABILITY", "").lower()
     active = torch.backends.cpu.get_cpu_capability().lower()
     # PyTorch runs the asked level, or a lower one where the CPU lacks it; unasked, whatever it found.
     assert active and (asked not in LEVELS or LEVELS.get(active, 0) <= LEVELS[asked]), (asked, active)
+    # oneDNN (convolutions) says the level it runs at when asked to be verbose, in a process of its own.
+    asked = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    if asked in ONEDNN_LEVELS:
+        conv = "import torch; torch.nn.functional.conv2d(torch.randn(2, 3, 8, 8), torch.randn(4, 3, 3, 3))"
+        done = subprocess.run([sys.executable, "-c", conv], capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "ONEDNN_VERBOSE": "1"})
+        isa = next(line.split("isa:")[1] for line in done.stdout.splitlines() if ",isa:" in line)
+        assert isa in ONEDNN_NAMES and ONEDNN_LEVELS[ONEDNN_NAMES[isa]] <= ONEDNN_LEVELS[asked], (asked, isa)
 
 
 FIRST_CALL = """
