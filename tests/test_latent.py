@@ -341,6 +341,30 @@ def test_the_flow_time_shift_follows_what_the_backbone_sees():
     assert plan.grid[0] == 0 and plan.grid[-1] == 1.0 and len(plan.grid) == 5 and plan.grid[1] < 0.25
 
 
+def test_128_px_images_train_and_sample_on_latents_of_factor_4_and_8(cache, tmp_path):
+    """128 px: the autoencoder at factor 8 gives 4 x 16 x 16 latents (no shift; the DiT takes patch 2, so
+    64 tokens), at factor 4 with 8 channels 8 x 32 x 32 (shift sqrt(8,192 / 4,096)); both models sample
+    128 px images, each seed's the same alone or in a batch."""
+    data = {"source": "shapes", "limit": 32, "size": 128}
+    for factor, channels, model, shift, tokens in ((8, 4, {"backbone": "dit", "dit_size": "xxs"}, 1.0, 64),
+                                                   (4, 8, {"width": 8, "mults": [1, 2]}, 2 ** 0.5, None)):
+        train = {**TRAIN, "batch_size": 8, "grid_size": 1}
+        ae = imagegen.train(imagegen.resolve_config({
+            "family": "ae", "model": {"width": 8, "critic_width": 8, "critic_start": 1, "factor": factor,
+                                      "latent_channels": channels},
+            "data": data, "train": {**train, "steps": 2}}), out=tmp_path / f"ae{factor}", progress=False)
+        run = imagegen.load_run(imagegen.train(imagegen.resolve_config({
+            "family": "flow", "model": {**model, "autoencoder": str(ae), "sample_steps": 2},
+            "data": data, "train": {**train, "steps": 2}}), out=tmp_path / f"flow{factor}", progress=False))
+        assert run.model.shift == pytest.approx(shift)
+        if tokens:
+            side = run.model.cfg.space[1]
+            assert side == 16 and (side // run.model.cfg.patch_size) ** 2 == tokens
+        batch = imagegen.generate(run.model, [3, 4, 5])
+        assert batch.shape == (3, 3, 128, 128) and batch.abs().max() <= 1
+        assert torch.equal(imagegen.generate(run.model, [4])[0], batch[1])
+
+
 def test_a_flow_saved_before_the_time_shift_loads_without_one(tmp_path):
     """A 64 px flow trained before model.time_shift existed learned unshifted times: its config.json, which
     has no such key, loads as time_shift 1, not as 0 ("by size", 1.73 here), which would move its solver grid."""
