@@ -64,6 +64,7 @@ def train_flops_per_image(run_dir: Path) -> float:
     data = imagegen.load_data(cfg.data)
     cfg = fit_model_to_data(cfg, data)
     model = imagegen.build_model(run.family, imagegen.config.to_dict(cfg.model))
+    model.ready(data, log=lambda *_: None)   # as training does: a text model's batches carry caption embeddings
     opts = {k: GuardedOptimizer(o) for k, o in model.configure_optimizers(cfg.train).items()}
     batch = data.batch_at(0, cfg.train.batch_size, 0)
     with FlopCounterMode(display=False) as counter:
