@@ -544,6 +544,28 @@ def test_work_past_its_deadline_stops_at_the_next_network_call(runs_dir, monkeyp
         assert c.post("/api/generate", json={"model": DDPM, "steps": 2}).status_code == 200
 
 
+def test_a_stop_by_the_model_threads_own_deadline_check_is_503(runs_dir):
+    """The model thread's deadline starts counting before the request's wait does, so on a loaded machine
+    the thread can stop (Late, at a network call) before the request has timed out: that answer is the
+    same 503, on both paths, not an exception out of the app."""
+    app = create_app(runs_dir, log=None)
+    hook = {}
+
+    def late(module, args):
+        if hook.get("on"):
+            raise W.Late()
+    app.state.runs[DDPM].model.net.register_forward_pre_hook(late)
+    with TestClient(app, base_url=LOCAL, raise_server_exceptions=True) as c:
+        hook["on"] = True
+        for route, body in (("/api/generate", {"model": DDPM, "steps": 2}),          # the micro-batched path
+                            ("/api/analyse", {"model": DDPM, "n": 1})):              # Worker.call
+            r = c.post(route, json=body)
+            assert r.status_code == 503 and "deadline" in r.json()["detail"], (route, r.status_code, r.text)
+            assert r.headers["Retry-After"] == str(W.RETRY_AFTER_S)
+        hook["on"] = False
+        assert c.post("/api/generate", json={"model": DDPM, "steps": 2}).status_code == 200
+
+
 def test_a_request_past_the_deadline_is_503_and_the_server_recovers(runs_dir, monkeypatch):
     app = create_app(runs_dir, log=None)
 

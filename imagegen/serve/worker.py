@@ -26,9 +26,11 @@ class Busy(Exception):
     pass
 
 
-class Late(Exception):
+class Late(asyncio.TimeoutError):
     """Raised in the model thread at a network call made after the request's deadline: its answer (503)
-    has gone, so the rest of its work is dropped instead of holding the one model thread."""
+    has gone, so the rest of its work is dropped instead of holding the one model thread. The model
+    thread's clock starts before the request's asyncio.wait_for does, so this can reach the request
+    before wait_for's own timeout; it is that same timeout, hence the subclass and the same 503."""
 
 
 _due = threading.local()   # the deadline of the work the model thread runs now (time.monotonic())
