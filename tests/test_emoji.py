@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from imagegen.data import DataConfig, load_data
@@ -71,6 +72,21 @@ def test_the_split_depends_on_the_shortname_alone(tmp_path):
     assert a.captions == b.captions and bool((a.images == b.images).all())
 
 
+def test_a_prepared_store_keeps_the_held_out_split(tmp_path):
+    """`data prepare emoji` writes both splits, so a run on the store is measured on the held-out icons,
+    not on its own training images; an index problem is reported once."""
+    from imagegen.data.prepare import prepare
+    root = _gem(tmp_path)
+    said = []
+    out = prepare(f"emoji:{root}", tmp_path / "store", progress=False, log=said.append)
+    for split in ("train", "test"):
+        stored = load_data(DataConfig(source=f"store:{out}", split=split))
+        direct = load_data(DataConfig(source=f"emoji:{root}", split=split))
+        assert torch.equal(stored.images, direct.images) and stored.captions == direct.captions
+        assert torch.equal(stored.labels, direct.labels) and not stored.notes
+    assert sum("'odd'" in line for line in said) == 1
+
+
 def test_a_missing_package_or_a_bad_index_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(emoji, "SYSTEM_GLOB", str(tmp_path / "nothing-*"))
     with pytest.raises(DataError, match="ruby-gemojione"):
@@ -87,7 +103,6 @@ def test_a_missing_package_or_a_bad_index_is_a_clear_error(tmp_path, monkeypatch
 
 
 def test_dominant_hue_names_the_colour():
-    import torch
     from imagegen.evaluate.prompts import dominant_hue, hue_matches
     x = torch.ones(4, 3, 8, 8)                                   # white
     for i, rgb in enumerate(([1, -1, -1], [-1, 1, -1], [-1, -1, 1])):

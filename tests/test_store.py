@@ -85,6 +85,30 @@ def test_store_keeps_captions_and_both_splits(tmp_path):
         _same(load_data(DataConfig(source=f"store:{out}", split=split)), load_data(DataConfig(source="shapes", split=split)))
 
 
+def test_a_held_out_share_prepares_the_split_that_the_folder_or_zip_holds_out(class_folder, tmp_path):
+    """`data prepare --held-out S`: the store's test split is the files `--data SOURCE --held-out S` holds
+    out (chosen by name, so training on the store never sees them), and its train split the rest; the
+    corrupt file is reported once. A source with its own test split takes no share."""
+    out = prepare(f"folder:{class_folder}", tmp_path / "s", size=16, held_out=0.3, progress=False, log=lambda *_: None)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert list(manifest["splits"]) == ["train", "test"] and manifest["held_out"] == 0.3
+    for split in ("train", "test"):
+        stored = load_data(DataConfig(source=f"store:{out}", split=split))
+        _same(stored, load_data(DataConfig(source=f"folder:{class_folder}", size=16, split=split, held_out=0.3)))
+        assert not stored.notes                                   # its own test split: none stands in
+    assert manifest["splits"]["train"]["count"] + manifest["splits"]["test"]["count"] == 15
+    assert 0 < manifest["splits"]["test"]["count"] < 15
+    images = _images(12, side=16, seed=6)
+    _edm_zip(tmp_path / "dataset.zip", images, [i % 2 for i in range(12)])
+    out = prepare(f"zip:{tmp_path / 'dataset.zip'}", tmp_path / "z", held_out=0.4, progress=False, log=lambda *_: None)
+    for split in ("train", "test"):
+        _same(load_data(DataConfig(source=f"store:{out}", split=split)),
+              load_data(DataConfig(source=f"zip:{tmp_path / 'dataset.zip'}", split=split, held_out=0.4)))
+    with pytest.raises(ConfigError, match="data.held_out splits a folder: or zip: source"):
+        prepare("shapes", tmp_path / "x", held_out=0.1, progress=False, log=lambda *_: None)
+    assert not (tmp_path / "x").exists()
+
+
 def _edm_zip(path, images: np.ndarray, labels: list | None, extra: dict | None = None) -> list[str]:
     names = [f"{i // 4:05d}/img{i:08d}.png" for i in range(len(images))]
     with zipfile.ZipFile(path, "w") as zf:
@@ -255,3 +279,8 @@ def test_prepare_command(class_folder, tmp_path):
     assert not (tmp_path / "t.partial").exists()
     r = run_main("data", "info", f"store:{tmp_path / 's'}")
     assert r.returncode == 0 and "memory-mapped" in r.stdout and "cat" in r.stdout
+    r = run_main("data", "prepare", f"folder:{class_folder}", "--out", str(tmp_path / "h"), "--held-out", "0.3",
+                 "--no-progress")
+    assert r.returncode == 0 and "(train " in r.stdout and ", test " in r.stdout, r.stdout + r.stderr
+    r = run_main("data", "prepare", "shapes", "--out", str(tmp_path / "x"), "--held-out", "0.3")
+    assert r.returncode == 2 and "data.held_out splits a folder" in r.stderr

@@ -216,6 +216,12 @@ def held_out(name: str, share: float) -> bool:
     return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") < share * 2**64
 
 
+def name_within(root: str | Path) -> Callable[[Path], str]:
+    """What the held-out hash reads of a listed file under `root`: its path inside the folder, / separated."""
+    inside = Path(root).resolve()
+    return lambda path: path.relative_to(inside).as_posix()
+
+
 def scan_folder(root: str | Path, size: int, channels: int | None, *, classes: bool = True) -> ImageFiles:
     """The images under `root` with their classes and captions, listed but not decoded (see load_folder)."""
     root = Path(root)
@@ -244,9 +250,7 @@ def load_folder(root: str | Path, size: int, channels: int | None, *, classes: b
     default that of the first images: 1 when they are all grayscale, else 3), and `captions` has one
     caption per image or is empty (folder_captions). classes=False: no class subfolders. `held_out`:
     the share of the files that is the test split (ImageFiles.split), and `split` the one loaded."""
-    inside = Path(root).resolve()
-    files = scan_folder(root, size, channels, classes=classes).split(
-        split, held_out, lambda path: path.relative_to(inside).as_posix(), f"folder:{root}")
+    files = scan_folder(root, size, channels, classes=classes).split(split, held_out, name_within(root), f"folder:{root}")
     images, labels, captions, skipped, converted = files.load(str(Path(root)))
     return images, labels, files.classes, skipped, converted, captions
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..config import validate
 from ..errors import ConfigError, DataError
 from ..version import __version__
 from . import edmzip, folder as folder_source
@@ -26,8 +27,9 @@ from .locate import expand_path, expand_source
 from .registry import DataConfig, load_data
 from .store import FORMAT, HASH_CHUNK, MANIFEST, VERSION
 
-# The sources that have a test split, which prepare writes too.
-SPLIT_SOURCES = ("fashion-mnist", "mnist", "kmnist", "cifar10", "cifar100", "shapes", "scenes", "captioned", "idx")
+# The sources that have a test split, which prepare writes too (a folder or zip has one with held_out).
+SPLIT_SOURCES = ("fashion-mnist", "mnist", "kmnist", "cifar10", "cifar100", "shapes", "scenes", "emoji", "captioned",
+                 "idx")
 
 
 # --- writing -----------------------------------------------------------------------------------------
@@ -122,10 +124,13 @@ def _return_freed_memory() -> None:
 _LIBC = None
 
 
-def prepare(source: str, out: str | Path, *, size: int = 0, channels: int = 0, strict: bool = False,
-            progress: bool = True, log=print) -> Path:
-    """Decode `source` (any --data spec but pair:) once into a store at `out` (module docstring)."""
+def prepare(source: str, out: str | Path, *, size: int = 0, channels: int = 0, held_out: float = 0.0,
+            strict: bool = False, progress: bool = True, log=print) -> Path:
+    """Decode `source` (any --data spec but pair:) once into a store at `out` (module docstring). A folder
+    or zip with `held_out` (data.held_out) gets a test split of that share, the files `--data SOURCE
+    --held-out` holds out, and a train split of the rest; other sources keep their own test split."""
     source, out = expand_source(source), Path(expand_path(str(out)))
+    validate(DataConfig(source=source, held_out=held_out), "data")   # held_out: a folder or zip only, in range
     if out.exists():
         raise ConfigError(f"--out {out} exists; remove it or choose another folder")
     kind, _, arg = source.partition(":")
@@ -143,8 +148,12 @@ def prepare(source: str, out: str | Path, *, size: int = 0, channels: int = 0, s
             files = (folder_source.scan_folder(arg, size or 64, channels or None) if kind == "folder"
                      else edmzip.scan_zip(arg, size, channels or None))
             classes, where = files.classes, str(Path(arg))
-            with tqdm(total=len(files), unit="img", disable=not progress, desc="train", mininterval=1.0) as bar:
-                splits["train"], info["train"] = _write_split(partial, "train", files.chunks(), bar, files.skipped)
+            name = folder_source.name_within(arg) if kind == "folder" else str
+            for split in ("train", "test") if held_out else ("train",):
+                part = files.split(split, held_out, name, source)
+                with tqdm(total=len(part), unit="img", disable=not progress, desc=split, mininterval=1.0) as bar:
+                    splits[split], info[split] = _write_split(partial, split, part.chunks(), bar,
+                                                              files.skipped if split == "train" else [])
         else:
             classes, where = None, source
             for split in ("train", "test"):
@@ -161,14 +170,15 @@ def prepare(source: str, out: str | Path, *, size: int = 0, channels: int = 0, s
                     chunks = ((ds.images[i:i + 4096], ds.labels[i:i + 4096], ds.captions[i:i + 4096], [], [])
                               for i in range(0, len(ds), 4096))
                     splits[split], info[split] = _write_split(partial, split, chunks, bar, ds.skipped)
-        skipped = info["train"]["skipped"]
+        # a named source may report an index problem in both splits: once here
+        skipped = list(dict.fromkeys(tuple(s) for part in info.values() for s in part["skipped"]))
         if strict and skipped:
             details = "; ".join(f"{f}: {r}" for f, r in skipped[:10])
             raise DataError(f"{source}: {len(skipped)} bad file(s) under --strict: {details}")
         c, s, _ = info["train"]["shape"]
         manifest = {"format": FORMAT, "version": VERSION, "source": source, "source_path": where,
                     "classes": classes, "channels": c, "size": s, "layout": "uint8 N x C x S x S, C-order",
-                    "splits": splits, "imagegen_version": __version__}
+                    "splits": splits, "held_out": held_out, "imagegen_version": __version__}
         (partial / MANIFEST).write_text(json.dumps(manifest, indent=1))
         os.replace(partial, out)
     finally:
@@ -176,10 +186,10 @@ def prepare(source: str, out: str | Path, *, size: int = 0, channels: int = 0, s
     seconds = time.perf_counter() - t0
     n = sum(e["count"] for e in splits.values())
     nbytes = sum(e["files"]["images"]["bytes"] for e in splits.values())
-    for path, reason in info["train"]["skipped"][:20]:
+    for path, reason in skipped[:20]:
         log(f"skipped {path}: {reason}")
     counts = ", ".join(f"{k} {e['count']}" for k, e in splits.items())
     log(f"prepared {out}: {n} images ({counts}) of {c} x {s} x {s}, "
         f"{nbytes / 2**30:.2f} GiB, in {seconds:.1f} s ({n / max(seconds, 1e-9):.0f} images/s)"
-        + (f"; {len(info['train']['skipped'])} bad file(s) skipped" if info["train"]["skipped"] else ""))
+        + (f"; {len(skipped)} bad file(s) skipped" if skipped else ""))
     return out
