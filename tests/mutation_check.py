@@ -177,7 +177,7 @@ MUTATIONS = [
     Mutation("imagegen/data/shapes.py",
              "    return torch.from_numpy(np.concatenate(chunks)), torch.from_numpy(labels[:stop].astype(np.int64))",
              "    return torch.from_numpy(np.concatenate(chunks)), torch.from_numpy(np.roll(labels[:stop], 1).astype(np.int64))",
-             ("tests/test_conditional.py::test_samples_follow_their_labels[cvae]",),
+             ("tests/test_conditional.py::TestOnTheUNet::test_samples_follow_their_labels[cvae]",),
              "the shapes dataset's labels are one image off"),
     Mutation("imagegen/data/idx.py",
              "        if head[0] != 0 or head[1] != 0:",
@@ -309,7 +309,7 @@ MUTATIONS = [
     Mutation("imagegen/models/gan.py",
              "        return F.softplus(-real).mean() + F.softplus(fake).mean()",
              "        return F.softplus(real).mean() + F.softplus(-fake).mean()",
-             ("tests/test_conditional.py::test_samples_follow_their_labels[cgan]",),
+             ("tests/test_conditional.py::TestOnTheUNet::test_samples_follow_their_labels[cgan]",),
              "the discriminator's NS loss has its signs swapped (D learns backwards)"),
     # --- packed weights and cached tables: nets/layers.py, models/baseline.py ----------------------------
     Mutation("imagegen/nets/layers.py",

@@ -9,6 +9,7 @@ import io
 import shlex
 import json
 import shutil
+import threading
 import time
 import urllib.request
 import warnings
@@ -567,22 +568,35 @@ def test_a_stop_by_the_model_threads_own_deadline_check_is_503(runs_dir):
 
 
 def test_a_request_past_the_deadline_is_503_and_the_server_recovers(runs_dir, monkeypatch):
+    """The answer comes at the deadline, while the work is still held in the model thread before any
+    network call (so not from the thread's own check at its next network call)."""
     app = create_app(runs_dir, log=None)
+    release = {"generate": threading.Event(), "interpolate": threading.Event()}
+    ended = []
 
-    def slow(fn):
+    def held(name, fn):
         def run(*args, **kwargs):
-            time.sleep(0.5)
+            release[name].wait(20)                 # until the test lets it go
+            ended.append(name)
             return fn(*args, **kwargs)
         return run
 
     monkeypatch.setattr(W, "DEADLINE_S", 0.1)
-    monkeypatch.setattr(S, "generate", slow(S.generate))
-    monkeypatch.setattr(S, "interpolate", slow(S.interpolate))
+    monkeypatch.setattr(S, "generate", held("generate", S.generate))
+    monkeypatch.setattr(S, "interpolate", held("interpolate", S.interpolate))
     with TestClient(app, base_url=LOCAL) as c:
-        r = c.post("/api/generate", json={"model": DCGAN, "seed": 1})
-        assert r.status_code == 503 and "0.1 s deadline" in r.json()["detail"] and r.headers["retry-after"] == "1"
-        r = c.post("/api/interpolate", json={"model": DCGAN, "seed_a": 1, "seed_b": 2, "frames": 2})
-        assert r.status_code == 503                                   # the other path (Worker.call) too
+        for name, route, body in (("generate", "/api/generate", {"model": DCGAN, "seed": 1}),
+                                  ("interpolate", "/api/interpolate",                     # Worker.call
+                                   {"model": DCGAN, "seed_a": 1, "seed_b": 2, "frames": 2})):
+            r = c.post(route, json=body)
+            assert r.status_code == 503 and "0.1 s deadline" in r.json()["detail"] and r.headers["retry-after"] == "1"
+            assert name not in ended                                  # answered while its work was held
+            release[name].set()
+            for _ in range(200):                                      # the model thread lets it go
+                if name in ended:
+                    break
+                time.sleep(0.05)
+        assert ended == ["generate", "interpolate"]
         assert app.state.worker.pending == 0                          # nothing left admitted
         monkeypatch.setattr(W, "DEADLINE_S", 30.0)
         assert c.post("/api/generate", json={"model": DCGAN, "seed": 1}).status_code == 200
