@@ -98,6 +98,7 @@ def test_a_held_out_share_prepares_the_split_that_the_folder_or_zip_holds_out(cl
         assert not stored.notes                                   # its own test split: none stands in
     assert manifest["splits"]["train"]["count"] + manifest["splits"]["test"]["count"] == 15
     assert 0 < manifest["splits"]["test"]["count"] < 15
+    assert manifest["splits"]["train"]["skipped"] + manifest["splits"]["test"]["skipped"] == 2   # each bad file once
     images = _images(12, side=16, seed=6)
     _edm_zip(tmp_path / "dataset.zip", images, [i % 2 for i in range(12)])
     out = prepare(f"zip:{tmp_path / 'dataset.zip'}", tmp_path / "z", held_out=0.4, progress=False, log=lambda *_: None)

@@ -169,18 +169,19 @@ class ImageFiles:
     channels: int
     read: Callable[..., np.ndarray] = None   # read(key, size, channels, converted) -> uint8 H x W x C
     name: Callable[[Any], str] = str         # what errors call a key
+    within: Callable[[Any], str] = str       # a key's name inside its source: what the held-out hash reads
 
     def __len__(self) -> int:
         return len(self.keys)
 
-    def split(self, which: str, share: float, relative: Callable[[Any], str], what: str) -> "ImageFiles":
+    def split(self, which: str, share: float, what: str) -> "ImageFiles":
         """The files of one split when `share` of them is held out as the test split ("test": those;
-        "train": the rest), each file's side chosen by a hash of its name within the folder (`relative`),
+        "train": the rest), each file's side chosen by a hash of its name within the folder (`within`),
         so a file keeps its side when others are added, removed or the folder moves. share 0: no split,
         every file in both. `what` names the source in the error when the split would be empty."""
         if not share:
             return self
-        keep = [i for i, key in enumerate(self.keys) if held_out(relative(key), share) == (which == "test")]
+        keep = [i for i, key in enumerate(self.keys) if held_out(self.within(key), share) == (which == "test")]
         if not keep and self.keys:
             raise DataError(f"{what}: data.held_out = {share:g} leaves none of its {len(self.keys)} images in the "
                             f"{which} split; {'raise' if which == 'test' else 'lower'} it")
@@ -216,12 +217,6 @@ def held_out(name: str, share: float) -> bool:
     return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") < share * 2**64
 
 
-def name_within(root: str | Path) -> Callable[[Path], str]:
-    """What the held-out hash reads of a listed file under `root`: its path inside the folder, / separated."""
-    inside = Path(root).resolve()
-    return lambda path: path.relative_to(inside).as_posix()
-
-
 def scan_folder(root: str | Path, size: int, channels: int | None, *, classes: bool = True) -> ImageFiles:
     """The images under `root` with their classes and captions, listed but not decoded (see load_folder)."""
     root = Path(root)
@@ -237,9 +232,11 @@ def scan_folder(root: str | Path, size: int, channels: int | None, *, classes: b
     if channels is None:
         channels = guess_channels(files)
     class_index = {c: i for i, c in enumerate(class_names)}
+    inside = Path(root).resolve()
     return ImageFiles(keys=[p for p, _ in files], labels=[class_index[c] if c is not None else -1 for _, c in files],
                       captions=[captions[p] for p, _ in files] if captions else [], classes=class_names,
-                      skipped=skipped, size=size, channels=channels)
+                      skipped=skipped, size=size, channels=channels,
+                      within=lambda path: path.relative_to(inside).as_posix())   # / separated, as the folder moves
 
 
 def load_folder(root: str | Path, size: int, channels: int | None, *, classes: bool = True, split: str = "train",
@@ -250,7 +247,7 @@ def load_folder(root: str | Path, size: int, channels: int | None, *, classes: b
     default that of the first images: 1 when they are all grayscale, else 3), and `captions` has one
     caption per image or is empty (folder_captions). classes=False: no class subfolders. `held_out`:
     the share of the files that is the test split (ImageFiles.split), and `split` the one loaded."""
-    files = scan_folder(root, size, channels, classes=classes).split(split, held_out, name_within(root), f"folder:{root}")
+    files = scan_folder(root, size, channels, classes=classes).split(split, held_out, f"folder:{root}")
     images, labels, captions, skipped, converted = files.load(str(Path(root)))
     return images, labels, files.classes, skipped, converted, captions
 

@@ -148,9 +148,8 @@ def prepare(source: str, out: str | Path, *, size: int = 0, channels: int = 0, h
             files = (folder_source.scan_folder(arg, size or 64, channels or None) if kind == "folder"
                      else edmzip.scan_zip(arg, size, channels or None))
             classes, where = files.classes, str(Path(arg))
-            name = folder_source.name_within(arg) if kind == "folder" else str
             for split in ("train", "test") if held_out else ("train",):
-                part = files.split(split, held_out, name, source)
+                part = files.split(split, held_out, source)
                 with tqdm(total=len(part), unit="img", disable=not progress, desc=split, mininterval=1.0) as bar:
                     splits[split], info[split] = _write_split(partial, split, part.chunks(), bar,
                                                               files.skipped if split == "train" else [])

@@ -244,7 +244,7 @@ def load_data(cfg: DataConfig | str) -> ImageDataset | PairedDataset:
     elif kind == "zip":     # an EDM / StyleGAN2-ADA dataset.zip (data/edmzip.py)
         if not arg:
             raise ConfigError("--data zip:PATH needs a dataset.zip")
-        files = scan_zip(arg, cfg.size, cfg.channels or None).split(cfg.split, cfg.held_out, str, spec)
+        files = scan_zip(arg, cfg.size, cfg.channels or None).split(cfg.split, cfg.held_out, spec)
         images, labels, captions, skipped, converted = files.load(arg)
         classes, source = files.classes, str(Path(arg))
         notes += _converted_note(arg, converted, images)
